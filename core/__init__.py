@@ -1,0 +1,1 @@
+"""App-agnostic core: GRS, reshaped rewards, dedup, schedules, split sampler, losses, round loop, inversion."""
