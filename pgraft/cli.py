@@ -1,3 +1,19 @@
+"""The ``pgraft`` command: one sub-command group per app."""
+
+from __future__ import annotations
+
 import typer
 
-app = typer.Typer(help="pgraft", no_args_is_help=True)
+from pgraft.apps.toy.cli import app as toy_app
+
+app = typer.Typer(help="pgraft: reward fine-tuning of diffusion/flow models by GRAFT, P-GRAFT and inverse "
+                       "noise correction.", no_args_is_help=True, pretty_exceptions_show_locals=False)
+app.add_typer(toy_app, name="toy")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Generalized rejection sampling (GRS) and the reshaped rewards it implies (paper Lemma 2.3).
+
+Each rule maps a reward vector r [B] (and group ids [B], e.g. one group per prompt) to a boolean
+acceptance mask. Accepted samples follow p(x) ∝ p̄(x) E[A(x)], i.e. the KL-regularised optimum
+p ∝ p̄ exp(r̂/α) with reshaped reward r̂ = α log E[A(x)] + const:
+
+=============  ===========================================  ================================
+rule           acceptance A                                  reshaped reward r̂
+=============  ===========================================  ================================
+rs             u < exp((r - max r)/α)                        r
+bon            best of its group of N                         α (N-1) log F(r)
+topk           among the K best of its group of M             α log Σ_{j<K} C(M-1,j)(1-F)^j F^(M-1-j)
+threshold      r >= τ                                         0 above τ, -inf below
+=============  ===========================================  ================================
+
+F is the CDF of r under the current model p̄ (estimated empirically). Ties are broken uniformly
+at random with the explicit generator, so decisions are reproducible and unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.ndim != 1:
+        raise ValueError(f"rewards must be a 1-D tensor, got {type(rewards).__name__} "
+                         f"of shape {getattr(rewards, 'shape', None)}")
+    if rewards.numel() == 0:
+        raise ValueError("rewards is empty: GRS needs at least one candidate")
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        raise ValueError(f"rewards contain {int(bad.sum())} non-finite value(s), first at index {first}: "
+                         f"{rewards[first].item()} (rewards must map invalid samples to a finite value)")
+    return rewards.double()
+
+
+def _check_groups(groups: torch.Tensor | None, n: int) -> torch.Tensor:
+    if groups is None:
+        return torch.zeros(n, dtype=torch.long)
+    groups = torch.as_tensor(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},) like rewards, got {tuple(groups.shape)}")
+    return groups.long().cpu()
+
+
+def _check_alpha(alpha: float) -> float:
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+# ----------------------------------------------------------------------------- ranking
+def rank_within_groups(rewards: torch.Tensor, groups: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rank of each sample inside its group, 0 = highest reward; ties broken at random. Shape [B]."""
+    r = _check_rewards(rewards).cpu()
+    g = _check_groups(groups, len(r))
+    perm = torch.randperm(len(r), generator=generator)
+    # stable sorts: by reward (desc) on a random permutation, then by group -> random tie-break
+    order = perm[torch.sort(-r[perm], stable=True).indices]
+    order = order[torch.sort(g[order], stable=True).indices]
+    sorted_groups = g[order]
+    starts = torch.ones_like(sorted_groups, dtype=torch.bool)
+    starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    pos = torch.arange(len(r))
+    group_start = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), 0).values
+    ranks = torch.empty_like(pos)
+    ranks[order] = pos - group_start
+    return ranks
+
+
+def group_sizes(groups: torch.Tensor) -> torch.Tensor:
+    """Size of each sample's group, shape [B]."""
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    return counts[inverse]
+
+
+# ----------------------------------------------------------------------------- rules
+def accept_rejection(rewards: torch.Tensor, alpha: float, groups: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Plain rejection sampling: accept with prob exp((r - max r)/α).
+
+    The bound max r is taken over the whole batch (``groups=None``, exact: accepted ∝ p̄ e^{r/α})
+    or per group. Computed in log space, so any reward scale is safe.
+    """
+    alpha = _check_alpha(alpha)
+    r = _check_rewards(rewards).cpu()
+    g = _check_groups(groups, len(r))
+    _, inverse = torch.unique(g, return_inverse=True)
+    gmax = torch.full((int(inverse.max()) + 1,), -math.inf, dtype=r.dtype).scatter_reduce(
+        0, inverse, r, reduce="amax")
+    log_accept = (r - gmax[inverse]) / alpha
+    u = torch.rand(len(r), generator=generator, dtype=torch.float64)
+    return torch.log(u) < log_accept
+
+
+def accept_top_k(rewards: torch.Tensor, k: int, groups: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep the ``k`` highest rewards of each group (ties at random)."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    g = _check_groups(groups, len(rewards) if isinstance(rewards, torch.Tensor) and rewards.ndim == 1 else 0)
+    smallest = int(group_sizes(g).min()) if len(g) else 0
+    if k > smallest:
+        raise ValueError(f"k={k} exceeds the smallest group size M={smallest} (need K <= M)")
+    return rank_within_groups(rewards, g, generator) < k
+
+
+def accept_best_of_n(rewards: torch.Tensor, groups: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Keep the single best sample of each group (group size = N)."""
+    return rank_within_groups(rewards, groups, generator) < 1
+
+
+def accept_threshold(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep every sample with r >= threshold."""
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold!r}")
+    return _check_rewards(rewards).cpu() >= threshold
+
+
+# ----------------------------------------------------------------------------- config + registry
+@dataclass(frozen=True)
+class GRSConfig:
+    """Which GRS rule to apply. ``k`` is used by ``topk``, ``alpha`` by ``rs``, ``threshold`` by ``threshold``."""
+
+    rule: str = "topk"
+    alpha: float = 1.0
+    k: int = 1
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown GRS rule {self.rule!r}; choose from {sorted(RULES)}")
+        _check_alpha(self.alpha)
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+
+
+RuleFn = Callable[[torch.Tensor, torch.Tensor, GRSConfig, "torch.Generator | None"], torch.Tensor]
+
+RULES: dict[str, RuleFn] = {
+    # one bound for the whole round keeps RS exact (p ∝ p̄ e^{r/α}) for every condition at once
+    "rs": lambda r, g, c, gen: accept_rejection(r, c.alpha, None, gen),
+    "bon": lambda r, g, c, gen: accept_best_of_n(r, g, gen),
+    "topk": lambda r, g, c, gen: accept_top_k(r, c.k, g, gen),
+    "threshold": lambda r, g, c, gen: accept_threshold(r, c.threshold),
+}
+
+
+def accept(rewards: torch.Tensor, groups: torch.Tensor | None, config: GRSConfig,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply the configured GRS rule; returns the boolean acceptance mask [B]."""
+    groups = _check_groups(groups, len(_check_rewards(rewards)))
+    return RULES[config.rule](rewards, groups, config, generator)
+
+
+# ----------------------------------------------------------------------------- reshaped rewards
+def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """F(v) = P_{R ~ reference}(R <= v), the reward CDF under p̄ estimated from ``reference``."""
+    ref = torch.sort(_check_rewards(reference)).values
+    return torch.searchsorted(ref, values.double(), right=True).double() / len(ref)
+
+
+def reshaped_reward_rejection(rewards: torch.Tensor) -> torch.Tensor:
+    """Rejection sampling keeps the reward: r̂ = r."""
+    return _check_rewards(rewards).clone()
+
+
+def reshaped_reward_best_of_n(cdf: torch.Tensor, n: int, alpha: float = 1.0) -> torch.Tensor:
+    """Best-of-N: r̂ = α (N-1) log F(r); ``cdf`` holds F(r) per sample (e.g. :func:`empirical_cdf`)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    return _check_alpha(alpha) * (n - 1) * torch.log(cdf.double())
+
+
+def reshaped_reward_top_k(cdf: torch.Tensor, m: int, k: int, alpha: float = 1.0) -> torch.Tensor:
+    """Top-K of M: r̂ = α log Σ_{j<K} C(M-1, j) (1-F)^j F^(M-1-j) (at most K-1 of the others beat x).
+
+    Evaluated as a log-sum-exp of log binomial terms, stable for F near 0 or 1.
+    """
+    if not (isinstance(m, int) and isinstance(k, int) and 1 <= k <= m):
+        raise ValueError(f"need integers 1 <= k <= m, got k={k!r}, m={m!r}")
+    alpha = _check_alpha(alpha)
+    f = cdf.double().clamp(0.0, 1.0)
+    j = torch.arange(k, dtype=torch.float64)
+    log_binom = torch.lgamma(torch.tensor(m, dtype=torch.float64)) - torch.lgamma(j + 1) - torch.lgamma(m - j)
+    # xlogy gives 0 * log 0 = 0, so F = 0 or 1 are exact
+    terms = log_binom + torch.xlogy(j, 1 - f[:, None]) + torch.xlogy(m - 1 - j, f[:, None])
+    return alpha * torch.logsumexp(terms, dim=1)
+
+
+def reshaped_reward_threshold(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Threshold rule: r̂ = 0 where r >= τ, -inf below."""
+    r = _check_rewards(rewards)
+    return torch.where(r >= threshold, torch.zeros_like(r), torch.full_like(r, -math.inf))
+
+
+def reshaped_reward(rewards: torch.Tensor, config: GRSConfig, group_size: int,
+                    reference: torch.Tensor | None = None) -> torch.Tensor:
+    """The reshaped reward r̂ of ``config``'s rule for samples with rewards ``rewards``.
+
+    ``reference``: rewards of samples from p̄ used for the CDF (defaults to ``rewards``).
+    """
+    if config.rule == "rs":
+        return reshaped_reward_rejection(rewards)
+    if config.rule == "threshold":
+        return reshaped_reward_threshold(rewards, config.threshold)
+    cdf = empirical_cdf(rewards if reference is None else reference, rewards)
+    if config.rule == "bon":
+        return reshaped_reward_best_of_n(cdf, group_size, config.alpha)
+    return reshaped_reward_top_k(cdf, group_size, config.k, config.alpha)

@@ -1,0 +1,115 @@
+"""ODE inversion, inverse noise correction and FLOPs accounting for flow models (paper Sec. 5).
+
+A pretrained flow's discrete sampler maps noise z to x = Phi(z). Inverting Phi on real data gives
+the noises the *sampler* (not the ideal ODE) would need to produce the data; learning errors make
+their law differ from N(0, I). A small second flow trained from N(0, I) to that law, followed by
+the frozen base, samples closer to the data (CelebA-HQ FID 13.39 -> 8.02 at 1.31x FLOPs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sampling import StepFn, euler_step, sample
+
+
+@dataclass(frozen=True)
+class InversionResult:
+    """``noise``: inverted X_T, like the input; ``residual``: max over steps of the per-sample
+    fixed-point residual ||step(x_i) - x_{i-1}||_inf, shape [B]; ``iterations``: used per step."""
+
+    noise: torch.Tensor
+    residual: torch.Tensor
+    iterations: list[int]
+
+
+@torch.no_grad()
+def invert_step(model: nn.Module, x_next: torch.Tensor, t: float, t_next: float, step: StepFn = euler_step,
+                cond: Any = None, max_iter: int = 50, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Solve step(model, x, t, t_next) = x_next for x by fixed-point iteration.
+
+    For Euler, x = x_next - (t_next - t) v(x, t) is backward Euler; the iteration
+    x <- x + (x_next - step(x)) is the same map for any deterministic step and contracts when
+    |t - t_next| Lip(v) < 1. Returns (x, per-sample residual, iterations).
+    """
+    x = x_next.clone()
+    for it in range(1, max_iter + 1):
+        delta = x_next - step(model, x, t, t_next, cond, None)
+        x = x + delta
+        residual = delta.flatten(1).abs().amax(1)
+        if residual.max() < tol:
+            break
+    residual = (step(model, x, t, t_next, cond, None) - x_next).flatten(1).abs().amax(1)
+    return x, residual, it
+
+
+@torch.no_grad()
+def invert(model: nn.Module, x0: torch.Tensor, times: torch.Tensor, step: StepFn = euler_step, cond: Any = None,
+           max_iter: int = 50, tol: float = 1e-5, progress: Callable[[int], None] | None = None) -> InversionResult:
+    """Invert the deterministic sampler ``sample(model, ., times, step)`` at ``x0``; walks the grid 0 -> 1."""
+    x = x0
+    worst = torch.zeros(x0.shape[0], device=x0.device)
+    iters = []
+    pairs = list(zip(times[:-1].tolist(), times[1:].tolist()))
+    for t, t_next in reversed(pairs):
+        x, res, it = invert_step(model, x, t, t_next, step, cond, max_iter, tol)
+        worst = torch.maximum(worst, res)
+        iters.append(it)
+        if progress is not None:
+            progress(1)
+    return InversionResult(noise=x, residual=worst, iterations=iters[::-1])
+
+
+@torch.no_grad()
+def sample_noise_corrected(
+    noise_model: nn.Module,
+    base: nn.Module,
+    z: torch.Tensor,
+    noise_times: torch.Tensor,
+    base_times: torch.Tensor,
+    noise_step: StepFn = euler_step,
+    base_step: StepFn = euler_step,
+    cond: Any = None,
+) -> torch.Tensor:
+    """z ~ N(0, I) -> noise flow (learned law of inverted noises) -> frozen base flow -> sample."""
+    x_T = sample(noise_model, z, noise_times, noise_step, cond)
+    return sample(base, x_T, base_times, base_step, cond)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` counted by torch.utils.flop_counter (a multiply-add = 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def sampler_flops(model: nn.Module, example: torch.Tensor, n_steps: int, evals_per_step: int = 1,
+                  cond: Any = None) -> int:
+    """FLOPs per sample of ``n_steps`` steps of a sampler doing ``evals_per_step`` model calls.
+
+    Counted on a batch of one: one model evaluation is measured, not estimated by hand.
+    """
+    x = example[:1]
+    per_eval = count_flops(lambda: model(x, torch.ones(1, device=x.device), cond))
+    return per_eval * evals_per_step * n_steps
+
+
+def train_noise_flow(noise_model: nn.Module, noises: torch.Tensor, config, run_dir, model_config: dict,
+                     batch_size: int = 128, show_progress: bool = True) -> nn.Module:
+    """Fit the noise-correction flow N(0, I) -> law of the inverted noises (flow matching).
+
+    ``config`` is a :class:`pgraft.core.pretrain.PretrainConfig`; returns the EMA noise model.
+    """
+    from .losses import flow_matching_loss
+    from .pretrain import infinite_batches, pretrain
+
+    batches = infinite_batches(noises, batch_size, config.seed)
+    return pretrain(noise_model, batches, lambda m, x, c, g: flow_matching_loss(m, x, 0.0, c, g), config, run_dir,
+                    model_config, show_progress=show_progress)

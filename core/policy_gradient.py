@@ -1,0 +1,171 @@
+"""DDPO-style policy-gradient baseline (Black et al. 2023), for comparison with GRAFT / P-GRAFT.
+
+The sampler is viewed as a policy over its steps: per-step log-probabilities
+log p_theta(x_{k+1} | x_k) of a *stochastic* sampler, a per-group standardised advantage
+A = (r - mean_g r) / (std_g r + 1e-8) (per prompt, as DDPO/GRPO), and the clipped importance
+ratio objective  -E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = p_theta / p_theta_old,
+summed over steps. It uses the same reward interface, problem description, run directory and
+sample budget (rounds x groups x group_size) as :func:`pgraft.core.trainer.run_graft`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .checkpoint import save_pretrained
+from .pretrain import check_finite
+from .progress import progress_bar
+from .rundir import RunDir
+from .sampling import sample_trajectory
+from .state import State, cat, index
+from .trainer import (Candidates, GraftProblem, _print_row, apply_lora, generator_for, merged_copy,
+                      round_metrics, sample_candidates)
+
+LogProbFn = Callable[[nn.Module, State, float, float, State, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PGConfig:
+    rounds: int = 4
+    groups: int = 32
+    group_size: int = 8
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-4
+    clip: float = 1e-4
+    adv_clip: float = 5.0
+    grad_clip: float = 1.0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+    sample_batch_size: int = 256
+    final_eval: bool = True
+    seed: int = 0
+    split: float = 0.0  # kept for the shared sampler: PG always trains every step
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.clip <= 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float) -> torch.Tensor:
+    """(r - mean_g) / (std_g + 1e-8) within each group, clipped to [-clip, clip]."""
+    adv = torch.zeros_like(rewards, dtype=torch.float64)
+    for g in groups.unique():
+        m = groups == g
+        r = rewards[m].double()
+        adv[m] = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
+    return adv.clamp(-clip, clip).float()
+
+
+def run_policy_gradient(
+    problem: GraftProblem,
+    log_prob: LogProbFn,
+    base: nn.Module,
+    model_config: dict[str, Any],
+    cfg: PGConfig,
+    run_dir: str | Path,
+    app_config: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> tuple[nn.Module, pd.DataFrame]:
+    """Clipped policy-gradient fine-tuning over all sampler steps; returns (merged model, metrics)."""
+    run = RunDir(run_dir, resume=False)
+    run.save_config({"pg": asdict(cfg), "app": app_config or {}, "model": model_config}, resume=False)
+    run.truncate_after(-1)
+    policy = copy.deepcopy(base).requires_grad_(True).train()
+    if cfg.lora_rank > 0:
+        policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    times = problem.times
+    n = cfg.groups * cfg.group_size
+    groups = torch.arange(n) // cfg.group_size
+    n_cond = 1 if problem.conditions is None else len(problem.conditions)
+
+    for round_ in range(cfg.rounds):
+        t0 = time.time()
+        policy.eval()
+        cond_index = (round_ * cfg.groups + groups) % n_cond
+        trajs, rewards, keys, extras = [], [], [], {}
+        steps = len(times) - 1
+        chunks = range(0, n, cfg.sample_batch_size)
+        with progress_bar(len(chunks) * steps, f"PG round {round_}: sampling", show_progress) as advance:
+            for c, lo in enumerate(chunks):
+                hi = min(n, lo + cfg.sample_batch_size)
+                gen = generator_for(cfg.seed, round_, c)
+                cond = problem.cond_batch(cond_index[lo:hi])
+                traj = sample_trajectory(policy, problem.prior(hi - lo, gen), times, problem.step, cond, gen, advance)
+                trajs.append(traj)
+                r = torch.as_tensor(problem.reward(traj[-1], cond), dtype=torch.float64)
+                rewards.append(r)
+                if problem.key is not None:
+                    keys += problem.key(traj[-1])
+                if problem.metrics is not None:
+                    for k, v in problem.metrics(traj[-1], r).items():
+                        extras[k] = extras.get(k, 0.0) + v * (hi - lo) / n
+        states = [cat([tr[k] for tr in trajs]) for k in range(len(times))]
+        rewards = torch.cat(rewards)
+        cands = Candidates(states[0], states[-1], rewards, groups, cond_index, keys or None, pd.DataFrame(), extras)
+        row = {"round": round_, "phase": "train", **round_metrics(cands, None)}
+        adv = group_advantages(rewards, groups, cfg.adv_clip)
+        with torch.no_grad():
+            old = torch.stack([
+                torch.cat([log_prob(policy, index(states[k], slice(lo, min(n, lo + cfg.sample_batch_size))),
+                                    float(times[k]), float(times[k + 1]),
+                                    index(states[k + 1], slice(lo, min(n, lo + cfg.sample_batch_size))),
+                                    problem.cond_batch(cond_index[lo:lo + cfg.sample_batch_size]))
+                           for lo in range(0, n, cfg.sample_batch_size)])
+                for k in range(steps)])  # [steps, n]
+        policy.train()
+        losses = []
+        n_batches = max(1, n // cfg.batch_size)
+        with progress_bar(cfg.epochs * n_batches, f"PG round {round_}: updates", show_progress) as advance:
+            for epoch in range(cfg.epochs):
+                perm = torch.randperm(n, generator=generator_for(cfg.seed, round_, epoch, 1 << 24))
+                for b in range(n_batches):
+                    idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    cond = problem.cond_batch(cond_index[idx])
+                    opt.zero_grad(set_to_none=True)
+                    total = 0.0
+                    for k in range(steps):
+                        lp = log_prob(policy, index(states[k], idx), float(times[k]), float(times[k + 1]),
+                                      index(states[k + 1], idx), cond)
+                        ratio = torch.exp(lp - old[k, idx])
+                        a = adv[idx].to(ratio.device)
+                        loss = -torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean() / steps
+                        check_finite(loss, f"PG round {round_}, step {k}")
+                        if loss.requires_grad:
+                            loss.backward()
+                        total += loss.item()
+                    if cfg.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    losses.append(total)
+                    advance(1, loss=total)
+        row["train_loss"] = sum(losses) / len(losses)
+        row["seconds"] = time.time() - t0
+        run.append_metrics(row)
+        _print_row(row)
+
+    merged = merged_copy(policy).eval()
+    if cfg.final_eval:
+        from .trainer import GraftConfig
+
+        eval_cfg = GraftConfig(rounds=cfg.rounds, groups=cfg.groups, group_size=cfg.group_size,
+                               sample_batch_size=cfg.sample_batch_size, seed=cfg.seed)
+        cands = sample_candidates(problem, merged, base, eval_cfg, cfg.rounds, None, show_progress)
+        row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
+        run.append_metrics(row)
+        _print_row(row)
+    save_pretrained(merged, model_config, run.path / "head")
+    return merged, run.read_metrics()

@@ -1,0 +1,29 @@
+"""Rich progress bars that degrade to nothing on non-main processes or when disabled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+@contextmanager
+def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yield ``advance(n=1, **fields)``; shows a rich bar with ETA when ``enabled``.
+
+    Extra keyword fields (e.g. ``loss=0.12``) are shown after the bar.
+    """
+    if not enabled:
+        yield lambda n=1, **fields: None
+        return
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, **fields) -> None:
+            info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+            progress.update(task, advance=n, **({"info": info} if fields else {}))
+
+        yield advance

@@ -1,0 +1,228 @@
+"""One sampler signature for every model kind, and the P-GRAFT split sampler.
+
+A *step* moves a batch from time ``t`` to ``t_next`` (``t > t_next``, clock 1 -> 0):
+
+    step(model, x, t, t_next, cond, generator) -> x_next
+
+and :func:`sample` just folds a step over a grid (k-diffusion style). The P-GRAFT split
+sampler is two such calls: fine-tuned head over ``times[:k+1]``, frozen base over ``times[k:]``.
+
+Models used by the built-in steps are called as ``model(x, t_vec, cond)`` with ``t_vec`` a float
+tensor of shape [B]; flow models return the velocity, VP models the noise eps, masking models
+token logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .state import State, batch_size
+
+StepFn = Callable[[nn.Module, State, float, float, Any, "torch.Generator | None"], State]
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (reproducible across devices)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def rand_like(x: torch.Tensor, generator: torch.Generator | None, dtype=torch.float32) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.rand(x.shape, generator=generator, device=device, dtype=dtype).to(x.device)
+
+
+def time_vector(t: float, x: State) -> torch.Tensor:
+    """Broadcast a scalar time to a [B] float32 tensor on the state's device."""
+    ref = x if isinstance(x, torch.Tensor) else next(iter(x.values()))
+    return torch.full((batch_size(x),), float(t), device=ref.device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    x: State,
+    times: torch.Tensor,
+    step: StepFn,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> State:
+    """Integrate ``x`` from ``times[0]`` to ``times[-1]`` with ``step``; a 1-point grid is a no-op.
+
+    ``progress``, if given, is called with 1 after every step (e.g. a rich progress advance).
+    """
+    for t, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
+        x = step(model, x, t, t_next, cond, generator)
+        if progress is not None:
+            progress(1)
+    return x
+
+
+@dataclass(frozen=True)
+class SplitSample:
+    """Result of the P-GRAFT sampler: the intermediate state at time ``t`` and the final sample."""
+
+    x_t: State
+    x_0: State
+    t: float
+
+
+@torch.no_grad()
+def sample_split(
+    head: nn.Module,
+    base: nn.Module,
+    x_T: State,
+    times: torch.Tensor,
+    index: int,
+    step: StepFn,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SplitSample:
+    """Fine-tuned ``head`` over ``times[:index+1]`` (T -> t), frozen ``base`` over ``times[index:]``.
+
+    With ``index == len(times) - 1`` this is ordinary sampling with ``head`` (GRAFT) and
+    ``x_t is x_0``.
+    """
+    if not 0 <= index < len(times):
+        raise ValueError(f"split index must be in [0, {len(times) - 1}], got {index}")
+    x_t = sample(head, x_T, times[: index + 1], step, cond, generator, progress)
+    x_0 = sample(base, x_t, times[index:], step, cond, generator, progress)
+    return SplitSample(x_t=x_t, x_0=x_0, t=float(times[index]))
+
+
+@torch.no_grad()
+def sample_trajectory(
+    model: nn.Module,
+    x: State,
+    times: torch.Tensor,
+    step: StepFn,
+    cond: Any = None,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[State]:
+    """Like :func:`sample` but returns every state on the grid: ``[x_T, ..., x_0]`` (len(times))."""
+    states = [x]
+    for t, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
+        states.append(step(model, states[-1], t, t_next, cond, generator))
+        if progress is not None:
+            progress(1)
+    return states
+
+
+# ----------------------------------------------------------------------------- flow steps
+def euler_step(model, x, t, t_next, cond=None, generator=None):
+    """Euler step of the flow ODE dx/ds = v(x, s): x + (t_next - t) v(x, t)."""
+    v = model(x, time_vector(t, x), cond)
+    return x + (t_next - t) * v
+
+
+def heun_step(model, x, t, t_next, cond=None, generator=None):
+    """Heun (explicit trapezoid) step: two velocity evaluations, second-order accurate."""
+    h = t_next - t
+    v1 = model(x, time_vector(t, x), cond)
+    x_pred = x + h * v1
+    v2 = model(x_pred, time_vector(t_next, x), cond)
+    return x + 0.5 * h * (v1 + v2)
+
+
+def midpoint_step(model, x, t, t_next, cond=None, generator=None):
+    """Explicit midpoint step: velocity evaluated at the half step."""
+    h = t_next - t
+    v1 = model(x, time_vector(t, x), cond)
+    v2 = model(x + 0.5 * h * v1, time_vector(t + 0.5 * h, x), cond)
+    return x + h * v2
+
+
+FLOW_STEPS: dict[str, StepFn] = {"euler": euler_step, "heun": heun_step, "midpoint": midpoint_step}
+"""Evaluations of the velocity model per step, used for FLOPs accounting."""
+FLOW_STEP_EVALS: dict[str, int] = {"euler": 1, "heun": 2, "midpoint": 2}
+
+
+# ----------------------------------------------------------------------------- VP (DDIM) step
+def ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta):
+    """Mean and std of the DDIM transition x_t -> x_{t_next} (Song et al. 2021, eq. 12).
+
+    x0_hat = (x - sqrt(1-a_t) eps) / sqrt(a_t)
+    mean   = sqrt(a_n) x0_hat + sqrt(1 - a_n - sigma^2) eps,
+    sigma  = eta sqrt((1 - a_n)/(1 - a_t)) sqrt(1 - a_t/a_n);  eta = 1 is DDPM's posterior.
+    """
+    a_t = float(alpha_bar(t))
+    a_n = float(alpha_bar(t_next))
+    eps = model(x, time_vector(t, x), cond)
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    sigma = eta * ((1 - a_n) / (1 - a_t)) ** 0.5 * max(1 - a_t / a_n, 0.0) ** 0.5 if a_t < 1 else 0.0
+    mean = a_n**0.5 * x0 + max(1 - a_n - sigma**2, 0.0) ** 0.5 * eps
+    return mean, sigma
+
+
+def ddim_step(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor], eta: float = 0.0) -> StepFn:
+    """DDIM step for an eps-prediction model; ``eta=0`` deterministic, ``eta=1`` DDPM-like."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+
+    def step(model, x, t, t_next, cond=None, generator=None):
+        mean, sigma = ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta)
+        return mean + sigma * randn_like(x, generator) if sigma > 0 else mean
+
+    return step
+
+
+def ddim_log_prob(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor], eta: float):
+    """Per-sample log-density of a DDIM transition (for policy gradient); shape [B].
+
+    Deterministic transitions (sigma = 0, e.g. the last step) return zeros: they carry no
+    policy-gradient signal.
+    """
+    if eta <= 0:
+        raise ValueError(f"policy gradient needs a stochastic sampler (eta > 0), got eta={eta}")
+
+    def log_prob(model, x, t, t_next, x_next, cond=None):
+        mean, sigma = ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta)
+        if sigma == 0:
+            return torch.zeros(x.shape[0], device=x.device)
+        d = (x_next - mean).flatten(1)
+        return (-0.5 * (d / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(1)
+
+    return log_prob
+
+
+# ----------------------------------------------------------------------------- masking step
+def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one category per row of ``logits`` [..., K] by the Gumbel-max trick (generator-seeded)."""
+    u = rand_like(logits, generator, dtype=torch.float32).clamp_(1e-10, 1 - 1e-7)
+    return torch.argmax(logits.float() - torch.log(-torch.log(u)), dim=-1)
+
+
+def unmask_tokens(
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    mask_id: int,
+    t: float,
+    t_next: float,
+    generator: torch.Generator | None = None,
+    maskable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One reverse step of masking diffusion with linear mask rate.
+
+    A token masked at time t is still masked at t_next with probability t_next / t, so it is
+    revealed with probability (t - t_next) / t, its value drawn from softmax(logits). Revealed
+    tokens never change again. ``logits``: [..., K] over real tokens (mask excluded);
+    ``tokens``: [...] long; ``maskable`` (bool, same shape) restricts which positions may move.
+    """
+    if not t > t_next >= 0:
+        raise ValueError(f"need t > t_next >= 0, got t={t}, t_next={t_next}")
+    masked = tokens == mask_id
+    if maskable is not None:
+        masked = masked & maskable
+    p_reveal = 1.0 if t_next == 0 else (t - t_next) / t
+    reveal = masked & (rand_like(tokens, generator) < p_reveal)
+    draws = sample_categorical(logits, generator)
+    return torch.where(reveal, draws, tokens)

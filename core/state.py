@@ -1,0 +1,91 @@
+"""Batched sample states: a tensor or a flat dict of tensors, batch dimension first.
+
+Apps describe a sample however suits them (an image tensor, a molecule as
+``{"nodes", "edges", "node_mask"}``); the core only ever needs to index, concatenate, move and
+store batches, so those four operations are all this module offers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+State = Union[torch.Tensor, dict[str, torch.Tensor]]
+
+_TENSOR_KEY = "__tensor__"
+
+
+def batch_size(x: State) -> int:
+    """Number of samples in ``x`` (size of the leading dimension)."""
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0])
+    sizes = {int(v.shape[0]) for v in x.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"state fields disagree on batch size: {sizes}")
+    return sizes.pop()
+
+
+def index(x: State, idx: torch.Tensor | slice | Sequence[int]) -> State:
+    """Select samples ``idx`` (indices, boolean mask or slice) from every field."""
+    if isinstance(idx, Sequence) and not isinstance(idx, torch.Tensor):
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+    if isinstance(x, torch.Tensor):
+        return x[idx]
+    return {k: v[idx] for k, v in x.items()}
+
+
+def cat(xs: Sequence[State]) -> State:
+    """Concatenate states along the batch dimension."""
+    if not xs:
+        raise ValueError("cannot concatenate an empty list of states")
+    if isinstance(xs[0], torch.Tensor):
+        return torch.cat(list(xs), dim=0)
+    return {k: torch.cat([x[k] for x in xs], dim=0) for k in xs[0]}
+
+
+def to_device(x: State, device: torch.device | str) -> State:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    return {k: v.to(device) for k, v in x.items()}
+
+
+def empty_like(x: State) -> State:
+    """A zero-sample state with the same fields, dtypes and trailing shapes."""
+    return index(x, slice(0, 0))
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_state(x: State, path: str | Path) -> None:
+    """Write a state to a safetensors file atomically."""
+    tensors = {_TENSOR_KEY: x} if isinstance(x, torch.Tensor) else dict(x)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_state(path: str | Path) -> State:
+    """Inverse of :func:`save_state`."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no state file at {path}")
+    tensors = load_file(str(path))
+    if set(tensors) == {_TENSOR_KEY}:
+        return tensors[_TENSOR_KEY]
+    return tensors

@@ -1,0 +1,421 @@
+"""The GRAFT / P-GRAFT round loop, shared by every app.
+
+One round (paper Alg. 1 with the P-GRAFT split of Sec. 3):
+
+1. sample ``groups x group_size`` candidates: fine-tuned head over T -> t, frozen base over t -> 0;
+2. score the final samples X_0 with the reward, attach the score to X_t;
+3. accept by a GRS rule inside each group (+ optional dedup of the accepted keys);
+4. append the accepted X_t to the run's store;
+5. fine-tune the head for ``train_steps`` steps with the app's loss started at t;
+6. log a metrics row and checkpoint.
+
+Sampling is split into fixed chunks, each with its own seed, and chunks are spread over
+processes; rewards and samples are gathered so every process makes the same GRS decision on the
+global batch. A run with N processes therefore accepts exactly the samples a single process
+accepts in the first round (later rounds agree up to floating-point differences in training).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .checkpoint import save_pretrained
+from .dedup import deduplicate
+from .grs import GRSConfig, accept
+from .pretrain import check_finite
+from .progress import progress_bar
+from .rundir import RunDir
+from .sampling import StepFn, sample_split
+from .schedules import split_times
+from .state import State, batch_size, cat, index
+
+RewardFn = Callable[[State, Any], torch.Tensor]
+LossFn = Callable[[nn.Module, State, float, Any, "torch.Generator | None"], torch.Tensor]
+
+
+@dataclass
+class GraftProblem:
+    """Everything the loop needs from an app. Only ``prior``, ``times``, ``step``, ``loss`` and
+    ``reward`` are required.
+
+    - ``prior(n, generator) -> State``: n draws of X_T.
+    - ``times``: the sampler grid 1 -> 0; ``step``: the app's step function.
+    - ``loss(model, x_start, t_start, cond, generator)``: the denoising loss started at t_start.
+    - ``reward(x0, cond) -> Tensor[B]``: finite for every sample.
+    - ``conditions``: one entry per prompt/condition (None: unconditional); group g of round r
+      uses condition ``(r * groups + g) % len(conditions)``.
+    - ``collate(list_of_conditions) -> cond batch`` for the model and reward (default: the list).
+    - ``key(x0) -> list[Hashable]``: dedup keys (e.g. canonical SMILES; None = never a duplicate).
+    - ``describe(x0, rewards) -> DataFrame``: per-sample columns kept with accepted samples.
+    - ``metrics(x0, rewards) -> dict``: extra per-round metrics (e.g. validity).
+    """
+
+    prior: Callable[[int, torch.Generator], State]
+    times: torch.Tensor
+    step: StepFn
+    loss: LossFn
+    reward: RewardFn
+    conditions: list[Any] | None = None
+    collate: Callable[[list[Any]], Any] | None = None
+    key: Callable[[State], list[Hashable]] | None = None
+    describe: Callable[[State, torch.Tensor], pd.DataFrame] | None = None
+    metrics: Callable[[State, torch.Tensor], dict[str, float]] | None = None
+
+    def cond_batch(self, cond_index: torch.Tensor) -> Any:
+        if self.conditions is None:
+            return None
+        items = [self.conditions[i] for i in cond_index.tolist()]
+        return self.collate(items) if self.collate is not None else items
+
+
+@dataclass(frozen=True)
+class GraftConfig:
+    """Round-loop settings. ``split`` is P-GRAFT's t as the fraction of sampler steps left to the
+    frozen base (0 = plain GRAFT). ``lora_rank = 0`` fine-tunes all weights."""
+
+    rounds: int = 4
+    groups: int = 32
+    group_size: int = 8
+    grs: GRSConfig = field(default_factory=GRSConfig)
+    dedup: bool = False
+    split: float = 0.0
+    train_steps: int = 100
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+    sample_batch_size: int = 256
+    replay: bool = False
+    final_eval: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grs, dict):
+            object.__setattr__(self, "grs", GRSConfig(**self.grs))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        for name in ("rounds", "groups", "group_size", "batch_size", "sample_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_steps < 0 or self.lora_rank < 0:
+            raise ValueError(f"train_steps and lora_rank must be >= 0, got {self.train_steps}, {self.lora_rank}")
+        if not 0.0 <= self.split < 1.0:
+            raise ValueError(f"split (P-GRAFT t) must be in [0, 1), got {self.split}")
+        if self.grs.rule == "topk" and self.grs.k > self.group_size:
+            raise ValueError(f"k={self.grs.k} exceeds group_size M={self.group_size} (need K <= M)")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraftConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (seed, round, chunk, ...)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def generator_for(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+# ----------------------------------------------------------------------------- LoRA
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft) on ``targets`` (default: every nn.Linear)."""
+    from peft import LoraConfig, get_peft_model
+
+    if not targets:
+        targets = tuple(sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}))
+    if not targets:
+        raise ValueError("LoRA needs nn.Linear layers or explicit lora_targets; the model has none")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), lora_dropout=0.0)
+    return get_peft_model(model, config)
+
+
+def merged_copy(head: nn.Module) -> nn.Module:
+    """A plain module with LoRA weights merged in (or a copy of a fully fine-tuned head)."""
+    head = copy.deepcopy(head)
+    return head.merge_and_unload() if hasattr(head, "merge_and_unload") else head
+
+
+def build_head(base: nn.Module, cfg: GraftConfig) -> nn.Module:
+    head = copy.deepcopy(base).requires_grad_(True).train()
+    if cfg.lora_rank > 0:
+        head = apply_lora(head, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    return head
+
+
+# ----------------------------------------------------------------------------- sampling a round
+@dataclass
+class Candidates:
+    """A round's candidates, in global order. ``x_t`` is the training state (X_0 for GRAFT)."""
+
+    x_t: State
+    x_0: State
+    rewards: torch.Tensor
+    groups: torch.Tensor
+    cond_index: torch.Tensor
+    keys: list[Hashable] | None
+    records: pd.DataFrame
+    extra_metrics: dict[str, float]
+
+
+def _accelerator(cpu: bool = True):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cpu)
+
+
+def _gather(obj: list[Any], accelerator) -> list[Any]:
+    if accelerator is None or accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import gather_object
+
+    return gather_object(obj)
+
+
+def sample_candidates(
+    problem: GraftProblem,
+    head: nn.Module,
+    base: nn.Module,
+    cfg: GraftConfig,
+    round_: int,
+    accelerator=None,
+    show_progress: bool = True,
+) -> Candidates:
+    """Sample, score and describe one round's candidates (sharded over processes, then gathered)."""
+    n = cfg.groups * cfg.group_size
+    groups = torch.arange(n) // cfg.group_size
+    n_cond = 1 if problem.conditions is None else len(problem.conditions)
+    cond_index = (round_ * cfg.groups + groups) % n_cond
+    k = split_times(problem.times, cfg.split).index
+    rank = 0 if accelerator is None else accelerator.process_index
+    world = 1 if accelerator is None else accelerator.num_processes
+    chunks = list(range(math.ceil(n / cfg.sample_batch_size)))
+    mine = chunks[rank::world]
+    steps_per_chunk = len(problem.times) - 1
+    payload = []
+    with progress_bar(len(mine) * steps_per_chunk, f"round {round_}: sampling", show_progress and rank == 0) as advance:
+        for c in mine:
+            lo, hi = c * cfg.sample_batch_size, min(n, (c + 1) * cfg.sample_batch_size)
+            gen = generator_for(cfg.seed, round_, c)
+            cond = problem.cond_batch(cond_index[lo:hi])
+            x_T = problem.prior(hi - lo, gen)
+            out = sample_split(head, base, x_T, problem.times, k, problem.step, cond, gen, advance)
+            rewards = torch.as_tensor(problem.reward(out.x_0, cond), dtype=torch.float64).cpu()
+            if rewards.shape != (hi - lo,):
+                raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected ({hi - lo},)")
+            keys = problem.key(out.x_0) if problem.key is not None else None
+            records = problem.describe(out.x_0, rewards) if problem.describe is not None else pd.DataFrame(index=range(hi - lo))
+            extra = problem.metrics(out.x_0, rewards) if problem.metrics is not None else {}
+            payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo))
+    gathered = sorted(_gather(payload, accelerator), key=lambda p: p[0])
+    sizes = [p[7] for p in gathered]
+    extra: dict[str, float] = {}
+    for p in gathered:  # size-weighted mean of per-chunk extra metrics
+        for name, value in p[6].items():
+            extra[name] = extra.get(name, 0.0) + value * p[7] / n
+    return Candidates(
+        x_t=cat([p[1] for p in gathered]),
+        x_0=cat([p[2] for p in gathered]),
+        rewards=torch.cat([p[3] for p in gathered]),
+        groups=groups[: sum(sizes)],
+        cond_index=cond_index,
+        keys=None if problem.key is None else [k for p in gathered for k in p[4]],
+        records=pd.concat([p[5] for p in gathered], ignore_index=True),
+        extra_metrics=extra,
+    )
+
+
+def round_metrics(c: Candidates, accepted: torch.Tensor | None) -> dict[str, float]:
+    """Reward statistics of the candidates (the current model's samples) and of the accepted set."""
+    r = c.rewards
+    row = {"candidates": len(r), "reward_mean": r.mean().item(), "reward_std": r.std().item() if len(r) > 1 else 0.0,
+           "reward_max": r.max().item()}
+    if c.keys is not None:
+        row["unique_frac"] = len({k for k in c.keys if k is not None}) / len(r)
+    if accepted is not None:
+        row["accepted"] = int(accepted.sum())
+        row["accept_rate"] = accepted.float().mean().item()
+        row["accepted_reward_mean"] = r[accepted].mean().item() if accepted.any() else float("nan")
+    row.update(c.extra_metrics)
+    return row
+
+
+# ----------------------------------------------------------------------------- the loop
+def run_graft(
+    problem: GraftProblem,
+    base: nn.Module,
+    model_config: dict[str, Any],
+    cfg: GraftConfig,
+    run_dir: str | Path,
+    app_config: dict[str, Any] | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    accelerator=None,
+) -> tuple[nn.Module, pd.DataFrame]:
+    """Run ``cfg.rounds`` GRAFT (``cfg.split == 0``) or P-GRAFT rounds; returns (merged head, metrics).
+
+    Writes the run directory described in :mod:`pgraft.core.rundir`, plus ``head/`` (the merged
+    fine-tuned model as a save_pretrained directory) at the end. ``base`` is never modified.
+    """
+    if accelerator is None:
+        accelerator = _accelerator()
+    main = accelerator.is_main_process
+    run = RunDir(run_dir, resume=resume)
+    t_split = split_times(problem.times, cfg.split).t
+    if main:
+        run.save_config({"graft": asdict(cfg), "app": app_config or {}, "model": model_config,
+                         "t": t_split, "world_size": accelerator.num_processes}, resume)
+    accelerator.wait_for_everyone()
+
+    base = base.eval().requires_grad_(False)
+    head = build_head(base, cfg)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume and run.latest_round() >= 0:
+        last, weights, state = run.load_checkpoint()
+        head.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        start = last + 1
+        if main:
+            run.truncate_after(last)
+    elif main:
+        run.truncate_after(-1)
+    accelerator.wait_for_everyone()
+    head, opt = accelerator.prepare(head, opt)
+    plain_head = accelerator.unwrap_model(head)
+
+    for round_ in range(start, cfg.rounds):
+        t0 = time.time()
+        plain_head.eval()
+        cands = sample_candidates(problem, plain_head, base, cfg, round_, accelerator, show_progress)
+        gen = generator_for(cfg.seed, round_, 1 << 20)
+        accepted = accept(cands.rewards, cands.groups, cfg.grs, gen)
+        row = {"round": round_, "phase": "train", **round_metrics(cands, accepted)}
+        keep = accepted
+        if cfg.dedup:
+            if cands.keys is None:
+                raise ValueError("dedup needs a problem.key function (e.g. canonical SMILES)")
+            keep = deduplicate(cands.keys, accepted).keep
+            row["kept_after_dedup"] = int(keep.sum())
+        idx = keep.nonzero().flatten()
+        if main:
+            records = cands.records.iloc[idx.tolist()].reset_index(drop=True)
+            records.insert(0, "round", round_)
+            records.insert(1, "reward", cands.rewards[idx].numpy())
+            records.insert(2, "group", cands.groups[idx].numpy())
+            if cands.keys is not None:
+                records.insert(3, "key", [str(cands.keys[i]) for i in idx.tolist()])
+            run.write_store(round_, index(cands.x_t, idx), cands.cond_index[idx], records)
+        accelerator.wait_for_everyone()
+
+        rounds = run.store_rounds() if cfg.replay else [round_]
+        xs, conds = run.read_store_states([r for r in rounds if r <= round_])
+        train_x, train_c = cat(xs), torch.cat(conds)
+        row["train_loss"] = _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress)
+        row["seconds"] = time.time() - t0
+        if main:
+            unwrapped = accelerator.unwrap_model(head)
+            run.save_checkpoint(round_, unwrapped.state_dict(), {"optimizer": opt.state_dict(), "round": round_})
+            table = run.append_metrics(row)
+            _print_row(row)
+        accelerator.wait_for_everyone()
+
+    merged = merged_copy(accelerator.unwrap_model(head)).eval()
+    if cfg.final_eval and start <= cfg.rounds:
+        cands = sample_candidates(problem, merged, base, cfg, cfg.rounds, accelerator, show_progress)
+        row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
+        if main and cfg.rounds not in set(run.read_metrics().get("round", pd.Series([], dtype=int)).tolist()):
+            run.append_metrics(row)
+            _print_row(row)
+    if main:
+        save_pretrained(merged, model_config, run.path / "head")
+    accelerator.wait_for_everyone()
+    return merged, run.read_metrics()
+
+
+def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress) -> float:
+    """``cfg.train_steps`` optimizer steps on the accepted set; returns the mean loss (nan if empty)."""
+    n = batch_size(train_x)
+    if n == 0 or cfg.train_steps == 0:
+        return float("nan")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    head.train()
+    losses = []
+    with progress_bar(cfg.train_steps, f"round {round_}: fine-tuning on {n}", show_progress and rank == 0) as advance:
+        for step in range(cfg.train_steps):
+            gen = generator_for(cfg.seed, round_, step, 1 << 21)
+            idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+            mine = idx[rank::world]
+            loss_gen = generator_for(cfg.seed, round_, step, rank, 1 << 22)
+            loss = problem.loss(head, index(train_x, mine), t_split, problem.cond_batch(train_c[mine]), loss_gen)
+            check_finite(loss, f"round {round_}, fine-tuning step {step}")
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_([p for p in head.parameters() if p.requires_grad], cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
+            advance(1, loss=loss.item())
+    return sum(losses) / len(losses)
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs and on rank 0 of torchrun / accelerate launches."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
+    Console().print(" ".join(f"[bold]{k}[/]={v}" for k, v in shown.items()))
+
+
+def sample_finetuned(
+    problem: GraftProblem,
+    head: nn.Module,
+    base: nn.Module,
+    n: int,
+    split: float,
+    seed: int = 0,
+    batch: int = 256,
+    cond_index: torch.Tensor | None = None,
+    show_progress: bool = True,
+) -> tuple[State, State]:
+    """Sample ``n`` states with the P-GRAFT composition (head T -> t, base t -> 0); returns (x_t, x_0)."""
+    k = split_times(problem.times, split).index
+    x_ts, x_0s = [], []
+    steps = len(problem.times) - 1
+    chunks = math.ceil(n / batch)
+    with progress_bar(chunks * steps, "sampling", show_progress) as advance:
+        for c in range(chunks):
+            lo, hi = c * batch, min(n, (c + 1) * batch)
+            gen = generator_for(seed, c, 1 << 23)
+            ci = cond_index[lo:hi] if cond_index is not None else torch.zeros(hi - lo, dtype=torch.long)
+            out = sample_split(head, base, problem.prior(hi - lo, gen), problem.times, k, problem.step,
+                               problem.cond_batch(ci), gen, advance)
+            x_ts.append(out.x_t)
+            x_0s.append(out.x_0)
+    return cat(x_ts), cat(x_0s)
