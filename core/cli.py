@@ -1,6 +1,10 @@
 """Command-line flags shared by every app's ``train`` command (typer), and their mapping to
 :class:`~pgraft.core.trainer.GraftConfig`. Apps declare ``rule: opts.Rule = "topk"`` etc., so the
-flags read the same in ``pgraft toy train`` and ``pgraft molecule train``."""
+flags read the same in ``pgraft toy train`` and ``pgraft molecule train``.
+
+The short flags ``--m``, ``--k`` and ``--t`` have long aliases (``--group-size``, ``--top-k``,
+``--split``): launchers such as torchrun abbreviate-match ``--m``/``--t`` against their own
+options, so multi-process command lines must use the long names."""
 
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ from .trainer import GraftConfig
 
 Rule = Annotated[str, typer.Option(help=f"GRS acceptance rule: {', '.join(sorted(RULES))}.")]
 Alpha = Annotated[float, typer.Option(help="Temperature α of rejection sampling (accept ∝ exp(r/α)).")]
-K = Annotated[int, typer.Option("--k", help="K of Top-K: samples kept per group of M.")]
-M = Annotated[int, typer.Option("--m", help="M: candidates per group (BoN's N).")]
+K = Annotated[int, typer.Option("--k", "--top-k", help="K of Top-K: samples kept per group of M.")]
+M = Annotated[int, typer.Option("--m", "--group-size", help="M: candidates per group (BoN's N).")]
 Groups = Annotated[int, typer.Option(help="Groups sampled per round (candidates per round = groups × M).")]
 Threshold = Annotated[float, typer.Option(help="Reward threshold τ for --rule threshold.")]
 Dedup = Annotated[bool, typer.Option("--dedup/--no-dedup", help="Keep one copy of each distinct accepted sample.")]
-T = Annotated[float, typer.Option("--t", help="P-GRAFT split: fraction of sampler steps left to the frozen base "
+T = Annotated[float, typer.Option("--t", "--split", help="P-GRAFT split: fraction of sampler steps left to the frozen base "
                                              "(0 = plain GRAFT, 0.25 = fine-tune the first 75% of steps).")]
 Rounds = Annotated[int, typer.Option(help="GRAFT rounds (sample → accept → fine-tune).")]
 TrainSteps = Annotated[int, typer.Option(help="Optimizer steps per round.")]
