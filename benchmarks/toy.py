@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def main() -> None:
     problem = make_problem(toy)
     base = load_or_pretrain(toy, out / "base", show_progress=False)
     budget = 2048 if args.quick else 16384           # candidates per method
-    train_steps = 100 if args.quick else 800
+    train_steps = 100 if args.quick else 2000
     n_eval = 4000 if args.quick else 20000
     pool_n, tails = (4000, 8) if args.quick else (20000, 16)
     t_values = [0.25, 0.5, 0.75]
@@ -91,10 +92,12 @@ def main() -> None:
                "accepted": n_accepted, "seconds": round(seconds, 1)}
         if (rule, t) in targets:
             row["W1_to_own_target"] = wasserstein_1d(x0, *targets[(rule, t)])
+        else:
+            row["W1_to_own_target"] = float("nan")
         row["W1_to_RS_target"] = wasserstein_1d(x0, *targets[("RS (α=1)", 0.0)])
         rows.append(row)
         samples[f"{label} {rule} t={t}"] = x0
-        print(pd.DataFrame([row]).to_string(index=False, header=len(rows) == 1))
+        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
     evaluate("base", "-", 0.0, samples["base"], 0.0)
     for name, grs in RULES.items():
@@ -105,9 +108,9 @@ def main() -> None:
                               train_steps=train_steps, batch_size=256, lr=1e-3, sample_batch_size=4096,
                               final_eval=False, seed=0)
             run_dir = out / "runs" / f"{grs.rule}_k{grs.k}_t{t}"
+            shutil.rmtree(run_dir, ignore_errors=True)
             t0 = time.time()
-            head, table = run_graft(problem, base, toy.model_config(), cfg, run_dir, resume=run_dir.exists(),
-                                    show_progress=False)
+            head, table = run_graft(problem, base, toy.model_config(), cfg, run_dir, show_progress=False)
             _, x0 = sample_finetuned(problem, head, base, n_eval, t, seed=7, batch=4096, show_progress=False)
             evaluate("GRAFT" if t == 0 else "P-GRAFT", name, t, x0, time.time() - t0,
                      int(table["kept_after_dedup" if "kept_after_dedup" in table else "accepted"].iloc[0]))
@@ -116,8 +119,6 @@ def main() -> None:
     pcfg = PGConfig(rounds=pg_rounds, groups=budget // (8 * pg_rounds), group_size=8, epochs=2, batch_size=256,
                     lr=3e-4, clip=0.2, sample_batch_size=4096, final_eval=False, seed=0)
     t0 = time.time()
-    import shutil
-
     shutil.rmtree(out / "runs" / "pg", ignore_errors=True)
     pg, _ = run_policy_gradient(problem, log_prob_fn(toy), base, toy.model_config(), pcfg, out / "runs" / "pg",
                                 show_progress=False)

@@ -81,7 +81,9 @@ class GraftProblem:
 @dataclass(frozen=True)
 class GraftConfig:
     """Round-loop settings. ``split`` is P-GRAFT's t as the fraction of sampler steps left to the
-    frozen base (0 = plain GRAFT). ``lora_rank = 0`` fine-tunes all weights."""
+    frozen base (0 = plain GRAFT). ``lora_rank = 0`` fine-tunes all weights. ``cosine`` decays the
+    learning rate to 10% over each round's steps (the SFT of a round converges instead of ending on
+    a noisy iterate); the schedule is a function of the step index, so resuming needs no state."""
 
     rounds: int = 4
     groups: int = 32
@@ -94,6 +96,7 @@ class GraftConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    cosine: bool = True
     lora_rank: int = 0
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
@@ -369,6 +372,10 @@ def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerat
             loss_gen = generator_for(cfg.seed, round_, step, rank, 1 << 22)
             loss = problem.loss(head, index(train_x, mine), t_split, problem.cond_batch(train_c[mine]), loss_gen)
             check_finite(loss, f"round {round_}, fine-tuning step {step}")
+            if cfg.cosine:
+                scale = 0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.train_steps))
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * scale
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
