@@ -226,3 +226,24 @@ def unmask_tokens(
     reveal = masked & (rand_like(tokens, generator) < p_reveal)
     draws = sample_categorical(logits, generator)
     return torch.where(reveal, draws, tokens)
+
+
+def unmask_log_prob(
+    tokens: torch.Tensor,
+    tokens_next: torch.Tensor,
+    logits: torch.Tensor,
+    mask_id: int,
+    maskable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Model-dependent part of log p(tokens_next | tokens) for one :func:`unmask_tokens` step; [B].
+
+    Which positions are revealed does not depend on the model (prob. (t - t_next)/t each), so the
+    policy-gradient-relevant log-probability is the sum of log softmax(logits)[value] over the
+    positions revealed in this step.
+    """
+    revealed = (tokens == mask_id) & (tokens_next != mask_id)
+    if maskable is not None:
+        revealed = revealed & maskable
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, tokens_next.clamp(0, logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return (picked * revealed).flatten(1).sum(1)

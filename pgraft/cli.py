@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import typer
 
+from pgraft.apps.molecule.cli import app as molecule_app
 from pgraft.apps.toy.cli import app as toy_app
 
 app = typer.Typer(help="pgraft: reward fine-tuning of diffusion/flow models by GRAFT, P-GRAFT and inverse "
                        "noise correction.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 app.add_typer(toy_app, name="toy")
+app.add_typer(molecule_app, name="molecule")
 
 
 def main() -> None:
