@@ -4,7 +4,7 @@ The sampler is viewed as a policy over its steps: per-step log-probabilities
 log p_theta(x_{k+1} | x_k) of a *stochastic* sampler, a per-group standardised advantage
 A = (r - mean_g r) / (std_g r + 1e-8) (per prompt, as DDPO/GRPO), and the clipped importance
 ratio objective  -E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = p_theta / p_theta_old,
-summed over steps. It uses the same reward interface, problem description, run directory and
+averaged over (a random ``timestep_fraction`` of) the steps. It uses the same reward interface, problem description, run directory and
 sample budget (rounds x groups x group_size) as :func:`pgraft.core.trainer.run_graft`.
 """
 
@@ -48,14 +48,16 @@ class PGConfig:
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
     sample_batch_size: int = 256
+    timestep_fraction: float = 1.0
     final_eval: bool = True
     seed: int = 0
-    split: float = 0.0  # kept for the shared sampler: PG always trains every step
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.clip <= 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float) -> torch.Tensor:
@@ -137,12 +139,15 @@ def run_policy_gradient(
                     cond = problem.cond_batch(cond_index[idx])
                     opt.zero_grad(set_to_none=True)
                     total = 0.0
-                    for k in range(steps):
+                    # DDPO's timestep_fraction: train on a random subset of the sampler's steps
+                    n_train = max(1, round(cfg.timestep_fraction * steps))
+                    chosen = torch.randperm(steps, generator=generator_for(cfg.seed, round_, epoch, b, 1 << 25))
+                    for k in sorted(chosen[:n_train].tolist()):
                         lp = log_prob(policy, index(states[k], idx), float(times[k]), float(times[k + 1]),
                                       index(states[k + 1], idx), cond)
                         ratio = torch.exp(lp - old[k, idx])
                         a = adv[idx].to(ratio.device)
-                        loss = -torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean() / steps
+                        loss = -torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean() / n_train
                         check_finite(loss, f"PG round {round_}, step {k}")
                         if loss.requires_grad:
                             loss.backward()

@@ -318,7 +318,10 @@ def run_graft(
         if cfg.dedup:
             if cands.keys is None:
                 raise ValueError("dedup needs a problem.key function (e.g. canonical SMILES)")
-            keep = deduplicate(cands.keys, accepted).keep
+            # one copy per key in this round, and none of a key an earlier round already stored
+            records = run.read_records()
+            seen = set(records["key"]) if "key" in records else set()
+            keep = deduplicate([None if k is None else str(k) for k in cands.keys], accepted, seen).keep
             row["kept_after_dedup"] = int(keep.sum())
         idx = keep.nonzero().flatten()
         if main:
