@@ -142,3 +142,14 @@ def test_ddim_log_prob_is_the_gaussian_density_of_the_step(gen):
     sigma = ((1 - a_n) / (1 - a_t)) ** 0.5 * (1 - a_t / a_n) ** 0.5
     expected = (-0.5 * z**2 - torch.log(torch.tensor(sigma)) - 0.5 * torch.log(torch.tensor(2 * torch.pi))).sum(1)
     assert torch.allclose(lp, expected, atol=1e-4)
+
+
+def test_unmask_log_prob_sums_revealed_positions_only():
+    from pgraft.core.sampling import unmask_log_prob
+
+    mask_id = 3
+    tokens = torch.tensor([[3, 3, 1, 3]])
+    nxt = torch.tensor([[0, 3, 1, 2]])  # positions 0 and 3 revealed; 2 was already known
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]] * 4]))
+    lp = unmask_log_prob(tokens, nxt, logits, mask_id)
+    assert lp.item() == pytest.approx(float(torch.log(torch.tensor(0.5 * 0.25))))
