@@ -1,0 +1,19 @@
+"""Text-to-image app: GRAFT / P-GRAFT for text-conditioned diffusion.
+
+Two faces, one code path (:class:`pgraft.apps.t2i.model.T2IPipeline`):
+
+- the embedded compositional world (``world.py``): coloured shapes on a 32x32 canvas, captioned by
+  a GenEval-style grammar, an exact checker (``checker.py``) and a learned VQA-style reward
+  (``rewards.py``);
+- the real path: ``--model PATH`` loads a local diffusers Stable Diffusion directory (latent space,
+  CLIP text encoder, DDIM schedule table), LoRA on the UNet attention, P-GRAFT split.
+
+Typical session (CPU)::
+
+    pgraft t2i pretrain --out runs/t2i/base            # <= 45 min on 2 cores (preset "default")
+    pgraft t2i train-scorer --out runs/t2i/scorer      # ~3 min
+    pgraft t2i evaluate --model runs/t2i/base --prompts heldout
+    pgraft t2i train --out runs/t2i/pgraft --prompts heldout --t 0.25 --rounds 4
+    pgraft t2i evaluate --run runs/t2i/pgraft --prompts heldout
+    pgraft t2i sample runs/t2i/pgraft
+"""

@@ -1,0 +1,207 @@
+"""``pgraft t2i ...``: text-to-image GRAFT / P-GRAFT, on the embedded shapes world or a local
+Stable Diffusion checkpoint (``--model PATH``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import pandas as pd
+import typer
+
+from pgraft.core import cli as opts
+from pgraft.core.trainer import GraftConfig, is_main_process
+
+app = typer.Typer(help="Text-to-image: compositional shapes world (CPU) or a local Stable Diffusion pipeline.",
+                  no_args_is_help=True)
+
+Model = Annotated[Path, typer.Option("--model", help="Pipeline directory: `pgraft t2i pretrain` output or a local "
+                                                      "diffusers Stable Diffusion checkpoint.")]
+Prompts = Annotated[str, typer.Option(help="Prompt set: train, heldout, all, geneval, or a .txt/.csv/.jsonl file.")]
+Reward = Annotated[str, typer.Option(help="Reward: vqa (learned scorer), checker (exact), clipscore, vqascore.")]
+RewardWeights = Annotated[Optional[Path], typer.Option(help="Weights directory of the reward (vqa: "
+                                                            "`pgraft t2i train-scorer` output; clipscore/vqascore: "
+                                                            "a local transformers model).")]
+Steps = Annotated[int, typer.Option("--n-steps", help="DDIM sampler steps.")]
+Eta = Annotated[float, typer.Option(help="DDIM eta (0 deterministic, 1 DDPM-like; P-GRAFT needs a stochastic tail).")]
+Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")]
+PerPrompt = Annotated[int, typer.Option(help="Images per prompt.")]
+
+
+def _bad(err: Exception) -> typer.BadParameter:
+    return typer.BadParameter(str(err))
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    out: opts.Out = Path("runs/t2i/base"),
+    preset: Annotated[str, typer.Option(help="Model size: tiny (tests) or default (CPU, <= 45 min on 2 cores).")] = "default",
+    prompts: Prompts = "train",
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the preset's budget).")] = None,
+    batch_size: opts.BatchSize = 32,
+    lr: opts.LR = 1e-3,
+    n_images: Annotated[int, typer.Option(help="Rendered training images.")] = 30000,
+    seed: opts.Seed = 0,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Train the embedded world's base model (UNet + CLIP text encoder); resumes if OUT holds a partial run."""
+    from .train import PRETRAIN_STEPS, PretrainT2IConfig, pretrain_world
+
+    try:
+        cfg = PretrainT2IConfig(preset=preset, prompts=prompts, steps=steps or PRETRAIN_STEPS.get(preset, 4000),
+                                batch_size=batch_size, lr=lr, n_images=n_images, seed=seed)
+        pretrain_world(cfg, out, show_progress=not quiet)
+    except (ValueError, FileNotFoundError) as err:
+        raise _bad(err) from err
+    typer.echo(f"base pipeline saved to {out}")
+
+
+@app.command("train-scorer")
+def train_scorer_cmd(
+    out: opts.Out = Path("runs/t2i/scorer"),
+    prompts: Prompts = "all",
+    steps: Annotated[int, typer.Option(help="Maximum optimizer steps.")] = 3000,
+    max_seconds: Annotated[float, typer.Option(help="Wall-clock budget (the schedule follows it).")] = 180.0,
+    image_size: Annotated[int, typer.Option(help="Render size (match the base model's).")] = 32,
+    seed: opts.Seed = 0,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Train the learned VQA-style reward P(yes | image, prompt) on rendered images (~3 min)."""
+    from .rewards import ScorerTrainConfig, train_scorer
+
+    _, metrics = train_scorer(ScorerTrainConfig(prompts=prompts, steps=steps, max_seconds=max_seconds,
+                                                image_size=image_size, seed=seed), out, show_progress=not quiet)
+    typer.echo(f"scorer saved to {out}: {json.dumps(metrics)}")
+
+
+@app.command("train")
+def train_cmd(
+    out: opts.Out = Path("runs/t2i/graft"),
+    model: Model = Path("runs/t2i/base"),
+    prompts: Prompts = "train",
+    reward: Reward = "vqa",
+    reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    rule: opts.Rule = "topk",
+    alpha: opts.Alpha = 1.0,
+    k: opts.K = 2,
+    m: opts.M = 8,
+    groups: opts.Groups = 16,
+    threshold: opts.Threshold = 0.0,
+    t: opts.T = 0.25,
+    rounds: opts.Rounds = 4,
+    train_steps: opts.TrainSteps = 100,
+    batch_size: opts.BatchSize = 32,
+    lr: opts.LR = 1e-4,
+    lora: opts.Lora = 8,
+    replay: opts.Replay = False,
+    n_steps: Steps = 20,
+    eta: Eta = 1.0,
+    guidance: Guidance = None,
+    sample_batch_size: Annotated[int, typer.Option(help="Images per sampler call.")] = 64,
+    seed: opts.Seed = 0,
+    resume: opts.Resume = False,
+    quiet: opts.Quiet = False,
+) -> None:
+    """GRAFT (--t 0) or P-GRAFT (--t > 0) rounds over a prompt set: M images per prompt, GRS per prompt."""
+    from .train import T2IConfig, train_t2i
+
+    cfg = opts.graft_config(rounds=rounds, groups=groups, m=m, rule=rule, alpha=alpha, k=k, threshold=threshold,
+                            dedup=False, t=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora=lora,
+                            replay=replay, seed=seed, sample_batch_size=sample_batch_size)
+    app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
+                        reward_weights=None if reward_weights is None else str(reward_weights),
+                        n_steps=n_steps, eta=eta, guidance_scale=guidance)
+    try:
+        train_t2i(app_cfg, cfg, out, resume=resume, show_progress=not quiet)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise _bad(err) from err
+    if is_main_process():
+        typer.echo(f"metrics: {out / 'metrics.csv'}  grids: {out / 'grids'}  LoRA: {out / 'lora'}")
+
+
+def _run_config(run_dir: Path) -> tuple[dict, GraftConfig]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise typer.BadParameter(f"{run_dir} is not a `pgraft t2i train` run directory (no config.json)")
+    config = json.loads(path.read_text())
+    if "t2i" not in config.get("app", {}):
+        raise typer.BadParameter(f"{run_dir} is a run of another app, not `pgraft t2i train`")
+    return config["app"]["t2i"], GraftConfig.from_dict(config["graft"])
+
+
+@app.command("sample")
+def sample_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A `pgraft t2i train` run directory.")],
+    prompts: Annotated[Optional[str], typer.Option(help="Prompt set or file (default: the run's).")] = None,
+    per_prompt: PerPrompt = 4,
+    max_prompts: Annotated[int, typer.Option(help="Use at most this many prompts.")] = 16,
+    seed: opts.Seed = 1,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Sample the fine-tuned model (head T→t, frozen base t→0); writes RUN_DIR/samples/{grid.png,images.safetensors}."""
+    from pgraft.core.state import save_state
+
+    from .prompts import load_prompts
+    from .train import load_head, load_pipeline, sample_images, save_grid
+
+    app_cfg, cfg = _run_config(run_dir)
+    pipe = load_pipeline(app_cfg["model"], app_cfg.get("guidance_scale"))
+    head = load_head(run_dir, pipe.denoiser)
+    names = load_prompts(prompts or app_cfg["prompts"]).prompts[:max_prompts]
+    images, plist = sample_images(pipe, head, names, per_prompt, cfg.split, app_cfg["n_steps"], app_cfg["eta"], seed,
+                                  show_progress=not quiet)
+    out = run_dir / "samples"
+    save_grid(images, out / "grid.png", plist, ncol=per_prompt)
+    save_state(images, out / "images.safetensors")
+    typer.echo(f"{len(plist)} images written to {out}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Model = Path("runs/t2i/base"),
+    run: Annotated[Optional[Path], typer.Option(help="A `pgraft t2i train` run to evaluate (default: the base).")] = None,
+    prompts: Prompts = "heldout",
+    per_prompt: PerPrompt = 4,
+    reward: Reward = "vqa",
+    reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    n_steps: Steps = 20,
+    eta: Eta = 1.0,
+    guidance: Guidance = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the tables and grid "
+                                                                "(default: RUN/eval or MODEL/eval).")] = None,
+    seed: opts.Seed = 2,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Per-category GenEval-style accuracy (exact checker) and mean reward on a prompt set."""
+    from .prompts import load_prompts
+    from .rewards import make_reward
+    from .train import evaluate_images, load_head, load_pipeline, sample_images, save_grid
+
+    split = 0.0
+    if run is not None:
+        app_cfg, cfg = _run_config(run)
+        model, split = Path(app_cfg["model"]), cfg.split
+        n_steps, eta = app_cfg["n_steps"], app_cfg["eta"]
+        guidance = guidance if guidance is not None else app_cfg.get("guidance_scale")
+    try:
+        pipe = load_pipeline(model, guidance)
+        reward_fn = make_reward(reward, reward_weights)
+        names = load_prompts(prompts).prompts
+    except (ValueError, FileNotFoundError) as err:
+        raise _bad(err) from err
+    head = load_head(run, pipe.denoiser) if run is not None else pipe.denoiser
+    images, plist = sample_images(pipe, head, names, per_prompt, split, n_steps, eta, seed, show_progress=not quiet)
+    name = "finetuned" if run is not None else "base"
+    samples, table = evaluate_images(images, plist, {reward: reward_fn}, name)
+    out = out or ((run or model) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    samples.to_csv(out / f"samples_{prompts if '/' not in prompts else 'file'}.csv", index=False)
+    save_grid(images[: 8 * per_prompt], out / "grid.png", plist[: 8 * per_prompt], ncol=per_prompt)
+    if table is not None:
+        table.to_csv(out / "accuracy.csv")
+        with pd.option_context("display.width", 200, "display.precision", 3):
+            typer.echo(table.to_string())
+    else:
+        typer.echo(f"mean {reward}: {samples[reward].mean():.4f} (prompts outside the world grammar: no checker)")
+    typer.echo(f"written to {out}")

@@ -1,0 +1,103 @@
+"""Tokenizer, pipeline save/load, the SD (latent) path on a tiny random pipeline, LoRA round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgraft.apps.t2i.model import (T2IPipeline, TableAlphaBar, build_world_pipeline,
+                                   train_tokenizer, tokenize)
+from pgraft.apps.t2i.world import all_prompts
+
+PROMPTS = [s.text() for s in all_prompts()]
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = train_tokenizer(PROMPTS, tmp_path / "tok")
+    for p in ["a photo of four diamonds", "a photo of a purple square right of a circle"]:
+        ids = tok(p).input_ids
+        assert ids[0] == 0 and ids[-1] == 1  # <|startoftext|> ... <|endoftext|>
+        assert len(ids) == len(p.split()) + 2  # every grammar word is one token
+        assert tok.decode(ids, skip_special_tokens=True).strip() == p
+    assert tokenize(tok, ["a photo of a dog"], 16).shape == (1, 16)  # unknown words fall back to characters
+
+
+def test_world_pipeline_save_load_sample(tmp_path):
+    pipe = build_world_pipeline("tiny", PROMPTS, tmp_path / "tok", seed=0)
+    pipe.save(tmp_path / "p")
+    again = T2IPipeline.load(tmp_path / "p")
+    assert again.state_shape == (12, 8, 8) and again.vae is None and again.info.patch_size == 2
+    x = torch.randn(3, *again.state_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    cond_a, cond_b = pipe.prompt_encoder()(PROMPTS[:3]), again.prompt_encoder()(PROMPTS[:3])
+    torch.testing.assert_close(pipe.denoiser(x, t, cond_a), again.denoiser(x, t, cond_b))
+    images = again.decode(x)
+    assert images.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(again.decode(again.encode_images(images)), images)  # exact space-to-depth
+
+
+def test_guidance_is_the_cfg_combination(tmp_path):
+    pipe = build_world_pipeline("tiny", PROMPTS, tmp_path / "tok", seed=0)
+    cond = pipe.prompt_encoder()(PROMPTS[:2])
+    x, t = torch.randn(2, *pipe.state_shape), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        eps_c = pipe.denoiser(x, t, cond, guidance_scale=1.0)
+        uncond = type(cond)(cond.prompts, cond.uncond.expand_as(cond.embeds))
+        eps_u = pipe.denoiser(x, t, uncond, guidance_scale=1.0)
+        torch.testing.assert_close(pipe.denoiser(x, t, cond, guidance_scale=3.0), eps_u + 3.0 * (eps_c - eps_u),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_table_alpha_bar_hits_discrete_steps():
+    table = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64).cumprod(0).clamp_min(1e-4)
+    ab = TableAlphaBar(table)
+    k = torch.tensor([1, 10, 500, 1000])
+    torch.testing.assert_close(ab(k / 1000.0), table[k - 1])
+    assert float(ab(0.0)) == 1.0
+    assert torch.all(torch.diff(ab(torch.linspace(0, 1, 101))) <= 0)
+
+
+def test_missing_and_non_diffusers_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T2IPipeline.load(tmp_path / "nope")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ValueError, match="not a diffusers text-to-image pipeline directory: missing unet/"):
+        T2IPipeline.load(tmp_path / "junk")
+
+
+def test_tiny_sd_pipeline_loads_in_latent_space(tiny_sd):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = tiny_sd
+    pipe = T2IPipeline.load(path)
+    assert pipe.vae is not None and pipe.state_shape == (4, 8, 8) and pipe.info.image_size == 16
+    sched = DDIMScheduler.from_pretrained(path / "scheduler")
+    # grid point k/N feeds the UNet timestep k-1 and uses alphas_cumprod[k-1]
+    t = torch.tensor([1.0, 0.5, 0.001])
+    torch.testing.assert_close(pipe.denoiser.timesteps(t), torch.tensor([999.0, 499.0, 0.0]))
+    torch.testing.assert_close(pipe.alpha_bar(t.double()), sched.alphas_cumprod[[999, 499, 0]].double())
+    x = torch.randn(2, 4, 8, 8)
+    assert pipe.decode(x).shape == (2, 3, 16, 16)
+    # the directory is a genuine diffusers pipeline
+    sd = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    assert sd.unet.config.in_channels == 4
+
+
+def test_clipped_ddim_step_matches_core_when_inside_range_and_bounds_x0():
+    from pgraft.apps.t2i.diffusion import clipped_ddim_step
+    from pgraft.core.sampling import ddim_step
+    from pgraft.core.schedules import cosine_alpha_bar
+
+    x0 = torch.rand(4, 3, 2, 2) * 1.6 - 0.8
+    a = float(cosine_alpha_bar(0.6))
+    eps = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    x = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    oracle = lambda x_, t_, c_: eps  # noqa: E731  exact eps: x0_hat = x0 lies inside [-1, 1]
+    for eta in (0.0, 1.0):
+        a_out = clipped_ddim_step(cosine_alpha_bar, eta)(oracle, x, 0.6, 0.4, None, torch.Generator().manual_seed(1))
+        b_out = ddim_step(cosine_alpha_bar, eta)(oracle, x, 0.6, 0.4, None, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a_out, b_out)
+    wild = lambda x_, t_, c_: torch.full_like(x_, -50.0)  # noqa: E731  a terrible model
+    out = clipped_ddim_step(cosine_alpha_bar, 0.0)(wild, torch.zeros(1, 3, 2, 2), 0.5, 0.0)
+    assert out.abs().max() <= 1.0  # last step returns the clipped x0_hat

@@ -1,0 +1,122 @@
+"""End-to-end smoke runs in seconds: tiny pretrain, GRAFT / P-GRAFT rounds with LoRA on the world
+and on a tiny random Stable Diffusion pipeline, LoRA save/reload, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pgraft.apps.t2i.cli import app
+from pgraft.apps.t2i.model import T2IPipeline
+from pgraft.apps.t2i.train import (PretrainT2IConfig, T2IConfig, load_head, pretrain_world, sample_images,
+                                   train_t2i)
+from pgraft.core.grs import GRSConfig
+from pgraft.core.trainer import GraftConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world") / "base"
+    pretrain_world(PretrainT2IConfig(preset="tiny", steps=8, n_images=64, batch_size=8, warmup=2), out,
+                   show_progress=False)
+    return out
+
+
+def _cfg(**kw) -> GraftConfig:
+    base = dict(rounds=1, groups=3, group_size=3, grs=GRSConfig(rule="topk", k=1), split=0.25, train_steps=2,
+                batch_size=3, lr=1e-2, lora_rank=2, sample_batch_size=5, seed=0)
+    return GraftConfig(**{**base, **kw})
+
+
+def test_pretrain_writes_a_diffusers_pipeline(tiny_world):
+    for part in ("unet", "text_encoder", "tokenizer", "pgraft.json", "pretrain/loss.csv"):
+        assert (tiny_world / part).exists(), part
+    pipe = T2IPipeline.load(tiny_world)
+    assert pipe.state_shape == (12, 8, 8) and pipe.info.preset == "tiny"
+
+
+def test_graft_round_with_lora_on_the_world(tiny_world, tmp_path):
+    app_cfg = T2IConfig(model=str(tiny_world), prompts="heldout", reward="checker", reward_weights=None, n_steps=4)
+    head, table = train_t2i(app_cfg, _cfg(rounds=2), tmp_path / "run", show_progress=False)
+    assert list(table["phase"]) == ["train", "train", "eval"]
+    assert {"checker_acc", "reward_mean", "accepted"} <= set(table.columns)
+    assert sorted(p.name for p in (tmp_path / "run" / "grids").glob("*.png")) == \
+        ["round_0000.png", "round_0001.png", "round_0002.png"]
+    records = pd.read_parquet(tmp_path / "run" / "store" / "round_0000.parquet")
+    assert len(records) == 3 and {"prompt", "category", "correct", "reward"} <= set(records.columns)
+    assert (records["reward"] == records["correct"].astype(float)).all()  # checker reward is the verdict
+    # LoRA only on the UNet attention; the diffusers-format export reloads to the merged head exactly
+    weights = json.loads((tmp_path / "run" / "config.json").read_text())["graft"]
+    assert weights["lora_targets"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    pipe = T2IPipeline.load(tiny_world)
+    reloaded = load_head(tmp_path / "run", pipe.denoiser)
+    x, t = torch.randn(2, *pipe.state_shape), torch.tensor([0.9, 0.95])
+    cond = pipe.prompt_encoder()(["a photo of a circle"] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t, cond), head(x, t, cond))
+        assert not torch.allclose(pipe.denoiser(x, t, cond), head(x, t, cond))
+    # resume: extending a finished run by one round trains only the new round
+    _, table2 = train_t2i(app_cfg, _cfg(rounds=3), tmp_path / "run", resume=True, show_progress=False)
+    assert list(table2["round"]) == [0, 1, 2, 3]
+
+
+def test_split_sampler_uses_frozen_tail(tiny_world):
+    pipe = T2IPipeline.load(tiny_world)
+    prompts = ["a photo of a red circle"]
+    a, _ = sample_images(pipe, pipe.denoiser, prompts, 2, 0.5, 4, 1.0, seed=3, show_progress=False)
+    b, _ = sample_images(pipe, pipe.denoiser, prompts, 2, 0.0, 4, 1.0, seed=3, show_progress=False)
+    torch.testing.assert_close(a, b)  # head == base: the split is invisible
+    assert a.shape == (2, 3, 16, 16)
+
+
+def test_sd_path_pgraft_lora_round_trip(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    app_cfg = T2IConfig(model=str(tiny_sd), prompts="train", reward="checker", reward_weights=None, n_steps=4,
+                        guidance_scale=2.0)
+    head, table = train_t2i(app_cfg, _cfg(split=0.5), tmp_path / "run", show_progress=False)
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = T2IPipeline.load(tiny_sd, guidance_scale=2.0)
+    reloaded = load_head(tmp_path / "run", pipe.denoiser)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.7])
+    cond = pipe.prompt_encoder()(["a photo of a circle"] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, t, cond), head(x, t, cond))
+    # the LoRA file is what diffusers' own loader expects
+    sd = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    sd.load_lora_weights(str(tmp_path / "run" / "lora"))
+    assert any("lora" in name for name, _ in sd.unet.named_parameters())
+
+
+def test_cli_train_sample_evaluate(tiny_world, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "cli"
+    res = runner.invoke(app, ["train", "--out", str(run), "--model", str(tiny_world), "--prompts", "heldout",
+                              "--reward", "checker", "--rounds", "1", "--groups", "2", "--m", "2", "--k", "1",
+                              "--train-steps", "1", "--batch-size", "2", "--n-steps", "3", "--lora", "2",
+                              "--sample-batch-size", "4", "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["sample", str(run), "--per-prompt", "2", "--max-prompts", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (run / "samples" / "grid.png").is_file()
+    res = runner.invoke(app, ["evaluate", "--run", str(run), "--prompts", "heldout", "--per-prompt", "1",
+                              "--reward", "checker", "--quiet"])
+    assert res.exit_code == 0, res.output
+    table = pd.read_csv(run / "eval" / "accuracy.csv", index_col=0)
+    assert {"overall", "counting", "color_attr", "mean_checker"} <= set(table.columns)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--prompts", "/nonexistent/p.txt"], "neither a registered set"),
+    (["--reward", "nope"], "unknown reward"),
+])
+def test_cli_clear_errors(tiny_world, tmp_path, args, match):
+    base = ["train", "--out", str(tmp_path / "r"), "--model", str(tiny_world), "--reward", "checker", "--quiet"]
+    res = CliRunner().invoke(app, base + args)
+    assert res.exit_code != 0 and match in res.output
