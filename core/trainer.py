@@ -35,9 +35,9 @@ from .grs import GRSConfig, accept
 from .pretrain import check_finite
 from .progress import progress_bar
 from .rundir import RunDir
-from .sampling import StepFn, sample_split
+from .sampling import SplitSample, StepFn, sample_split
 from .schedules import split_times
-from .state import State, batch_size, cat, index
+from .state import State, batch_size, cat, index, to_device
 
 RewardFn = Callable[[State, Any], torch.Tensor]
 LossFn = Callable[[nn.Module, State, float, Any, "torch.Generator | None"], torch.Tensor]
@@ -180,10 +180,11 @@ class Candidates:
     extra_metrics: dict[str, float]
 
 
-def _accelerator(cpu: bool = True):
+def _accelerator(cpu: bool | None = None):
+    """Accelerator on the GPU when one is visible, else on the CPU (gloo for multi-process)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=cpu)
+    return Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu)
 
 
 def _gather(obj: list[Any], accelerator) -> list[Any]:
@@ -220,8 +221,10 @@ def sample_candidates(
             lo, hi = c * cfg.sample_batch_size, min(n, (c + 1) * cfg.sample_batch_size)
             gen = generator_for(cfg.seed, round_, c)
             cond = problem.cond_batch(cond_index[lo:hi])
-            x_T = problem.prior(hi - lo, gen)
+            device = next(head.parameters()).device
+            x_T = to_device(problem.prior(hi - lo, gen), device)
             out = sample_split(head, base, x_T, problem.times, k, problem.step, cond, gen, advance)
+            out = SplitSample(to_device(out.x_t, "cpu"), to_device(out.x_0, "cpu"), out.t)
             rewards = torch.as_tensor(problem.reward(out.x_0, cond), dtype=torch.float64).cpu()
             if rewards.shape != (hi - lo,):
                 raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected ({hi - lo},)")
@@ -289,7 +292,7 @@ def run_graft(
                          "t": t_split, "world_size": accelerator.num_processes}, resume)
     accelerator.wait_for_everyone()
 
-    base = base.eval().requires_grad_(False)
+    base = base.eval().requires_grad_(False).to(accelerator.device)
     head = build_head(base, cfg)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -373,7 +376,7 @@ def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerat
             idx = torch.randint(n, (cfg.batch_size,), generator=gen)
             mine = idx[rank::world]
             loss_gen = generator_for(cfg.seed, round_, step, rank, 1 << 22)
-            loss = problem.loss(head, index(train_x, mine), t_split, problem.cond_batch(train_c[mine]), loss_gen)
+            loss = problem.loss(head, to_device(index(train_x, mine), accelerator.device), t_split, problem.cond_batch(train_c[mine]), loss_gen)
             check_finite(loss, f"round {round_}, fine-tuning step {step}")
             if cfg.cosine:
                 scale = 0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.train_steps))
@@ -424,8 +427,8 @@ def sample_finetuned(
             lo, hi = c * batch, min(n, (c + 1) * batch)
             gen = generator_for(seed, c, 1 << 23)
             ci = cond_index[lo:hi] if cond_index is not None else torch.zeros(hi - lo, dtype=torch.long)
-            out = sample_split(head, base, problem.prior(hi - lo, gen), problem.times, k, problem.step,
-                               problem.cond_batch(ci), gen, advance)
-            x_ts.append(out.x_t)
-            x_0s.append(out.x_0)
+            x_T = to_device(problem.prior(hi - lo, gen), next(head.parameters()).device)
+            out = sample_split(head, base, x_T, problem.times, k, problem.step, problem.cond_batch(ci), gen, advance)
+            x_ts.append(to_device(out.x_t, "cpu"))
+            x_0s.append(to_device(out.x_0, "cpu"))
     return cat(x_ts), cat(x_0s)
