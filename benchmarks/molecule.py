@@ -72,13 +72,13 @@ def run_method(name: str, args, base, out: Path) -> dict:
         cfg = GraftConfig(rounds=args.rounds, groups=args.groups, group_size=8, grs=method.grs, dedup=method.dedup,
                           split=method.t, train_steps=args.train_steps, batch_size=64, lr=args.lr, replay=True,
                           sample_batch_size=256, seed=0)
-        head, _ = run_graft(problem, base.model, base.model.config(), cfg, run_dir,
+        head, _ = run_graft(problem, base.model, base.model.init_kwargs(), cfg, run_dir,
                             app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
         split = method.t
     else:
         cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=8, epochs=1, batch_size=64, lr=args.lr,
                        clip=0.2, sample_batch_size=256, timestep_fraction=0.25, seed=0)
-        head, _ = run_policy_gradient(problem, log_prob, base.model, base.model.config(), cfg, run_dir,
+        head, _ = run_policy_gradient(problem, log_prob, base.model, base.model.init_kwargs(), cfg, run_dir,
                                       app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
     train_seconds = time.time() - t0
     smiles, rewards = sample_smiles(problem, head, base.model, args.eval_samples, split, seed=99,

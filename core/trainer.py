@@ -145,7 +145,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ..
     from peft import LoraConfig, get_peft_model
 
     if not targets:
-        targets = tuple(sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}))
+        # full module names: suffixes such as "0" would also match non-Linear siblings (nn.Sequential)
+        targets = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
     if not targets:
         raise ValueError("LoRA needs nn.Linear layers or explicit lora_targets; the model has none")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), lora_dropout=0.0)

@@ -194,7 +194,7 @@ class GraphTransformer(nn.Module):
         edge_logits = 0.5 * (edge_logits + edge_logits.transpose(1, 2))
         return {"nodes": self.head_h(h), "edges": edge_logits}
 
-    def config(self) -> dict[str, Any]:
+    def init_kwargs(self) -> dict[str, Any]:
         """The JSON-able constructor kwargs (for ``save_pretrained``)."""
         return {"n_atom_types": self.n_atom_types, "n_bond_types": self.n_bond_types, "max_nodes": self.max_nodes,
                 "hidden_dim": self.node_embed.embedding_dim, "edge_dim": self.edge_embed.embedding_dim,

@@ -119,7 +119,7 @@ def train_molecule(cfg: MoleculeTrainConfig, graft: GraftConfig, out: str | Path
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
     base = load_or_pretrain(cfg.base, cfg.preset, show_progress)
     problem = make_problem(base, cfg.reward, cfg.sample_steps)
-    head, table = run_graft(problem, base.model, base.model.config(), graft, out, app_config={"molecule": asdict(cfg)},
+    head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out, app_config={"molecule": asdict(cfg)},
                             resume=resume, show_progress=show_progress)
     if is_main_process():
         write_outputs(Path(out), problem, head, base, graft.split, cfg.final_samples, show_progress)

@@ -154,3 +154,19 @@ def test_two_processes_accept_the_same_set_as_one(tmp_path):
     for name in one:
         for k in one[name]:
             assert torch.equal(one[name][k], two[name][k])
+
+
+def test_lora_targets_only_linear_layers_even_when_names_collide():
+    from torch import nn
+
+    from pgraft.core.trainer import apply_lora, merged_copy
+
+    # "1.0" is a SiLU and "0.0" a Linear: suffix-based targeting would hit the SiLU
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.SiLU()), nn.Sequential(nn.SiLU(), nn.Linear(4, 2)))
+    x = torch.randn(5, 3)
+    before = model(x).detach()
+    lora = apply_lora(model, rank=2, alpha=2, targets=())
+    assert sum("lora_A" in n for n, _ in lora.named_parameters()) == 2  # both Linear layers, nothing else
+    assert torch.allclose(lora(x), before)  # LoRA B starts at zero
+    assert set(merged_copy(lora).state_dict()) == set(nn.Sequential(
+        nn.Sequential(nn.Linear(3, 4), nn.SiLU()), nn.Sequential(nn.SiLU(), nn.Linear(4, 2))).state_dict())

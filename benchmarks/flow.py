@@ -1,0 +1,279 @@
+"""Flow benchmark: FID vs FLOPs/image of the base flow at several Euler step counts against inverse
+noise correction (noise flow -> frozen base) at several noise-flow step counts (paper Table 5).
+
+Pipeline: pretrain the base (or reuse --base) -> invert a subset of the training images through the
+base's Euler sampler with ``--invert-steps`` steps -> train the small noise flow -> sample every
+configuration from the same z seed -> feature FID/KID + precision/recall for every row, Inception
+FID/KID on ``--inception-n`` samples for the key rows (base at the inverted step count, base at its
+largest step count, corrected rows) -> results.csv, flow.png, summary.json.
+
+    python benchmarks/flow.py --quick                     # tiny 8x8 preset, a few hundred images, < 3 min
+    python benchmarks/flow.py --base runs/bench/flow/base  # default preset on Fashion-MNIST
+
+Every stage resumes from its files in --out, so rerunning the same command continues a killed run.
+The summary states, from the numbers, whether correction lowers FID >= 25% at <= 1.35x the base's
+FLOPs/image and whether it reaches the base's best FID at fewer FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pgraft.apps.flow.data import load_fashion_mnist  # noqa: E402
+from pgraft.apps.flow.train import (  # noqa: E402
+    CorrectionConfig,
+    EvalConfig,
+    Evaluator,
+    FlowPretrainConfig,
+    InvertConfig,
+    SamplerSpec,
+    evaluate,
+    images_to_grid,
+    invert_dataset,
+    load_base,
+    load_correction,
+    pretrain_flow,
+    pretraining_finished,
+    trained_steps,
+    sample_images,
+    train_correction,
+)
+
+FLOPS_BUDGET = 1.35      # corrected FLOPs/image may be at most this multiple of the base row's
+FID_DROP = 0.25          # ... and must lower FID by at least this fraction
+
+
+def quick_images(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST downsampled 28 -> 8 (antialiased) for the tiny preset: [n, 1, 8, 8], labels [n]."""
+    x, y = load_fashion_mnist(split, limit=n)
+    return F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True).clamp(-1, 1), y
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def claims(table: pd.DataFrame, metric: str, invert_steps: int) -> dict:
+    """Relative FID change and FLOPs ratio of each corrected row against the base at the inverted
+    step count, and the two claims of the issue, decided from ``metric`` (NaN rows ignored)."""
+    t = table.dropna(subset=[metric])
+    base = t[t.noise_steps == 0]
+    corr = t[t.noise_steps > 0]
+    ref = base[base.steps == invert_steps]
+    if ref.empty or corr.empty:
+        return {"metric": metric, "available": False}
+    ref = ref.iloc[0]
+    rows = []
+    for _, r in corr.iterrows():
+        rows.append({"config": r.config, "flops_ratio": r.flops_per_image / ref.flops_per_image,
+                     "relative_change": (r[metric] - ref[metric]) / ref[metric], metric: r[metric]})
+    in_budget = [r for r in rows if r["flops_ratio"] <= FLOPS_BUDGET + 1e-9]
+    best_base = base.loc[base[metric].idxmin()]
+    beats_best = corr[(corr[metric] <= best_base[metric]) & (corr.flops_per_image < best_base.flops_per_image)]
+    best_in_budget = min(in_budget, key=lambda r: r["relative_change"]) if in_budget else None
+    return {
+        "metric": metric, "available": True,
+        "reference": {"config": ref.config, metric: float(ref[metric]), "flops_per_image": int(ref.flops_per_image)},
+        "corrected": rows,
+        "best_in_budget": best_in_budget,
+        "lowers_fid_25pct_within_1.35x": bool(best_in_budget is not None and best_in_budget["relative_change"] <= -FID_DROP),
+        "best_base": {"config": best_base.config, metric: float(best_base[metric]),
+                      "flops_per_image": int(best_base.flops_per_image)},
+        "reaches_best_base_at_fewer_flops": bool(len(beats_best)),
+        "rows_beating_best_base": list(beats_best.config),
+    }
+
+
+def describe(c: dict, n_text: str) -> list[str]:
+    if not c["available"]:
+        return [f"{c['metric']}: not available"]
+    m = c["metric"]
+    lines = [f"{m} ({n_text}); reference {c['reference']['config']} = {c['reference'][m]:.4g} "
+             f"at {c['reference']['flops_per_image'] / 1e9:.3f} GFLOPs/image"]
+    for r in c["corrected"]:
+        lines.append(f"  {r['config']}: {m} {r[m]:.4g} ({100 * r['relative_change']:+.1f}%), "
+                     f"FLOPs x{r['flops_ratio']:.3f}")
+    b = c["best_in_budget"]
+    verdict = "YES" if c["lowers_fid_25pct_within_1.35x"] else "NO"
+    lines.append(f"  lowers {m} >= 25% at <= 1.35x FLOPs: {verdict}"
+                 + (f" (best within budget {100 * b['relative_change']:+.1f}% at x{b['flops_ratio']:.3f})" if b else
+                    " (no corrected row within budget)"))
+    bb = c["best_base"]
+    verdict = "YES" if c["reaches_best_base_at_fewer_flops"] else "NO"
+    lines.append(f"  reaches the base's best {m} ({bb['config']}: {bb[m]:.4g} at {bb['flops_per_image'] / 1e9:.3f} "
+                 f"GFLOPs) at fewer FLOPs: {verdict}" + (f" ({', '.join(c['rows_beating_best_base'])})"
+                                                       if c["reaches_best_base_at_fewer_flops"] else ""))
+    return lines
+
+
+def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str]) -> None:
+    metrics = [m for m in ("feature_fid", "fid") if table[m].notna().any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        t = table.dropna(subset=[m])
+        base, corr = t[t.noise_steps == 0], t[t.noise_steps > 0]
+        ax.plot(base.flops_per_image / 1e9, base[m], "o-", label="base (Euler steps)")
+        for _, r in base.iterrows():
+            ax.annotate(str(r.steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if len(corr):
+            ax.plot(corr.flops_per_image / 1e9, corr[m], "s-", color="C3", label="noise-corrected (noise steps)")
+            for _, r in corr.iterrows():
+                ax.annotate(str(r.noise_steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, color="C3",
+                            xytext=(3, -9), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("GFLOPs / image (counted)")
+        ax.set_ylabel(m)
+        ax.set_title(f"{m} ({n_text[m]})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None, help="default runs/bench/flow (runs/bench/flow-quick with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny 8x8 preset on a few hundred images (< 3 min)")
+    ap.add_argument("--base", type=Path, default=None, help="reuse this pretrained base directory")
+    ap.add_argument("--base-steps", default=None, help="Euler step counts of the plain-base rows")
+    ap.add_argument("--invert-steps", type=int, default=None, help="base Euler steps inverted through (and used after correction)")
+    ap.add_argument("--noise-steps", default=None, help="noise-flow Euler step counts of the corrected rows")
+    ap.add_argument("--invert-limit", type=int, default=None, help="training images to invert")
+    ap.add_argument("--invert-tol", type=float, default=1e-4, help="fixed-point tolerance of each inverted step")
+    ap.add_argument("--invert-max-iter", type=int, default=30, help="fixed-point iterations per inverted step (at most)")
+    ap.add_argument("--correct-steps", type=int, default=None, help="training steps of the noise flow")
+    ap.add_argument("-n", "--n", type=int, default=None, help="samples per row (feature metrics)")
+    ap.add_argument("--inception", action=argparse.BooleanOptionalAction, default=None,
+                    help="Inception FID/KID on key rows (default: on, off with --quick)")
+    ap.add_argument("--inception-n", type=int, default=300, help="samples and reference images for Inception FID")
+    ap.add_argument("--inception-weights", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    q = args.quick
+    out = args.out or Path("runs/bench/flow-quick" if q else "runs/bench/flow")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base_steps = parse_ints(args.base_steps or ("2,3,5,8,16" if q else "5,10,13,20,40"))
+    invert_steps = args.invert_steps or (5 if q else 10)
+    noise_steps = parse_ints(args.noise_steps or ("1,2,4" if q else "2,5,10"))
+    n = args.n or (200 if q else 1000)
+    inception = args.inception if args.inception is not None else not q
+    if invert_steps not in base_steps:
+        base_steps = sorted({*base_steps, invert_steps})
+
+    # ---- data overrides for --quick (tiny preset works at 8x8)
+    train_x = train_y = ref_x = ref_y = None
+    if q:
+        train_x, train_y = quick_images("train", 600)
+        ref_x, ref_y = quick_images("test", 400)
+
+    # ---- base
+    base_dir = args.base or out / "base"
+    if args.base is None and not pretraining_finished(base_dir):
+        cfg = FlowPretrainConfig(preset="tiny", steps=400, batch_size=32, lr=2e-3, limit=600) if q else FlowPretrainConfig()
+        print(f"pretraining the {cfg.preset} base in {base_dir} ({cfg.steps} steps)")
+        pretrain_flow(cfg, base_dir, show_progress=not q, images=train_x)
+    base, base_cfg = load_base(base_dir)
+    base_trained = trained_steps(base_dir)
+    print(f"base {base_dir}: {base.num_parameters():,} parameters, preset {base_cfg.preset}, trained "
+          f"{base_trained} of {base_cfg.steps} configured steps  [{time.time() - t0:.0f}s]")
+
+    # ---- inversion and correction
+    inv_cfg = InvertConfig(steps=invert_steps, limit=args.invert_limit or (300 if q else 2000),
+                           shard_size=100 if q else 250, batch_size=100 if q else 125, tol=args.invert_tol,
+                           max_iter=args.invert_max_iter, seed=args.seed)
+    report = invert_dataset(base_dir, out / "invert", inv_cfg, show_progress=not q, images=train_x)
+    print(f"inverted {report.n_images} training images through {invert_steps} Euler steps: reconstruction "
+          f"mean |err| {report.mean_abs:.2e}, max {report.max_abs:.2e}, worst residual {report.max_residual:.2e} "
+          f"[{time.time() - t0:.0f}s]")
+    corr_cfg = CorrectionConfig(preset="noise-tiny" if q else "noise-small",
+                                steps=args.correct_steps or (300 if q else 1500), seed=args.seed)
+    noise_model = train_correction(out / "invert", out / "correct", corr_cfg, show_progress=not q)
+    correction = load_correction(out / "correct", base_dir)
+    noise_model = correction.noise_model
+    print(f"noise flow {corr_cfg.preset}: {noise_model.num_parameters():,} parameters "
+          f"({noise_model.num_parameters() / base.num_parameters():.2f}x the base)  [{time.time() - t0:.0f}s]")
+
+    # ---- evaluation
+    eval_cfg = EvalConfig(n=n, reference_n=400 if q else 5000, inception=inception, inception_n=min(args.inception_n, n),
+                          inception_weights=None if args.inception_weights is None else str(args.inception_weights),
+                          classifier_seconds=20 if q else 120, seed=args.seed)
+    evaluator = Evaluator.build(eval_cfg, base_cfg, out / "cache", ref_x, ref_y, show_progress=not q,
+                                train_images=train_x, train_labels=train_y)
+    specs = [SamplerSpec(s) for s in base_steps] + [SamplerSpec(invert_steps, noise_steps=k) for k in noise_steps]
+    samples: dict[str, torch.Tensor] = {}
+    rows = evaluate(specs, base, evaluator, noise_model, lambda spec: False, seed=args.seed + 1,
+                    show_progress=not q, keep_samples=samples)
+    table = pd.DataFrame(rows)
+    print(f"feature metrics of {len(rows)} configurations done  [{time.time() - t0:.0f}s]")
+    if inception:
+        # Inception costs ~0.4 s/image, so only the key rows: the base at the inverted step count,
+        # the base at its largest step count, and the corrected row with the best feature FID
+        # within the FLOPs budget (plus the cheapest corrected row that beats the base's best).
+        ref_flops = table.loc[(table.noise_steps == 0) & (table.steps == invert_steps), "flops_per_image"].iloc[0]
+        corr = table[table.noise_steps > 0]
+        in_budget = corr[corr.flops_per_image <= FLOPS_BUDGET * ref_flops]
+        key = {f"base euler-{invert_steps}", f"base euler-{max(base_steps)}"}
+        if len(in_budget):
+            key.add(in_budget.loc[in_budget.feature_fid.idxmin(), "config"])
+        best_base = table[table.noise_steps == 0].feature_fid.min()
+        beating = corr[corr.feature_fid <= best_base]
+        if len(beating):
+            key.add(beating.loc[beating.flops_per_image.idxmin(), "config"])
+        for label in table.config:
+            if label in key:
+                i = table.index[table.config == label][0]
+                for k, v in evaluator.inception_metrics(samples[label], not q).items():
+                    table.loc[i, k] = v
+                print(f"Inception metrics of {label}: FID {table.loc[i, 'fid']:.3f} on {eval_cfg.inception_n} "
+                      f"samples  [{time.time() - t0:.0f}s]")
+        table.to_csv(out / "results.csv", index=False)
+    table.to_csv(out / "results.csv", index=False)
+    table.to_csv(out / "results.csv", index=False)
+    for spec, name in ((SamplerSpec(invert_steps), "samples_base.png"),
+                       (SamplerSpec(invert_steps, noise_steps=noise_steps[len(noise_steps) // 2]), "samples_corrected.png")):
+        images_to_grid(sample_images(spec, base, 64, noise_model, args.seed + 1, show_progress=False), out / name)
+
+    n_text = {"feature_fid": f"classifier features, {n} samples vs {evaluator.classifier_reference.count} test images",
+              "fid": f"Inception-v3, {eval_cfg.inception_n} samples vs {eval_cfg.inception_n} test images"}
+    plot(table, out / "flow.png", n_text)
+    summary = {"feature_fid": claims(table, "feature_fid", invert_steps), "fid": claims(table, "fid", invert_steps),
+               "n_samples": n, "n_inception": eval_cfg.inception_n if inception else 0,
+               "reconstruction": report.__dict__, "classifier": evaluator.classifier_report,
+               "base_dir": str(base_dir), "base_trained_steps": base_trained, "base_configured_steps": base_cfg.steps,
+               "invert_steps": invert_steps, "correction": {"preset": corr_cfg.preset, "steps": corr_cfg.steps},
+               "base_parameters": base.num_parameters(), "noise_parameters": noise_model.num_parameters(),
+               "seconds": time.time() - t0}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    pd.set_option("display.width", 200)
+    cols = ["config", "flops_per_image", "feature_fid", "feature_kid", "precision", "recall", "fid", "kid", "n_samples",
+            "n_inception"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for m in ("feature_fid", "fid"):
+        for line in describe(summary[m], n_text[m]):
+            print(line)
+    if not math.isnan(evaluator.classifier_report.get("test_accuracy", float("nan"))):
+        print(f"feature classifier test accuracy {evaluator.classifier_report['test_accuracy']:.3f}")
+    print(f"wrote {out / 'results.csv'}, {out / 'flow.png'}, {out / 'summary.json'}  [{time.time() - t0:.0f}s total]")
+
+
+if __name__ == "__main__":
+    main()
