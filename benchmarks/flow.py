@@ -244,8 +244,6 @@ def main() -> None:
                     table.loc[i, k] = v
                 print(f"Inception metrics of {label}: FID {table.loc[i, 'fid']:.3f} on {eval_cfg.inception_n} "
                       f"samples  [{time.time() - t0:.0f}s]")
-        table.to_csv(out / "results.csv", index=False)
-    table.to_csv(out / "results.csv", index=False)
     table.to_csv(out / "results.csv", index=False)
     for spec, name in ((SamplerSpec(invert_steps), "samples_base.png"),
                        (SamplerSpec(invert_steps, noise_steps=noise_steps[len(noise_steps) // 2]), "samples_corrected.png")):

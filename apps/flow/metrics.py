@@ -71,13 +71,27 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
-        # Imaginary parts from round-off are tiny relative to the trace; larger ones mean the
-        # covariances are not PSD and the number would be meaningless.
+        # Imaginary parts from round-off are tiny relative to the trace. Larger ones appear when
+        # the covariances are rank-deficient (fewer samples than feature dims, e.g. 300 Inception
+        # features in 2048-d): sqrtm of the non-symmetric product is then ill-conditioned, so take
+        # the trace through the symmetric PSD form instead (exact in exact arithmetic).
         scale = max(1.0, float(np.abs(np.trace(sigma1)) + np.abs(np.trace(sigma2))))
         if np.abs(covmean.imag).max() > 1e-3 * scale:
-            raise ValueError(f"sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
+            return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^{1/2}) for PSD S1, S2 [D, D] via Tr((S1^{1/2} S2 S1^{1/2})^{1/2}).
+
+    S1 S2 is similar to the symmetric PSD matrix S1^{1/2} S2 S1^{1/2}, so both have the same
+    (real, non-negative) eigenvalues; eigh is stable even when both matrices are singular.
+    """
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ sigma2 @ root1
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
 
 
 def gaussian_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

