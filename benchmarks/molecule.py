@@ -119,18 +119,20 @@ def plot(out: Path, table: pd.DataFrame) -> None:
     from rdkit.Chem import QED
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.3))
-    for key, label in zip(table["key"], table["method"]):
+    for i, (key, label) in enumerate(zip(table["key"], table["method"])):
+        color = f"C{i}"  # one colour per method across the three panels
         samples = pd.read_csv(out / "results" / f"{key}_samples.csv").dropna(subset=["smiles"])
         unique = samples.drop_duplicates("smiles")["smiles"]
         qeds = [QED.qed(m) for m in (Chem.MolFromSmiles(s) for s in unique) if m is not None]
         if qeds:
-            axes[0].hist(qeds, bins=40, range=(0, 1), histtype="step", density=True, lw=1.5, label=label)
+            axes[0].hist(qeds, bins=40, range=(0, 1), histtype="step", density=True, lw=1.5, label=label,
+                         color=color)
         metrics = out / "runs" / key / "metrics.csv"
         if metrics.is_file():
             m = pd.read_csv(metrics)
-            axes[1].plot(m["round"], m["reward_mean"], "o-", label=label)
+            axes[1].plot(m["round"], m["reward_mean"], "o-", label=label, color=color)
             if "unique_frac" in m:
-                axes[2].plot(m["round"], m["unique_frac"], "o-", label=label)
+                axes[2].plot(m["round"], m["unique_frac"], "o-", label=label, color=color)
     axes[0].set_title("QED of valid unique molecules")
     axes[1].set_title("mean reward (QED, 0 if invalid) of each round's samples")
     axes[2].set_title("unique valid fraction of each round's samples")
