@@ -346,7 +346,7 @@ def run_graft(
         if main:
             unwrapped = accelerator.unwrap_model(head)
             run.save_checkpoint(round_, unwrapped.state_dict(), {"optimizer": opt.state_dict(), "round": round_})
-            table = run.append_metrics(row)
+            run.append_metrics(row)
             _print_row(row)
         accelerator.wait_for_everyone()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pgraft.core.grs import GRSConfig, empirical_cdf, reshaped_reward
+from pgraft.core.grs import GRSConfig, reshaped_reward
 
 
 def wasserstein_1d(x: torch.Tensor, y: torch.Tensor, y_weights: torch.Tensor | None = None) -> float:
@@ -38,11 +38,3 @@ def conditional_weights(tail_rewards: torch.Tensor, config: GRSConfig, group_siz
     p, k = tail_rewards.shape
     w = acceptance_weights(tail_rewards.flatten(), config, group_size, reference).view(p, k)
     return w.mean(1)
-
-
-def cdf_reference(rewards: torch.Tensor) -> torch.Tensor:
-    """Reference rewards for the CDF F under p̄ (sorted copy; kept as a function for clarity)."""
-    return torch.sort(rewards.double()).values
-
-
-__all__ = ["wasserstein_1d", "acceptance_weights", "conditional_weights", "cdf_reference", "empirical_cdf"]
