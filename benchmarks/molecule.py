@@ -55,6 +55,9 @@ METHODS = {
     "pgraft_0.5_dedup": Method("P-GRAFT t=0.5 + dedup", grs=GRSConfig(rule="topk", k=2), dedup=True, t=0.5),
     "pgraft_0.25": Method("P-GRAFT t=0.25 (no dedup)", grs=GRSConfig(rule="topk", k=2), t=0.25),
     "pg": Method("policy gradient (DDPO-style)", kind="pg"),
+    "graft_bon_dedup": Method("GRAFT BoN (N=8) + dedup", grs=GRSConfig(rule="bon"), dedup=True),
+    "pgraft_0.1_bon_dedup": Method("P-GRAFT t=0.1 BoN + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.1),
+    "pgraft_0.25_bon_dedup": Method("P-GRAFT t=0.25 BoN + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.25),
 }
 
 

@@ -147,45 +147,61 @@ FLOW_STEP_EVALS: dict[str, int] = {"euler": 1, "heun": 2, "midpoint": 2}
 
 
 # ----------------------------------------------------------------------------- VP (DDIM) step
-def ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta):
+def ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta, clip: float | None = None):
     """Mean and std of the DDIM transition x_t -> x_{t_next} (Song et al. 2021, eq. 12).
 
     x0_hat = (x - sqrt(1-a_t) eps) / sqrt(a_t)
     mean   = sqrt(a_n) x0_hat + sqrt(1 - a_n - sigma^2) eps,
     sigma  = eta sqrt((1 - a_n)/(1 - a_t)) sqrt(1 - a_t/a_n);  eta = 1 is DDPM's posterior.
+
+    ``clip``: clamp x0_hat to [-clip, clip] and recompute eps from it (diffusers' ``clip_sample``),
+    exact for data in that range; it keeps small pixel-space models from blowing up at the first
+    steps of a schedule whose abar(T) ~ 0 (x0_hat divides the eps error by sqrt(abar)).
     """
     a_t = float(alpha_bar(t))
     a_n = float(alpha_bar(t_next))
     eps = model(x, time_vector(t, x), cond)
     x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+        eps = (x - a_t**0.5 * x0) / max(1 - a_t, 1e-12) ** 0.5
     sigma = eta * ((1 - a_n) / (1 - a_t)) ** 0.5 * max(1 - a_t / a_n, 0.0) ** 0.5 if a_t < 1 else 0.0
     mean = a_n**0.5 * x0 + max(1 - a_n - sigma**2, 0.0) ** 0.5 * eps
     return mean, sigma
 
 
-def ddim_step(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor], eta: float = 0.0) -> StepFn:
-    """DDIM step for an eps-prediction model; ``eta=0`` deterministic, ``eta=1`` DDPM-like."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+def _check_ddim(eta: float, clip: float | None) -> None:
+    if eta < 0 or (clip is not None and clip <= 0):
+        raise ValueError(f"need eta >= 0 and clip > 0 (or None), got eta={eta}, clip={clip}")
+
+
+def ddim_step(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor], eta: float = 0.0,
+              clip: float | None = None) -> StepFn:
+    """DDIM step for an eps-prediction model; ``eta=0`` deterministic, ``eta=1`` DDPM-like;
+    ``clip`` bounds x0_hat (see :func:`ddim_mean_std`)."""
+    _check_ddim(eta, clip)
 
     def step(model, x, t, t_next, cond=None, generator=None):
-        mean, sigma = ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta)
+        mean, sigma = ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta, clip)
         return mean + sigma * randn_like(x, generator) if sigma > 0 else mean
 
     return step
 
 
-def ddim_log_prob(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor], eta: float):
-    """Per-sample log-density of a DDIM transition (for policy gradient); shape [B].
+def ddim_log_prob(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor], eta: float,
+                  clip: float | None = None):
+    """Per-sample log-density of a DDIM transition (for policy gradient); shape [B]. Same ``eta``
+    and ``clip`` as the :func:`ddim_step` that drew the samples.
 
     Deterministic transitions (sigma = 0, e.g. the last step) return zeros: they carry no
     policy-gradient signal.
     """
-    if eta <= 0:
+    _check_ddim(eta, clip)
+    if eta == 0:
         raise ValueError(f"policy gradient needs a stochastic sampler (eta > 0), got eta={eta}")
 
     def log_prob(model, x, t, t_next, x_next, cond=None):
-        mean, sigma = ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta)
+        mean, sigma = ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta, clip)
         if sigma == 0:
             return torch.zeros(x.shape[0], device=x.device)
         d = (x_next - mean).flatten(1)

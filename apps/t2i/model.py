@@ -263,6 +263,14 @@ class T2IPipeline:
     vae: nn.Module | None = None
     scheduler_config: dict[str, Any] | None = None
 
+    @property
+    def clip_sample(self) -> float | None:
+        """Bound for the sampler's x0_hat: pixel pipelines live in [-1, 1] (space-to-depth is a
+        permutation), so clipping is exact there and keeps a CPU-sized model from blowing up at
+        the first steps (abar(1) = 1e-5, see :func:`pgraft.core.sampling.ddim_mean_std`); latent
+        (VAE) pipelines are unbounded."""
+        return 1.0 if self.vae is None else None
+
     def prompt_encoder(self, device: str | torch.device = "cpu") -> PromptEncoder:
         return PromptEncoder(self.text_encoder, self.tokenizer, self.info.max_length, device)
 

@@ -29,7 +29,6 @@ from pgraft.core.schedules import cosine_alpha_bar, vp_times
 from pgraft.core.trainer import GraftConfig, GraftProblem, run_graft, sample_finetuned
 
 from .checker import accuracy_table, check
-from .diffusion import clipped_ddim_step
 from .model import (PRESETS, UNET_ATTENTION, Denoiser, PromptBatch, PromptEncoder, T2IPipeline,
                     build_world_pipeline, text_encoder_config, tokenize, unet_config)
 from .prompts import load_prompts
@@ -203,8 +202,7 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
     return GraftProblem(
         prior=lambda n, g: torch.randn(n, *shape, generator=g),
         times=vp_times(n_steps),
-        # pixel pipelines clip x0_hat to the data range (see .diffusion); latents are unbounded
-        step=ddim_step(alpha_bar, eta) if pipe.vae is not None else clipped_ddim_step(alpha_bar, eta),
+        step=ddim_step(alpha_bar, eta, clip=pipe.clip_sample),
         loss=loss,
         reward=reward,
         conditions=list(prompts),

@@ -128,9 +128,10 @@ def test_split_sampler_runs_head_then_base():
     assert torch.allclose(out.x_0, torch.full((2, 1), 0.6 + 4.0))
 
 
-def test_ddim_log_prob_is_the_gaussian_density_of_the_step(gen):
+@pytest.mark.parametrize("clip", [None, 0.1])
+def test_ddim_log_prob_is_the_gaussian_density_of_the_step(gen, clip):
     model = MLP()
-    step, logp = ddim_step(cosine_alpha_bar, 1.0), ddim_log_prob(cosine_alpha_bar, 1.0)
+    step, logp = ddim_step(cosine_alpha_bar, 1.0, clip), ddim_log_prob(cosine_alpha_bar, 1.0, clip)
     x = torch.randn(8, 1, generator=gen)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -153,3 +154,19 @@ def test_unmask_log_prob_sums_revealed_positions_only():
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]] * 4]))
     lp = unmask_log_prob(tokens, nxt, logits, mask_id)
     assert lp.item() == pytest.approx(float(torch.log(torch.tensor(0.5 * 0.25))))
+
+
+def test_clipped_ddim_step_matches_unclipped_inside_range_and_bounds_x0():
+    x0 = torch.rand(4, 3, 2, 2) * 1.6 - 0.8
+    a = float(cosine_alpha_bar(0.6))
+    eps = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    x = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    oracle = lambda x_, t_, c_: eps  # noqa: E731  exact eps: x0_hat = x0 lies inside [-1, 1]
+    for eta in (0.0, 1.0):
+        a_out = ddim_step(cosine_alpha_bar, eta, clip=1.0)(oracle, x, 0.6, 0.4, None, torch.Generator().manual_seed(1))
+        b_out = ddim_step(cosine_alpha_bar, eta)(oracle, x, 0.6, 0.4, None, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a_out, b_out)
+    wild = lambda x_, t_, c_: torch.full_like(x_, -50.0)  # noqa: E731  a terrible model
+    out = ddim_step(cosine_alpha_bar, 0.0, clip=1.0)(wild, torch.zeros(1, 3, 2, 2), 0.5, 0.0)
+    assert out.abs().max() <= 1.0  # last step returns the clipped x0_hat
+    assert ddim_step(cosine_alpha_bar, 0.0)(wild, torch.zeros(1, 3, 2, 2), 0.5, 0.0).abs().max() > 1.0
