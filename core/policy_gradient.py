@@ -113,7 +113,7 @@ def run_policy_gradient(
                 if problem.key is not None:
                     keys += problem.key(traj[-1])
                 if problem.metrics is not None:
-                    for k, v in problem.metrics(traj[-1], r).items():
+                    for k, v in problem.metrics(traj[-1], r, cond).items():
                         extras[k] = extras.get(k, 0.0) + v * (hi - lo) / n
         states = [cat([tr[k] for tr in trajs]) for k in range(len(times))]
         rewards = torch.cat(rewards)

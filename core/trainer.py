@@ -56,8 +56,9 @@ class GraftProblem:
       uses condition ``(r * groups + g) % len(conditions)``.
     - ``collate(list_of_conditions) -> cond batch`` for the model and reward (default: the list).
     - ``key(x0) -> list[Hashable]``: dedup keys (e.g. canonical SMILES; None = never a duplicate).
-    - ``describe(x0, rewards) -> DataFrame``: per-sample columns kept with accepted samples.
-    - ``metrics(x0, rewards) -> dict``: extra per-round metrics (e.g. validity).
+    - ``describe(x0, rewards, cond) -> DataFrame``: per-sample columns kept with accepted samples.
+    - ``metrics(x0, rewards, cond) -> dict``: extra per-round metrics (e.g. validity), averaged
+      over chunks weighted by their size.
     """
 
     prior: Callable[[int, torch.Generator], State]
@@ -68,8 +69,8 @@ class GraftProblem:
     conditions: list[Any] | None = None
     collate: Callable[[list[Any]], Any] | None = None
     key: Callable[[State], list[Hashable]] | None = None
-    describe: Callable[[State, torch.Tensor], pd.DataFrame] | None = None
-    metrics: Callable[[State, torch.Tensor], dict[str, float]] | None = None
+    describe: Callable[[State, torch.Tensor, Any], pd.DataFrame] | None = None
+    metrics: Callable[[State, torch.Tensor, Any], dict[str, float]] | None = None
 
     def cond_batch(self, cond_index: torch.Tensor) -> Any:
         if self.conditions is None:
@@ -230,8 +231,9 @@ def sample_candidates(
             if rewards.shape != (hi - lo,):
                 raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected ({hi - lo},)")
             keys = problem.key(out.x_0) if problem.key is not None else None
-            records = problem.describe(out.x_0, rewards) if problem.describe is not None else pd.DataFrame(index=range(hi - lo))
-            extra = problem.metrics(out.x_0, rewards) if problem.metrics is not None else {}
+            records = (problem.describe(out.x_0, rewards, cond) if problem.describe is not None
+                       else pd.DataFrame(index=range(hi - lo)))
+            extra = problem.metrics(out.x_0, rewards, cond) if problem.metrics is not None else {}
             payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo))
     gathered = sorted(_gather(payload, accelerator), key=lambda p: p[0])
     sizes = [p[7] for p in gathered]

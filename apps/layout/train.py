@@ -216,7 +216,7 @@ def make_problem(base: BaseModel, reward: str = "combined", sample_steps: int | 
         def prior(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
             return diffusion.model_prior(model, n, None, generator)
 
-    def metrics(x0: dict[str, torch.Tensor], rewards: torch.Tensor) -> dict[str, float]:
+    def metrics(x0: dict[str, torch.Tensor], rewards: torch.Tensor, cond=None) -> dict[str, float]:
         page = from_state(x0, class_names)
         return {"alignment": float(alignment(page.boxes, page.mask).mean()),
                 "overlap": float(overlap(page.boxes, page.mask).mean())}
@@ -230,7 +230,7 @@ def make_problem(base: BaseModel, reward: str = "combined", sample_steps: int | 
         conditions=conditions,
         collate=(lambda rows: torch.stack(rows)) if conditions is not None else None,
         key=diffusion.key,
-        describe=lambda x0, r: describe_state(x0, class_names),
+        describe=lambda x0, r, cond: describe_state(x0, class_names),
         metrics=metrics,
     )
 

@@ -77,10 +77,10 @@ def make_problem(base: BaseModel, reward: str, sample_steps: int) -> GraftProble
         return diffusion.prior(n, base.size_distribution, generator, n_atom_types=spec.n_atom_types,
                                n_bond_types=spec.n_bond_types)
 
-    def describe(x0, rewards) -> pd.DataFrame:
+    def describe(x0, rewards, cond=None) -> pd.DataFrame:
         return pd.DataFrame({"smiles": _smiles(x0, atom_types)})
 
-    def metrics(x0, rewards) -> dict[str, float]:
+    def metrics(x0, rewards, cond=None) -> dict[str, float]:
         mols = to_mols(x0, atom_types)
         valid = [m for m in mols if m is not None]
         qeds = [qed_score(m) for m in valid]

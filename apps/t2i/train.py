@@ -128,12 +128,10 @@ class T2IConfig:
 
 
 class RoundRecorder:
-    """Scores each sampled chunk and keeps per-sample records and an image grid per round.
-
-    The core calls ``reward(x0, cond)`` and then ``describe(x0, rewards)`` / ``metrics(x0, rewards)``
-    on the same chunk, but the latter two do not receive the prompts; this object is the reward
-    and remembers the chunk's prompts and checker verdicts for them. Chunks arrive in a fixed
-    order (``chunks_per_round`` per round, then the final evaluation), which gives the round.
+    """The reward of a t2i run: scores each sampled chunk, runs the exact checker on it (kept for
+    ``describe``/``metrics``, which the core calls next on the same chunk) and saves an image grid
+    per round. Chunks arrive in a fixed order (``chunks_per_round`` per round, then the final
+    evaluation), which gives the round of a grid.
     """
 
     def __init__(self, pipe: T2IPipeline, reward, chunks_per_round: int, start_round: int = 0,
@@ -142,15 +140,14 @@ class RoundRecorder:
         self.chunks_per_round = chunks_per_round
         self.calls = start_round * chunks_per_round
         self.grid_dir, self.grid_images = grid_dir, grid_images
-        self.last: tuple[torch.Tensor, list[str], torch.Tensor | None] | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __call__(self, x0: torch.Tensor, cond: PromptBatch) -> torch.Tensor:
         images = self.pipe.decode(x0)
         prompts = list(cond.prompts)
         r = torch.as_tensor(self.reward(images, prompts), dtype=torch.float64)
         r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)  # rewards must be finite
-        correct = check(images, prompts) if _in_grammar(prompts) else None
-        self.last = (x0, prompts, correct)
+        self.last = (x0, check(images, prompts) if _in_grammar(prompts) else None)
         if self.grid_dir is not None and self.calls % self.chunks_per_round == 0:
             round_ = self.calls // self.chunks_per_round
             save_grid(images[: self.grid_images], self.grid_dir / f"round_{round_:04d}.png",
@@ -158,21 +155,21 @@ class RoundRecorder:
         self.calls += 1
         return r
 
-    def _mine(self, x0: torch.Tensor):
+    def _verdicts(self, x0: torch.Tensor) -> torch.Tensor | None:
         if self.last is None or self.last[0] is not x0:
             raise RuntimeError("describe/metrics called on a chunk the reward did not score")
-        return self.last
+        return self.last[1]
 
-    def describe(self, x0: torch.Tensor, rewards: torch.Tensor) -> pd.DataFrame:
-        _, prompts, correct = self._mine(x0)
-        df = pd.DataFrame({"prompt": prompts})
+    def describe(self, x0: torch.Tensor, rewards: torch.Tensor, cond: PromptBatch) -> pd.DataFrame:
+        correct = self._verdicts(x0)
+        df = pd.DataFrame({"prompt": list(cond.prompts)})
         if correct is not None:
-            df["category"] = [parse_prompt(p).category for p in prompts]
+            df["category"] = [parse_prompt(p).category for p in cond.prompts]
             df["correct"] = correct.numpy()
         return df
 
-    def metrics(self, x0: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
-        _, _, correct = self._mine(x0)
+    def metrics(self, x0: torch.Tensor, rewards: torch.Tensor, cond: PromptBatch) -> dict[str, float]:
+        correct = self._verdicts(x0)
         return {} if correct is None else {"checker_acc": float(correct.float().mean())}
 
 
