@@ -30,34 +30,49 @@ class InversionResult:
 
 @torch.no_grad()
 def invert_step(model: nn.Module, x_next: torch.Tensor, t: float, t_next: float, step: StepFn = euler_step,
-                cond: Any = None, max_iter: int = 50, tol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int]:
+                cond: Any = None, max_iter: int = 50, tol: float = 1e-5,
+                patience: int = 5) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Solve step(model, x, t, t_next) = x_next for x by fixed-point iteration.
 
     For Euler, x = x_next - (t_next - t) v(x, t) is backward Euler; the iteration
     x <- x + (x_next - step(x)) is the same map for any deterministic step and contracts when
-    |t - t_next| Lip(v) < 1. Returns (x, per-sample residual, iterations).
+    |t - t_next| Lip(v) < 1. It stops when every sample's residual is below ``tol``, or when the
+    worst residual has not improved for ``patience`` iterations (a few non-contracting pixels would
+    otherwise spend all ``max_iter`` model calls); each sample keeps its best iterate.
+    Returns (x, per-sample residual ||step(x) - x_next||_inf, iterations).
     """
     x = x_next.clone()
+    best_x = x.clone()
+    best_res = torch.full((x.shape[0],), float("inf"), device=x.device)
+    worst_best, stalled = float("inf"), 0
     for it in range(1, max_iter + 1):
         delta = x_next - step(model, x, t, t_next, cond, None)
-        x = x + delta
-        residual = delta.flatten(1).abs().amax(1)
-        if residual.max() < tol:
+        residual = delta.flatten(1).abs().amax(1)  # residual of the current x
+        better = residual < best_res
+        best_res = torch.where(better, residual, best_res)
+        best_x[better] = x[better]
+        worst = float(best_res.max())
+        if worst < tol:
             break
-    residual = (step(model, x, t, t_next, cond, None) - x_next).flatten(1).abs().amax(1)
-    return x, residual, it
+        stalled = 0 if worst < 0.99 * worst_best else stalled + 1
+        worst_best = min(worst_best, worst)
+        if stalled >= patience:
+            break
+        x = x + delta
+    return best_x, best_res, it
 
 
 @torch.no_grad()
 def invert(model: nn.Module, x0: torch.Tensor, times: torch.Tensor, step: StepFn = euler_step, cond: Any = None,
-           max_iter: int = 50, tol: float = 1e-5, progress: Callable[[int], None] | None = None) -> InversionResult:
+           max_iter: int = 50, tol: float = 1e-5, progress: Callable[[int], None] | None = None,
+           patience: int = 5) -> InversionResult:
     """Invert the deterministic sampler ``sample(model, ., times, step)`` at ``x0``; walks the grid 0 -> 1."""
     x = x0
     worst = torch.zeros(x0.shape[0], device=x0.device)
     iters = []
     pairs = list(zip(times[:-1].tolist(), times[1:].tolist()))
     for t, t_next in reversed(pairs):
-        x, res, it = invert_step(model, x, t, t_next, step, cond, max_iter, tol)
+        x, res, it = invert_step(model, x, t, t_next, step, cond, max_iter, tol, patience)
         worst = torch.maximum(worst, res)
         iters.append(it)
         if progress is not None:

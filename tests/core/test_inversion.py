@@ -63,3 +63,21 @@ def test_flops_are_counted():
     model = Velocity(dim=3)
     per_eval = 2 * (4 * 32 + 32 * 3)
     assert sampler_flops(model, torch.zeros(1, 3), n_steps=10, evals_per_step=2) == per_eval * 20
+
+
+def test_invert_step_stops_when_the_iteration_stalls_and_keeps_the_best_iterate():
+    from pgraft.core.inversion import invert_step
+
+    # v(x) = -a x, t -> t_next = t - 0.1: step(x) = (1 + 0.1 a) x, and the fixed-point map
+    # x <- x_next - 0.1 a x diverges for 0.1 a = 3 > 1,
+    # so the residual never falls below tol; the stall stop ends it early and returns the start.
+    a, x_next = 30.0, torch.ones(2, 3)
+    model = lambda x, t, c: -a * x  # noqa: E731
+    x, res, it = invert_step(model, x_next, 0.2, 0.1, max_iter=50, tol=1e-6, patience=3)
+    assert it == 4  # the first residual is the best; 3 non-improving iterations follow
+    torch.testing.assert_close(x, x_next)
+    torch.testing.assert_close(res, torch.full((2,), 0.1 * a))  # |x + dt * v(x) - x_next| at x = x_next
+    # a contracting case (0.1 a = 0.5) converges to x = x_next / 1.5 instead
+    x, res, it = invert_step(lambda x, t, c: -5.0 * x, x_next, 0.2, 0.1, max_iter=100, tol=1e-6)
+    assert res.max() < 1e-6 and it < 100
+    torch.testing.assert_close(1.5 * x, x_next, atol=1e-5, rtol=0)
