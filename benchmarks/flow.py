@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--invert-tol", type=float, default=1e-4, help="fixed-point tolerance of each inverted step")
     ap.add_argument("--invert-max-iter", type=int, default=30, help="fixed-point iterations per inverted step (at most)")
     ap.add_argument("--correct-steps", type=int, default=None, help="training steps of the noise flow")
+    ap.add_argument("--coupling", choices=("ot", "independent"), default="ot", help="noise-flow training pairs")
     ap.add_argument("-n", "--n", type=int, default=None, help="samples per row (feature metrics)")
     ap.add_argument("--inception", action=argparse.BooleanOptionalAction, default=None,
                     help="Inception FID/KID on key rows (default: on, off with --quick)")
@@ -172,7 +173,7 @@ def main() -> None:
     t0 = time.time()
     base_steps = parse_ints(args.base_steps or ("2,3,5,8,16" if q else "5,10,13,20,40"))
     invert_steps = args.invert_steps or (5 if q else 10)
-    noise_steps = parse_ints(args.noise_steps or ("1,2,4" if q else "2,5,10"))
+    noise_steps = parse_ints(args.noise_steps or ("1,2,4" if q else "1,2,5,10"))
     n = args.n or (200 if q else 1000)
     inception = args.inception if args.inception is not None else not q
     if invert_steps not in base_steps:
@@ -204,7 +205,8 @@ def main() -> None:
           f"mean |err| {report.mean_abs:.2e}, max {report.max_abs:.2e}, worst residual {report.max_residual:.2e} "
           f"[{time.time() - t0:.0f}s]")
     corr_cfg = CorrectionConfig(preset="noise-tiny" if q else "noise-small",
-                                steps=args.correct_steps or (300 if q else 1500), seed=args.seed)
+                                steps=args.correct_steps or (300 if q else 1500), coupling=args.coupling,
+                                seed=args.seed)
     noise_model = train_correction(out / "invert", out / "correct", corr_cfg, show_progress=not q)
     correction = load_correction(out / "correct", base_dir)
     noise_model = correction.noise_model
@@ -214,7 +216,7 @@ def main() -> None:
     # ---- evaluation
     eval_cfg = EvalConfig(n=n, reference_n=400 if q else 5000, inception=inception, inception_n=min(args.inception_n, n),
                           inception_weights=None if args.inception_weights is None else str(args.inception_weights),
-                          classifier_seconds=20 if q else 120, seed=args.seed)
+                          classifier_steps=300 if q else 2000, seed=args.seed)
     evaluator = Evaluator.build(eval_cfg, base_cfg, out / "cache", ref_x, ref_y, show_progress=not q,
                                 train_images=train_x, train_labels=train_y)
     specs = [SamplerSpec(s) for s in base_steps] + [SamplerSpec(invert_steps, noise_steps=k) for k in noise_steps]
@@ -256,7 +258,7 @@ def main() -> None:
                "n_samples": n, "n_inception": eval_cfg.inception_n if inception else 0,
                "reconstruction": report.__dict__, "classifier": evaluator.classifier_report,
                "base_dir": str(base_dir), "base_trained_steps": base_trained, "base_configured_steps": base_cfg.steps,
-               "invert_steps": invert_steps, "correction": {"preset": corr_cfg.preset, "steps": corr_cfg.steps},
+               "invert_steps": invert_steps, "correction": {"preset": corr_cfg.preset, "steps": corr_cfg.steps, "coupling": corr_cfg.coupling},
                "base_parameters": base.num_parameters(), "noise_parameters": noise_model.num_parameters(),
                "seconds": time.time() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

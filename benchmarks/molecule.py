@@ -44,6 +44,7 @@ class Method:
     grs: GRSConfig = field(default_factory=GRSConfig)
     dedup: bool = False
     t: float = 0.0
+    m: int = 8  # group size; groups per round scale so every method samples the same budget
 
 
 METHODS = {
@@ -58,6 +59,8 @@ METHODS = {
     "graft_bon_dedup": Method("GRAFT BoN (N=8) + dedup", grs=GRSConfig(rule="bon"), dedup=True),
     "pgraft_0.1_bon_dedup": Method("P-GRAFT t=0.1 BoN + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.1),
     "pgraft_0.25_bon_dedup": Method("P-GRAFT t=0.25 BoN + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.25),
+    "pgraft_0.1_bon16_dedup": Method("P-GRAFT t=0.1 BoN (N=16) + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.1,
+                                     m=16),
 }
 
 
@@ -72,7 +75,8 @@ def run_method(name: str, args, base, out: Path) -> dict:
     if method.kind == "base":
         head = base.model
     elif method.kind == "graft":
-        cfg = GraftConfig(rounds=args.rounds, groups=args.groups, group_size=8, grs=method.grs, dedup=method.dedup,
+        cfg = GraftConfig(rounds=args.rounds, groups=args.groups * 8 // method.m, group_size=method.m, grs=method.grs,
+                          dedup=method.dedup,
                           split=method.t, train_steps=args.train_steps, batch_size=64, lr=args.lr, replay=True,
                           sample_batch_size=256, seed=0)
         head, _ = run_graft(problem, base.model, base.model.init_kwargs(), cfg, run_dir,

@@ -81,20 +81,40 @@ def flow_bridge(x_start: torch.Tensor, t_start: float, s: torch.Tensor, noise: t
     return x_s, u, w.to(s.dtype)
 
 
+def ot_pairing(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Reorder ``noise`` to the minibatch optimal-transport coupling with ``x`` (squared Euclidean
+    cost, exact assignment; Tong et al. 2023, Pooladian et al. 2023). Straighter conditional paths
+    make the learned flow accurate with very few Euler steps."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x.flatten(1).double(), noise.flatten(1).double()).square()
+    _, cols = linear_sum_assignment(cost.cpu().numpy())
+    return noise[torch.as_tensor(cols, device=noise.device)]
+
+
 def flow_matching_loss(
     model: nn.Module,
     x_start: torch.Tensor,
     t_start: float = 0.0,
     cond: Any = None,
     generator: torch.Generator | None = None,
+    coupling: str = "independent",
 ) -> torch.Tensor:
     """Conditional flow matching on the linear path, started at X_{t_start} (P-GRAFT) or X_0.
 
     loss = E_s E || sqrt(w(s)) (v_theta(x_s, s) - u) ||^2 averaged over dims, s ~ U(t_start, 1).
+    ``coupling="ot"`` pairs data and noise by minibatch OT (:func:`ot_pairing`; unconditional
+    and ``t_start = 0`` only, where any coupling with the right marginals is a valid target).
     """
     t_start = _check_t_start(t_start)
+    if coupling not in ("independent", "ot"):
+        raise ValueError(f"coupling must be 'independent' or 'ot', got {coupling!r}")
+    if coupling == "ot" and (t_start > 0 or cond is not None):
+        raise ValueError("OT coupling needs t_start = 0 and no condition")
     s = sample_times(x_start.shape[0], t_start, generator, x_start.device)
     noise = randn_like(x_start, generator)
+    if coupling == "ot":
+        noise = ot_pairing(x_start, noise)
     x_s, u, w = flow_bridge(x_start, t_start, s, noise)
     v = model(x_s, s, cond)
     per_sample = ((v - u) ** 2).flatten(1).mean(1)

@@ -119,6 +119,8 @@ def correct_cmd(
     steps: Annotated[int, typer.Option(help="Training steps of the noise flow.")] = 1500,
     batch_size: opts.BatchSize = 64,
     lr: opts.LR = 1e-3,
+    coupling: Annotated[str, typer.Option(help="Noise/target pairing: ot (minibatch optimal transport, straight "
+                                               "paths for 1-2 step sampling) or independent.")] = "ot",
     seed: opts.Seed = 0,
     threads: Threads = 1,
     quiet: opts.Quiet = False,
@@ -130,7 +132,7 @@ def correct_cmd(
     _need_dir(invert_dir, "inversion directory")
     try:
         model = train_correction(invert_dir, out, CorrectionConfig(preset=preset, steps=steps, batch_size=batch_size,
-                                                                   lr=lr, seed=seed), show_progress=not quiet)
+                                                                   lr=lr, coupling=coupling, seed=seed), show_progress=not quiet)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     console.print(f"noise-correction flow ({model.num_parameters():,} parameters) saved to {out}")
@@ -214,7 +216,7 @@ def evaluate_cmd(
     cache: Annotated[Path, typer.Option(help="Cache of the classifier and reference statistics.")] = Path("runs/flow/cache"),
     out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv).")] = None,
     base: Annotated[Path, typer.Option(help="Override the base directory recorded by `correct`.")] = None,
-    classifier_seconds: Annotated[float, typer.Option(help="Training budget of the feature classifier.")] = 120.0,
+    classifier_steps: Annotated[int, typer.Option(help="Training steps of the feature classifier.")] = 2000,
     seed: opts.Seed = 0,
     threads: Threads = 1,
     quiet: opts.Quiet = False,
@@ -235,7 +237,7 @@ def evaluate_cmd(
             raise ValueError("no sampler configuration to evaluate (empty --steps and --noise-steps)")
         cfg = EvalConfig(n=n, reference_n=reference_n, inception=inception, inception_n=min(inception_n, n),
                          inception_weights=None if inception_weights is None else str(inception_weights),
-                         classifier_seconds=classifier_seconds, seed=seed)
+                         classifier_steps=classifier_steps, seed=seed)
         evaluator = Evaluator.build(cfg, base_cfg, cache, show_progress=not quiet)
         rows = evaluate(specs, model, evaluator, noise_model, seed=seed, show_progress=not quiet)
     except (ValueError, FileNotFoundError) as err:

@@ -361,8 +361,7 @@ def train_classifier(
     labels: torch.Tensor,
     test_images: torch.Tensor | None = None,
     test_labels: torch.Tensor | None = None,
-    max_seconds: float = 120.0,
-    max_steps: int = 3000,
+    steps: int = 3000,
     batch_size: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
@@ -370,8 +369,8 @@ def train_classifier(
 ) -> tuple[SmallClassifier, ClassifierReport]:
     """Train :class:`SmallClassifier` with Adam on (images [N, C, H, W] in [-1, 1], labels [N]).
 
-    Stops at ``max_steps`` or ``max_seconds`` of wall time, whichever comes first (the CPU budget
-    is the point). Returns the model in eval mode and a report with held-out accuracy (NaN if no
+    A fixed step budget (not wall time) keeps the feature space, hence every feature FID,
+    reproducible across machines and loads. Returns the model in eval mode and a report with held-out accuracy (NaN if no
     test set), which tells whether the feature space separates the classes at all.
     """
     if len(images) != len(labels) or len(images) == 0:
@@ -383,7 +382,7 @@ def train_classifier(
     g = torch.Generator().manual_seed(seed)
     start, step, loss_avg = time.monotonic(), 0, float("nan")
     model.train()
-    while step < max_steps and time.monotonic() - start < max_seconds:
+    while step < steps:
         idx = torch.randint(len(images), (min(batch_size, len(images)),), generator=g)
         loss = F.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad()

@@ -280,7 +280,10 @@ def load_inversion(invert_dir: str | Path) -> tuple[dict[str, Any], InvertConfig
 # ----------------------------------------------------------------------------- noise correction
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """Noise-correction flow: a small FlowUNet trained N(0, I) -> law of the inverted noises."""
+    """Noise-correction flow: a small FlowUNet trained N(0, I) -> law of the inverted noises.
+
+    ``coupling``: "ot" (minibatch optimal transport, near-straight paths: one or two noise-flow
+    Euler steps suffice) or "independent" (plain conditional flow matching)."""
 
     preset: str = "noise-small"
     steps: int = 1500
@@ -288,10 +291,13 @@ class CorrectionConfig:
     lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.999
+    coupling: str = "ot"
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_preset(self.preset)
+        if self.coupling not in ("ot", "independent"):
+            raise ValueError(f"coupling must be 'ot' or 'independent', got {self.coupling!r}")
 
 
 def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionConfig,
@@ -310,7 +316,7 @@ def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionCon
     core_cfg = PretrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema=cfg.ema, seed=cfg.seed,
                               log_every=min(50, cfg.steps), ckpt_every=max(1, min(500, cfg.steps)))
     return train_noise_flow(model, noises, core_cfg, out, model.config, batch_size=cfg.batch_size,
-                            show_progress=show_progress).eval()
+                            show_progress=show_progress, coupling=cfg.coupling).eval()
 
 
 @dataclass(frozen=True)
@@ -425,7 +431,7 @@ class EvalConfig:
     inception: bool = False
     inception_n: int = 300
     inception_weights: str | None = None
-    classifier_seconds: float = 120.0
+    classifier_steps: int = 2000
     seed: int = 0
     cache_dir: str | None = None
 
@@ -473,7 +479,7 @@ class Evaluator:
             if train_y is None:
                 raise ValueError(f"the feature classifier needs labels; dataset {base_cfg.data!r} has none here")
             ev.classifier, report = train_classifier(train_x, train_y, reference_images, labels,
-                                                     max_seconds=cfg.classifier_seconds, seed=cfg.seed)
+                                                     steps=cfg.classifier_steps, seed=cfg.seed)
             save_classifier(ev.classifier, clf_dir)
             save_json(asdict(report), clf_dir / "report.json")
         if (clf_dir / "report.json").is_file():

@@ -57,6 +57,31 @@ def test_noise_correction_learns_the_inverted_noise_law(tmp_path, gen):
     assert sample(base, z, flow_times(5), euler_step).mean().item() == pytest.approx(2.0, abs=0.05)
 
 
+def test_ot_pairing_is_the_monotone_coupling_in_1d(gen):
+    from pgraft.core.losses import ot_pairing
+
+    x, z = torch.randn(64, 1, generator=gen), torch.randn(64, 1, generator=gen)
+    paired = ot_pairing(x, z)
+    assert sorted(paired.view(-1).tolist()) == sorted(z.view(-1).tolist())  # a permutation of the noise
+    assert torch.equal(paired[x.view(-1).argsort()].view(-1), z.view(-1).sort().values)  # ranks matched
+
+
+@pytest.mark.parametrize("coupling", ["independent", "ot"])
+def test_one_step_noise_flow_keeps_the_spread_only_with_ot_coupling(tmp_path, gen, coupling):
+    # target noise law N(0.7, 1): the OT map from N(0, 1) is a shift, a straight path that one Euler
+    # step follows exactly; the independent coupling's field at s = 1 points every z to the mean.
+    noises = 0.7 + torch.randn(4000, 1, generator=gen)
+    cfg = PretrainConfig(steps=600, lr=3e-3, warmup=10, ema=0.9, log_every=100, ckpt_every=600)
+    model = train_noise_flow(Velocity(dim=1), noises, cfg, tmp_path, {"dim": 1}, batch_size=256,
+                             show_progress=False, coupling=coupling)
+    x = sample(model, torch.randn(8000, 1, generator=gen), flow_times(1), euler_step)
+    assert x.mean().item() == pytest.approx(0.7, abs=0.1)
+    if coupling == "ot":
+        assert x.std().item() == pytest.approx(1.0, abs=0.15)
+    else:
+        assert x.std().item() < 0.5
+
+
 def test_flops_are_counted():
     lin = nn.Linear(4, 8, bias=False)
     assert count_flops(lambda: lin(torch.zeros(1, 4))) == 2 * 4 * 8

@@ -119,7 +119,7 @@ def _toy_classes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_classifier_trains_saves_and_gives_features(tmp_path):
     x, y = _toy_classes(256, 0)
     xt, yt = _toy_classes(64, 1)
-    model, report = train_classifier(x, y, xt, yt, max_steps=60, batch_size=32, width=8, feature_dim=16)
+    model, report = train_classifier(x, y, xt, yt, steps=60, batch_size=32, width=8, feature_dim=16)
     assert report.test_accuracy > 0.9 and report.steps == 60
     save_classifier(model, tmp_path / "clf")
     loaded = load_classifier(tmp_path / "clf")
@@ -145,7 +145,7 @@ def test_reference_cache_computes_once(tmp_path):
 
 def test_evaluate_samples_row():
     x, y = _toy_classes(200, 0)
-    model, _ = train_classifier(x, y, max_steps=30, batch_size=32, width=8, feature_dim=16)
+    model, _ = train_classifier(x, y, steps=30, batch_size=32, width=8, feature_dim=16)
     reference = FeatureStats.from_features(model.features(x).detach())
     same = evaluate_samples(x, model, reference, kid_subsets=5, kid_subset_size=100)
     collapsed = x[y == 0][:1].expand(100, -1, -1, -1)  # one image repeated

@@ -31,7 +31,7 @@ def test_corruptions_are_grammatical_and_false():
 
 
 def test_scorer_trains_saves_and_scores(tmp_path):
-    cfg = ScorerTrainConfig(image_size=16, n_images=64, steps=5, batch_size=8, max_seconds=30)
+    cfg = ScorerTrainConfig(image_size=16, n_images=64, steps=5, batch_size=8)
     model, metrics = train_scorer(cfg, tmp_path / "s", prompts=ALL[:20], show_progress=False)
     assert {"acc_true", "acc_corrupted", "steps"} <= set(metrics)
     reward = make_reward("vqa", tmp_path / "s")
