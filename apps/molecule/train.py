@@ -38,7 +38,7 @@ class MoleculeTrainConfig:
     """App settings of a fine-tuning run (the round-loop settings live in GraftConfig)."""
 
     reward: str = "qed"
-    sample_steps: int = 50
+    sample_steps: int = 100
     final_samples: int = 1000
     base: str = "runs/molecule/base"
     preset: str = "default"
