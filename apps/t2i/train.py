@@ -24,7 +24,7 @@ from torch import nn
 
 from pgraft.core.losses import eps_matching_loss
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
-from pgraft.core.sampling import ddim_step
+from pgraft.core.sampling import ddim_log_prob, ddim_step
 from pgraft.core.schedules import cosine_alpha_bar, vp_times
 from pgraft.core.trainer import GraftConfig, GraftProblem, run_graft, sample_finetuned
 
@@ -344,3 +344,14 @@ def save_grid(images: torch.Tensor, path: str | Path, prompts: Sequence[str] | N
     if prompts is not None:
         path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- policy-gradient baseline
+def log_prob(pipe: T2IPipeline, eta: float):
+    """Per-step log p_theta(x_next | x) [B] of the sampler :func:`make_problem` builds for ``pipe``
+    (DDIM(``eta``), x0_hat clipped to ``pipe.clip_sample``), for the DDPO-style baseline.
+
+    The policy is called exactly as in sampling, ``model(x, t, cond)`` with the problem's
+    :class:`~.model.PromptBatch` (which carries ``uncond`` when guidance is on), so the density
+    is that of the classifier-free-guided step the samples were drawn from."""
+    return ddim_log_prob(pipe.alpha_bar, eta, clip=pipe.clip_sample)

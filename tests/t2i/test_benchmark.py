@@ -1,0 +1,108 @@
+"""The text-to-image benchmark (benchmarks/t2i.py) on a tiny world in seconds, and the policy-gradient
+log-density of the guided, clipped DDIM sampler."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pgraft.apps.t2i.model import build_world_pipeline
+from pgraft.apps.t2i.prompts import load_prompts
+from pgraft.apps.t2i.rewards import ScorerTrainConfig, train_scorer
+from pgraft.apps.t2i.train import PretrainT2IConfig, log_prob, make_problem, pretrain_world
+from pgraft.apps.t2i.world import all_prompts
+from pgraft.core.state import load_state
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "t2i.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("t2i_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("t, t_next", [(1.0, 0.75), (0.5, 0.25)])
+def test_log_prob_is_the_density_of_the_guided_sampler_step(tmp_path, t, t_next):
+    """x_next = mean + sigma z from the problem's step  =>  log p = sum(-z^2/2) - D log sigma - D/2 log 2 pi,
+    with DDIM's sigma = eta sqrt((1 - a_n)/(1 - a_t)) sqrt(1 - a_t/a_n) and the guided eps."""
+    torch.manual_seed(0)
+    pipe = build_world_pipeline("tiny", [s.text() for s in all_prompts()], tmp_path / "tok", guidance_scale=3.0)
+    eta, prompts = 0.7, ["a photo of a red circle", "a photo of two squares", "a photo of a blue diamond"]
+    problem = make_problem(pipe, prompts, None, 4, eta)
+    cond = problem.cond_batch(torch.arange(3))
+    assert cond.uncond is not None  # guided sampling
+    x = torch.randn(3, *pipe.state_shape)
+    with torch.no_grad():
+        x_next = problem.step(pipe.denoiser, x, t, t_next, cond, torch.Generator().manual_seed(5))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        lp = log_prob(pipe, eta)(pipe.denoiser, x, t, t_next, x_next, cond)
+        unguided = log_prob(pipe, eta)(pipe.denoiser, x, t, t_next, x_next, pipe.prompt_encoder()(prompts, False))
+    a_t, a_n = float(pipe.alpha_bar(t)), float(pipe.alpha_bar(t_next))
+    sigma = eta * math.sqrt((1 - a_n) / (1 - a_t) * (1 - a_t / a_n))
+    d = z[0].numel()
+    expected = (-0.5 * z.flatten(1) ** 2).sum(1) - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
+    torch.testing.assert_close(lp, expected, rtol=1e-4, atol=1e-3)
+    assert (unguided < lp).all()  # the transition was drawn with guidance: the conditional eps explains it worse
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    pretrain_world(PretrainT2IConfig(preset="tiny", steps=8, n_images=64, batch_size=8, warmup=2), root / "base",
+                   show_progress=False)
+    train_scorer(ScorerTrainConfig(image_size=16, n_images=64, steps=5, batch_size=8), root / "scorer",
+                 show_progress=False)
+    return root
+
+
+def test_benchmark_methods_share_seeds_budget_and_report(tiny_bench, tmp_path):
+    bench_mod = _load_benchmark()
+    # train_steps=0: GRAFT / P-GRAFT heads keep LoRA's B = 0, i.e. equal the base, so with the shared
+    # evaluation seeds they must reproduce the base's held-out images exactly; PG does update.
+    bench = bench_mod.Bench(base=str(tiny_bench / "base"), scorer=str(tiny_bench / "scorer"), rounds=1, groups=2,
+                            m=3, train_steps=0, batch_size=6, lr=5e-2, lora=2, n_steps=4, eta=1.0,
+                            sample_batch_size=32, pg_clip=0.2, pg_timestep_fraction=0.5, eval_per_prompt=1)
+    out = tmp_path / "out"
+    for name in ("base", "graft_topk", "pgraft_0.5", "pg"):
+        bench_mod.run_method(name, bench, out, show=False)
+    table = bench_mod.report(out)
+
+    held = load_prompts("heldout")
+    samples = {m: pd.read_csv(out / "results" / f"{m}_samples.csv") for m in table["method"]}
+    assert all(list(s["prompt"]) == held.prompts for s in samples.values())
+    pd.testing.assert_series_equal(samples["pgraft_0.5"]["vqa"], samples["base"]["vqa"])
+    pd.testing.assert_series_equal(samples["graft_topk"]["vqa"], samples["base"]["vqa"])
+    assert not samples["pg"]["vqa"].equals(samples["base"]["vqa"])
+
+    by = table.set_index("method")
+    assert list(by["budget"]) == [0, 6, 6, 6]  # rounds x groups x M for every fine-tuning method
+    assert by.loc["pgraft_0.5", "reward_gain_%"] == 0 and by.loc["base", "acc_gain_%"] == 0
+    pg_gain = 100 * (by.loc["pg", "reward"] / by.loc["base", "reward"] - 1)
+    assert by.loc["pg", "reward_gain_%"] == pytest.approx(pg_gain)
+    # the accuracy row is GenEval's: overall = mean of the per-category accuracies of the samples
+    per_cat = samples["pg"].groupby("category")["correct"].mean()
+    assert by.loc["pg", "overall"] == pytest.approx(per_cat.mean())
+    for cat, acc in per_cat.items():
+        assert by.loc["pg", cat] == pytest.approx(acc)
+
+    pg_rounds = pd.read_csv(out / "runs" / "pg" / "metrics.csv")
+    assert list(pg_rounds["round"]) == [0] and "checker_acc" in pg_rounds
+    grid = load_state(out / "results" / "base_grid.safetensors")
+    n_rows = len({c for c in held.categories})
+    assert grid.shape == (n_rows, 3, 16, 16)
+    torch.testing.assert_close(load_state(out / "results" / "pgraft_0.5_grid.safetensors"), grid)
+    summary = (out / "summary.txt").read_text()
+    assert "best P-GRAFT is pgraft_0.5" in summary and "ties best GRAFT graft_topk" in summary
+    assert (out / "t2i.png").stat().st_size > 0 and (out / "t2i_grid.png").stat().st_size > 0
+    assert json.loads((out / "results" / "pg.json").read_text())["grid_prompts"][0] in held.prompts
+    pd.read_csv(out / "results.csv")  # written and readable
