@@ -128,9 +128,18 @@ def eps_matching_loss(
     alpha_bar: Callable[[torch.Tensor], torch.Tensor],
     cond: Any = None,
     generator: torch.Generator | None = None,
+    weighting: str = "eps",
 ) -> torch.Tensor:
-    """Weighted eps-prediction loss || sqrt(lambda) eps_theta(x_s, s) - eta ||^2 from X_{t_start}."""
+    """Weighted eps-prediction loss || sqrt(lambda) eps_theta(x_s, s) - eta ||^2 from X_{t_start}.
+
+    ``weighting="v"`` multiplies each sample's loss by 1/abar(s): for a v-parametrized model
+    (eps = sqrt(abar) v + sqrt(1-abar) x_s) this is the v-prediction MSE at t_start = 0, which
+    keeps training the model where abar(s) ~ 0 (an eps loss gives those times weight abar(s)).
+    A positive per-time weight leaves the minimiser at every s unchanged.
+    """
     t_start = _check_t_start(t_start)
+    if weighting not in ("eps", "v"):
+        raise ValueError(f"weighting must be 'eps' or 'v', got {weighting!r}")
     s = sample_times(x_start.shape[0], t_start, generator, x_start.device)
     a_s = alpha_bar(s.double()).to(x_start.device)
     a_t = float(alpha_bar(torch.tensor(t_start, dtype=torch.float64)))
@@ -139,7 +148,10 @@ def eps_matching_loss(
     x_s = _expand(ratio.sqrt(), x_start) * x_start + _expand((1 - ratio).sqrt(), x_start) * eta
     lam = _expand(((1 - ratio) / (1 - a_s)).clamp(0.0, 1.0), x_start)
     eps = model(x_s, s, cond)
-    return ((lam.sqrt() * eps - eta) ** 2).flatten(1).mean(1).mean()
+    per_sample = ((lam.sqrt() * eps - eta) ** 2).flatten(1).mean(1)
+    if weighting == "v":
+        per_sample = per_sample / a_s.to(per_sample.dtype)
+    return per_sample.mean()
 
 
 def remask(

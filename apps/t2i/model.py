@@ -170,10 +170,17 @@ class Denoiser(nn.Module):
     x [B, C, h, w] (pixels after space-to-depth, or SD latents), t [B] in [0, 1], cond a :class:`PromptBatch`. With guidance scale w > 1 and
     ``cond.uncond`` set, returns the classifier-free-guided eps_u + w (eps_c - eps_u) (one UNet call
     on the doubled batch); losses call it with ``guidance_scale=1`` (the conditional eps).
+
+    ``prediction_type`` (diffusers' name): "epsilon", or "v_prediction" (the UNet outputs
+    v = sqrt(abar) eps - sqrt(1-abar) x0, Salimans & Ho 2022; SD 2 at 768 px, and the embedded
+    world's default, because an eps-model at abar(1) ~ 1e-5 cannot say anything about x0 there and
+    samples drift to a wrong background). The output is always converted to eps, so samplers and
+    losses see one parametrization; v needs the schedule, ``self.alpha_bar`` (set by the pipeline).
     """
 
     def __init__(self, unet: dict[str, Any], timestep_scale: float = 1000.0, timestep_shift: float = 0.0,
-                 guidance_scale: float = 1.0) -> None:
+                 guidance_scale: float = 1.0, prediction_type: str = "epsilon",
+                 alpha_bar: Callable[[torch.Tensor | float], torch.Tensor] | None = None) -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
 
@@ -181,6 +188,8 @@ class Denoiser(nn.Module):
         self.timestep_scale = float(timestep_scale)
         self.timestep_shift = float(timestep_shift)
         self.guidance_scale = float(guidance_scale)
+        self.prediction_type = _check_prediction_type(prediction_type)
+        self.alpha_bar = alpha_bar
 
     @classmethod
     def from_unet(cls, unet: nn.Module, **kwargs: float) -> "Denoiser":
@@ -191,6 +200,8 @@ class Denoiser(nn.Module):
         model.timestep_scale = float(kwargs.get("timestep_scale", 1000.0))
         model.timestep_shift = float(kwargs.get("timestep_shift", 0.0))
         model.guidance_scale = float(kwargs.get("guidance_scale", 1.0))
+        model.prediction_type = _check_prediction_type(kwargs.get("prediction_type", "epsilon"))
+        model.alpha_bar = kwargs.get("alpha_bar")
         return model
 
     def init_kwargs(self) -> dict[str, Any]:
@@ -199,7 +210,7 @@ class Denoiser(nn.Module):
         unet = {k: v for k, v in dict(self.unet.config).items() if k != "_name_or_path"}
         return {"unet": json.loads(json.dumps(unet, default=str)),
                 "timestep_scale": self.timestep_scale, "timestep_shift": self.timestep_shift,
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, "prediction_type": self.prediction_type}
 
     def timesteps(self, t: torch.Tensor) -> torch.Tensor:
         return (t.float() * self.timestep_scale + self.timestep_shift).clamp_min(0.0)
@@ -209,11 +220,29 @@ class Denoiser(nn.Module):
         ts = self.timesteps(t).to(x.device)
         emb = cond.embeds.to(x.device, x.dtype)
         if w == 1.0 or cond.uncond is None:
-            return self.unet(x, ts, encoder_hidden_states=emb).sample
-        unc = cond.uncond.to(x.device, x.dtype).expand_as(emb)
-        eps = self.unet(torch.cat([x, x]), torch.cat([ts, ts]), encoder_hidden_states=torch.cat([unc, emb])).sample
-        eps_u, eps_c = eps.chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+            out = self.unet(x, ts, encoder_hidden_states=emb).sample
+        else:  # guidance is linear in the output, so it commutes with the v -> eps conversion
+            unc = cond.uncond.to(x.device, x.dtype).expand_as(emb)
+            out_u, out_c = self.unet(torch.cat([x, x]), torch.cat([ts, ts]),
+                                     encoder_hidden_states=torch.cat([unc, emb])).sample.chunk(2)
+            out = out_u + w * (out_c - out_u)
+        if self.prediction_type == "epsilon":
+            return out
+        if self.alpha_bar is None:
+            raise RuntimeError("a v-prediction Denoiser needs its schedule: set denoiser.alpha_bar")
+        a = self.alpha_bar(t.double()).to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return a.sqrt() * out + (1 - a).sqrt() * x
+
+    @property
+    def loss_weighting(self) -> str:
+        """The :func:`pgraft.core.losses.eps_matching_loss` weighting matching the parametrization."""
+        return "v" if self.prediction_type == "v_prediction" else "eps"
+
+
+def _check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return prediction_type
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -247,6 +276,7 @@ class PipelineInfo:
     n_steps: int = 20
     eta: float = 1.0
     patch_size: int = 1
+    prediction_type: str = "epsilon"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -332,8 +362,8 @@ class T2IPipeline:
                 raise ValueError(f"{directory} has no {PGRAFT_JSON}, so it is read as Stable Diffusion, "
                                  "which needs vae/ and scheduler/ subfolders")
             scheduler = DDIMScheduler.from_pretrained(directory / "scheduler")
-            if scheduler.config.prediction_type != "epsilon":
-                raise ValueError(f"only eps-prediction checkpoints are supported, {directory} predicts "
+            if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError(f"only epsilon / v_prediction checkpoints are supported, {directory} predicts "
                                  f"{scheduler.config.prediction_type!r}")
             vae = AutoencoderKL.from_pretrained(directory / "vae").eval().requires_grad_(False)
             alpha_bar = TableAlphaBar(scheduler.alphas_cumprod)
@@ -342,18 +372,19 @@ class T2IPipeline:
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             info = PipelineInfo(preset="sd", image_size=unet.config.sample_size * factor,
                                 max_length=tokenizer.model_max_length, schedule="table", guidance_scale=7.5,
-                                n_steps=50, eta=1.0)
+                                n_steps=50, eta=1.0, prediction_type=scheduler.config.prediction_type)
         if guidance_scale is not None:
             info.guidance_scale = guidance_scale
         denoiser = Denoiser.from_unet(unet, timestep_scale=scale, timestep_shift=shift,
-                                      guidance_scale=info.guidance_scale)
+                                      guidance_scale=info.guidance_scale, prediction_type=info.prediction_type,
+                                      alpha_bar=alpha_bar)
         c, s = unet.config.in_channels, unet.config.sample_size
         return cls(denoiser.eval(), text_encoder.eval().requires_grad_(False), tokenizer, alpha_bar,
                    (c, s, s), info, vae, sched)
 
 
 def build_world_pipeline(preset: str, prompts: Sequence[str], tokenizer_dir: str | Path, seed: int = 0,
-                         guidance_scale: float = 2.0) -> T2IPipeline:
+                         guidance_scale: float = 2.0, prediction_type: str = "v_prediction") -> T2IPipeline:
     """A freshly initialised embedded-world pipeline: tokenizer trained on ``prompts`` (written to
     ``tokenizer_dir``), random CLIP text encoder and pixel-space UNet of ``preset``."""
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -364,9 +395,10 @@ def build_world_pipeline(preset: str, prompts: Sequence[str], tokenizer_dir: str
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(prompts, tokenizer_dir)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config(p, len(tokenizer))))
-    denoiser = Denoiser(unet_config(p), guidance_scale=guidance_scale)
+    denoiser = Denoiser(unet_config(p), guidance_scale=guidance_scale, prediction_type=prediction_type,
+                        alpha_bar=cosine_alpha_bar)
     info = PipelineInfo(preset=preset, image_size=p.image_size, max_length=p.max_length, guidance_scale=guidance_scale,
-                        patch_size=p.patch_size)
+                        patch_size=p.patch_size, prediction_type=prediction_type)
     side = p.image_size // p.patch_size
     return T2IPipeline(denoiser, text_encoder, tokenizer, cosine_alpha_bar, (3 * p.patch_size**2, side, side), info)
 

@@ -46,7 +46,9 @@ class PretrainT2IConfig:
     """Base-model pretraining on renders of ``prompts`` (the world's training split by default).
 
     ``cond_dropout``: fraction of captions replaced by "" so the same network also learns the
-    unconditional eps needed by classifier-free guidance."""
+    unconditional eps needed by classifier-free guidance. ``prediction_type``: see
+    :class:`~.model.Denoiser` (v-prediction keeps the black background of the world at abar(1) ~ 0,
+    where an eps-model's samples drift to tinted, grid-patterned backgrounds)."""
 
     preset: str = "default"
     prompts: str = "train"
@@ -58,17 +60,20 @@ class PretrainT2IConfig:
     n_images: int = 30000
     cond_dropout: float = 0.1
     guidance_scale: float = 2.0
+    prediction_type: str = "v_prediction"
     seed: int = 0
 
 
 class WorldModel(nn.Module):
     """UNet denoiser + text encoder trained jointly (only during pretraining)."""
 
-    def __init__(self, unet: dict[str, Any], text_encoder: dict[str, Any], guidance_scale: float = 2.0) -> None:
+    def __init__(self, unet: dict[str, Any], text_encoder: dict[str, Any], guidance_scale: float = 2.0,
+                 prediction_type: str = "epsilon") -> None:
         super().__init__()
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        self.denoiser = Denoiser(unet, guidance_scale=guidance_scale)
+        self.denoiser = Denoiser(unet, guidance_scale=guidance_scale, prediction_type=prediction_type,
+                                 alpha_bar=cosine_alpha_bar)
         self.text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder))
 
 
@@ -82,9 +87,9 @@ def pretrain_world(cfg: PretrainT2IConfig, out: str | Path, show_progress: bool 
     prompts = load_prompts(cfg.prompts).prompts
     # the tokenizer sees every grammar word (held-out prompts recombine training words)
     pipe = build_world_pipeline(cfg.preset, [s.text() for s in all_prompts()], out / "pretrain" / "tokenizer",
-                                cfg.seed, cfg.guidance_scale)
+                                cfg.seed, cfg.guidance_scale, cfg.prediction_type)
     model_config = {"unet": unet_config(p), "text_encoder": text_encoder_config(p, len(pipe.tokenizer)),
-                    "guidance_scale": cfg.guidance_scale}
+                    "guidance_scale": cfg.guidance_scale, "prediction_type": cfg.prediction_type}
     model = WorldModel(**model_config)
     # kept as uint8 (4x smaller than float) and converted per batch
     images, captions = render_dataset(prompts, cfg.n_images, p.image_size, cfg.seed)
@@ -97,7 +102,8 @@ def pretrain_world(cfg: PretrainT2IConfig, out: str | Path, show_progress: bool 
         texts = ["" if d else captions[i] for i, d in zip(ids.tolist(), drop.tolist())]
         emb = m.text_encoder(tokenize(tokenizer, texts, max_length)).last_hidden_state
         eps = lambda x, s, c: m.denoiser(x, s, c, guidance_scale=1.0)  # noqa: E731
-        return eps_matching_loss(eps, x0, 0.0, cosine_alpha_bar, PromptBatch(texts, emb), gen)
+        return eps_matching_loss(eps, x0, 0.0, cosine_alpha_bar, PromptBatch(texts, emb), gen,
+                                 m.denoiser.loss_weighting)
 
     pcfg = PretrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema=cfg.ema, seed=cfg.seed,
                           log_every=50, ckpt_every=500)
@@ -191,10 +197,11 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
     guided = pipe.denoiser.guidance_scale != 1.0
     shape = pipe.state_shape
     alpha_bar = pipe.alpha_bar
+    weighting = pipe.denoiser.loss_weighting
 
     def loss(model, x, t, cond, gen):
         eps = lambda x_s, s, c: model(x_s, s, c, guidance_scale=1.0)  # noqa: E731
-        return eps_matching_loss(eps, x, t, alpha_bar, cond, gen)
+        return eps_matching_loss(eps, x, t, alpha_bar, cond, gen, weighting)
 
     return GraftProblem(
         prior=lambda n, g: torch.randn(n, *shape, generator=g),
@@ -286,7 +293,7 @@ def load_head(run_dir: str | Path, base: Denoiser) -> Denoiser:
         return load_lora_head(base, run_dir / "lora")
     if (run_dir / "head").is_dir():
         head = load_pretrained(Denoiser, run_dir / "head")
-        head.guidance_scale = base.guidance_scale
+        head.guidance_scale, head.alpha_bar = base.guidance_scale, base.alpha_bar
         return head.eval()
     raise FileNotFoundError(f"{run_dir} holds neither lora/ nor head/: is it a finished `pgraft t2i train` run?")
 

@@ -170,3 +170,22 @@ def test_clipped_ddim_step_matches_unclipped_inside_range_and_bounds_x0():
     out = ddim_step(cosine_alpha_bar, 0.0, clip=1.0)(wild, torch.zeros(1, 3, 2, 2), 0.5, 0.0)
     assert out.abs().max() <= 1.0  # last step returns the clipped x0_hat
     assert ddim_step(cosine_alpha_bar, 0.0)(wild, torch.zeros(1, 3, 2, 2), 0.5, 0.0).abs().max() > 1.0
+
+
+def test_v_weighting_of_the_eps_loss_is_the_v_prediction_mse():
+    from pgraft.core.losses import sample_times
+
+    x0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+
+    def v_model(x_s, s, cond):  # predicts v = 0, reported as eps = sqrt(a) v + sqrt(1 - a) x_s
+        return (1 - cosine_alpha_bar(s.double()).float())[:, None].sqrt() * x_s
+
+    loss = eps_matching_loss(v_model, x0, 0.0, cosine_alpha_bar, None, torch.Generator().manual_seed(1), weighting="v")
+    g = torch.Generator().manual_seed(1)  # replay the loss's draws: s, then the noise
+    s = sample_times(16, 0.0, g)
+    eta = torch.randn(x0.shape, generator=g)
+    a = cosine_alpha_bar(s.double()).float()[:, None]
+    v = a.sqrt() * eta - (1 - a).sqrt() * x0
+    torch.testing.assert_close(loss, (v**2).mean(1).mean(), rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        eps_matching_loss(v_model, x0, 0.0, cosine_alpha_bar, None, None, weighting="x0")

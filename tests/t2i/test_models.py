@@ -36,6 +36,26 @@ def test_world_pipeline_save_load_sample(tmp_path):
     torch.testing.assert_close(again.decode(again.encode_images(images)), images)  # exact space-to-depth
 
 
+def test_v_prediction_output_is_converted_to_eps_and_survives_save_load(tmp_path):
+    from pgraft.core.schedules import cosine_alpha_bar
+
+    pipe = build_world_pipeline("tiny", PROMPTS, tmp_path / "tok", seed=0, prediction_type="v_prediction")
+    cond = pipe.prompt_encoder()(PROMPTS[:3], guidance=False)
+    x, t = torch.randn(3, *pipe.state_shape), torch.tensor([0.05, 0.5, 1.0])
+    with torch.no_grad():
+        v = pipe.denoiser.unet(x, pipe.denoiser.timesteps(t), encoder_hidden_states=cond.embeds).sample
+        eps = pipe.denoiser(x, t, cond)
+    a = cosine_alpha_bar(t.double()).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(eps, a.sqrt() * v + (1 - a).sqrt() * x)
+    # x0_hat = (x - sqrt(1-a) eps) / sqrt(a) = sqrt(a) x - sqrt(1-a) v: finite even at abar(1) ~ 1e-5
+    x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(x0, a.sqrt() * x - (1 - a).sqrt() * v, atol=1e-3, rtol=1e-3)
+    pipe.save(tmp_path / "p")
+    again = T2IPipeline.load(tmp_path / "p")
+    assert again.denoiser.prediction_type == "v_prediction" and again.denoiser.loss_weighting == "v"
+    torch.testing.assert_close(again.denoiser(x, t, again.prompt_encoder()(PROMPTS[:3], guidance=False)), eps)
+
+
 def test_guidance_is_the_cfg_combination(tmp_path):
     pipe = build_world_pipeline("tiny", PROMPTS, tmp_path / "tok", seed=0)
     cond = pipe.prompt_encoder()(PROMPTS[:2])
