@@ -8,33 +8,50 @@ options, so multi-process command lines must use the long names."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
 from .grs import RULES, GRSConfig
 from .trainer import GraftConfig
 
-Rule = Annotated[str, typer.Option(help=f"GRS acceptance rule: {', '.join(sorted(RULES))}.")]
-Alpha = Annotated[float, typer.Option(help="Temperature α of rejection sampling (accept ∝ exp(r/α)).")]
-K = Annotated[int, typer.Option("--k", "--top-k", help="K of Top-K: samples kept per group of M.")]
-M = Annotated[int, typer.Option("--m", "--group-size", help="M: candidates per group (BoN's N).")]
-Groups = Annotated[int, typer.Option(help="Groups sampled per round (candidates per round = groups × M).")]
-Threshold = Annotated[float, typer.Option(help="Reward threshold τ for --rule threshold.")]
-Dedup = Annotated[bool, typer.Option("--dedup/--no-dedup", help="Keep one copy of each distinct accepted sample.")]
+PANEL = "GRAFT / P-GRAFT rounds"
+Rule = Annotated[str, typer.Option(help=f"GRS acceptance rule: {', '.join(sorted(RULES))}.", rich_help_panel=PANEL)]
+Alpha = Annotated[float, typer.Option(help="Temperature α of rejection sampling (accept ∝ exp(r/α)).", rich_help_panel=PANEL)]
+K = Annotated[int, typer.Option("--k", "--top-k", help="K of Top-K: samples kept per group of M.", rich_help_panel=PANEL)]
+M = Annotated[int, typer.Option("--m", "--group-size", help="M: candidates per group (BoN's N).", rich_help_panel=PANEL)]
+Groups = Annotated[int, typer.Option(help="Groups sampled per round (candidates per round = groups × M).",
+                                     rich_help_panel=PANEL)]
+Threshold = Annotated[float, typer.Option(help="Reward threshold τ for --rule threshold.", rich_help_panel=PANEL)]
+Dedup = Annotated[bool, typer.Option("--dedup/--no-dedup", help="Keep one copy of each distinct accepted sample.",
+                                     rich_help_panel=PANEL)]
 T = Annotated[float, typer.Option("--t", "--split", help="P-GRAFT split: fraction of sampler steps left to the frozen base "
-                                             "(0 = plain GRAFT, 0.25 = fine-tune the first 75% of steps).")]
-Rounds = Annotated[int, typer.Option(help="GRAFT rounds (sample → accept → fine-tune).")]
-TrainSteps = Annotated[int, typer.Option(help="Optimizer steps per round.")]
+                                             "(0 = plain GRAFT, 0.25 = fine-tune the first 75% of steps).",
+                                  rich_help_panel=PANEL)]
+Rounds = Annotated[int, typer.Option(help="GRAFT rounds (sample → accept → fine-tune).", rich_help_panel=PANEL)]
+TrainSteps = Annotated[int, typer.Option(help="Optimizer steps per round.", rich_help_panel=PANEL)]
 BatchSize = Annotated[int, typer.Option(help="Fine-tuning batch size.")]
 LR = Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")]
-Lora = Annotated[int, typer.Option("--lora", help="LoRA rank (0 = full fine-tune).")]
-Replay = Annotated[bool, typer.Option(help="Train on every accepted sample so far, not just this round's.")]
+Lora = Annotated[int, typer.Option("--lora", help="LoRA rank (0 = full fine-tune).", rich_help_panel=PANEL)]
+Replay = Annotated[bool, typer.Option(help="Train on every accepted sample so far, not just this round's.",
+                                      rich_help_panel=PANEL)]
 Seed = Annotated[int, typer.Option(help="Seed for sampling, acceptance and training.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 Out = Annotated[Path, typer.Option("--out", help="Run directory (config, store, metrics, checkpoints).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+
+
+# name -> (annotation, default) of every flag that maps onto GraftConfig; apps override defaults
+GRAFT_FLAGS: dict[str, tuple[Any, Any]] = {
+    "rule": (Rule, "topk"), "alpha": (Alpha, 1.0), "k": (K, 2), "m": (M, 8), "groups": (Groups, 64),
+    "threshold": (Threshold, 0.0), "dedup": (Dedup, False), "t": (T, 0.0), "rounds": (Rounds, 5),
+    "train_steps": (TrainSteps, 100), "batch_size": (BatchSize, 64), "lr": (LR, 1e-4), "lora": (Lora, 0),
+    "replay": (Replay, False), "seed": (Seed, 0),
+}
 
 
 def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k: int, threshold: float,
@@ -48,3 +65,42 @@ def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k
                            replay=replay, seed=seed, sample_batch_size=sample_batch_size)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
+
+
+def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int = 256,
+                  **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for an app's ``train`` command: appends the shared GRAFT flags (:data:`GRAFT_FLAGS`,
+    with this app's ``defaults``) to the command's options and calls it with one ``graft:
+    GraftConfig`` argument built from them. ``fixed`` pins flags the app does not expose
+    (e.g. ``{"dedup": False}``)::
+
+        @app.command("train")
+        @opts.graft_options(rule="bon", m=16, t=0.1)
+        def train_cmd(graft: GraftConfig, out: opts.Out = Path("runs/x"), ...) -> None: ...
+    """
+    fixed = dict(fixed or {})
+    unknown = (set(defaults) | set(fixed)) - set(GRAFT_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown GRAFT flags {sorted(unknown)}; known: {sorted(GRAFT_FLAGS)}")
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        hints = get_type_hints(fn, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values() if p.name != "graft"]
+        clash = {p.name for p in own} & set(GRAFT_FLAGS)
+        if clash:
+            raise ValueError(f"{fn.__name__} declares shared GRAFT flags itself: {sorted(clash)}")
+        flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=defaults.get(name, d))
+                 for name, (ann, d) in GRAFT_FLAGS.items() if name not in fixed]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {**fixed, **{name: kwargs.pop(name) for name in GRAFT_FLAGS if name not in fixed}}
+            return fn(graft=graft_config(**values, sample_batch_size=sample_batch_size), **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + flags
+        command.__signature__ = inspect.Signature(params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgraft.core import cli as opts
-from pgraft.core.trainer import is_main_process
+from pgraft.core.trainer import GraftConfig, is_main_process
 
 from .rewards import REWARDS
 
@@ -67,30 +67,17 @@ def pretrain_cmd(
 
 
 @app.command("train")
+@opts.graft_options(alpha=0.1, groups=32, t=0.25, rounds=4, replay=True)
 def train_cmd(
+    graft: GraftConfig,
     out: opts.Out = Path("runs/layout/train"),
     base: Base = Path("runs/layout/base"),
     preset: Preset = "default",
     reward: Reward = "combined",
     conditional: Annotated[bool, typer.Option("--conditional/--unconditional",
                                               help="Class-conditioned fine-tuning on the test split's class sets.")] = False,
-    rule: opts.Rule = "topk",
-    alpha: opts.Alpha = 0.1,
-    k: opts.K = 2,
-    m: opts.M = 8,
-    groups: opts.Groups = 32,
-    threshold: opts.Threshold = 0.0,
-    dedup: opts.Dedup = False,
-    t: opts.T = 0.25,
-    rounds: opts.Rounds = 4,
-    train_steps: opts.TrainSteps = 100,
-    batch_size: opts.BatchSize = 64,
-    lr: opts.LR = 1e-4,
-    lora: opts.Lora = 0,
-    replay: opts.Replay = True,
     sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler (0 = the base preset's).")] = 0,
     final_samples: Annotated[int, typer.Option(help="Fresh layouts for evaluation.csv / samples.png.")] = 512,
-    seed: opts.Seed = 0,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
 ) -> None:
@@ -99,9 +86,6 @@ def train_cmd(
 
     if reward not in REWARDS:
         raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(REWARDS)}")
-    graft = opts.graft_config(rounds=rounds, groups=groups, m=m, rule=rule, alpha=alpha, k=k, threshold=threshold,
-                              dedup=dedup, t=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora=lora,
-                              replay=replay, seed=seed, sample_batch_size=256)
     cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=str(base), preset=preset,
                             conditional=conditional, final_samples=final_samples)
     train_layout(cfg, graft, out, resume=resume, show_progress=not quiet)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgraft.core import cli as opts
-from pgraft.core.trainer import is_main_process
+from pgraft.core.trainer import GraftConfig, is_main_process
 
 from .pretrain import PRESETS, evaluate_base, get_preset, load_base, pretrain_molecule
 from .rewards import MOL_SCORES
@@ -62,27 +62,14 @@ def pretrain_cmd(
 
 
 @app.command("train")
+@opts.graft_options(rule="bon", alpha=0.1, m=16, groups=32, t=0.1, rounds=10, lr=2e-4, replay=True)
 def train_cmd(
+    graft: GraftConfig,
     out: opts.Out = Path("runs/molecule/train"),
     base: Base = Path("runs/molecule/base"),
     preset: Preset = "default",
     reward: Reward = "qed",
-    rule: opts.Rule = "bon",
-    alpha: opts.Alpha = 0.1,
-    k: opts.K = 2,
-    m: opts.M = 16,
-    groups: opts.Groups = 32,
-    threshold: opts.Threshold = 0.0,
-    dedup: opts.Dedup = False,
-    t: opts.T = 0.1,
-    rounds: opts.Rounds = 10,
-    train_steps: opts.TrainSteps = 100,
-    batch_size: opts.BatchSize = 64,
-    lr: opts.LR = 2e-4,
-    lora: opts.Lora = 0,
-    replay: opts.Replay = True,
     sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.")] = 100,
-    seed: opts.Seed = 0,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
 ) -> None:
@@ -91,9 +78,6 @@ def train_cmd(
 
     if reward not in MOL_SCORES:
         raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(MOL_SCORES)}")
-    graft = opts.graft_config(rounds=rounds, groups=groups, m=m, rule=rule, alpha=alpha, k=k, threshold=threshold,
-                              dedup=dedup, t=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora=lora,
-                              replay=replay, seed=seed, sample_batch_size=256)
     cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=str(base), preset=preset)
     train_molecule(cfg, graft, out, resume=resume, show_progress=not quiet)
     if is_main_process():

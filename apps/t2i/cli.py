@@ -4,6 +4,7 @@ Stable Diffusion checkpoint (``--model PATH``)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -75,39 +76,25 @@ def train_scorer_cmd(
 
 
 @app.command("train")
+@opts.graft_options(fixed={"dedup": False}, groups=16, t=0.25, rounds=4, batch_size=32, lora=8)
 def train_cmd(
+    graft: GraftConfig,
     out: opts.Out = Path("runs/t2i/graft"),
     model: Model = Path("runs/t2i/base"),
     prompts: Prompts = "train",
     reward: Reward = "vqa",
     reward_weights: RewardWeights = Path("runs/t2i/scorer"),
-    rule: opts.Rule = "topk",
-    alpha: opts.Alpha = 1.0,
-    k: opts.K = 2,
-    m: opts.M = 8,
-    groups: opts.Groups = 16,
-    threshold: opts.Threshold = 0.0,
-    t: opts.T = 0.25,
-    rounds: opts.Rounds = 4,
-    train_steps: opts.TrainSteps = 100,
-    batch_size: opts.BatchSize = 32,
-    lr: opts.LR = 1e-4,
-    lora: opts.Lora = 8,
-    replay: opts.Replay = False,
     n_steps: Steps = 20,
     eta: Eta = 1.0,
     guidance: Guidance = None,
     sample_batch_size: Annotated[int, typer.Option(help="Images per sampler call.")] = 64,
-    seed: opts.Seed = 0,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
 ) -> None:
     """GRAFT (--t 0) or P-GRAFT (--t > 0) rounds over a prompt set: M images per prompt, GRS per prompt."""
     from .train import T2IConfig, train_t2i
 
-    cfg = opts.graft_config(rounds=rounds, groups=groups, m=m, rule=rule, alpha=alpha, k=k, threshold=threshold,
-                            dedup=False, t=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora=lora,
-                            replay=replay, seed=seed, sample_batch_size=sample_batch_size)
+    cfg = replace(graft, sample_batch_size=sample_batch_size)
     app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
                         reward_weights=None if reward_weights is None else str(reward_weights),
                         n_steps=n_steps, eta=eta, guidance_scale=guidance)

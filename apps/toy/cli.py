@@ -34,41 +34,26 @@ def pretrain_cmd(out: opts.Out = Path("runs/toy/base"), mixture: Mixture = "1d",
 
 
 @app.command("train")
+@opts.graft_options(rule="rs", k=1, groups=256, rounds=1, train_steps=500, batch_size=256, lr=1e-3,
+                    sample_batch_size=512)
 def train_cmd(
+    graft: GraftConfig,
     out: opts.Out = Path("runs/toy/graft"),
     base: Base = Path("runs/toy/base"),
     mixture: Mixture = "1d",
     reward: Annotated[str, typer.Option(help="Reward: x (linear) or ring.")] = "x",
-    rule: opts.Rule = "rs",
-    alpha: opts.Alpha = 1.0,
-    k: opts.K = 1,
-    m: opts.M = 8,
-    groups: opts.Groups = 256,
-    threshold: opts.Threshold = 0.0,
-    dedup: opts.Dedup = False,
-    t: opts.T = 0.0,
-    rounds: opts.Rounds = 1,
-    train_steps: opts.TrainSteps = 500,
-    batch_size: opts.BatchSize = 256,
-    lr: opts.LR = 1e-3,
-    lora: opts.Lora = 0,
-    replay: opts.Replay = False,
-    seed: opts.Seed = 0,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
 ) -> None:
     """GRAFT (--t 0) or P-GRAFT (--t > 0) rounds on the toy with any GRS rule."""
     toy = ToyConfig(mixture=mixture, reward=reward)
-    cfg = opts.graft_config(rounds=rounds, groups=groups, m=m, rule=rule, alpha=alpha, k=k, threshold=threshold,
-                            dedup=dedup, t=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora=lora,
-                            replay=replay, seed=seed, sample_batch_size=512)
     problem = make_problem(toy)
-    if dedup:
+    if graft.dedup:
         from pgraft.core.dedup import tensor_key
 
         problem.key = lambda x: [tensor_key(row, 2) for row in x]
     model = load_or_pretrain(toy, base, show_progress=not quiet)
-    _, table = run_graft(problem, model, toy.model_config(), cfg, out,
+    _, table = run_graft(problem, model, toy.model_config(), graft, out,
                          app_config={"toy": asdict(toy), "base": str(base)}, resume=resume, show_progress=not quiet)
     if is_main_process():
         typer.echo(f"metrics: {out / 'metrics.csv'}  fine-tuned model: {out / 'head'}")

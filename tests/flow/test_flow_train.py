@@ -156,7 +156,7 @@ def test_cli_smoke_pretrain_invert_correct_sample_evaluate(tmp_path):
     assert (base / "samples.png").is_file()
     csv = tmp_path / "eval.csv"
     run("evaluate", str(cor), "--steps", "2,3", "--noise-steps", "1,2", "--n", "12", "--reference-n", "20",
-        "--classifier-seconds", "1", "--cache", str(tmp_path / "cache"), "--out", str(csv), "--no-inception")
+        "--classifier-steps", "20", "--cache", str(tmp_path / "cache"), "--out", str(csv), "--no-inception")
     import pandas as pd
 
     table = pd.read_csv(csv)
