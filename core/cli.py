@@ -45,6 +45,19 @@ Out = Annotated[Path, typer.Option("--out", help="Run directory (config, store, 
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
 
+def print_row(row: dict[str, Any], title: str) -> None:
+    """Print one metric row (name -> value) as a two-column rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in row.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
 # name -> (annotation, default) of every flag that maps onto GraftConfig; apps override defaults
 GRAFT_FLAGS: dict[str, tuple[Any, Any]] = {
     "rule": (Rule, "topk"), "alpha": (Alpha, 1.0), "k": (K, 2), "m": (M, 8), "groups": (Groups, 64),

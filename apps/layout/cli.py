@@ -9,7 +9,6 @@ from typing import Annotated
 import pandas as pd
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from pgraft.core import cli as opts
 from pgraft.core.trainer import GraftConfig, is_main_process
@@ -23,15 +22,6 @@ console = Console()
 Base = Annotated[Path, typer.Option(help="Base model directory (pretrained with --preset first if missing).")]
 Preset = Annotated[str, typer.Option(help="Pretraining preset: tiny (tests), default (<= 30 min on 2 cores).")]
 Reward = Annotated[str, typer.Option(help=f"Reward: {', '.join(REWARDS)}.")]
-
-
-def print_row(row: dict, title: str) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in row.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    console.print(table)
 
 
 @app.command("pretrain")
@@ -63,7 +53,7 @@ def pretrain_cmd(
     if eval_samples:
         row = evaluate_run(out, eval_samples, show_progress=not quiet)
         (out / "eval.json").write_text(json.dumps(row, indent=2))
-        print_row(row, f"base model, {eval_samples} samples")
+        opts.print_row(row, f"base model, {eval_samples} samples")
 
 
 @app.command("train")
@@ -132,5 +122,5 @@ def evaluate_cmd(
         raise typer.BadParameter(str(err)) from err
     path = out or run_dir / "evaluation.csv"
     pd.DataFrame([{"run": str(run_dir), **row}]).to_csv(path, index=False)
-    print_row(row, f"{run_dir} ({n} samples)")
+    opts.print_row(row, f"{run_dir} ({n} samples)")
     console.print(f"written to {path}")
