@@ -20,8 +20,10 @@ from .grs import RULES, GRSConfig
 from .trainer import GraftConfig
 
 PANEL = "GRAFT / P-GRAFT rounds"
-Rule = Annotated[str, typer.Option(help=f"GRS acceptance rule: {', '.join(sorted(RULES))}.", rich_help_panel=PANEL)]
-Alpha = Annotated[float, typer.Option(help="Temperature α of rejection sampling (accept ∝ exp(r/α)).", rich_help_panel=PANEL)]
+Rule = Annotated[str, typer.Option(help=f"GRS acceptance rule: {', '.join(sorted(RULES))}.",
+                                   rich_help_panel=PANEL)]
+Alpha = Annotated[float, typer.Option(help="Temperature α of rejection sampling (accept ∝ exp(r/α)).",
+                                      rich_help_panel=PANEL)]
 K = Annotated[int, typer.Option("--k", "--top-k", help="K of Top-K: samples kept per group of M.", rich_help_panel=PANEL)]
 M = Annotated[int, typer.Option("--m", "--group-size", help="M: candidates per group (BoN's N).", rich_help_panel=PANEL)]
 Groups = Annotated[int, typer.Option(help="Groups sampled per round (candidates per round = groups × M).",

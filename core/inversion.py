@@ -128,5 +128,5 @@ def train_noise_flow(noise_model: nn.Module, noises: torch.Tensor, config, run_d
     from .pretrain import infinite_batches, pretrain
 
     batches = infinite_batches(noises, batch_size, config.seed)
-    return pretrain(noise_model, batches, lambda m, x, c, g: flow_matching_loss(m, x, 0.0, c, g, coupling), config, run_dir,
-                    model_config, show_progress=show_progress)
+    loss = lambda m, x, c, g: flow_matching_loss(m, x, 0.0, c, g, coupling)  # noqa: E731
+    return pretrain(noise_model, batches, loss, config, run_dir, model_config, show_progress=show_progress)
