@@ -52,7 +52,17 @@ def test_log_prob_is_the_density_of_the_guided_sampler_step(tmp_path, t, t_next)
     d = z[0].numel()
     expected = (-0.5 * z.flatten(1) ** 2).sum(1) - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
     torch.testing.assert_close(lp, expected, rtol=1e-4, atol=1e-3)
-    assert (unguided < lp).all()  # the transition was drawn with guidance: the conditional eps explains it worse
+    # the unguided density is the Gaussian around the unguided mean, which guidance moves
+    from pgraft.core.sampling import ddim_mean_std
+
+    with torch.no_grad():
+        m_u, _ = ddim_mean_std(pipe.denoiser, x, t, t_next, pipe.prompt_encoder()(prompts, False), pipe.alpha_bar,
+                               eta, pipe.clip_sample)
+        m_g, _ = ddim_mean_std(pipe.denoiser, x, t, t_next, cond, pipe.alpha_bar, eta, pipe.clip_sample)
+    assert (m_u - m_g).abs().max() > 1e-3
+    r = (x_next - m_u).flatten(1)
+    expected_u = (-0.5 * (r / sigma) ** 2).sum(1) - d * math.log(sigma) - 0.5 * d * math.log(2 * math.pi)
+    torch.testing.assert_close(unguided, expected_u, rtol=1e-4, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
