@@ -29,7 +29,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pgraft.apps.molecule.pretrain import get_preset  # noqa: E402
 from pgraft.apps.molecule.train import (MoleculeTrainConfig, evaluate_base_row, load_or_pretrain, log_prob,  # noqa: E402
                                         make_problem, sample_smiles)
 from pgraft.core.grs import GRSConfig  # noqa: E402

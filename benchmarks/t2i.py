@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -49,9 +48,9 @@ from torch import nn  # noqa: E402
 from pgraft.apps.t2i.model import UNET_ATTENTION, T2IPipeline  # noqa: E402
 from pgraft.apps.t2i.prompts import load_prompts  # noqa: E402
 from pgraft.apps.t2i.rewards import ScorerTrainConfig, make_reward, train_scorer  # noqa: E402
-from pgraft.apps.t2i.train import (PRETRAIN_STEPS, PretrainT2IConfig, RoundRecorder, T2IConfig,  # noqa: E402
-                                   evaluate_images, load_pipeline, log_prob, make_problem, pretrain_world,
-                                   sample_images, train_t2i)
+from pgraft.apps.t2i.train import (PRETRAIN_STEPS, PretrainT2IConfig, T2IConfig, evaluate_images,  # noqa: E402
+                                   load_pipeline, log_prob, pretrain_world, recorded_problem, sample_images,
+                                   train_t2i)
 from pgraft.apps.t2i.world import CATEGORIES  # noqa: E402
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
@@ -128,11 +127,7 @@ def train_pg(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, sho
                    lora_targets=UNET_ATTENTION, sample_batch_size=bench.sample_batch_size,
                    timestep_fraction=bench.pg_timestep_fraction, final_eval=False, seed=0)
     app = bench.app()
-    recorder = RoundRecorder(pipe, make_reward(app.reward, app.reward_weights),
-                             math.ceil(cfg.groups * cfg.group_size / cfg.sample_batch_size), 0, run_dir / "grids",
-                             app.grid_images)
-    problem = make_problem(pipe, load_prompts(app.prompts).prompts, recorder, app.n_steps, app.eta)
-    problem.describe, problem.metrics = recorder.describe, recorder.metrics
+    problem = recorded_problem(pipe, app, load_prompts(app.prompts).prompts, cfg, run_dir)
     head, _ = run_policy_gradient(problem, log_prob(pipe, app.eta), pipe.denoiser, pipe.denoiser.init_kwargs(), cfg,
                                   run_dir, app_config={"t2i": asdict(app)}, show_progress=show)
     return head

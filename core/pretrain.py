@@ -10,8 +10,6 @@ non-finite loss without touching the last good checkpoint.
 from __future__ import annotations
 
 import copy
-import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass

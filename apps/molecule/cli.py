@@ -12,7 +12,7 @@ from rich.console import Console
 from pgraft.core import cli as opts
 from pgraft.core.trainer import GraftConfig, is_main_process
 
-from .pretrain import PRESETS, evaluate_base, get_preset, load_base, pretrain_molecule
+from .pretrain import PRESETS, get_preset, load_base, pretrain_molecule
 from .rewards import MOL_SCORES
 
 app = typer.Typer(help="Molecule generation: masking graph diffusion, RDKit rewards, dedup GRS.",

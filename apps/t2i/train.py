@@ -218,6 +218,19 @@ def load_pipeline(path: str | Path, guidance_scale: float | None = None) -> T2IP
     return T2IPipeline.load(path, guidance_scale)
 
 
+def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], cfg, out: Path,
+                     start_round: int = 0) -> GraftProblem:
+    """:func:`make_problem` whose reward is a :class:`RoundRecorder` of ``app.reward`` (checker
+    verdicts in the store and metrics, a grid per round in ``out/grids``); ``cfg`` is the round
+    loop's config (GraftConfig or PGConfig: groups, group_size, sample_batch_size)."""
+    recorder = RoundRecorder(pipe, make_reward(app.reward, app.reward_weights),
+                             math.ceil(cfg.groups * cfg.group_size / cfg.sample_batch_size), start_round,
+                             out / "grids", app.grid_images)
+    problem = make_problem(pipe, prompts, recorder, app.n_steps, app.eta)
+    problem.describe, problem.metrics = recorder.describe, recorder.metrics
+    return problem
+
+
 def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = False,
               show_progress: bool = True) -> tuple[nn.Module, pd.DataFrame]:
     """GRAFT / P-GRAFT over ``app.prompts`` with the core round loop; LoRA on the UNet attention
@@ -230,12 +243,8 @@ def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = 
     prompts = load_prompts(app.prompts).prompts
     if cfg.lora_rank > 0 and not cfg.lora_targets:
         cfg = replace(cfg, lora_targets=UNET_ATTENTION)
-    reward_fn = make_reward(app.reward, app.reward_weights)
     start = RunDir(out, resume=resume).latest_round() + 1 if resume else 0
-    recorder = RoundRecorder(pipe, reward_fn, math.ceil(cfg.groups * cfg.group_size / cfg.sample_batch_size),
-                             start, out / "grids", app.grid_images)
-    problem = make_problem(pipe, prompts, recorder, app.n_steps, app.eta)
-    problem.describe, problem.metrics = recorder.describe, recorder.metrics
+    problem = recorded_problem(pipe, app, prompts, cfg, out, start)
     head, table = run_graft(problem, pipe.denoiser, pipe.denoiser.init_kwargs(), cfg, out,
                             app_config={"t2i": asdict(app)}, resume=resume, show_progress=show_progress)
     if cfg.lora_rank > 0:

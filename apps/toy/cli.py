@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import pandas as pd
-import torch
 import typer
 
 from pgraft.core import cli as opts
