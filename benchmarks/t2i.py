@@ -57,7 +57,7 @@ from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E
 from pgraft.core.state import load_state, save_state  # noqa: E402
 from pgraft.core.trainer import GraftConfig  # noqa: E402
 
-REWARD = "vqa"
+REWARD = "vqa"  # the learned reward every method is evaluated with (and trained with, by default)
 EVAL_SEED = 2  # the seed of `pgraft t2i evaluate`; shared by every method, so columns of the grid share x_T
 
 
@@ -71,6 +71,8 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "base": Method("base", kind="base"),
+    # control: the same self-training with no selection, to separate selection from drift
+    "sft_all": Method("SFT on all samples (no selection)", grs=GRSConfig(rule="threshold", threshold=-1.0)),  # both rewards lie in [0, 1]
     "graft_bon": Method("GRAFT BoN (1 of M)", grs=GRSConfig(rule="bon")),
     "graft_topk": Method("GRAFT Top-2 of M"),
     "pgraft_0.25": Method("P-GRAFT t=0.25", t=0.25),
@@ -99,10 +101,16 @@ class Bench:
     pg_clip: float
     pg_timestep_fraction: float
     eval_per_prompt: int
+    replay: bool = False
+    reward: str = REWARD
+    guidance: float | None = None
+    cond_dropout: float = 0.0
 
     def app(self) -> T2IConfig:
-        return T2IConfig(model=self.base, prompts="train", reward=REWARD, reward_weights=self.scorer,
-                         n_steps=self.n_steps, eta=self.eta)
+        return T2IConfig(model=self.base, prompts="train", reward=self.reward,
+                         reward_weights=self.scorer if self.reward == REWARD else None,
+                         n_steps=self.n_steps, eta=self.eta, guidance_scale=self.guidance,
+                         cond_dropout=self.cond_dropout)
 
 
 # ----------------------------------------------------------------------------- fine-tuning, per kind
@@ -114,7 +122,7 @@ def train_graft(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, 
     """``pgraft t2i train`` with the benchmark's budget (LoRA targets: the app's default)."""
     cfg = GraftConfig(rounds=bench.rounds, groups=bench.groups, group_size=bench.m, grs=method.grs, split=method.t,
                       train_steps=bench.train_steps, batch_size=bench.batch_size, lr=bench.lr, lora_rank=bench.lora,
-                      sample_batch_size=bench.sample_batch_size, final_eval=False, seed=0)
+                      sample_batch_size=bench.sample_batch_size, replay=bench.replay, final_eval=False, seed=0)
     head, _ = train_t2i(bench.app(), cfg, run_dir, show_progress=show)
     return head
 
@@ -149,10 +157,12 @@ def run_method(name: str, bench: Bench, out: Path, show: bool) -> dict:
     method = METHODS[name]
     run_dir = out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    pipe = load_pipeline(bench.base)
+    pipe = load_pipeline(bench.base, bench.guidance)
     t0 = time.time()
     head = TRAINERS[method.kind](method, bench, pipe, run_dir, show)
     train_seconds = time.time() - t0
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainers already moved there
+    pipe.denoiser, head = pipe.denoiser.to(device), head.to(device)
     held = load_prompts("heldout")
     t0 = time.time()
     images, plist = sample_images(pipe, head, held.prompts, bench.eval_per_prompt, method.t, bench.n_steps,
@@ -330,6 +340,13 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--reward", default=REWARD, choices=[REWARD, "checker"],
+                   help="training reward (evaluation always reports both): the learned scorer, or the exact "
+                        "checker as an oracle ablation")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--cond-dropout", type=float, default=0.0,
+                   help="fine-tuning also trains the unconditional eps on this fraction of accepted images")
+    p.add_argument("--replay", action="store_true", help="GRAFT / P-GRAFT train on every accepted image so far")
     p.add_argument("--lora", type=int, default=8, help="LoRA rank on the UNet attention (0 = full fine-tune)")
     p.add_argument("--n-steps", type=int, default=20, help="DDIM sampler steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0: P-GRAFT's tail and PG need noise)")
@@ -361,7 +378,8 @@ def main() -> None:
                   train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
                   n_steps=args.n_steps, eta=args.eta, sample_batch_size=args.sample_batch_size,
                   pg_clip=args.pg_clip, pg_timestep_fraction=args.pg_timestep_fraction,
-                  eval_per_prompt=args.eval_per_prompt)
+                  eval_per_prompt=args.eval_per_prompt, replay=args.replay, reward=args.reward,
+                  guidance=args.guidance, cond_dropout=args.cond_dropout)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         run_method(name, bench, args.out, show)

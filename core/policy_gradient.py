@@ -26,7 +26,7 @@ from .pretrain import check_finite
 from .progress import progress_bar
 from .rundir import RunDir
 from .sampling import sample_trajectory
-from .state import State, cat, index
+from .state import State, cat, index, to_device
 from .trainer import (Candidates, GraftProblem, _print_row, apply_lora, generator_for, merged_copy,
                       round_metrics, sample_candidates)
 
@@ -84,6 +84,9 @@ def run_policy_gradient(
     run = RunDir(run_dir, resume=False)
     run.save_config({"pg": asdict(cfg), "app": app_config or {}, "model": model_config}, resume=False)
     run.truncate_after(-1)
+    # on the GPU when one is visible, as run_graft; rewards, keys and metrics see CPU samples
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = base.eval().requires_grad_(False).to(device)
     policy = copy.deepcopy(base).requires_grad_(True).train()
     if cfg.lora_rank > 0:
         policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
@@ -106,14 +109,16 @@ def run_policy_gradient(
                 hi = min(n, lo + cfg.sample_batch_size)
                 gen = generator_for(cfg.seed, round_, c)
                 cond = problem.cond_batch(cond_index[lo:hi])
-                traj = sample_trajectory(policy, problem.prior(hi - lo, gen), times, problem.step, cond, gen, advance)
+                x_T = to_device(problem.prior(hi - lo, gen), device)
+                traj = sample_trajectory(policy, x_T, times, problem.step, cond, gen, advance)
                 trajs.append(traj)
-                r = torch.as_tensor(problem.reward(traj[-1], cond), dtype=torch.float64)
+                x0 = to_device(traj[-1], "cpu")
+                r = torch.as_tensor(problem.reward(x0, cond), dtype=torch.float64).cpu()
                 rewards.append(r)
                 if problem.key is not None:
-                    keys += problem.key(traj[-1])
+                    keys += problem.key(x0)
                 if problem.metrics is not None:
-                    for k, v in problem.metrics(traj[-1], r, cond).items():
+                    for k, v in problem.metrics(x0, r, cond).items():
                         extras[k] = extras.get(k, 0.0) + v * (hi - lo) / n
         states = [cat([tr[k] for tr in trajs]) for k in range(len(times))]
         rewards = torch.cat(rewards)

@@ -87,6 +87,8 @@ def train_cmd(
     n_steps: Steps = 20,
     eta: Eta = 1.0,
     guidance: Guidance = None,
+    cond_dropout: Annotated[float, typer.Option(
+        help="Also train the unconditional eps (classifier-free guidance) on this fraction of accepted images.")] = 0.0,
     sample_batch_size: Annotated[int, typer.Option(help="Images per sampler call.")] = 64,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
@@ -97,7 +99,7 @@ def train_cmd(
     cfg = replace(graft, sample_batch_size=sample_batch_size)
     app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
                         reward_weights=None if reward_weights is None else str(reward_weights),
-                        n_steps=n_steps, eta=eta, guidance_scale=guidance)
+                        n_steps=n_steps, eta=eta, guidance_scale=guidance, cond_dropout=cond_dropout)
     try:
         train_t2i(app_cfg, cfg, out, resume=resume, show_progress=not quiet)
     except (ValueError, FileNotFoundError, FileExistsError) as err:

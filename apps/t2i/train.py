@@ -130,6 +130,7 @@ class T2IConfig:
     n_steps: int = 20
     eta: float = 1.0
     guidance_scale: float | None = None
+    cond_dropout: float = 0.0
     grid_images: int = 16
 
 
@@ -188,20 +189,40 @@ def _in_grammar(prompts: Sequence[str]) -> bool:
     return True
 
 
+def drop_conditions(cond: PromptBatch, p: float, generator: torch.Generator | None) -> PromptBatch:
+    """``cond`` with each prompt replaced by the empty prompt with probability ``p`` (its
+    embedding by ``cond.uncond``), as in classifier-free-guidance training."""
+    if p <= 0:
+        return cond
+    if cond.uncond is None:
+        raise ValueError("condition dropout needs the empty prompt's embedding (guidance on)")
+    drop = torch.rand(len(cond), generator=generator) < p
+    embeds = torch.where(drop.view(-1, 1, 1).to(cond.embeds.device), cond.uncond.expand_as(cond.embeds), cond.embeds)
+    return PromptBatch(["" if d else q for q, d in zip(cond.prompts, drop.tolist())], embeds, cond.uncond)
+
+
 def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int, eta: float,
-                 encoder: PromptEncoder | None = None) -> GraftProblem:
+                 encoder: PromptEncoder | None = None, cond_dropout: float = 0.0) -> GraftProblem:
     """The text-to-image :class:`GraftProblem`: prior N(0, I) on the state shape, DDIM(eta) on
     ``vp_times(n_steps)`` with the pipeline's abar (x0_hat clipped in pixel space), the P-GRAFT eps loss on the conditional eps
-    (guidance 1), ``reward(decode(x0), prompts)``, conditions = ``prompts``."""
+    (guidance 1), ``reward(decode(x0), prompts)``, conditions = ``prompts``.
+
+    ``cond_dropout`` > 0 (with guidance on) also trains the unconditional eps on the accepted
+    samples, as pretraining did; otherwise only the conditional branch is fitted and the guided
+    difference eps_c - eps_u is left to drift."""
     encoder = encoder or pipe.prompt_encoder()
     guided = pipe.denoiser.guidance_scale != 1.0
     shape = pipe.state_shape
     alpha_bar = pipe.alpha_bar
     weighting = pipe.denoiser.loss_weighting
+    if not 0.0 <= cond_dropout < 1.0:
+        raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+    if cond_dropout > 0 and not guided:
+        raise ValueError("cond_dropout needs classifier-free guidance (guidance scale != 1)")
 
     def loss(model, x, t, cond, gen):
         eps = lambda x_s, s, c: model(x_s, s, c, guidance_scale=1.0)  # noqa: E731
-        return eps_matching_loss(eps, x, t, alpha_bar, cond, gen, weighting)
+        return eps_matching_loss(eps, x, t, alpha_bar, drop_conditions(cond, cond_dropout, gen), gen, weighting)
 
     return GraftProblem(
         prior=lambda n, g: torch.randn(n, *shape, generator=g),
@@ -226,7 +247,7 @@ def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], 
     recorder = RoundRecorder(pipe, make_reward(app.reward, app.reward_weights),
                              math.ceil(cfg.groups * cfg.group_size / cfg.sample_batch_size), start_round,
                              out / "grids", app.grid_images)
-    problem = make_problem(pipe, prompts, recorder, app.n_steps, app.eta)
+    problem = make_problem(pipe, prompts, recorder, app.n_steps, app.eta, cond_dropout=app.cond_dropout)
     problem.describe, problem.metrics = recorder.describe, recorder.metrics
     return problem
 

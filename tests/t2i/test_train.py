@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from pgraft.apps.t2i.cli import app
 from pgraft.apps.t2i.model import T2IPipeline
-from pgraft.apps.t2i.train import (PretrainT2IConfig, T2IConfig, load_head, pretrain_world, sample_images,
-                                   train_t2i)
+from pgraft.apps.t2i.train import (PretrainT2IConfig, T2IConfig, drop_conditions, load_head, make_problem,
+                                   pretrain_world, sample_images, train_t2i)
 from pgraft.core.grs import GRSConfig
 from pgraft.core.trainer import GraftConfig
 
@@ -37,6 +37,25 @@ def test_pretrain_writes_a_diffusers_pipeline(tiny_world):
         assert (tiny_world / part).exists(), part
     pipe = T2IPipeline.load(tiny_world)
     assert pipe.state_shape == (12, 8, 8) and pipe.info.preset == "tiny"
+
+
+def test_condition_dropout_swaps_whole_prompts_for_the_empty_one(tiny_world):
+    pipe = T2IPipeline.load(tiny_world, guidance_scale=2.0)
+    prompts = [f"a photo of {n} circles" for n in ("two", "three", "four")] * 20
+    cond = pipe.prompt_encoder()(prompts)
+    assert drop_conditions(cond, 0.0, None) is cond
+    out = drop_conditions(cond, 0.3, torch.Generator().manual_seed(4))
+    dropped = torch.rand(len(prompts), generator=torch.Generator().manual_seed(4)) < 0.3  # the same draws
+    assert 0 < int(dropped.sum()) < len(prompts)
+    assert [q == "" for q in out.prompts] == dropped.tolist()
+    torch.testing.assert_close(out.embeds[dropped], cond.uncond.expand(int(dropped.sum()), -1, -1))
+    torch.testing.assert_close(out.embeds[~dropped], cond.embeds[~dropped])
+    with pytest.raises(ValueError, match="empty prompt"):
+        drop_conditions(pipe.prompt_encoder()(prompts, guidance=False), 0.3, None)
+    with pytest.raises(ValueError, match="guidance"):
+        make_problem(T2IPipeline.load(tiny_world, guidance_scale=1.0), prompts, None, 4, 1.0, cond_dropout=0.1)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        make_problem(pipe, prompts, None, 4, 1.0, cond_dropout=1.0)
 
 
 def test_graft_round_with_lora_on_the_world(tiny_world, tmp_path):
