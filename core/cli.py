@@ -36,8 +36,8 @@ T = Annotated[float, typer.Option("--t", "--split", help="P-GRAFT split: fractio
                                   rich_help_panel=PANEL)]
 Rounds = Annotated[int, typer.Option(help="GRAFT rounds (sample → accept → fine-tune).", rich_help_panel=PANEL)]
 TrainSteps = Annotated[int, typer.Option(help="Optimizer steps per round.", rich_help_panel=PANEL)]
-BatchSize = Annotated[int, typer.Option(help="Fine-tuning batch size.")]
-LR = Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")]
+BatchSize = Annotated[int, typer.Option(help="Training batch size (pretraining, or fine-tuning in GRAFT rounds).")]
+LR = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
 Lora = Annotated[int, typer.Option("--lora", help="LoRA rank (0 = full fine-tune).", rich_help_panel=PANEL)]
 Replay = Annotated[bool, typer.Option(help="Train on every accepted sample so far, not just this round's.",
                                       rich_help_panel=PANEL)]

@@ -83,7 +83,7 @@ def test_benchmark_methods_share_seeds_budget_and_report(tiny_bench, tmp_path):
                             m=3, train_steps=0, batch_size=6, lr=5e-2, lora=2, n_steps=4, eta=1.0,
                             sample_batch_size=32, pg_clip=0.2, pg_timestep_fraction=0.5, eval_per_prompt=1)
     out = tmp_path / "out"
-    for name in ("base", "graft_topk", "pgraft_0.5", "pg"):
+    for name in ("base", "sft_all", "graft_topk", "pgraft_0.5", "pg"):
         bench_mod.run_method(name, bench, out, show=False)
     table = bench_mod.report(out)
 
@@ -95,7 +95,10 @@ def test_benchmark_methods_share_seeds_budget_and_report(tiny_bench, tmp_path):
     assert not samples["pg"]["vqa"].equals(samples["base"]["vqa"])
 
     by = table.set_index("method")
-    assert list(by["budget"]) == [0, 6, 6, 6]  # rounds x groups x M for every fine-tuning method
+    assert list(by["budget"]) == [0, 6, 6, 6, 6]  # rounds x groups x M for every fine-tuning method
+    # the control keeps every candidate; Top-2 of 3 keeps two per group
+    accept = {m: pd.read_csv(out / "runs" / m / "metrics.csv")["accept_rate"].iloc[0] for m in ("sft_all", "graft_topk")}
+    assert accept == {"sft_all": 1.0, "graft_topk": pytest.approx(2 / 3)}
     assert by.loc["pgraft_0.5", "reward_gain_%"] == 0 and by.loc["base", "acc_gain_%"] == 0
     pg_gain = 100 * (by.loc["pg", "reward"] / by.loc["base", "reward"] - 1)
     assert by.loc["pg", "reward_gain_%"] == pytest.approx(pg_gain)
