@@ -64,6 +64,34 @@ def quick_images(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True).clamp(-1, 1), y
 
 
+def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_steps: list[int], evaluator,
+              n: int, seed: int) -> dict:
+    """How well the noise flow fits the inverted-noise law, and how far correction could go.
+
+    - ``rms``: root-mean-square value of the inverted noises, of N(0, I) draws and of the noise
+      flow's output at each step count (a flow that shrinks its samples toward the mean shows a
+      lower rms, and the base then decodes blurred, average images);
+    - ``oracle``: feature metrics of the base decoding the inverted training noises themselves
+      (reconstructions of training images): what a perfect noise flow would reach, an upper bound.
+    """
+    from pgraft.apps.flow.train import read_shards
+    from pgraft.core.sampling import FLOW_STEPS, sample
+    from pgraft.core.schedules import flow_times
+
+    inverted = read_shards(invert_dir)["noise"][:n]
+    z = torch.randn(inverted.shape, generator=torch.Generator().manual_seed(seed))
+    rms = {"inverted": inverted.pow(2).mean().sqrt().item(), "gaussian": z.pow(2).mean().sqrt().item()}
+    with torch.no_grad():
+        for k in noise_steps:
+            rms[f"noise_flow_euler_{k}"] = sample(noise_model, z, flow_times(k), FLOW_STEPS["euler"]).pow(2).mean().sqrt().item()
+        recon = torch.cat([sample(base, inverted[i:i + 250], flow_times(invert_steps), FLOW_STEPS["euler"]).clamp(-1, 1)
+                           for i in range(0, len(inverted), 250)])
+    row = evaluator.row(recon, with_inception=False)
+    oracle = {"config": f"inverted training noise -> base euler-{invert_steps}", "n": len(inverted),
+              **{k: row[k] for k in ("feature_fid", "feature_kid", "precision", "recall")}}
+    return {"rms": rms, "oracle": oracle}
+
+
 def parse_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -247,6 +275,8 @@ def main() -> None:
                 print(f"Inception metrics of {label}: FID {table.loc[i, 'fid']:.3f} on {eval_cfg.inception_n} "
                       f"samples  [{time.time() - t0:.0f}s]")
     table.to_csv(out / "results.csv", index=False)
+    fit = noise_fit(base, noise_model, out / "invert", invert_steps, noise_steps, evaluator, min(n, report.n_images),
+                    args.seed + 2)
     for spec, name in ((SamplerSpec(invert_steps), "samples_base.png"),
                        (SamplerSpec(invert_steps, noise_steps=noise_steps[len(noise_steps) // 2]), "samples_corrected.png")):
         images_to_grid(sample_images(spec, base, 64, noise_model, args.seed + 1, show_progress=False), out / name)
@@ -260,6 +290,7 @@ def main() -> None:
                "base_dir": str(base_dir), "base_trained_steps": base_trained, "base_configured_steps": base_cfg.steps,
                "invert_steps": invert_steps, "correction": {"preset": corr_cfg.preset, "steps": corr_cfg.steps, "coupling": corr_cfg.coupling},
                "base_parameters": base.num_parameters(), "noise_parameters": noise_model.num_parameters(),
+               "noise_fit": fit,
                "seconds": time.time() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -270,6 +301,10 @@ def main() -> None:
     for m in ("feature_fid", "fid"):
         for line in describe(summary[m], n_text[m]):
             print(line)
+    print("noise rms: " + ", ".join(f"{k} {v:.3f}" for k, v in fit["rms"].items()))
+    o = fit["oracle"]
+    print(f"upper bound ({o['config']}, {o['n']} images): feature_fid {o['feature_fid']:.4g}, "
+          f"precision {o['precision']:.3f}, recall {o['recall']:.3f}")
     if not math.isnan(evaluator.classifier_report.get("test_accuracy", float("nan"))):
         print(f"feature classifier test accuracy {evaluator.classifier_report['test_accuracy']:.3f}")
     print(f"wrote {out / 'results.csv'}, {out / 'flow.png'}, {out / 'summary.json'}  [{time.time() - t0:.0f}s total]")

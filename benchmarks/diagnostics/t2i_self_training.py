@@ -66,6 +66,7 @@ def main() -> None:
         x = pipe.encode_images(images)
         cond_index = torch.arange(len(prompts)).repeat_interleave(args.per_prompt)
     problem = make_problem(pipe, prompts, None, args.eval_steps, 1.0)
+    torch.manual_seed(0)  # LoRA's A initialisation draws from the global generator
     head = build_head(pipe.denoiser, GraftConfig(lora_rank=8, lora_targets=UNET_ATTENTION))
     opt = torch.optim.AdamW([q for q in head.parameters() if q.requires_grad], lr=args.lr)
     for step in range(args.steps):
