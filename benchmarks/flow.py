@@ -64,8 +64,8 @@ def quick_images(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True).clamp(-1, 1), y
 
 
-def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_steps: list[int], evaluator,
-              n: int, seed: int) -> dict:
+def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_steps: list[int], noise_sampler: str,
+              evaluator, n: int, seed: int) -> dict:
     """How well the noise flow fits the inverted-noise law, and how far correction could go.
 
     - ``rms``: root-mean-square value of the inverted noises, of N(0, I) draws and of the noise
@@ -83,7 +83,9 @@ def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_step
     rms = {"inverted": inverted.pow(2).mean().sqrt().item(), "gaussian": z.pow(2).mean().sqrt().item()}
     with torch.no_grad():
         for k in noise_steps:
-            rms[f"noise_flow_euler_{k}"] = sample(noise_model, z, flow_times(k), FLOW_STEPS["euler"]).pow(2).mean().sqrt().item()
+            for name in ("euler", noise_sampler):
+                x = sample(noise_model, z, flow_times(k), FLOW_STEPS[name])
+                rms[f"noise_flow_{name}_{k}"] = x.pow(2).mean().sqrt().item()
         recon = torch.cat([sample(base, inverted[i:i + 250], flow_times(invert_steps), FLOW_STEPS["euler"]).clamp(-1, 1)
                            for i in range(0, len(inverted), 250)])
     row = evaluator.row(recon, with_inception=False)
@@ -186,6 +188,8 @@ def main() -> None:
     ap.add_argument("--invert-tol", type=float, default=1e-4, help="fixed-point tolerance of each inverted step")
     ap.add_argument("--invert-max-iter", type=int, default=30, help="fixed-point iterations per inverted step (at most)")
     ap.add_argument("--correct-steps", type=int, default=None, help="training steps of the noise flow")
+    ap.add_argument("--noise-sampler", choices=("euler", "heun", "midpoint"), default="heun",
+                    help="ODE sampler of the noise flow (Euler's few-step samples shrink toward the mean)")
     ap.add_argument("--coupling", choices=("ot", "independent"), default="ot", help="noise-flow training pairs")
     ap.add_argument("-n", "--n", type=int, default=None, help="samples per row (feature metrics)")
     ap.add_argument("--inception", action=argparse.BooleanOptionalAction, default=None,
@@ -201,7 +205,7 @@ def main() -> None:
     t0 = time.time()
     base_steps = parse_ints(args.base_steps or ("2,3,5,8,16" if q else "5,10,13,20,40"))
     invert_steps = args.invert_steps or (5 if q else 10)
-    noise_steps = parse_ints(args.noise_steps or ("1,2,4" if q else "1,2,5,10"))
+    noise_steps = parse_ints(args.noise_steps or ("1,2,4" if q else "2,3,5,10"))
     n = args.n or (200 if q else 1000)
     inception = args.inception if args.inception is not None else not q
     if invert_steps not in base_steps:
@@ -247,7 +251,8 @@ def main() -> None:
                           classifier_steps=300 if q else 2000, seed=args.seed)
     evaluator = Evaluator.build(eval_cfg, base_cfg, out / "cache", ref_x, ref_y, show_progress=not q,
                                 train_images=train_x, train_labels=train_y)
-    specs = [SamplerSpec(s) for s in base_steps] + [SamplerSpec(invert_steps, noise_steps=k) for k in noise_steps]
+    specs = [SamplerSpec(s) for s in base_steps] + [SamplerSpec(invert_steps, noise_steps=k, noise_sampler=args.noise_sampler)
+                                                    for k in noise_steps]
     samples: dict[str, torch.Tensor] = {}
     rows = evaluate(specs, base, evaluator, noise_model, lambda spec: False, seed=args.seed + 1,
                     show_progress=not q, keep_samples=samples)
@@ -275,10 +280,12 @@ def main() -> None:
                 print(f"Inception metrics of {label}: FID {table.loc[i, 'fid']:.3f} on {eval_cfg.inception_n} "
                       f"samples  [{time.time() - t0:.0f}s]")
     table.to_csv(out / "results.csv", index=False)
-    fit = noise_fit(base, noise_model, out / "invert", invert_steps, noise_steps, evaluator, min(n, report.n_images),
+    fit = noise_fit(base, noise_model, out / "invert", invert_steps, noise_steps, args.noise_sampler, evaluator,
+                    min(n, report.n_images),
                     args.seed + 2)
     for spec, name in ((SamplerSpec(invert_steps), "samples_base.png"),
-                       (SamplerSpec(invert_steps, noise_steps=noise_steps[len(noise_steps) // 2]), "samples_corrected.png")):
+                       (SamplerSpec(invert_steps, noise_steps=noise_steps[len(noise_steps) // 2], noise_sampler=args.noise_sampler),
+                        "samples_corrected.png")):
         images_to_grid(sample_images(spec, base, 64, noise_model, args.seed + 1, show_progress=False), out / name)
 
     n_text = {"feature_fid": f"classifier features, {n} samples vs {evaluator.classifier_reference.count} test images",
@@ -288,7 +295,8 @@ def main() -> None:
                "n_samples": n, "n_inception": eval_cfg.inception_n if inception else 0,
                "reconstruction": report.__dict__, "classifier": evaluator.classifier_report,
                "base_dir": str(base_dir), "base_trained_steps": base_trained, "base_configured_steps": base_cfg.steps,
-               "invert_steps": invert_steps, "correction": {"preset": corr_cfg.preset, "steps": corr_cfg.steps, "coupling": corr_cfg.coupling},
+               "invert_steps": invert_steps, "correction": {"preset": corr_cfg.preset, "steps": corr_cfg.steps, "coupling": corr_cfg.coupling,
+                              "noise_sampler": args.noise_sampler},
                "base_parameters": base.num_parameters(), "noise_parameters": noise_model.num_parameters(),
                "noise_fit": fit,
                "seconds": time.time() - t0}
