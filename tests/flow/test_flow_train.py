@@ -165,6 +165,15 @@ def test_cli_smoke_pretrain_invert_correct_sample_evaluate(tmp_path):
     assert table["flops_per_image"].is_monotonic_increasing
     assert table[["feature_fid", "precision", "recall"]].notna().all().all()
     assert (table["n_samples"] == 12).all()
+    assert list(table["noise_sampler"].fillna("")) == ["", "", "heun", "heun"]  # the default noise sampler
+    # Euler spends one noise-flow evaluation per step, Heun two: counted FLOPs show it
+    euler_csv = tmp_path / "eval_euler.csv"
+    run("evaluate", str(cor), "--steps", "", "--noise-steps", "2", "--noise-sampler", "euler", "--n", "12",
+        "--reference-n", "20", "--cache", str(tmp_path / "cache"), "--out", str(euler_csv), "--no-inception")
+    euler = pd.read_csv(euler_csv)
+    base3 = table.loc[table["noise_steps"] == 0, "flops_per_image"].iloc[-1]
+    heun2 = table.loc[table["noise_steps"] == 2, "flops_per_image"].iloc[0]
+    assert heun2 - base3 == 2 * (euler["flops_per_image"].iloc[0] - base3)
 
 
 def test_cli_errors_name_missing_paths(tmp_path):
