@@ -237,7 +237,7 @@ def main() -> None:
           f"mean |err| {report.mean_abs:.2e}, max {report.max_abs:.2e}, worst residual {report.max_residual:.2e} "
           f"[{time.time() - t0:.0f}s]")
     corr_cfg = CorrectionConfig(preset="noise-tiny" if q else "noise-small",
-                                steps=args.correct_steps or (300 if q else 1500), coupling=args.coupling,
+                                steps=args.correct_steps or (300 if q else 6000), coupling=args.coupling,
                                 seed=args.seed)
     noise_model = train_correction(out / "invert", out / "correct", corr_cfg, show_progress=not q)
     correction = load_correction(out / "correct", base_dir)

@@ -286,7 +286,7 @@ class CorrectionConfig:
     Euler steps suffice) or "independent" (plain conditional flow matching)."""
 
     preset: str = "noise-small"
-    steps: int = 1500
+    steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
