@@ -100,6 +100,7 @@ def pretrain_flow(cfg: FlowPretrainConfig, out: str | Path, show_progress: bool 
     EMA model (what is saved).
     """
     out = Path(out)
+    torch.manual_seed(cfg.seed)  # model init (core.pretrain seeds only after the model exists)
     model = from_preset(cfg.preset)
     data = images if images is not None else load_training_images(cfg)
     save_json(asdict(cfg), out / BASE_META)

@@ -90,6 +90,7 @@ def pretrain_world(cfg: PretrainT2IConfig, out: str | Path, show_progress: bool 
                                 cfg.seed, cfg.guidance_scale, cfg.prediction_type)
     model_config = {"unet": unet_config(p), "text_encoder": text_encoder_config(p, len(pipe.tokenizer)),
                     "guidance_scale": cfg.guidance_scale, "prediction_type": cfg.prediction_type}
+    torch.manual_seed(cfg.seed)  # model init (core.pretrain seeds only after the model exists)
     model = WorldModel(**model_config)
     # kept as uint8 (4x smaller than float) and converted per batch
     images, captions = render_dataset(prompts, cfg.n_images, p.image_size, cfg.seed)
