@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pgraft.apps.flow.data import load_fashion_mnist  # noqa: E402
+from pgraft.core.sampling import FLOW_STEPS  # noqa: E402
 from pgraft.apps.flow.train import (  # noqa: E402
     CorrectionConfig,
     EvalConfig,
@@ -75,7 +76,7 @@ def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_step
       (reconstructions of training images): what a perfect noise flow would reach, an upper bound.
     """
     from pgraft.apps.flow.train import read_shards
-    from pgraft.core.sampling import FLOW_STEPS, sample
+    from pgraft.core.sampling import sample
     from pgraft.core.schedules import flow_times
 
     inverted = read_shards(invert_dir)["noise"][:n]
@@ -83,7 +84,7 @@ def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_step
     rms = {"inverted": inverted.pow(2).mean().sqrt().item(), "gaussian": z.pow(2).mean().sqrt().item()}
     with torch.no_grad():
         for k in noise_steps:
-            for name in ("euler", noise_sampler):
+            for name in dict.fromkeys(("euler", noise_sampler)):  # Euler as the reference, once
                 x = sample(noise_model, z, flow_times(k), FLOW_STEPS[name])
                 rms[f"noise_flow_{name}_{k}"] = x.pow(2).mean().sqrt().item()
         recon = torch.cat([sample(base, inverted[i:i + 250], flow_times(invert_steps), FLOW_STEPS["euler"]).clamp(-1, 1)
@@ -188,7 +189,7 @@ def main() -> None:
     ap.add_argument("--invert-tol", type=float, default=1e-4, help="fixed-point tolerance of each inverted step")
     ap.add_argument("--invert-max-iter", type=int, default=30, help="fixed-point iterations per inverted step (at most)")
     ap.add_argument("--correct-steps", type=int, default=None, help="training steps of the noise flow")
-    ap.add_argument("--noise-sampler", choices=("euler", "heun", "midpoint"), default="heun",
+    ap.add_argument("--noise-sampler", choices=sorted(FLOW_STEPS), default="heun",
                     help="ODE sampler of the noise flow (Euler's few-step samples shrink toward the mean)")
     ap.add_argument("--coupling", choices=("ot", "independent"), default="ot", help="noise-flow training pairs")
     ap.add_argument("-n", "--n", type=int, default=None, help="samples per row (feature metrics)")

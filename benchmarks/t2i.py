@@ -54,7 +54,7 @@ from pgraft.apps.t2i.train import (PRETRAIN_STEPS, PretrainT2IConfig, T2IConfig,
 from pgraft.apps.t2i.world import CATEGORIES  # noqa: E402
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
-from pgraft.core.state import load_state, save_state  # noqa: E402
+from pgraft.core.state import default_device, load_state, save_state  # noqa: E402
 from pgraft.core.trainer import GraftConfig  # noqa: E402
 
 REWARD = "vqa"  # the learned reward every method is evaluated with (and trained with, by default)
@@ -161,7 +161,7 @@ def run_method(name: str, bench: Bench, out: Path, show: bool) -> dict:
     t0 = time.time()
     head = TRAINERS[method.kind](method, bench, pipe, run_dir, show)
     train_seconds = time.time() - t0
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainers already moved there
+    device = default_device()  # the trainers already moved there
     pipe.denoiser, head = pipe.denoiser.to(device), head.to(device)
     held = load_prompts("heldout")
     t0 = time.time()

@@ -26,7 +26,7 @@ from .pretrain import check_finite
 from .progress import progress_bar
 from .rundir import RunDir
 from .sampling import sample_trajectory
-from .state import State, cat, index, to_device
+from .state import State, cat, default_device, index, to_device
 from .trainer import (Candidates, GraftProblem, _print_row, apply_lora, generator_for, merged_copy,
                       round_metrics, sample_candidates)
 
@@ -85,7 +85,7 @@ def run_policy_gradient(
     run.save_config({"pg": asdict(cfg), "app": app_config or {}, "model": model_config}, resume=False)
     run.truncate_after(-1)
     # on the GPU when one is visible, as run_graft; rewards, keys and metrics see CPU samples
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     base = base.eval().requires_grad_(False).to(device)
     policy = copy.deepcopy(base).requires_grad_(True).train()
     if cfg.lora_rank > 0:

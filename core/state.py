@@ -49,6 +49,11 @@ def cat(xs: Sequence[State]) -> State:
     return {k: torch.cat([x[k] for x in xs], dim=0) for k in xs[0]}
 
 
+def default_device() -> torch.device:
+    """Where the round loops train and sample: the GPU when one is visible, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def to_device(x: State, device: torch.device | str) -> State:
     if isinstance(x, torch.Tensor):
         return x.to(device)

@@ -37,7 +37,7 @@ from .progress import progress_bar
 from .rundir import RunDir
 from .sampling import SplitSample, StepFn, sample_split
 from .schedules import split_times
-from .state import State, batch_size, cat, index, to_device
+from .state import State, batch_size, cat, default_device, index, to_device
 
 RewardFn = Callable[[State, Any], torch.Tensor]
 LossFn = Callable[[nn.Module, State, float, Any, "torch.Generator | None"], torch.Tensor]
@@ -186,7 +186,7 @@ def _accelerator(cpu: bool | None = None):
     """Accelerator on the GPU when one is visible, else on the CPU (gloo for multi-process)."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available() if cpu is None else cpu)
+    return Accelerator(cpu=default_device().type == "cpu" if cpu is None else cpu)
 
 
 def _gather(obj: list[Any], accelerator) -> list[Any]:
