@@ -111,8 +111,11 @@ def claims(table: pd.DataFrame, metric: str, invert_steps: int) -> dict:
     ref = ref.iloc[0]
     rows = []
     for _, r in corr.iterrows():
+        same = base[base.steps == r.steps]  # the plain base with the corrected row's own base steps
         rows.append({"config": r.config, "flops_ratio": r.flops_per_image / ref.flops_per_image,
-                     "relative_change": (r[metric] - ref[metric]) / ref[metric], metric: r[metric]})
+                     "relative_change": (r[metric] - ref[metric]) / ref[metric], metric: r[metric],
+                     "change_vs_same_base": (float((r[metric] - same[metric].iloc[0]) / same[metric].iloc[0])
+                                             if len(same) else None)})
     in_budget = [r for r in rows if r["flops_ratio"] <= FLOPS_BUDGET + 1e-9]
     best_base = base.loc[base[metric].idxmin()]
     beats_best = corr[(corr[metric] <= best_base[metric]) & (corr.flops_per_image < best_base.flops_per_image)]
@@ -137,8 +140,10 @@ def describe(c: dict, n_text: str) -> list[str]:
     lines = [f"{m} ({n_text}); reference {c['reference']['config']} = {c['reference'][m]:.4g} "
              f"at {c['reference']['flops_per_image'] / 1e9:.3f} GFLOPs/image"]
     for r in c["corrected"]:
+        same = r.get("change_vs_same_base")
         lines.append(f"  {r['config']}: {m} {r[m]:.4g} ({100 * r['relative_change']:+.1f}%), "
-                     f"FLOPs x{r['flops_ratio']:.3f}")
+                     f"FLOPs x{r['flops_ratio']:.3f}"
+                     + (f"; {100 * same:+.1f}% vs the base with the same Euler steps" if same is not None else ""))
     b = c["best_in_budget"]
     verdict = "YES" if c["lowers_fid_25pct_within_1.35x"] else "NO"
     lines.append(f"  lowers {m} >= 25% at <= 1.35x FLOPs: {verdict}"
@@ -161,10 +166,12 @@ def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str]) -> None:
         ax.plot(base.flops_per_image / 1e9, base[m], "o-", label="base (Euler steps)")
         for _, r in base.iterrows():
             ax.annotate(str(r.steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if len(corr):
-            ax.plot(corr.flops_per_image / 1e9, corr[m], "s-", color="C3", label="noise-corrected (noise steps)")
-            for _, r in corr.iterrows():
-                ax.annotate(str(r.noise_steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, color="C3",
+        for j, (steps, grp) in enumerate(corr.groupby("steps")):
+            color = f"C{3 + j}"
+            ax.plot(grp.flops_per_image / 1e9, grp[m], "s-", color=color,
+                    label=f"noise-corrected + base euler-{steps} (noise steps)")
+            for _, r in grp.iterrows():
+                ax.annotate(str(r.noise_steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, color=color,
                             xytext=(3, -9), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("GFLOPs / image (counted)")
@@ -184,7 +191,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=None, help="reuse this pretrained base directory")
     ap.add_argument("--base-steps", default=None, help="Euler step counts of the plain-base rows")
     ap.add_argument("--invert-steps", type=int, default=None, help="base Euler steps inverted through (and used after correction)")
-    ap.add_argument("--noise-steps", default=None, help="noise-flow Euler step counts of the corrected rows")
+    ap.add_argument("--noise-steps", default=None, help="noise-flow step counts of the corrected rows")
+    ap.add_argument("--corrected-base-steps", default=None,
+                    help="base Euler step counts after the noise flow (default: the inverted count, and 13,20)")
     ap.add_argument("--invert-limit", type=int, default=None, help="training images to invert")
     ap.add_argument("--invert-tol", type=float, default=1e-4, help="fixed-point tolerance of each inverted step")
     ap.add_argument("--invert-max-iter", type=int, default=30, help="fixed-point iterations per inverted step (at most)")
@@ -209,8 +218,8 @@ def main() -> None:
     noise_steps = parse_ints(args.noise_steps or ("1,2,4" if q else "2,3,5,10"))
     n = args.n or (200 if q else 1000)
     inception = args.inception if args.inception is not None else not q
-    if invert_steps not in base_steps:
-        base_steps = sorted({*base_steps, invert_steps})
+    corrected_base_steps = parse_ints(args.corrected_base_steps or f"{invert_steps}" + ("" if q else ",13,20"))
+    base_steps = sorted({*base_steps, invert_steps, *corrected_base_steps})  # each corrected row has its plain twin
 
     # ---- data overrides for --quick (tiny preset works at 8x8)
     train_x = train_y = ref_x = ref_y = None
@@ -252,8 +261,8 @@ def main() -> None:
                           classifier_steps=300 if q else 2000, seed=args.seed)
     evaluator = Evaluator.build(eval_cfg, base_cfg, out / "cache", ref_x, ref_y, show_progress=not q,
                                 train_images=train_x, train_labels=train_y)
-    specs = [SamplerSpec(s) for s in base_steps] + [SamplerSpec(invert_steps, noise_steps=k, noise_sampler=args.noise_sampler)
-                                                    for k in noise_steps]
+    specs = [SamplerSpec(s) for s in base_steps] + [SamplerSpec(b, noise_steps=k, noise_sampler=args.noise_sampler)
+                                                    for b in corrected_base_steps for k in noise_steps]
     samples: dict[str, torch.Tensor] = {}
     rows = evaluate(specs, base, evaluator, noise_model, lambda spec: False, seed=args.seed + 1,
                     show_progress=not q, keep_samples=samples)

@@ -105,6 +105,7 @@ class Bench:
     reward: str = REWARD
     guidance: float | None = None
     cond_dropout: float = 0.0
+    anchor: float = 0.0
 
     def app(self) -> T2IConfig:
         return T2IConfig(model=self.base, prompts="train", reward=self.reward,
@@ -122,7 +123,8 @@ def train_graft(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, 
     """``pgraft t2i train`` with the benchmark's budget (LoRA targets: the app's default)."""
     cfg = GraftConfig(rounds=bench.rounds, groups=bench.groups, group_size=bench.m, grs=method.grs, split=method.t,
                       train_steps=bench.train_steps, batch_size=bench.batch_size, lr=bench.lr, lora_rank=bench.lora,
-                      sample_batch_size=bench.sample_batch_size, replay=bench.replay, final_eval=False, seed=0)
+                      sample_batch_size=bench.sample_batch_size, replay=bench.replay, anchor=bench.anchor,
+                      final_eval=False, seed=0)
     head, _ = train_t2i(bench.app(), cfg, run_dir, show_progress=show)
     return head
 
@@ -347,6 +349,8 @@ def main() -> None:
     p.add_argument("--cond-dropout", type=float, default=0.0,
                    help="fine-tuning also trains the unconditional eps on this fraction of accepted images")
     p.add_argument("--replay", action="store_true", help="GRAFT / P-GRAFT train on every accepted image so far")
+    p.add_argument("--anchor", type=float, default=0.0,
+                   help="GRAFT / P-GRAFT trust region: weight of the squared head-base difference (0 = off)")
     p.add_argument("--lora", type=int, default=8, help="LoRA rank on the UNet attention (0 = full fine-tune)")
     p.add_argument("--n-steps", type=int, default=20, help="DDIM sampler steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0: P-GRAFT's tail and PG need noise)")
@@ -379,7 +383,7 @@ def main() -> None:
                   n_steps=args.n_steps, eta=args.eta, sample_batch_size=args.sample_batch_size,
                   pg_clip=args.pg_clip, pg_timestep_fraction=args.pg_timestep_fraction,
                   eval_per_prompt=args.eval_per_prompt, replay=args.replay, reward=args.reward,
-                  guidance=args.guidance, cond_dropout=args.cond_dropout)
+                  guidance=args.guidance, cond_dropout=args.cond_dropout, anchor=args.anchor)
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         run_method(name, bench, args.out, show)

@@ -41,6 +41,9 @@ LR = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
 Lora = Annotated[int, typer.Option("--lora", help="LoRA rank (0 = full fine-tune).", rich_help_panel=PANEL)]
 Replay = Annotated[bool, typer.Option(help="Train on every accepted sample so far, not just this round's.",
                                       rich_help_panel=PANEL)]
+Anchor = Annotated[float, typer.Option(help="Weight of the trust region around the frozen base: mean squared "
+                                              "difference of head and base outputs at the training inputs (0 = off).",
+                                         rich_help_panel=PANEL)]
 Seed = Annotated[int, typer.Option(help="Seed for sampling, acceptance and training.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 Out = Annotated[Path, typer.Option("--out", help="Run directory (config, store, metrics, checkpoints).")]
@@ -65,19 +68,19 @@ GRAFT_FLAGS: dict[str, tuple[Any, Any]] = {
     "rule": (Rule, "topk"), "alpha": (Alpha, 1.0), "k": (K, 2), "m": (M, 8), "groups": (Groups, 64),
     "threshold": (Threshold, 0.0), "dedup": (Dedup, False), "t": (T, 0.0), "rounds": (Rounds, 5),
     "train_steps": (TrainSteps, 100), "batch_size": (BatchSize, 64), "lr": (LR, 1e-4), "lora": (Lora, 0),
-    "replay": (Replay, False), "seed": (Seed, 0),
+    "replay": (Replay, False), "anchor": (Anchor, 0.0), "seed": (Seed, 0),
 }
 
 
 def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k: int, threshold: float,
                  dedup: bool, t: float, train_steps: int, batch_size: int, lr: float, lora: int,
-                 replay: bool, seed: int, sample_batch_size: int = 256) -> GraftConfig:
+                 replay: bool, seed: int, anchor: float = 0.0, sample_batch_size: int = 256) -> GraftConfig:
     """Build the core config from the shared flags, turning ValueErrors into usage errors."""
     try:
         return GraftConfig(rounds=rounds, groups=groups, group_size=m,
                            grs=GRSConfig(rule=rule, alpha=alpha, k=k, threshold=threshold), dedup=dedup,
                            split=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora_rank=lora,
-                           replay=replay, seed=seed, sample_batch_size=sample_batch_size)
+                           replay=replay, anchor=anchor, seed=seed, sample_batch_size=sample_batch_size)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 

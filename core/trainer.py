@@ -84,7 +84,10 @@ class GraftConfig:
     """Round-loop settings. ``split`` is P-GRAFT's t as the fraction of sampler steps left to the
     frozen base (0 = plain GRAFT). ``lora_rank = 0`` fine-tunes all weights. ``cosine`` decays the
     learning rate to 10% over each round's steps (the SFT of a round converges instead of ending on
-    a noisy iterate); the schedule is a function of the step index, so resuming needs no state."""
+    a noisy iterate); the schedule is a function of the step index, so resuming needs no state.
+    ``anchor`` > 0 adds ``anchor * mean((head(...) - base(...))**2)`` at every input the app's loss
+    feeds the head (see :class:`Anchored`): a trust region around the frozen base against the drift
+    of self-training on the model's own samples."""
 
     rounds: int = 4
     groups: int = 32
@@ -103,6 +106,7 @@ class GraftConfig:
     lora_targets: tuple[str, ...] = ()
     sample_batch_size: int = 256
     replay: bool = False
+    anchor: float = 0.0
     final_eval: bool = True
     seed: int = 0
 
@@ -121,6 +125,8 @@ class GraftConfig:
             raise ValueError(f"k={self.grs.k} exceeds group_size M={self.group_size} (need K <= M)")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.anchor >= 0:
+            raise ValueError(f"anchor must be >= 0, got {self.anchor}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GraftConfig":
@@ -158,6 +164,42 @@ def merged_copy(head: nn.Module) -> nn.Module:
     """A plain module with LoRA weights merged in (or a copy of a fully fine-tuned head)."""
     head = copy.deepcopy(head)
     return head.merge_and_unload() if hasattr(head, "merge_and_unload") else head
+
+
+def _squared_difference(out: Any, ref: Any) -> torch.Tensor:
+    """Mean squared difference of two model outputs (tensors, or tuples/lists/dicts of tensors)."""
+    if isinstance(out, torch.Tensor):
+        return (out.float() - ref.float()).square().mean()
+    if isinstance(out, dict):
+        return sum(_squared_difference(out[k], ref[k]) for k in out) / len(out)
+    if isinstance(out, (tuple, list)):
+        return sum(_squared_difference(o, r) for o, r in zip(out, ref)) / len(out)
+    raise TypeError(f"cannot anchor a model output of type {type(out).__name__}")
+
+
+class Anchored(nn.Module):
+    """``head`` that also runs the frozen ``base`` on every call and accumulates the mean squared
+    difference of their outputs in ``penalty``: the fine-tuning loss plus ``anchor * penalty`` is a
+    trust region around the base at exactly the states the loss visits.
+
+    For Gaussian denoising steps the KL between the head's and the base's sampling paths is a
+    time-weighted sum of squared prediction differences, so this is the usual KL-to-base regulariser
+    of RL fine-tuning (Fan et al. 2023, DPOK) evaluated at the accepted samples' noised states,
+    without its time weights. For logits (masking diffusion) it is a squared-logit proxy.
+    """
+
+    def __init__(self, head: nn.Module, base: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.base = [base]  # a list: not a submodule, so it is neither trained nor saved
+        self.penalty: torch.Tensor | float = 0.0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.head(*args, **kwargs)
+        with torch.no_grad():
+            ref = self.base[0](*args, **kwargs)
+        self.penalty = self.penalty + _squared_difference(out, ref)
+        return out
 
 
 def build_head(base: nn.Module, cfg: GraftConfig) -> nn.Module:
@@ -343,7 +385,8 @@ def run_graft(
         rounds = run.store_rounds() if cfg.replay else [round_]
         xs, conds = run.read_store_states([r for r in rounds if r <= round_])
         train_x, train_c = cat(xs), torch.cat(conds)
-        row["train_loss"] = _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress)
+        row.update(_train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress,
+                          base))
         row["seconds"] = time.time() - t0
         if main:
             unwrapped = accelerator.unwrap_model(head)
@@ -365,21 +408,32 @@ def run_graft(
     return merged, run.read_metrics()
 
 
-def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress) -> float:
-    """``cfg.train_steps`` optimizer steps on the accepted set; returns the mean loss (nan if empty)."""
+def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress,
+           base: nn.Module | None = None) -> dict[str, float]:
+    """``cfg.train_steps`` optimizer steps on the accepted set; returns the mean ``train_loss`` (nan
+    if nothing to train on) and, with ``cfg.anchor`` > 0, the mean ``anchor_penalty``."""
     n = batch_size(train_x)
     if n == 0 or cfg.train_steps == 0:
-        return float("nan")
+        return {"train_loss": float("nan")}
+    if cfg.anchor > 0 and base is None:
+        raise ValueError("anchor > 0 needs the frozen base")
     rank, world = accelerator.process_index, accelerator.num_processes
     head.train()
-    losses = []
+    model = Anchored(head, base) if cfg.anchor > 0 else head
+    losses, penalties = [], []
     with progress_bar(cfg.train_steps, f"round {round_}: fine-tuning on {n}", show_progress and rank == 0) as advance:
         for step in range(cfg.train_steps):
             gen = generator_for(cfg.seed, round_, step, 1 << 21)
             idx = torch.randint(n, (cfg.batch_size,), generator=gen)
             mine = idx[rank::world]
             loss_gen = generator_for(cfg.seed, round_, step, rank, 1 << 22)
-            loss = problem.loss(head, to_device(index(train_x, mine), accelerator.device), t_split, problem.cond_batch(train_c[mine]), loss_gen)
+            loss = problem.loss(model, to_device(index(train_x, mine), accelerator.device), t_split,
+                                problem.cond_batch(train_c[mine]), loss_gen)
+            losses.append(loss.item())
+            if cfg.anchor > 0:
+                penalty, model.penalty = model.penalty, 0.0
+                penalties.append(float(penalty.detach()))
+                loss = loss + cfg.anchor * penalty
             check_finite(loss, f"round {round_}, fine-tuning step {step}")
             if cfg.cosine:
                 scale = 0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.train_steps))
@@ -390,9 +444,11 @@ def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerat
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_([p for p in head.parameters() if p.requires_grad], cfg.grad_clip)
             opt.step()
-            losses.append(loss.item())
-            advance(1, loss=loss.item())
-    return sum(losses) / len(losses)
+            advance(1, loss=losses[-1])
+    out = {"train_loss": sum(losses) / len(losses)}
+    if penalties:
+        out["anchor_penalty"] = sum(penalties) / len(penalties)
+    return out
 
 
 def is_main_process() -> bool:

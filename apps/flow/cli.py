@@ -159,7 +159,7 @@ def sample_cmd(
     model_dir: Annotated[Path, typer.Argument(help="A base directory, or a `pgraft flow correct` directory.")],
     out: Annotated[Path, typer.Option(help="PNG path (default MODEL_DIR/samples.png).")] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Images in the grid.")] = 64,
-    steps: Annotated[int, typer.Option(help="Base steps (corrected sampling uses the inverted step count).")] = 10,
+    steps: Annotated[int, typer.Option(help="Base steps (default 10; after a noise flow: the inverted step count).")] = None,
     sampler: Sampler = "euler",
     noise_steps: Annotated[int, typer.Option(help="Noise-flow steps (correct dirs; 0 = bypass the correction).")] = 5,
     noise_sampler: NoiseSampler = "heun",
@@ -175,9 +175,9 @@ def sample_cmd(
     try:
         model, _, _, noise_model, corr = _load_models(model_dir, base)
         if corr is not None:
-            spec = SamplerSpec(corr.base_steps, corr.base_sampler, noise_steps if noise_steps > 0 else 0, noise_sampler)
+            spec = SamplerSpec(steps or corr.base_steps, corr.base_sampler, max(noise_steps, 0), noise_sampler)
         else:
-            spec = SamplerSpec(steps, sampler)
+            spec = SamplerSpec(steps or 10, sampler)
         images = sample_images(spec, model, n, noise_model, seed, show_progress=not quiet)
         flops = flops_per_image(spec, model, noise_model)
     except (ValueError, FileNotFoundError) as err:
@@ -214,6 +214,8 @@ def evaluate_cmd(
     sampler: Sampler = "euler",
     noise_steps: Annotated[str, typer.Option(help="Comma-separated noise-flow step counts (correct dirs).")] = "5",
     noise_sampler: NoiseSampler = "heun",
+    corrected_steps: Annotated[str, typer.Option(help="Comma-separated base step counts after the noise flow "
+                                                      "(default: the inverted step count).")] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Samples per configuration (feature metrics).")] = 1000,
     reference_n: Annotated[int, typer.Option(help="Reference (held-out) images for the statistics.")] = 5000,
     inception: Annotated[bool, typer.Option("--inception/--no-inception", help="Also Inception-v3 FID/KID (~0.4 s/image).")] = False,
@@ -237,9 +239,9 @@ def evaluate_cmd(
         model, base_cfg, _, noise_model, corr = _load_models(model_dir, base)
         specs = [SamplerSpec(s, sampler) for s in _int_list(steps, "--steps")]
         if corr is not None:
-            specs += [SamplerSpec(corr.base_steps, corr.base_sampler, k, noise_sampler)
-                      for k in _int_list(noise_steps, "--noise-steps")
-                      if k > 0]
+            after = _int_list(corrected_steps, "--corrected-steps") if corrected_steps else [corr.base_steps]
+            specs += [SamplerSpec(b, corr.base_sampler, k, noise_sampler)
+                      for b in after for k in _int_list(noise_steps, "--noise-steps") if k > 0]
         if not specs:
             raise ValueError("no sampler configuration to evaluate (empty --steps and --noise-steps)")
         cfg = EvalConfig(n=n, reference_n=reference_n, inception=inception, inception_n=min(inception_n, n),

@@ -170,3 +170,53 @@ def test_lora_targets_only_linear_layers_even_when_names_collide():
     assert torch.allclose(lora(x), before)  # LoRA B starts at zero
     assert set(merged_copy(lora).state_dict()) == set(nn.Sequential(
         nn.Sequential(nn.Linear(3, 4), nn.SiLU()), nn.Sequential(nn.SiLU(), nn.Linear(4, 2))).state_dict())
+
+
+class _Constant(torch.nn.Module):
+    """A model whose output is one learnable vector, whatever the input."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((3,), value))
+
+    def forward(self, x, s=None, cond=None):
+        return self.w.expand(x.shape[0], 3)
+
+
+@pytest.mark.parametrize("anchor", [0.0, 1.0, 3.0])
+def test_anchor_shrinks_the_fit_toward_the_base_in_closed_form(anchor):
+    # loss (w - 1)^2 + anchor (w - b)^2 with base b = 0 is minimised at w = 1 / (1 + anchor)
+    from accelerate import Accelerator
+
+    from pgraft.core.trainer import GraftProblem, _train
+
+    problem = GraftProblem(prior=None, times=torch.linspace(1, 0, 3), step=None, reward=None,
+                           loss=lambda model, x, t, cond, gen: (model(x, t, cond) - 1.0).square().mean())
+    base, head = _Constant(0.0), _Constant(0.0)
+    cfg = GraftConfig(train_steps=400, batch_size=4, lr=0.05, anchor=anchor, grad_clip=0.0)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
+    out = _train(problem, head, opt, torch.zeros(8, 3), torch.zeros(8, dtype=torch.long), 0.0, cfg, 0,
+                 Accelerator(cpu=True), False, base)
+    assert torch.allclose(head.w, torch.full((3,), 1 / (1 + anchor)), atol=1e-3)
+    assert ("anchor_penalty" in out) == (anchor > 0)
+    assert torch.equal(base.w, torch.zeros(3))  # the base is never trained
+
+
+def test_anchor_keeps_the_head_closer_to_the_base(tmp_path):
+    x = torch.linspace(-3, 3, 41).view(-1, 1)
+
+    def distance(anchor, run_dir):  # mean squared output difference on a grid of states and times
+        cfg = GraftConfig(**{**CFG.__dict__, "anchor": anchor, "lr": 1e-2, "train_steps": 20})
+        base = _base()
+        head, table = run_graft(_problem(), base, {}, cfg, run_dir, show_progress=False)
+        assert ("anchor_penalty" in table) == (anchor > 0)
+        with torch.no_grad():
+            return sum((head(x, torch.full((41,), s), None) - base(x, torch.full((41,), s), None)).square().mean()
+                       for s in (0.3, 0.6, 0.9)).item()
+
+    assert distance(10.0, tmp_path / "anchored") < 0.3 * distance(0.0, tmp_path / "free")
+
+
+def test_negative_anchor_is_rejected():
+    with pytest.raises(ValueError, match="anchor"):
+        GraftConfig(anchor=-1.0)

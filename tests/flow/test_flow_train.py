@@ -152,6 +152,8 @@ def test_cli_smoke_pretrain_invert_correct_sample_evaluate(tmp_path):
     run("correct", str(inv), "--out", str(cor), "--preset", "noise-tiny", "--steps", "5", "--batch-size", "4")
     run("sample", str(cor), "-n", "5", "--noise-steps", "2", "--out", str(tmp_path / "grid.png"))
     assert (tmp_path / "grid.png").stat().st_size > 0
+    r = run("sample", str(cor), "-n", "3", "--steps", "5", "--out", str(tmp_path / "grid5.png"))
+    assert "corrected(heun-5)+euler-5" in r.output  # noise flow, then 5 base steps (not the inverted 3)
     run("sample", str(base), "-n", "4", "--steps", "2")
     assert (base / "samples.png").is_file()
     csv = tmp_path / "eval.csv"
@@ -169,8 +171,10 @@ def test_cli_smoke_pretrain_invert_correct_sample_evaluate(tmp_path):
     # Euler spends one noise-flow evaluation per step, Heun two: counted FLOPs show it
     euler_csv = tmp_path / "eval_euler.csv"
     run("evaluate", str(cor), "--steps", "", "--noise-steps", "2", "--noise-sampler", "euler", "--n", "12",
-        "--reference-n", "20", "--cache", str(tmp_path / "cache"), "--out", str(euler_csv), "--no-inception")
+        "--reference-n", "20", "--cache", str(tmp_path / "cache"), "--out", str(euler_csv), "--no-inception",
+        "--corrected-steps", "3,5")
     euler = pd.read_csv(euler_csv)
+    assert list(euler["config"]) == ["corrected(euler-2)+euler-3", "corrected(euler-2)+euler-5"]
     base3 = table.loc[table["noise_steps"] == 0, "flops_per_image"].iloc[-1]
     heun2 = table.loc[table["noise_steps"] == 2, "flops_per_image"].iloc[0]
     assert heun2 - base3 == 2 * (euler["flops_per_image"].iloc[0] - base3)
