@@ -48,6 +48,7 @@ from pgraft.apps.flow.train import (  # noqa: E402
     invert_dataset,
     load_base,
     load_correction,
+    load_training_images,
     pretrain_flow,
     pretraining_finished,
     trained_steps,
@@ -74,12 +75,15 @@ def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_step
       lower rms, and the base then decodes blurred, average images);
     - ``oracle``: feature metrics of the base decoding the inverted training noises themselves
       (reconstructions of training images): what a perfect noise flow would reach, an upper bound.
+
+    Returns (that dict, the reconstructions, the training-set indices of the images they reconstruct).
     """
     from pgraft.apps.flow.train import read_shards
     from pgraft.core.sampling import sample
     from pgraft.core.schedules import flow_times
 
-    inverted = read_shards(invert_dir)["noise"][:n]
+    shards = read_shards(invert_dir)
+    inverted = shards["noise"][:n]
     z = torch.randn(inverted.shape, generator=torch.Generator().manual_seed(seed))
     rms = {"inverted": inverted.pow(2).mean().sqrt().item(), "gaussian": z.pow(2).mean().sqrt().item()}
     with torch.no_grad():
@@ -92,7 +96,7 @@ def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_step
     row = evaluator.row(recon, with_inception=False)
     oracle = {"config": f"inverted training noise -> base euler-{invert_steps}", "n": len(inverted),
               **{k: row[k] for k in ("feature_fid", "feature_kid", "precision", "recall")}}
-    return {"rms": rms, "oracle": oracle}
+    return {"rms": rms, "oracle": oracle}, recon, shards["index"][:n].long()
 
 
 def parse_ints(text: str) -> list[int]:
@@ -290,9 +294,18 @@ def main() -> None:
                 print(f"Inception metrics of {label}: FID {table.loc[i, 'fid']:.3f} on {eval_cfg.inception_n} "
                       f"samples  [{time.time() - t0:.0f}s]")
     table.to_csv(out / "results.csv", index=False)
-    fit = noise_fit(base, noise_model, out / "invert", invert_steps, noise_steps, args.noise_sampler, evaluator,
-                    min(n, report.n_images),
-                    args.seed + 2)
+    fit, recon, recon_index = noise_fit(base, noise_model, out / "invert", invert_steps, noise_steps,
+                                        args.noise_sampler, evaluator, min(n, report.n_images), args.seed + 2)
+    if inception:
+        # what Inception sees of the base's decoder alone: the training images themselves against
+        # the test images (the floor at this sample count), and their reconstructions through the
+        # inverted noise (a perfect noise flow); correction cannot go below the second
+        originals = (train_x if train_x is not None else load_training_images(base_cfg))[recon_index]
+        for key, images in (("train_images", originals), ("reconstructions", recon)):
+            fit[f"inception_{key}"] = evaluator.inception_metrics(images, not q)
+            print(f"Inception metrics of the {len(images)} inverted {key.replace('_', ' ')}: "
+                  f"FID {fit[f'inception_{key}']['fid']:.3f} on {fit[f'inception_{key}']['n_inception']} samples  "
+                  f"[{time.time() - t0:.0f}s]")
     for spec, name in ((SamplerSpec(invert_steps), "samples_base.png"),
                        (SamplerSpec(invert_steps, noise_steps=noise_steps[len(noise_steps) // 2], noise_sampler=args.noise_sampler),
                         "samples_corrected.png")):
@@ -323,6 +336,11 @@ def main() -> None:
     o = fit["oracle"]
     print(f"upper bound ({o['config']}, {o['n']} images): feature_fid {o['feature_fid']:.4g}, "
           f"precision {o['precision']:.3f}, recall {o['recall']:.3f}")
+    if "inception_train_images" in fit:
+        a, b = fit["inception_train_images"], fit["inception_reconstructions"]
+        print(f"Inception FID ({a['n_inception']} vs {a['n_reference_inception']} test images): the inverted training "
+              f"images {a['fid']:.4g} (the floor), their reconstructions by base euler-{invert_steps} {b['fid']:.4g} "
+              f"(the best a noise flow can reach)")
     if not math.isnan(evaluator.classifier_report.get("test_accuracy", float("nan"))):
         print(f"feature classifier test accuracy {evaluator.classifier_report['test_accuracy']:.3f}")
     print(f"wrote {out / 'results.csv'}, {out / 'flow.png'}, {out / 'summary.json'}  [{time.time() - t0:.0f}s total]")
