@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -220,3 +221,25 @@ def test_anchor_keeps_the_head_closer_to_the_base(tmp_path):
 def test_negative_anchor_is_rejected():
     with pytest.raises(ValueError, match="anchor"):
         GraftConfig(anchor=-1.0)
+
+
+def test_anchored_penalty_averages_every_output_of_dict_models():
+    from pgraft.core.trainer import Anchored
+
+    class Two(torch.nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.a, self.b = torch.nn.Parameter(torch.tensor(a)), torch.nn.Parameter(torch.tensor(b))
+
+        def forward(self, x):
+            return {"velocity": self.a * x, "logits": (self.b * x, 2 * self.b * x)}
+
+    x = torch.ones(4, 3)
+    model = Anchored(Two(1.0, 1.0), Two(0.0, 0.5))
+    out = model(x)
+    assert torch.equal(out["velocity"], x)  # the head's output passes through
+    # velocity: (1 - 0)^2 = 1; logits: mean of (1 - 0.5)^2 and (2 - 1)^2 = 0.625  ->  (1 + 0.625) / 2
+    assert math.isclose(float(model.penalty), 0.8125)
+    model(x)
+    assert math.isclose(float(model.penalty), 2 * 0.8125)  # accumulates over calls until reset
+    assert [n for n, _ in model.named_parameters()] == ["head.a", "head.b"]  # the base is not a submodule
