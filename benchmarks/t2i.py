@@ -349,8 +349,9 @@ def main() -> None:
     p.add_argument("--cond-dropout", type=float, default=0.0,
                    help="fine-tuning also trains the unconditional eps on this fraction of accepted images")
     p.add_argument("--replay", action="store_true", help="GRAFT / P-GRAFT train on every accepted image so far")
-    p.add_argument("--anchor", type=float, default=0.0,
-                   help="GRAFT / P-GRAFT trust region: weight of the squared head-base difference (0 = off)")
+    p.add_argument("--anchor", type=float, default=5.0,
+                   help="GRAFT / P-GRAFT trust region: weight of the squared head-base difference (0 = off; "
+                        "the default is `pgraft t2i train`'s)")
     p.add_argument("--lora", type=int, default=8, help="LoRA rank on the UNet attention (0 = full fine-tune)")
     p.add_argument("--n-steps", type=int, default=20, help="DDIM sampler steps")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0: P-GRAFT's tail and PG need noise)")

@@ -76,7 +76,7 @@ def train_scorer_cmd(
 
 
 @app.command("train")
-@opts.graft_options(fixed={"dedup": False}, groups=16, t=0.25, rounds=4, batch_size=32, lora=8)
+@opts.graft_options(fixed={"dedup": False}, groups=16, t=0.25, rounds=4, batch_size=32, lora=8, anchor=5.0)
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/t2i/graft"),

@@ -120,6 +120,8 @@ def test_cli_train_sample_evaluate(tiny_world, tmp_path):
                               "--train-steps", "1", "--batch-size", "2", "--n-steps", "3", "--lora", "2",
                               "--sample-batch-size", "4", "--quiet"])
     assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["graft"]["anchor"] == 5.0  # the app's default trust region
+    assert pd.read_csv(run / "metrics.csv")["anchor_penalty"].notna().any()
     res = runner.invoke(app, ["sample", str(run), "--per-prompt", "2", "--max-prompts", "2", "--quiet"])
     assert res.exit_code == 0, res.output
     assert (run / "samples" / "grid.png").is_file()
