@@ -17,6 +17,7 @@ from typing import Annotated, Any, get_type_hints
 import typer
 
 from .grs import RULES, GRSConfig
+from .progress import make_console
 from .trainer import GraftConfig
 
 PANEL = "GRAFT / P-GRAFT rounds"
@@ -52,7 +53,6 @@ Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
 def print_row(row: dict[str, Any], title: str) -> None:
     """Print one metric row (name -> value) as a two-column rich table."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
@@ -60,7 +60,7 @@ def print_row(row: dict[str, Any], title: str) -> None:
     table.add_column("value", justify="right")
     for k, v in row.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    make_console().print(table)
 
 
 # name -> (annotation, default) of every flag that maps onto GraftConfig; apps override defaults

@@ -1,11 +1,21 @@
-"""Rich progress bars that degrade to nothing on non-main processes or when disabled."""
+"""Rich progress bars that degrade to nothing on non-main processes or when disabled, and the
+console every command prints its tables with."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def make_console() -> Console:
+    """A rich console that does not truncate tables in logs: 160 columns when stdout is not a
+    terminal (rich would fall back to 80 there), the terminal's width otherwise."""
+    import sys
+
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from .checkpoint import save_pretrained
 from .dedup import deduplicate
 from .grs import GRSConfig, accept
 from .pretrain import check_finite
-from .progress import progress_bar
+from .progress import make_console, progress_bar
 from .rundir import RunDir
 from .sampling import SplitSample, StepFn, sample_split
 from .schedules import split_times
@@ -459,10 +459,8 @@ def is_main_process() -> bool:
 
 
 def _print_row(row: dict[str, Any]) -> None:
-    from rich.console import Console
-
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
-    Console().print(" ".join(f"[bold]{k}[/]={v}" for k, v in shown.items()))
+    make_console().print(" ".join(f"[bold]{k}[/]={v}" for k, v in shown.items()))
 
 
 def sample_finetuned(

@@ -16,7 +16,6 @@ from typing import Annotated
 import pandas as pd
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from pgraft.core import cli as opts
@@ -27,7 +26,7 @@ from .model import PRESETS
 
 app = typer.Typer(help="Unconditional image flow: pretraining, ODE inversion, inverse noise correction, FID vs FLOPs.",
                   no_args_is_help=True)
-console = Console()
+console = opts.make_console()
 
 Sampler = Annotated[str, typer.Option(help=f"ODE sampler: {', '.join(FLOW_STEPS)}.")]
 NoiseSampler = Annotated[str, typer.Option(

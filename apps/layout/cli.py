@@ -8,7 +8,6 @@ from typing import Annotated
 
 import pandas as pd
 import typer
-from rich.console import Console
 
 from pgraft.core import cli as opts
 from pgraft.core.trainer import GraftConfig, is_main_process
@@ -17,7 +16,7 @@ from .rewards import REWARDS
 
 app = typer.Typer(help="Document layouts: box flow + class masking diffusion, alignment/overlap rewards.",
                   no_args_is_help=True)
-console = Console()
+console = opts.make_console()
 
 Base = Annotated[Path, typer.Option(help="Base model directory (pretrained with --preset first if missing).")]
 Preset = Annotated[str, typer.Option(help="Pretraining preset: tiny (tests), default (<= 30 min on 2 cores).")]

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from rich.console import Console
+from pgraft.core.progress import make_console
 from torch import nn
 
 from pgraft.core.checkpoint import load_config, load_pretrained, save_json
@@ -43,7 +43,7 @@ from .model import LayoutDenoiser
 from .render import render_grid
 from .rewards import REWARDS, alignment, overlap
 
-console = Console()
+console = make_console()
 PRESET_NAME = "layout_preset.json"
 FEATURES_DIR = "features"
 

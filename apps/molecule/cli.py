@@ -7,7 +7,6 @@ from typing import Annotated
 
 import pandas as pd
 import typer
-from rich.console import Console
 
 from pgraft.core import cli as opts
 from pgraft.core.trainer import GraftConfig, is_main_process
@@ -17,7 +16,7 @@ from .rewards import MOL_SCORES
 
 app = typer.Typer(help="Molecule generation: masking graph diffusion, RDKit rewards, dedup GRS.",
                   no_args_is_help=True)
-console = Console()
+console = opts.make_console()
 
 Base = Annotated[Path, typer.Option(help="Base model directory (pretrained with the preset first if missing).")]
 Preset = Annotated[str, typer.Option(help=f"Pretraining preset: {', '.join(PRESETS)}.")]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from rich.console import Console
+from pgraft.core.progress import make_console
 
 from pgraft.core.checkpoint import load_pretrained
 from pgraft.core.plots import plot_rounds
@@ -30,7 +30,7 @@ from .model import GraphTransformer
 from .pretrain import META_NAME, BaseModel, get_preset, load_base, pretrain_molecule
 from .rewards import get_reward, qed_score, to_mols
 
-console = Console()
+console = make_console()
 
 
 @dataclass(frozen=True)
