@@ -161,7 +161,17 @@ def describe(c: dict, n_text: str) -> list[str]:
     return lines
 
 
-def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str]) -> None:
+def reference_lines(fit: dict) -> dict[str, dict[str, float]]:
+    """Horizontal lines of the plot, per metric: what a perfect noise flow reaches (the base decoding
+    the inverted training noises) and, for Inception, the training images themselves (the floor)."""
+    lines = {"feature_fid": {"perfect noise flow (reconstructions)": fit["oracle"]["feature_fid"]}}
+    if "inception_train_images" in fit:
+        lines["fid"] = {"training images (floor)": fit["inception_train_images"]["fid"],
+                        "perfect noise flow (reconstructions)": fit["inception_reconstructions"]["fid"]}
+    return lines
+
+
+def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str], lines: dict[str, dict[str, float]] | None = None) -> None:
     metrics = [m for m in ("feature_fid", "fid") if table[m].notna().any()]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
@@ -177,6 +187,8 @@ def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str]) -> None:
             for _, r in grp.iterrows():
                 ax.annotate(str(r.noise_steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, color=color,
                             xytext=(3, -9), textcoords="offset points")
+        for j, (label, value) in enumerate((lines or {}).get(m, {}).items()):
+            ax.axhline(value, color="grey", ls=("--", ":")[j % 2], lw=1, label=f"{label}: {value:.3g}")
         ax.set_xscale("log")
         ax.set_xlabel("GFLOPs / image (counted)")
         ax.set_ylabel(m)
@@ -313,7 +325,7 @@ def main() -> None:
 
     n_text = {"feature_fid": f"classifier features, {n} samples vs {evaluator.classifier_reference.count} test images",
               "fid": f"Inception-v3, {eval_cfg.inception_n} samples vs {eval_cfg.inception_n} test images"}
-    plot(table, out / "flow.png", n_text)
+    plot(table, out / "flow.png", n_text, reference_lines(fit))
     summary = {"feature_fid": claims(table, "feature_fid", invert_steps), "fid": claims(table, "fid", invert_steps),
                "n_samples": n, "n_inception": eval_cfg.inception_n if inception else 0,
                "reconstruction": report.__dict__, "classifier": evaluator.classifier_report,
