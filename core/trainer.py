@@ -410,8 +410,9 @@ def run_graft(
 
 def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress,
            base: nn.Module | None = None) -> dict[str, float]:
-    """``cfg.train_steps`` optimizer steps on the accepted set; returns the mean ``train_loss`` (nan
-    if nothing to train on) and, with ``cfg.anchor`` > 0, the mean ``anchor_penalty``."""
+    """``cfg.train_steps`` optimizer steps on the accepted set; returns the mean ``train_loss`` (the
+    app's loss without the anchor term; nan if nothing to train on) and, with ``cfg.anchor`` > 0,
+    the mean ``anchor_penalty``."""
     n = batch_size(train_x)
     if n == 0 or cfg.train_steps == 0:
         return {"train_loss": float("nan")}
@@ -432,7 +433,7 @@ def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerat
             losses.append(loss.item())
             if cfg.anchor > 0:
                 penalty, model.penalty = model.penalty, 0.0
-                penalties.append(float(penalty.detach()))
+                penalties.append(float(penalty.detach()) if torch.is_tensor(penalty) else float(penalty))
                 loss = loss + cfg.anchor * penalty
             check_finite(loss, f"round {round_}, fine-tuning step {step}")
             if cfg.cosine:
