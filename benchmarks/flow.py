@@ -3,9 +3,13 @@ noise correction (noise flow -> frozen base) at several noise-flow step counts (
 
 Pipeline: pretrain the base (or reuse --base) -> invert a subset of the training images through the
 base's Euler sampler with ``--invert-steps`` steps -> train the small noise flow -> sample every
-configuration from the same z seed -> feature FID/KID + precision/recall for every row, Inception
-FID/KID on ``--inception-n`` samples for the key rows (base at the inverted step count, base at its
-largest step count, corrected rows) -> results.csv, flow.png, summary.json.
+configuration from the same z seed (corrected rows: noise flow, then the base with each of
+``--corrected-base-steps``) -> feature FID/KID + precision/recall for every row, Inception FID/KID on
+``--inception-n`` samples for the key rows (base at the inverted step count, base at its largest
+step count, the best corrected row within the FLOPs budget, the cheapest corrected row that beats
+the base's best) and for two references: the inverted training images (the floor at that sample
+count) and their reconstructions from the inverted noises (what a perfect noise flow reaches)
+-> results.csv, flow.png, summary.json.
 
     python benchmarks/flow.py --quick                     # tiny 8x8 preset, a few hundred images, < 3 min
     python benchmarks/flow.py --base runs/bench/flow/base  # default preset on Fashion-MNIST
@@ -220,7 +224,8 @@ def main() -> None:
     ap.add_argument("-n", "--n", type=int, default=None, help="samples per row (feature metrics)")
     ap.add_argument("--inception", action=argparse.BooleanOptionalAction, default=None,
                     help="Inception FID/KID on key rows (default: on, off with --quick)")
-    ap.add_argument("--inception-n", type=int, default=300, help="samples and reference images for Inception FID")
+    ap.add_argument("--inception-n", type=int, default=1000,
+                    help="samples and reference images for Inception FID (300 does not separate the rows)")
     ap.add_argument("--inception-weights", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
