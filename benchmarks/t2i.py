@@ -45,6 +45,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pgraft.apps.t2i import DEFAULT_ANCHOR  # noqa: E402
 from pgraft.apps.t2i.model import UNET_ATTENTION, T2IPipeline  # noqa: E402
 from pgraft.apps.t2i.prompts import load_prompts  # noqa: E402
 from pgraft.apps.t2i.rewards import ScorerTrainConfig, make_reward, train_scorer  # noqa: E402
@@ -349,7 +350,7 @@ def main() -> None:
     p.add_argument("--cond-dropout", type=float, default=0.0,
                    help="fine-tuning also trains the unconditional eps on this fraction of accepted images")
     p.add_argument("--replay", action="store_true", help="GRAFT / P-GRAFT train on every accepted image so far")
-    p.add_argument("--anchor", type=float, default=5.0,
+    p.add_argument("--anchor", type=float, default=DEFAULT_ANCHOR,
                    help="GRAFT / P-GRAFT trust region: weight of the squared head-base difference (0 = off; "
                         "the default is `pgraft t2i train`'s)")
     p.add_argument("--lora", type=int, default=8, help="LoRA rank on the UNet attention (0 = full fine-tune)")

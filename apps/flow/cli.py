@@ -174,9 +174,10 @@ def sample_cmd(
     try:
         model, _, _, noise_model, corr = _load_models(model_dir, base)
         if corr is not None:
-            spec = SamplerSpec(steps or corr.base_steps, corr.base_sampler, max(noise_steps, 0), noise_sampler)
+            spec = SamplerSpec(corr.base_steps if steps is None else steps, corr.base_sampler, max(noise_steps, 0),
+                               noise_sampler)
         else:
-            spec = SamplerSpec(steps or 10, sampler)
+            spec = SamplerSpec(10 if steps is None else steps, sampler)
         images = sample_images(spec, model, n, noise_model, seed, show_progress=not quiet)
         flops = flops_per_image(spec, model, noise_model)
     except (ValueError, FileNotFoundError) as err:

@@ -17,3 +17,7 @@ Typical session (CPU)::
     pgraft t2i evaluate --run runs/t2i/pgraft --prompts heldout
     pgraft t2i sample runs/t2i/pgraft
 """
+
+# `--anchor` of `pgraft t2i train` and benchmarks/t2i.py: without it, self-training on the model's own
+# samples drifts down round after round (README, t2i section)
+DEFAULT_ANCHOR = 5.0

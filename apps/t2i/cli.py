@@ -14,6 +14,8 @@ import typer
 from pgraft.core import cli as opts
 from pgraft.core.trainer import GraftConfig, is_main_process
 
+from . import DEFAULT_ANCHOR
+
 app = typer.Typer(help="Text-to-image: compositional shapes world (CPU) or a local Stable Diffusion pipeline.",
                   no_args_is_help=True)
 
@@ -76,7 +78,8 @@ def train_scorer_cmd(
 
 
 @app.command("train")
-@opts.graft_options(fixed={"dedup": False}, groups=16, t=0.25, rounds=4, batch_size=32, lora=8, anchor=5.0)
+@opts.graft_options(fixed={"dedup": False}, groups=16, t=0.25, rounds=4, batch_size=32, lora=8,
+                    anchor=DEFAULT_ANCHOR)
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/t2i/graft"),
