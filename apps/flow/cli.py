@@ -88,7 +88,7 @@ def invert_cmd(
     out: opts.Out = Path("runs/flow/invert"),
     steps: Annotated[int, typer.Option(help="Base sampler steps to invert through (use the same when sampling).")] = 10,
     sampler: Sampler = "euler",
-    limit: Annotated[int, typer.Option(help="Training images to invert (a seeded random subset).")] = 2000,
+    limit: Annotated[int, typer.Option(help="Training images to invert (a seeded random subset; rerun with a larger limit to add more).")] = 2000,
     shard_size: Annotated[int, typer.Option(help="Images per safetensors shard (the unit of resume).")] = 250,
     batch_size: Annotated[int, typer.Option(help="Images inverted at once.")] = 125,
     max_iter: Annotated[int, typer.Option(help="Fixed-point iterations per step (at most).")] = 30,

@@ -113,7 +113,9 @@ def kernel_inception_distance(
 
     Per subset of size m drawn without replacement from each set, the unbiased estimator
       MMD^2 = sum_{i!=j} k(x_i, x_j)/(m(m-1)) + sum_{i!=j} k(y_i, y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i, y_j)/m^2
-    with k(x, y) = (x.y / d + 1)^3. It can be slightly negative for identical laws.
+    with k(x, y) = (x.y / d + 1)^3. It can be slightly negative for identical laws. When a subset is
+    as large as both sets, every subset is the same: KID is computed once and its std is NaN (use
+    ``kid_subset_size`` below the sample count, e.g. :func:`kid_subset_size`, for an informative std).
     """
     x, y = features1.double().cpu(), features2.double().cpu()
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
@@ -122,8 +124,9 @@ def kernel_inception_distance(
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(x)} and {len(y)}")
     d = x.shape[1]
+    whole = m == len(x) == len(y)
     values = []
-    for _ in range(num_subsets):
+    for _ in range(1 if whole else num_subsets):
         xs = x[torch.randperm(len(x), generator=generator)[:m]]
         ys = y[torch.randperm(len(y), generator=generator)[:m]]
         kxx, kyy, kxy = (xs @ xs.T / d + 1) ** 3, (ys @ ys.T / d + 1) ** 3, (xs @ ys.T / d + 1) ** 3
@@ -132,7 +135,13 @@ def kernel_inception_distance(
         mmd -= 2 * kxy.mean()
         values.append(float(mmd))
     v = np.asarray(values)
-    return float(v.mean()), float(v.std())
+    return float(v.mean()), float("nan") if whole else float(v.std())
+
+
+def kid_subset_size(n: int, largest: int = 1000) -> int:
+    """KID subset size for n samples: at most ``largest`` (the usual 1000) and at most half of n, so
+    that subsets differ and the std over them means something."""
+    return max(2, min(largest, n // 2))
 
 
 def _kth_neighbour_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:

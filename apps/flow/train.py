@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pgraft.core.checkpoint import WEIGHTS_NAME, load_pretrained, save_json
@@ -191,6 +192,12 @@ def _subset(n_available: int, limit: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[: min(limit, n_available)]
 
 
+def _shard_holds(path: Path, idx: torch.Tensor) -> bool:
+    """Whether the finished shard at ``path`` inverted exactly the images ``idx``."""
+    with safe_open(str(path), "pt") as f:
+        return torch.equal(f.get_tensor("index"), idx)
+
+
 def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, show_progress: bool = True,
                    images: torch.Tensor | None = None,
                    on_shard: Callable[[int], None] | None = None) -> ReconstructionReport:
@@ -204,6 +211,11 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
 
     ``images`` overrides the base's training set (tests); ``on_shard(i)`` is called after shard i
     is written (tests simulate a kill there).
+
+    A rerun with a larger ``limit`` and otherwise the same settings extends the inversion: the subset
+    is a prefix of one seeded permutation, so finished shards stay valid (a shard whose indices do
+    not match the new subset, e.g. the old last partial one, is inverted again). A smaller limit is
+    refused, as are any other changed settings.
     """
     base_dir, out = Path(base_dir), Path(out)
     model, base_cfg = load_base(base_dir)
@@ -215,9 +227,15 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
     meta_path = out / INVERT_META
     if meta_path.is_file():
         saved = json.loads(meta_path.read_text())
-        if saved != json.loads(json.dumps(meta)):
+        now = json.loads(json.dumps(meta))
+        saved_limit = saved.get("config", {}).pop("limit", None)
+        now["config"].pop("limit")
+        if saved != now:
             raise ValueError(f"{out} holds an inversion with different settings ({saved}); "
-                             f"use another --out or delete it (now: {meta})")
+                             f"use another --out or delete it (now: {now})")
+        if saved_limit is not None and cfg.limit < saved_limit:
+            raise ValueError(f"{out} holds an inversion of {saved_limit} images; --limit {cfg.limit} would drop "
+                             f"some of them (use a limit >= {saved_limit}, or another --out)")
     save_json(meta, meta_path)
     subset = _subset(len(data), cfg.limit, cfg.seed)
     times, step = flow_times(cfg.steps), FLOW_STEPS[cfg.sampler]
@@ -225,7 +243,7 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
     with progress_bar(len(subset), f"invert ({cfg.steps} {cfg.sampler} steps)", show_progress) as advance:
         for i in range(n_shards):
             idx = subset[i * cfg.shard_size : (i + 1) * cfg.shard_size]
-            if shard_path(out, i).is_file():
+            if shard_path(out, i).is_file() and _shard_holds(shard_path(out, i), idx):
                 advance(len(idx))
                 continue
             parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("noise", "residual", "recon_abs_sum", "recon_abs_max")}
@@ -499,10 +517,10 @@ class Evaluator:
 
     def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False) -> dict[str, Any]:
         """Metrics of samples [M, C, H, W]; Inception on the first ``inception_n`` when enabled."""
-        from .metrics import evaluate_samples
+        from .metrics import evaluate_samples, kid_subset_size
 
         row = evaluate_samples(samples, self.classifier, self.classifier_reference, seed=self.cfg.seed,
-                               kid_subset_size=min(1000, len(samples)), progress=show_progress)
+                               kid_subset_size=kid_subset_size(len(samples)), progress=show_progress)
         row["n_inception"] = 0
         if with_inception and self.inception is not None:
             row.update(self.inception_metrics(samples, show_progress))
@@ -510,7 +528,8 @@ class Evaluator:
 
     def inception_metrics(self, samples: torch.Tensor, show_progress: bool = False) -> dict[str, Any]:
         """Inception FID/KID of the first ``inception_n`` samples against as many reference images."""
-        from .metrics import extract_features, frechet_distance, gaussian_statistics, kernel_inception_distance
+        from .metrics import (extract_features, frechet_distance, gaussian_statistics, kernel_inception_distance,
+                              kid_subset_size)
 
         if self.inception is None:
             raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
@@ -518,7 +537,7 @@ class Evaluator:
         feats = extract_features(self.inception, sub, 50, show_progress, "inception features")
         mu, sigma = gaussian_statistics(feats)
         ref = self.inception_reference
-        kid, kid_std = kernel_inception_distance(feats, ref.features, 100, min(1000, len(sub)),
+        kid, kid_std = kernel_inception_distance(feats, ref.features, 100, kid_subset_size(len(sub)),
                                                  torch.Generator().manual_seed(self.cfg.seed))
         return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "kid": kid, "kid_std": kid_std,
                 "n_reference_inception": ref.count, "n_inception": int(len(sub))}

@@ -17,6 +17,7 @@ from pgraft.apps.flow.metrics import (
     frechet_distance,
     gaussian_statistics,
     kernel_inception_distance,
+    kid_subset_size,
     load_classifier,
     load_pytorch_fid_weights,
     precision_recall,
@@ -78,6 +79,16 @@ def test_kid_zero_for_same_law_positive_for_shift():
     shifted, _ = kernel_inception_distance(x, y + 1.0, num_subsets=20, subset_size=300, generator=g)
     assert abs(same) < 3 * same_std + 1e-3
     assert shifted > 0.1 and shifted > 20 * abs(same)
+
+
+def test_kid_whole_set_subsets_have_no_std():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + 0.5
+    whole, whole_std = kernel_inception_distance(x, y, num_subsets=10, subset_size=1000, generator=g)
+    half, half_std = kernel_inception_distance(x, y, num_subsets=50, subset_size=kid_subset_size(200), generator=g)
+    assert kid_subset_size(200) == 100 and kid_subset_size(50_000) == 1000
+    assert np.isnan(whole_std) and half_std > 0
+    assert half == pytest.approx(whole, abs=4 * half_std)  # both unbiased estimates of the same MMD^2
 
 
 def test_precision_recall_identical_disjoint_and_half():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,16 @@ def test_invert_dataset_shards_and_resume_after_kill(tmp_path):
     # changed settings in the same directory are refused
     with pytest.raises(ValueError, match="different settings"):
         invert_dataset(base, out, InvertConfig(steps=5, limit=11, shard_size=4), show_progress=False, images=images)
+    # a larger limit extends: full shards are kept, the old partial last shard is redone
+    written.clear()
+    bigger = replace(cfg, limit=13)
+    report = invert_dataset(base, out, bigger, show_progress=False, images=images, on_shard=written.append)
+    assert written == [2, 3] and shard_path(out, 0).stat().st_mtime_ns == mtime
+    extended = read_shards(out)
+    assert report.n_images == 13 and sorted(extended["index"].tolist()) == list(range(13))
+    assert torch.equal(extended["index"][:11], idx) and torch.allclose(extended["noise"][:11], shards["noise"])
+    with pytest.raises(ValueError, match="would drop"):
+        invert_dataset(base, out, cfg, show_progress=False, images=images)
 
 
 def test_flops_per_image_is_counted_and_additive():
