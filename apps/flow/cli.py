@@ -187,9 +187,10 @@ def sample_cmd(
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    """Rich table of evaluation rows, sample counts next to every FID."""
+    """Rich table of evaluation rows, sample counts next to every FID (step counts are in the config
+    label; the CSV has them as columns)."""
     table = Table(title=title)
-    cols = ["config", "steps", "noise_steps", "flops_per_image", "feature_fid", "feature_kid", "precision", "recall",
+    cols = ["config", "flops_per_image", "feature_fid", "feature_kid", "precision", "recall",
             "fid", "kid", "n_samples", "n_inception"]
     for c in cols:
         table.add_column(c, justify="left" if c == "config" else "right")
