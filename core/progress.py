@@ -3,6 +3,7 @@ console every command prints its tables with."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -13,8 +14,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 def make_console() -> Console:
     """A rich console that does not truncate tables in logs: 160 columns when stdout is not a
     terminal (rich would fall back to 80 there), the terminal's width otherwise."""
-    import sys
-
     return Console(width=None if sys.stdout.isatty() else 160)
 
 

@@ -106,21 +106,21 @@ def kernel_inception_distance(
     features1: torch.Tensor,
     features2: torch.Tensor,
     num_subsets: int = 100,
-    subset_size: int = 1000,
+    subset_size: int | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float]:
     """KID (mean, std over subsets) between features [N1, D] and [N2, D].
 
     Per subset of size m drawn without replacement from each set, the unbiased estimator
       MMD^2 = sum_{i!=j} k(x_i, x_j)/(m(m-1)) + sum_{i!=j} k(y_i, y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i, y_j)/m^2
-    with k(x, y) = (x.y / d + 1)^3. It can be slightly negative for identical laws. When a subset is
-    as large as both sets, every subset is the same: KID is computed once and its std is NaN (use
-    ``kid_subset_size`` below the sample count, e.g. :func:`kid_subset_size`, for an informative std).
+    with k(x, y) = (x.y / d + 1)^3. It can be slightly negative for identical laws. ``subset_size``
+    defaults to :func:`kid_subset_size` of the smaller set. When a subset is as large as both sets,
+    every subset is the same: KID is computed once and its std is NaN.
     """
     x, y = features1.double().cpu(), features2.double().cpu()
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
         raise ValueError(f"need features [N, D] with equal D, got {tuple(x.shape)} and {tuple(y.shape)}")
-    m = min(subset_size, len(x), len(y))
+    m = min(kid_subset_size(min(len(x), len(y))) if subset_size is None else subset_size, len(x), len(y))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(x)} and {len(y)}")
     d = x.shape[1]
@@ -473,7 +473,7 @@ def evaluate_samples(
     inception_reference: FeatureStats | None = None,
     k: int = 3,
     kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
+    kid_subset_size: int | None = None,
     batch_size: int = 50,
     seed: int = 0,
     progress: bool = False,

@@ -517,10 +517,10 @@ class Evaluator:
 
     def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False) -> dict[str, Any]:
         """Metrics of samples [M, C, H, W]; Inception on the first ``inception_n`` when enabled."""
-        from .metrics import evaluate_samples, kid_subset_size
+        from .metrics import evaluate_samples
 
         row = evaluate_samples(samples, self.classifier, self.classifier_reference, seed=self.cfg.seed,
-                               kid_subset_size=kid_subset_size(len(samples)), progress=show_progress)
+                               progress=show_progress)
         row["n_inception"] = 0
         if with_inception and self.inception is not None:
             row.update(self.inception_metrics(samples, show_progress))
@@ -528,8 +528,7 @@ class Evaluator:
 
     def inception_metrics(self, samples: torch.Tensor, show_progress: bool = False) -> dict[str, Any]:
         """Inception FID/KID of the first ``inception_n`` samples against as many reference images."""
-        from .metrics import (extract_features, frechet_distance, gaussian_statistics, kernel_inception_distance,
-                              kid_subset_size)
+        from .metrics import extract_features, frechet_distance, gaussian_statistics, kernel_inception_distance
 
         if self.inception is None:
             raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
@@ -537,8 +536,8 @@ class Evaluator:
         feats = extract_features(self.inception, sub, 50, show_progress, "inception features")
         mu, sigma = gaussian_statistics(feats)
         ref = self.inception_reference
-        kid, kid_std = kernel_inception_distance(feats, ref.features, 100, kid_subset_size(len(sub)),
-                                                 torch.Generator().manual_seed(self.cfg.seed))
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        kid, kid_std = kernel_inception_distance(feats, ref.features, generator=g)
         return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "kid": kid, "kid_std": kid_std,
                 "n_reference_inception": ref.count, "n_inception": int(len(sub))}
 

@@ -88,6 +88,8 @@ def test_kid_whole_set_subsets_have_no_std():
     half, half_std = kernel_inception_distance(x, y, num_subsets=50, subset_size=kid_subset_size(200), generator=g)
     assert kid_subset_size(200) == 100 and kid_subset_size(50_000) == 1000
     assert np.isnan(whole_std) and half_std > 0
+    default, default_std = kernel_inception_distance(x, y, num_subsets=50, generator=g)  # subset size: half
+    assert default_std > 0 and default == pytest.approx(half, abs=4 * half_std)
     assert half == pytest.approx(whole, abs=4 * half_std)  # both unbiased estimates of the same MMD^2
 
 
