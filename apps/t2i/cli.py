@@ -22,10 +22,12 @@ app = typer.Typer(help="Text-to-image: compositional shapes world (CPU) or a loc
 Model = Annotated[Path, typer.Option("--model", help="Pipeline directory: `pgraft t2i pretrain` output or a local "
                                                       "diffusers Stable Diffusion checkpoint.")]
 Prompts = Annotated[str, typer.Option(help="Prompt set: train, heldout, all, geneval, or a .txt/.csv/.jsonl file.")]
-Reward = Annotated[str, typer.Option(help="Reward: vqa (learned scorer), checker (exact), clipscore, vqascore.")]
+Reward = Annotated[str, typer.Option(help="Reward: vqa (learned scorer), checker (exact), clipscore, itm (BLIP "
+                                                         "image-text matching), vqascore.")]
 RewardWeights = Annotated[Optional[Path], typer.Option(help="Weights directory of the reward (vqa: "
-                                                            "`pgraft t2i train-scorer` output; clipscore/vqascore: "
-                                                            "a local transformers model).")]
+                                                            "`pgraft t2i train-scorer` output; clipscore/itm/vqascore: "
+                                                            "a local transformers model: CLIP, BLIP ITM, a VQA model "
+                                                            "such as LLaVA).")]
 Steps = Annotated[int, typer.Option("--n-steps", help="DDIM sampler steps.")]
 Eta = Annotated[float, typer.Option(help="DDIM eta (0 deterministic, 1 DDPM-like; P-GRAFT needs a stochastic tail).")]
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")]

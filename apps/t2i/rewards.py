@@ -7,7 +7,8 @@
   captions (label 1) and minimally corrupted captions (label 0: a swapped colour, shape, count or
   relation). Being learned, it can be fooled — the gap to the exact checker measures reward hacking.
 - ``checker``: the exact programmatic checker as a 0/1 reward (used for evaluation).
-- ``clipscore`` / ``vqascore``: plug-ins for users with local weights (transformers, loaded lazily).
+- ``clipscore`` / ``itm`` / ``vqascore``: plug-ins for users with local weights (transformers, loaded
+  lazily): CLIPScore, BLIP image-text matching, and VQAScore with a local VQA model.
 
 :data:`REWARDS` maps a name to a factory ``make(weights: path | None, device) -> reward``.
 """
@@ -288,6 +289,32 @@ class LearnedVQAReward:
 
 
 # ----------------------------------------------------------------------------- plug-ins with local weights
+def _local_dir(directory: str | Path, reward: str, what: str) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{reward} needs a local {what} directory; {directory} does not exist")
+    return directory
+
+
+def _check_batch(images: torch.Tensor, prompts: Sequence[str]) -> None:
+    if len(images) != len(prompts):
+        raise ValueError(f"reward got {len(images)} images but {len(prompts)} prompts")
+
+
+def _to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def _pil_batches(images: torch.Tensor, prompts: Sequence[str], batch: int):
+    """(PIL images, prompts) chunks of at most ``batch`` for a transformers processor."""
+    _check_batch(images, prompts)
+    for i in range(0, len(prompts), batch):
+        yield [_to_pil(x) for x in images[i:i + batch]], list(prompts[i:i + batch])
+
+
 class CLIPScoreReward:
     """CLIPScore (Hessel et al. 2021): 2.5 * max(cos(image, text), 0) with a local ``CLIPModel``.
 
@@ -298,9 +325,7 @@ class CLIPScoreReward:
     def __init__(self, directory: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import CLIPModel, CLIPTokenizer
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"CLIPScore needs a local CLIP directory; {directory} does not exist")
+        directory = _local_dir(directory, "CLIPScore", "CLIP")
         self.model = CLIPModel.from_pretrained(directory).to(device).eval().requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(directory))
         self.device = torch.device(device)
@@ -316,6 +341,7 @@ class CLIPScoreReward:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        _check_batch(images, prompts)
         x = F.interpolate((images.float().cpu() + 1) / 2, size=(self.size, self.size), mode="bicubic",
                           align_corners=False).clamp(0, 1)
         x = ((x - self.mean) / self.std).to(self.device)
@@ -328,41 +354,89 @@ class CLIPScoreReward:
         return (2.5 * cos.clamp_min(0)).cpu().double()
 
 
-class VQAScoreReward:
-    """VQAScore-style P("Yes" | image, "Does this figure show '{prompt}'? Please answer yes or no.")
-    with a local image-text-to-text model (``AutoProcessor`` + ``AutoModelForImageTextToText``):
-    softmax of the first answer token's logits restricted to {"Yes", "No"}. Not exercised by the
-    test-suite (no such model is available offline); the prompt template is the paper's."""
+class ITMReward:
+    """Image-text matching: P(match | image, prompt) from the ITM head of a local BLIP retrieval
+    checkpoint (``BlipForImageTextRetrieval`` + its ``BlipProcessor``, e.g. blip-itm-base-coco):
+    softmax of the head's two logits (no match, match), second entry."""
 
-    QUESTION = "Does this figure show '{}'? Please answer yes or no."
+    def __init__(self, directory: str | Path, device: str | torch.device = "cpu", batch: int = 32) -> None:
+        from transformers import AutoProcessor, BlipForImageTextRetrieval
 
-    def __init__(self, directory: str | Path, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"VQAScore needs a local VQA model directory; {directory} does not exist")
+        directory = _local_dir(directory, "The ITM reward", "BLIP image-text-retrieval")
         self.processor = AutoProcessor.from_pretrained(str(directory))
-        self.model = AutoModelForImageTextToText.from_pretrained(directory).to(device).eval().requires_grad_(False)
-        tok = self.processor.tokenizer
-        self.yes = tok.encode("Yes", add_special_tokens=False)[0]
-        self.no = tok.encode("No", add_special_tokens=False)[0]
-        self.device = torch.device(device)
+        self.model = BlipForImageTextRetrieval.from_pretrained(directory).to(device).eval().requires_grad_(False)
+        self.device, self.batch = torch.device(device), batch
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        pil = [_to_pil(img) for img in images]
-        inputs = self.processor(images=pil, text=[self.QUESTION.format(p) for p in prompts], return_tensors="pt",
-                                padding=True).to(self.device)
-        logits = self.model(**inputs).logits[:, -1, [self.yes, self.no]].float()
-        return torch.softmax(logits, dim=-1)[:, 0].cpu().double()
+        out = []
+        for pil, texts in _pil_batches(images, prompts, self.batch):
+            inputs = self.processor(images=pil, text=texts, return_tensors="pt", padding=True).to(self.device)
+            logits = self.model(**inputs, use_itm_head=True).itm_score.float()
+            out.append(torch.softmax(logits, dim=-1)[:, 1])
+        return torch.cat(out).cpu().double()
 
 
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
+class VQAScoreReward:
+    """VQAScore (Lin et al. 2024): P("Yes" | image, "Does this figure show '{prompt}'? Please answer
+    yes or no.") under a local decoder-only image-text-to-text model (``AutoProcessor`` +
+    ``AutoModelForImageTextToText``: LLaVA, Qwen2-VL, ...), the probability over the whole
+    vocabulary of "Yes" as the first answer token.
 
-    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr)
+    The question is wrapped in the processor's chat template (image first, then the question,
+    then the assistant prefix) when it has one, else written after the processor's image token. The
+    answer token is the one the chat template puts first in an assistant turn "Yes" (" Yes" and
+    "Yes" are different tokens in most vocabularies)."""
+
+    QUESTION = "Does this figure show '{}'? Please answer yes or no."
+    ANSWER = "Yes"
+
+    def __init__(self, directory: str | Path, device: str | torch.device = "cpu", batch: int = 8) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        directory = _local_dir(directory, "VQAScore", "VQA model")
+        self.processor = AutoProcessor.from_pretrained(str(directory))
+        self.model = AutoModelForImageTextToText.from_pretrained(directory).to(device).eval().requires_grad_(False)
+        if self.model.config.get_text_config().is_encoder_decoder:
+            raise ValueError(f"VQAScore here scores decoder-only models; {directory} holds an encoder-decoder one")
+        self.device, self.batch = torch.device(device), batch
+        self.answer_id = self._answer_token()
+
+    def _chat(self, question: str, answer: str | None = None) -> str:
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+
+    def text(self, prompt: str) -> str:
+        """The model's input text for ``prompt`` (image placeholder included)."""
+        question = self.QUESTION.format(prompt)
+        if getattr(self.processor, "chat_template", None):
+            return self._chat(question)
+        return f"{getattr(self.processor, 'image_token', '')}{question}"
+
+    def _answer_token(self) -> int:
+        tok = self.processor.tokenizer
+        if getattr(self.processor, "chat_template", None):
+            prompt = tok(self._chat("q"), add_special_tokens=False).input_ids
+            full = tok(self._chat("q", self.ANSWER), add_special_tokens=False).input_ids
+            if len(full) > len(prompt) and full[:len(prompt)] == prompt:
+                return full[len(prompt)]
+        return tok(self.ANSWER, add_special_tokens=False).input_ids[0]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for pil, texts in _pil_batches(images, prompts, self.batch):
+            inputs = self.processor(images=pil, text=[self.text(p) for p in texts], return_tensors="pt",
+                                    padding=True).to(self.device)
+            logits = self.model(**inputs).logits.float()
+            mask = inputs["attention_mask"]
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # last attended position, either padding side
+            next_token = logits[torch.arange(len(last)), last]
+            out.append(torch.softmax(next_token, dim=-1)[:, self.answer_id])
+        return torch.cat(out).cpu().double()
 
 
 def _need(weights: str | Path | None, name: str) -> str | Path:
@@ -375,6 +449,7 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "vqa": lambda weights=None, device="cpu": LearnedVQAReward(_need(weights, "vqa"), device),
     "checker": lambda weights=None, device="cpu": checker_reward,
     "clipscore": lambda weights=None, device="cpu": CLIPScoreReward(_need(weights, "clipscore"), device),
+    "itm": lambda weights=None, device="cpu": ITMReward(_need(weights, "itm"), device),
     "vqascore": lambda weights=None, device="cpu": VQAScoreReward(_need(weights, "vqascore"), device),
 }
 
@@ -386,4 +461,4 @@ def make_reward(name: str, weights: str | Path | None = None, device: str | torc
 
 
 __all__ = ["REWARDS", "make_reward", "checker_reward", "corrupt_prompt", "VQAScorer", "train_scorer",
-           "LearnedVQAReward", "CLIPScoreReward", "VQAScoreReward", "ScorerTrainConfig"]
+           "LearnedVQAReward", "CLIPScoreReward", "ITMReward", "VQAScoreReward", "ScorerTrainConfig"]

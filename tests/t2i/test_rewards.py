@@ -1,5 +1,5 @@
-"""Rewards: the exact checker reward, caption corruption, the learned scorer's plumbing, CLIPScore on
-a tiny random CLIP built from a config."""
+"""Rewards: the exact checker reward, caption corruption, the learned scorer's plumbing, and the
+plug-ins for local weights (CLIPScore, BLIP ITM, VQAScore) on tiny random models built from configs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pgraft.apps.t2i.checker import check
-from pgraft.apps.t2i.rewards import (REWARDS, CLIPScoreReward, ScorerTrainConfig, VQAScorer, corrupt_prompt,
-                                     make_reward, train_scorer)
+from pgraft.apps.t2i.rewards import (REWARDS, CLIPScoreReward, ScorerTrainConfig, VQAScorer, VQAScoreReward,
+                                     _to_pil, corrupt_prompt, make_reward, train_scorer)
 from pgraft.apps.t2i.world import all_prompts, render_dataset, to_float
 
 ALL = [s.text() for s in all_prompts()]
@@ -49,7 +49,7 @@ def test_reward_errors(tmp_path):
         make_reward("vqa", tmp_path)
     with pytest.raises(ValueError, match="unknown reward"):
         make_reward("nope")
-    assert set(REWARDS) >= {"vqa", "checker", "clipscore", "vqascore"}
+    assert set(REWARDS) >= {"vqa", "checker", "clipscore", "itm", "vqascore"}
 
 
 def test_clipscore_on_tiny_random_clip(tmp_path):
@@ -72,3 +72,110 @@ def test_clipscore_on_tiny_random_clip(tmp_path):
     assert r.shape == (4,) and torch.all(torch.isfinite(r)) and torch.all((r >= 0) & (r <= 2.5))
     with pytest.raises(FileNotFoundError, match="local CLIP directory"):
         CLIPScoreReward(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- tiny random BLIP / LLaVA
+def _word_tokenizer(texts, specials):
+    """A word-level fast tokenizer trained offline on ``texts`` (special tokens first)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(texts), trainers.WordLevelTrainer(special_tokens=list(specials), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+    from transformers.models.blip.image_processing_blip import BlipImageProcessor
+
+    d = tmp_path_factory.mktemp("blip")
+    words = sorted({w for p in ALL for w in p.lower().split()})
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tok).save_pretrained(d)
+    cfg = BlipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=32,
+                                      pad_token_id=0, sep_token_id=3, bos_token_id=2),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=16, patch_size=8), projection_dim=16, image_text_hidden_size=16)
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(cfg).save_pretrained(d)
+    return d
+
+
+def test_itm_reward_is_the_match_probability_of_each_pair(tiny_blip):
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    reward = make_reward("itm", tiny_blip)
+    reward.batch = 3  # 5 pairs: one full batch and one partial, prompts of different lengths padded together
+    images, caps = render_dataset(ALL, 5, 32, seed=0)
+    r = reward(to_float(images), caps)
+    assert r.shape == (5,) and torch.all((r > 0) & (r < 1))
+    proc, model = AutoProcessor.from_pretrained(str(tiny_blip)), BlipForImageTextRetrieval.from_pretrained(tiny_blip)
+    for i in range(5):  # one pair at a time, no padding
+        one = proc(images=[_to_pil(to_float(images)[i])], text=[caps[i]], return_tensors="pt")
+        expected = torch.softmax(model(**one, use_itm_head=True).itm_score, -1)[0, 1].item()
+        assert r[i].item() == pytest.approx(expected, abs=1e-5)
+    swapped = reward(to_float(images), caps[1:] + caps[:1])
+    assert not torch.allclose(r, swapped)
+    with pytest.raises(ValueError, match="5 images but 4 prompts"):
+        reward(to_float(images), caps[:4])
+    with pytest.raises(FileNotFoundError, match="BLIP image-text-retrieval directory"):
+        make_reward("itm", tiny_blip / "missing")
+
+
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+                  "{% if m['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+
+    d = tmp_path_factory.mktemp("llava")
+    texts = [VQAScoreReward.QUESTION.format(p) for p in ALL] + ["USER: ASSISTANT: Yes No"]
+    tok = _word_tokenizer(texts, ["<unk>", "<pad>", "<s>", "</s>", "<image>"])
+    tok.add_special_tokens({"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                   vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE).save_pretrained(d)
+    cfg = LlavaConfig(vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8),
+                      text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                       pad_token_id=1),
+                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(d)
+    return d
+
+
+def test_vqascore_is_p_yes_after_the_question(tiny_llava):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    reward = make_reward("vqascore", tiny_llava)
+    proc, model = AutoProcessor.from_pretrained(str(tiny_llava)), AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    assert reward.answer_id == proc.tokenizer.convert_tokens_to_ids("Yes")
+    text = reward.text("a red circle")
+    assert text.startswith("USER: <image>") and text.endswith("'a red circle'? Please answer yes or no. ASSISTANT:")
+    images, caps = render_dataset(ALL, 4, 32, seed=3)  # captions of different lengths: padded batches
+    x = to_float(images)
+    reward.batch = 3
+    r = reward(x, caps)
+    assert r.shape == (4,) and torch.all((r > 0) & (r < 1))
+    for i in range(4):  # one prompt at a time, no padding: softmax over the vocabulary at the last position
+        one = proc(images=[_to_pil(x[i])], text=[reward.text(caps[i])], return_tensors="pt")
+        expected = torch.softmax(model(**one).logits[0, -1], -1)[reward.answer_id].item()
+        assert r[i].item() == pytest.approx(expected, abs=1e-5)
+    reward.processor.tokenizer.padding_side = "left"
+    torch.testing.assert_close(reward(x, caps), r)
+    reward.processor.chat_template = None  # no template: image token, then the question
+    assert reward.text("a red circle") == "<image>" + VQAScoreReward.QUESTION.format("a red circle")
+    with pytest.raises(FileNotFoundError, match="VQA model directory"):
+        make_reward("vqascore", tiny_llava / "missing")
