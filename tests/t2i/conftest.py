@@ -1,5 +1,5 @@
-"""Fixtures for the t2i tests: a tiny random-weight Stable Diffusion pipeline directory built from
-configs (no downloads)."""
+"""Fixtures for the t2i tests, all random-weight and built from configs (no downloads): a tiny Stable
+Diffusion pipeline directory, a tiny BLIP image-text-retrieval model and a tiny LLaVA (reward plug-ins)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,68 @@ def tiny_sd(tmp_path_factory) -> Path:
     from pgraft.apps.t2i.world import all_prompts
 
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "sd", [s.text() for s in all_prompts()])
+
+
+def _word_tokenizer(texts, specials):
+    """A word-level fast tokenizer trained offline on ``texts`` (special tokens first)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(list(texts), trainers.WordLevelTrainer(special_tokens=list(specials), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory):
+    from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+    from transformers.models.blip.image_processing_blip import BlipImageProcessor
+
+    from pgraft.apps.t2i.world import all_prompts
+
+    d = tmp_path_factory.mktemp("blip")
+    words = sorted({w for s in all_prompts() for w in s.text().lower().split()})
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tok).save_pretrained(d)
+    cfg = BlipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=32,
+                                      pad_token_id=0, sep_token_id=3, bos_token_id=2),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=16, patch_size=8), projection_dim=16, image_text_hidden_size=16)
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(cfg).save_pretrained(d)
+    return d
+
+
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+                  "{% if m['role'] == 'assistant' %}</s>{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_clip import CLIPImageProcessor
+
+    from pgraft.apps.t2i.rewards import VQAScoreReward
+    from pgraft.apps.t2i.world import all_prompts
+
+    d = tmp_path_factory.mktemp("llava")
+    texts = [VQAScoreReward.QUESTION.format(s.text()) for s in all_prompts()] + ["USER: ASSISTANT: Yes No"]
+    tok = _word_tokenizer(texts, ["<unk>", "<pad>", "<s>", "</s>", "<image>"])
+    tok.add_special_tokens({"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                   vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE).save_pretrained(d)
+    cfg = LlavaConfig(vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8),
+                      text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                       pad_token_id=1),
+                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(d)
+    return d

@@ -132,6 +132,20 @@ def test_cli_train_sample_evaluate(tiny_world, tmp_path):
     assert {"overall", "counting", "color_attr", "mean_checker"} <= set(table.columns)
 
 
+@pytest.mark.parametrize("reward,weights", [("vqascore", "tiny_llava"), ("itm", "tiny_blip")])
+def test_cli_sd_path_with_a_transformers_reward(tiny_sd, reward, weights, request, tmp_path):
+    """The real path end to end: a diffusers SD directory, fine-tuned with a local transformers reward."""
+    run = tmp_path / "sd"
+    res = CliRunner().invoke(app, ["train", "--out", str(run), "--model", str(tiny_sd), "--prompts", "heldout",
+                                   "--reward", reward, "--reward-weights", str(request.getfixturevalue(weights)),
+                                   "--rounds", "1", "--groups", "2", "--m", "2", "--k", "1", "--train-steps", "1",
+                                   "--batch-size", "2", "--n-steps", "3", "--lora", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["reward_mean"].between(0, 1).all()  # P(Yes) / P(match) of every round, eval row included
+    assert metrics.loc[metrics["phase"] == "train", "accepted"].tolist() == [2]  # Top-1 of 2 in each of 2 groups
+
+
 @pytest.mark.parametrize("args,match", [
     (["--model", "/nonexistent/model"], "does not exist"),
     (["--prompts", "/nonexistent/p.txt"], "neither a registered set"),
