@@ -465,6 +465,15 @@ def cached_reference_stats(
 
 
 # ----------------------------------------------------------------------------- one table row
+def fid_kid(features: torch.Tensor, reference: FeatureStats, kid_subsets: int = 100,
+            kid_subset_size: int | None = None, generator: torch.Generator | None = None) -> dict[str, float]:
+    """``fid``, ``kid`` and ``kid_std`` of ``features`` [M, D] against ``reference``'s statistics
+    and features (KID subsets drawn with ``generator``; see :func:`kernel_inception_distance`)."""
+    mu, sigma = gaussian_statistics(features)
+    kid, kid_std = kernel_inception_distance(features, reference.features, kid_subsets, kid_subset_size, generator)
+    return {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "kid": kid, "kid_std": kid_std}
+
+
 def evaluate_samples(
     samples: torch.Tensor,
     classifier: SmallClassifier,
@@ -490,18 +499,13 @@ def evaluate_samples(
     row: dict[str, float | int] = {"n_samples": int(len(samples))}
     if inception is not None and inception_reference is not None:
         feats = extract_features(inception, samples, batch_size, progress, "inception features")
-        mu, sigma = gaussian_statistics(feats)
-        row["fid"] = frechet_distance(mu, sigma, inception_reference.mu, inception_reference.sigma)
-        row["kid"], row["kid_std"] = kernel_inception_distance(
-            feats, inception_reference.features, kid_subsets, kid_subset_size, g
-        )
-        row["n_reference_inception"] = inception_reference.count
+        row.update(fid_kid(feats, inception_reference, kid_subsets, kid_subset_size, g),
+                   n_reference_inception=inception_reference.count)
     else:
         row.update(fid=float("nan"), kid=float("nan"), kid_std=float("nan"), n_reference_inception=0)
     feats = extract_features(classifier.features, samples, 256, progress, "classifier features")
-    mu, sigma = gaussian_statistics(feats)
-    row["feature_fid"] = frechet_distance(mu, sigma, classifier_reference.mu, classifier_reference.sigma)
-    row["feature_kid"] = kernel_inception_distance(feats, classifier_reference.features, kid_subsets, kid_subset_size, g)[0]
+    in_classifier_space = fid_kid(feats, classifier_reference, kid_subsets, kid_subset_size, g)
+    row["feature_fid"], row["feature_kid"] = in_classifier_space["fid"], in_classifier_space["kid"]
     row["precision"], row["recall"] = precision_recall(classifier_reference.features, feats, k)
     row["n_reference"] = classifier_reference.count
     return row

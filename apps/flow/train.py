@@ -528,17 +528,14 @@ class Evaluator:
 
     def inception_metrics(self, samples: torch.Tensor, show_progress: bool = False) -> dict[str, Any]:
         """Inception FID/KID of the first ``inception_n`` samples against as many reference images."""
-        from .metrics import extract_features, frechet_distance, gaussian_statistics, kernel_inception_distance
+        from .metrics import extract_features, fid_kid
 
         if self.inception is None:
             raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
         sub = samples[: self.cfg.inception_n]
         feats = extract_features(self.inception, sub, 50, show_progress, "inception features")
-        mu, sigma = gaussian_statistics(feats)
         ref = self.inception_reference
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        kid, kid_std = kernel_inception_distance(feats, ref.features, generator=g)
-        return {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "kid": kid, "kid_std": kid_std,
+        return {**fid_kid(feats, ref, generator=torch.Generator().manual_seed(self.cfg.seed)),
                 "n_reference_inception": ref.count, "n_inception": int(len(sub))}
 
 
