@@ -54,14 +54,18 @@ def tiny_sd(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "sd", [s.text() for s in all_prompts()])
 
 
-def _word_tokenizer(texts, specials):
-    """A word-level fast tokenizer trained offline on ``texts`` (special tokens first)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _byte_bpe_tokenizer(texts, specials):
+    """A byte-level BPE fast tokenizer (as GPT-2 / Llama 3: " Yes" and "Yes" are different tokens)
+    trained offline on ``texts``, special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token=specials[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(list(texts), trainers.WordLevelTrainer(special_tokens=list(specials), show_progress=False))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(texts), trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials),
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                             show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
@@ -102,8 +106,8 @@ def tiny_llava(tmp_path_factory):
     from pgraft.apps.t2i.world import all_prompts
 
     d = tmp_path_factory.mktemp("llava")
-    texts = [VQAScoreReward.QUESTION.format(s.text()) for s in all_prompts()] + ["USER: ASSISTANT: Yes No"]
-    tok = _word_tokenizer(texts, ["<unk>", "<pad>", "<s>", "</s>", "<image>"])
+    texts = [VQAScoreReward.QUESTION.format(s.text()) for s in all_prompts()] + ["USER: ASSISTANT: Yes", "Yes No"] * 20
+    tok = _byte_bpe_tokenizer(texts, ["<unk>", "<pad>", "<s>", "</s>", "<image>"])
     tok.add_special_tokens({"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,

@@ -101,7 +101,9 @@ def test_vqascore_is_p_yes_after_the_question(tiny_llava):
 
     reward = make_reward("vqascore", tiny_llava)
     proc, model = AutoProcessor.from_pretrained(str(tiny_llava)), AutoModelForImageTextToText.from_pretrained(tiny_llava)
-    assert reward.answer_id == proc.tokenizer.convert_tokens_to_ids("Yes")
+    # the template answers "ASSISTANT: Yes": the scored token is " Yes" (byte-level "ĠYes"), not "Yes"
+    assert reward.answer_id == proc.tokenizer.convert_tokens_to_ids("ĠYes")
+    assert reward.answer_id != proc.tokenizer("Yes", add_special_tokens=False).input_ids[0]
     text = reward.text("a red circle")
     assert text.startswith("USER: <image>") and text.endswith("'a red circle'? Please answer yes or no. ASSISTANT:")
     images, caps = render_dataset(ALL, 4, 32, seed=3)  # captions of different lengths: padded batches
