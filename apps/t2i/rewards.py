@@ -30,7 +30,7 @@ from torch import nn
 
 from .checker import check
 from .world import (COLORS, NUMBERS, SHAPES, ObjectSpec, PromptSpec, all_prompts, parse_prompt,
-                    render_dataset, to_float)
+                    render_dataset, to_float, to_uint8)
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
@@ -304,8 +304,7 @@ def _check_batch(images: torch.Tensor, prompts: Sequence[str]) -> None:
 def _to_pil(image: torch.Tensor):
     from PIL import Image
 
-    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr)
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy())
 
 
 def _pil_batches(images: torch.Tensor, prompts: Sequence[str], batch: int):

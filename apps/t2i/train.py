@@ -33,7 +33,7 @@ from .model import (PRESETS, UNET_ATTENTION, Denoiser, PromptBatch, PromptEncode
                     build_world_pipeline, text_encoder_config, tokenize, unet_config)
 from .prompts import load_prompts
 from .rewards import make_reward
-from .world import all_prompts, parse_prompt, render_dataset, to_float
+from .world import all_prompts, parse_prompt, render_dataset, to_float, to_uint8
 
 
 # ----------------------------------------------------------------------------- pretraining
@@ -372,7 +372,7 @@ def save_grid(images: torch.Tensor, path: str | Path, prompts: Sequence[str] | N
     ncol = max(1, min(ncol, n))
     nrow = math.ceil(n / ncol)
     canvas = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 128, dtype=np.uint8)
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
     for i in range(n):
         r, c = divmod(i, ncol)
         canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = arr[i]

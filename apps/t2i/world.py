@@ -322,3 +322,8 @@ def render_dataset(prompts: list[str], n: int, size: int, seed: int) -> tuple[to
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [..] in 0..255 -> float32 in [-1, 1]."""
     return images.float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [..] in [-1, 1] (clamped) -> uint8 in 0..255 on the CPU; the inverse of :func:`to_float`."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()

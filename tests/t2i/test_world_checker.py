@@ -10,7 +10,7 @@ from pgraft.apps.t2i.checker import accuracy_table, check, detect
 from pgraft.apps.t2i.rewards import corrupt_prompt
 from pgraft.apps.t2i.world import (CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, ObjectSpec, PromptSpec,
                                    SplitConfig, all_prompts, parse_prompt, render, render_dataset, sample_scene,
-                                   split_prompts, to_float)
+                                   split_prompts, to_float, to_uint8)
 
 ALL = [s.text() for s in all_prompts()]
 
@@ -92,3 +92,9 @@ def test_accuracy_table_averages_categories():
     assert np.isnan(table.loc["m", "position"]) and table.loc["m", "n"] == 3
     with pytest.raises(ValueError, match="2 correctness"):
         accuracy_table(prompts, [True, False])
+
+
+def test_uint8_float_round_trip():
+    pixels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(to_float(pixels)), pixels)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # out-of-range values are clamped
