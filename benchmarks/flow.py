@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pgraft.apps.flow.data import load_fashion_mnist  # noqa: E402
 from pgraft.core.sampling import FLOW_STEPS  # noqa: E402
+from pgraft.core.state import module_device, resolve_device  # noqa: E402
 from pgraft.apps.flow.train import (  # noqa: E402
     CorrectionConfig,
     EvalConfig,
@@ -87,15 +88,16 @@ def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_step
     from pgraft.core.schedules import flow_times
 
     shards = read_shards(invert_dir)
-    inverted = shards["noise"][:n]
-    z = torch.randn(inverted.shape, generator=torch.Generator().manual_seed(seed))
+    device = module_device(base)
+    inverted = shards["noise"][:n].to(device)
+    z = torch.randn(inverted.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     rms = {"inverted": inverted.pow(2).mean().sqrt().item(), "gaussian": z.pow(2).mean().sqrt().item()}
     with torch.no_grad():
         for k in noise_steps:
             for name in dict.fromkeys(("euler", noise_sampler)):  # Euler as the reference, once
                 x = sample(noise_model, z, flow_times(k), FLOW_STEPS[name])
                 rms[f"noise_flow_{name}_{k}"] = x.pow(2).mean().sqrt().item()
-        recon = torch.cat([sample(base, inverted[i:i + 250], flow_times(invert_steps), FLOW_STEPS["euler"]).clamp(-1, 1)
+        recon = torch.cat([sample(base, inverted[i:i + 250], flow_times(invert_steps), FLOW_STEPS["euler"]).clamp(-1, 1).cpu()
                            for i in range(0, len(inverted), 250)])
     row = evaluator.row(recon, with_inception=False)
     oracle = {"config": f"inverted training noise -> base euler-{invert_steps}", "n": len(inverted),
@@ -227,8 +229,13 @@ def main() -> None:
     ap.add_argument("--inception-n", type=int, default=1000,
                     help="samples and reference images for Inception FID (300 does not separate the rows)")
     ap.add_argument("--inception-weights", type=Path, default=None)
+    ap.add_argument("--device", default="auto", help="auto (the GPU when torch sees one), cpu, cuda or cuda:N")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        ap.error(str(err))
     torch.set_num_threads(1)
     q = args.quick
     out = args.out or Path("runs/bench/flow-quick" if q else "runs/bench/flow")
@@ -253,8 +260,9 @@ def main() -> None:
     if args.base is None and not pretraining_finished(base_dir):
         cfg = FlowPretrainConfig(preset="tiny", steps=400, batch_size=32, lr=2e-3, limit=600) if q else FlowPretrainConfig()
         print(f"pretraining the {cfg.preset} base in {base_dir} ({cfg.steps} steps)")
-        pretrain_flow(cfg, base_dir, show_progress=not q, images=train_x)
+        pretrain_flow(cfg, base_dir, show_progress=not q, images=train_x, device=device)
     base, base_cfg = load_base(base_dir)
+    base = base.to(device)
     base_trained = trained_steps(base_dir)
     print(f"base {base_dir}: {base.num_parameters():,} parameters, preset {base_cfg.preset}, trained "
           f"{base_trained} of {base_cfg.steps} configured steps  [{time.time() - t0:.0f}s]")
@@ -263,16 +271,15 @@ def main() -> None:
     inv_cfg = InvertConfig(steps=invert_steps, limit=args.invert_limit or (300 if q else 2000),
                            shard_size=100 if q else 250, batch_size=100 if q else 125, tol=args.invert_tol,
                            max_iter=args.invert_max_iter, seed=args.seed)
-    report = invert_dataset(base_dir, out / "invert", inv_cfg, show_progress=not q, images=train_x)
+    report = invert_dataset(base_dir, out / "invert", inv_cfg, show_progress=not q, images=train_x, device=device)
     print(f"inverted {report.n_images} training images through {invert_steps} Euler steps: reconstruction "
           f"mean |err| {report.mean_abs:.2e}, max {report.max_abs:.2e}, worst residual {report.max_residual:.2e} "
           f"[{time.time() - t0:.0f}s]")
     corr_cfg = CorrectionConfig(preset="noise-tiny" if q else "noise-small",
                                 steps=args.correct_steps or (300 if q else 6000), coupling=args.coupling,
                                 seed=args.seed)
-    noise_model = train_correction(out / "invert", out / "correct", corr_cfg, show_progress=not q)
-    correction = load_correction(out / "correct", base_dir)
-    noise_model = correction.noise_model
+    train_correction(out / "invert", out / "correct", corr_cfg, show_progress=not q, device=device)
+    noise_model = load_correction(out / "correct", base_dir).noise_model.to(device)
     print(f"noise flow {corr_cfg.preset}: {noise_model.num_parameters():,} parameters "
           f"({noise_model.num_parameters() / base.num_parameters():.2f}x the base)  [{time.time() - t0:.0f}s]")
 
@@ -281,7 +288,7 @@ def main() -> None:
                           inception_weights=None if args.inception_weights is None else str(args.inception_weights),
                           classifier_steps=300 if q else 2000, seed=args.seed)
     evaluator = Evaluator.build(eval_cfg, base_cfg, out / "cache", ref_x, ref_y, show_progress=not q,
-                                train_images=train_x, train_labels=train_y)
+                                train_images=train_x, train_labels=train_y, device=device)
     specs = [SamplerSpec(s) for s in base_steps] + [SamplerSpec(b, noise_steps=k, noise_sampler=args.noise_sampler)
                                                     for b in corrected_base_steps for k in noise_steps]
     samples: dict[str, torch.Tensor] = {}

@@ -49,6 +49,18 @@ Seed = Annotated[int, typer.Option(help="Seed for sampling, acceptance and train
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 Out = Annotated[Path, typer.Option("--out", help="Run directory (config, store, metrics, checkpoints).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+Device = Annotated[str, typer.Option(help="Where to run: auto (the GPU when torch sees one), cpu, cuda or cuda:N.")]
+
+
+def device_option(name: str):
+    """Resolve a ``--device`` value (see :func:`pgraft.core.state.resolve_device`); bad values are
+    reported as a usage error naming the flag."""
+    from .state import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--device") from err
 
 
 def print_row(row: dict[str, Any], title: str) -> None:

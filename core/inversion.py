@@ -97,10 +97,16 @@ def sample_noise_corrected(
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` counted by torch.utils.flop_counter (a multiply-add = 2 FLOPs)."""
+    """FLOPs of one call of ``fn`` counted by torch.utils.flop_counter (a multiply-add = 2 FLOPs).
+
+    Attention runs on the math backend here: the counter has no formula for the CPU's fused
+    attention kernel and would count it as 0 FLOPs (CUDA's fused kernels it does count), so the same
+    model would cost less on a CPU than on a GPU.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -4,14 +4,21 @@ Data arrive as an infinite iterator of ``(x0, cond)`` batches; the loss is any c
 ``loss_fn(model, x0, cond, generator) -> scalar`` (e.g. a flow-matching or masking loss bound to
 ``t_start = 0``). The loop keeps an EMA of the weights (what gets saved: EMA weights sample
 markedly better for small diffusion models), checkpoints atomically, resumes, and stops on a
-non-finite loss without touching the last good checkpoint.
+non-finite loss without touching the last good checkpoint. SIGTERM or Ctrl-C (SIGINT) stops it
+cleanly: the step in flight finishes, a checkpoint is written at that step, and
+:class:`TrainingInterrupted` is raised (a second signal interrupts at once). So ``timeout 600
+pgraft ... pretrain`` or a scheduler's kill loses nothing, and the same command resumes.
 """
 
 from __future__ import annotations
 
 import copy
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +29,7 @@ from torch import nn
 
 from .checkpoint import WEIGHTS_NAME, load_config, save_json, save_pretrained
 from .progress import progress_bar
-from .state import State, atomic_write
+from .state import State, atomic_write, module_device, to_device
 
 LossFn = Callable[[nn.Module, State, Any, "torch.Generator | None"], torch.Tensor]
 
@@ -58,6 +65,41 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
                                  "The last good checkpoint is intact: lower the learning rate and --resume.")
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after a SIGTERM/SIGINT stopped training at a step boundary; the checkpoint is saved."""
+
+    def __init__(self, step: int, run_dir: Path) -> None:
+        super().__init__(f"stopped by a signal after step {step}; checkpoint saved in {run_dir} "
+                         "(rerun the same command to resume)")
+        self.step, self.run_dir = step, run_dir
+
+
+@contextmanager
+def stop_requests():
+    """A dict whose ``"signal"`` entry is set when SIGTERM or SIGINT arrives inside the block; the
+    signal no longer kills the process there (a second one does: the previous handlers run again).
+    Outside the main thread, where handlers cannot be installed, the entry simply stays None."""
+    flag: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum, frame) -> None:
+        flag["signal"] = signum
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def lr_lambda(warmup: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
@@ -82,7 +124,8 @@ def pretrain(
 ) -> nn.Module:
     """Train ``model`` for ``config.steps`` steps; write ``run_dir/`` as a save_pretrained directory.
 
-    ``run_dir`` ends up holding ``config.json`` + ``model.safetensors`` (EMA weights),
+    Training runs where ``model`` lives (move it to the GPU first to train there); batches, drawn
+    on the CPU, follow it. ``run_dir`` ends up holding ``config.json`` + ``model.safetensors`` (EMA weights),
     ``train_state.pt`` (raw weights, optimizer, step) for resuming, ``pretrain_config.json`` and
     ``loss.csv``. Returns the EMA model. ``batches`` must be deterministic given the seed for an
     exactly reproducible resume (the loop skips batches it already consumed).
@@ -91,6 +134,7 @@ def pretrain(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(asdict(config), run_dir / "pretrain_config.json")
     torch.manual_seed(config.seed)
+    device = module_device(model)
     ema_model = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config.warmup))
@@ -98,7 +142,7 @@ def pretrain(
     start, log_rows = 0, []
     state_path = run_dir / "train_state.pt"
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=False)  # load_state_dict moves it
         model.load_state_dict(state["model"])
         ema_model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -117,10 +161,13 @@ def pretrain(
 
     model.train()
     t0, running = time.time(), []
-    with progress_bar(config.steps, "pretrain", show_progress) as advance:
+    with stop_requests() as stop, progress_bar(config.steps, "pretrain", show_progress) as advance:
         advance(start)
         for step in range(start, config.steps):
             x0, cond = next(batches)
+            if device.type != "cpu":
+                x0 = to_device(x0, device)
+                cond = to_device(cond, device) if isinstance(cond, (torch.Tensor, dict)) else cond
             loss = loss_fn(model, x0, cond, generator)
             check_finite(loss, f"pretrain step {step}")
             opt.zero_grad(set_to_none=True)
@@ -131,12 +178,18 @@ def pretrain(
             sched.step()
             update_ema(ema_model, model, min(config.ema, (1 + step) / (10 + step)))
             running.append(loss.item())
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps or stop["signal"] is not None:
                 log_rows.append({"step": step + 1, "loss": sum(running) / len(running), "seconds": time.time() - t0})
                 running = []
             advance(1, loss=loss.item())
             if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps:
                 checkpoint(step + 1)
+            elif stop["signal"] is not None:
+                checkpoint(step + 1)
+            if stop["signal"] is not None and step + 1 < config.steps:
+                err = TrainingInterrupted(step + 1, run_dir)
+                print(err, file=sys.stderr)
+                raise err
     return ema_model
 
 

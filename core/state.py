@@ -54,6 +54,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None -> :func:`default_device`; otherwise the named device, refused (naming it)
+    when it is a GPU that is not visible, so a run never silently falls back to the CPU."""
+    if name is None or str(name) == "auto":
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Device of a module's first parameter (or buffer); the CPU for a module with neither."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def to_device(x: State, device: torch.device | str) -> State:
     if isinstance(x, torch.Tensor):
         return x.to(device)

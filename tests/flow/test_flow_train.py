@@ -207,6 +207,10 @@ def test_cli_errors_name_missing_paths(tmp_path):
     empty.mkdir()
     result = runner.invoke(app, ["invert", str(empty)])
     assert result.exit_code != 0 and "empty" in result.output
+    for device in ("gpu0", *(() if torch.cuda.is_available() else ("cuda",))):
+        result = runner.invoke(app, ["pretrain", "--device", device, "--out", str(tmp_path / "b")])
+        assert result.exit_code == 2 and "--device" in result.output and device in result.output
+        assert not (tmp_path / "b").exists()
 
 
 # ----------------------------------------------------------------------------- noise correction on a known toy
