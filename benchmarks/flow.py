@@ -13,6 +13,7 @@ count) and their reconstructions from the inverted noises (what a perfect noise 
 
     python benchmarks/flow.py --quick                     # tiny 8x8 preset, a few hundred images, < 3 min
     python benchmarks/flow.py --base runs/bench/flow/base  # default preset on Fashion-MNIST
+    python benchmarks/flow.py --report a.csv b.csv --out DIR  # claims + plot from `pgraft flow evaluate` CSVs
 
 Every stage resumes from its files in --out, so rerunning the same command continues a killed run.
 The summary states, from the numbers, whether correction lowers FID >= 25% at <= 1.35x the base's
@@ -186,10 +187,12 @@ def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str], lines: dict[st
         ax.plot(base.flops_per_image / 1e9, base[m], "o-", label="base (Euler steps)")
         for _, r in base.iterrows():
             ax.annotate(str(r.steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for j, (steps, grp) in enumerate(corr.groupby("steps")):
+        keys = ["source", "steps"] if "source" in corr else ["steps"]
+        for j, (key, grp) in enumerate(corr.groupby(keys)):
             color = f"C{3 + j}"
+            what = f"{key[0]}: " if len(keys) == 2 else ""
             ax.plot(grp.flops_per_image / 1e9, grp[m], "s-", color=color,
-                    label=f"noise-corrected + base euler-{steps} (noise steps)")
+                    label=f"{what}noise-corrected + base euler-{key[-1]} (noise steps)")
             for _, r in grp.iterrows():
                 ax.annotate(str(r.noise_steps), (r.flops_per_image / 1e9, r[m]), fontsize=7, color=color,
                             xytext=(3, -9), textcoords="offset points")
@@ -204,6 +207,44 @@ def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str], lines: dict[st
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summarize_csvs(csvs: list[Path], out: Path, fid_lines: list[str]) -> None:
+    """Claims, plot and summary from ``pgraft flow evaluate`` CSVs of one base (rows of several files are
+    pooled; corrected rows are labelled by their file). Samples nothing: for runs made elsewhere."""
+    missing = [str(p) for p in csvs if not p.is_file()]
+    if missing:
+        raise SystemExit(f"no such evaluation CSV: {', '.join(missing)}")
+    table = pd.concat([pd.read_csv(p).assign(source=p.stem) for p in csvs], ignore_index=True)
+    corrected = table.noise_steps > 0  # rows of different noise flows may share a sampler label
+    table.loc[corrected, "config"] = table.loc[corrected, "source"] + ": " + table.loc[corrected, "config"]
+    table = table.drop_duplicates(subset=["config"], keep="first").reset_index(drop=True)  # a base row seen twice
+    base_rows = table[table.noise_steps == 0]
+    invert_steps = int(table.loc[table.noise_steps > 0, "steps"].min()) if (table.noise_steps > 0).any() else 0
+    if base_rows.empty or invert_steps not in set(base_rows.steps):
+        raise SystemExit(f"the CSVs need a plain-base row at the corrected rows' base steps ({invert_steps})")
+    lines: dict[str, dict[str, float]] = {"fid": {}}
+    for item in fid_lines:
+        label, _, value = item.rpartition("=")
+        if not label:
+            raise SystemExit(f"--fid-line takes LABEL=VALUE, got {item!r}")
+        lines["fid"][label] = float(value)
+    n, n_i = int(table.n_samples.max()), int(table.n_inception.max())
+    n_text = {"feature_fid": f"classifier features, {n} samples vs {int(table.n_reference.max())} test images",
+              "fid": f"Inception-v3, {n_i} samples vs {int(table.n_reference_inception.max())} test images"}
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "results.csv", index=False)
+    plot(table, out / "flow.png", n_text, lines)
+    summary = {m: claims(table, m, invert_steps) for m in ("feature_fid", "fid")}
+    (out / "summary.json").write_text(json.dumps({**summary, "sources": [str(p) for p in csvs]}, indent=2, default=str))
+    cols = ["source", "config", "flops_per_image", "feature_fid", "precision", "recall", "fid", "kid", "n_samples",
+            "n_inception"]
+    pd.set_option("display.width", 200)
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for m in ("feature_fid", "fid"):
+        for line in describe(summary[m], n_text[m]):
+            print(line)
+    print(f"wrote {out / 'results.csv'}, {out / 'flow.png'}, {out / 'summary.json'}")
 
 
 def main() -> None:
@@ -231,7 +272,14 @@ def main() -> None:
     ap.add_argument("--inception-weights", type=Path, default=None)
     ap.add_argument("--device", default="auto", help="auto (the GPU when torch sees one), cpu, cuda or cuda:N")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report", nargs="+", type=Path, default=None, metavar="CSV",
+                    help="only summarise these `pgraft flow evaluate` CSVs (one base) into --out: claims, plot, summary")
+    ap.add_argument("--fid-line", action="append", default=[], metavar="LABEL=VALUE",
+                    help="with --report: a reference line on the Inception FID plot (e.g. the floor)")
     args = ap.parse_args()
+    if args.report:
+        summarize_csvs(args.report, args.out or Path("runs/bench/flow-report"), args.fid_line)
+        return
     try:
         device = resolve_device(args.device)
     except ValueError as err:

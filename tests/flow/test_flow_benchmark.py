@@ -49,3 +49,27 @@ def test_claims_fail_when_correction_does_not_help():
     assert not bench.claims(table.assign(feature_fid=[20.0, 9.0, 17.0, 9.5]), "feature_fid", 10)[
         "reaches_best_base_at_fewer_flops"]
     assert bench.claims(table.iloc[:2], "feature_fid", 10) == {"metric": "feature_fid", "available": False}
+
+
+def test_report_pools_evaluate_csvs_of_several_noise_flows(tmp_path, capsys):
+    bench = _load_benchmark()
+
+    def csv(name, rows):
+        t = _table(rows).assign(config=lambda d: [("corrected(heun-%d)+euler-%d" % (k, b)) if k else f"base euler-{b}"
+                                                  for b, k in zip(d.steps, d.noise_steps)],
+                                fid=lambda d: 3 * d.feature_fid, kid=0.0, precision=0.8, recall=0.7, n_samples=1000,
+                                n_inception=1000, n_reference=5000, n_reference_inception=1000)
+        t.to_csv(tmp_path / f"{name}.csv", index=False)
+        return tmp_path / f"{name}.csv"
+
+    a = csv("small", [(10, 0, 20.0), (40, 0, 9.0), (10, 5, 14.0)])     # -30% at 1.075x
+    b = csv("medium", [(10, 0, 20.0), (10, 5, 12.0)])                   # same label, another noise flow: -40%
+    bench.summarize_csvs([a, b], tmp_path / "out", ["floor=23.1"])
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert list(table.config) == ["base euler-10", "base euler-40", "small: corrected(heun-5)+euler-10",
+                                  "medium: corrected(heun-5)+euler-10"]
+    summary = __import__("json").loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["fid"]["best_in_budget"]["config"] == "medium: corrected(heun-5)+euler-10"
+    assert math.isclose(summary["fid"]["best_in_budget"]["relative_change"], -0.4)
+    assert (tmp_path / "out" / "flow.png").stat().st_size > 0
+    assert "lowers fid >= 25% at <= 1.35x FLOPs: YES" in capsys.readouterr().out
