@@ -211,7 +211,9 @@ def plot(table: pd.DataFrame, path: Path, n_text: dict[str, str], lines: dict[st
 
 def summarize_csvs(csvs: list[Path], out: Path, fid_lines: list[str]) -> None:
     """Claims, plot and summary from ``pgraft flow evaluate`` CSVs of one base (rows of several files are
-    pooled; corrected rows are labelled by their file). Samples nothing: for runs made elsewhere."""
+    pooled; corrected rows are labelled by their file). The reference is the plain base at the corrected
+    rows' smallest base step count (the inverted one, as `pgraft flow evaluate` runs them by default).
+    Samples nothing: for runs made elsewhere."""
     missing = [str(p) for p in csvs if not p.is_file()]
     if missing:
         raise SystemExit(f"no such evaluation CSV: {', '.join(missing)}")
@@ -226,9 +228,12 @@ def summarize_csvs(csvs: list[Path], out: Path, fid_lines: list[str]) -> None:
     lines: dict[str, dict[str, float]] = {"fid": {}}
     for item in fid_lines:
         label, _, value = item.rpartition("=")
-        if not label:
-            raise SystemExit(f"--fid-line takes LABEL=VALUE, got {item!r}")
-        lines["fid"][label] = float(value)
+        try:
+            if not label:
+                raise ValueError(item)
+            lines["fid"][label] = float(value)
+        except ValueError:
+            raise SystemExit(f"--fid-line takes LABEL=VALUE with a number, got {item!r}") from None
     n, n_i = int(table.n_samples.max()), int(table.n_inception.max())
     n_text = {"feature_fid": f"classifier features, {n} samples vs {int(table.n_reference.max())} test images",
               "fid": f"Inception-v3, {n_i} samples vs {int(table.n_reference_inception.max())} test images"}

@@ -182,9 +182,7 @@ def pretrain(
                 log_rows.append({"step": step + 1, "loss": sum(running) / len(running), "seconds": time.time() - t0})
                 running = []
             advance(1, loss=loss.item())
-            if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps:
-                checkpoint(step + 1)
-            elif stop["signal"] is not None:
+            if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps or stop["signal"] is not None:
                 checkpoint(step + 1)
             if stop["signal"] is not None and step + 1 < config.steps:
                 err = TrainingInterrupted(step + 1, run_dir)
