@@ -168,6 +168,21 @@ def describe(c: dict, n_text: str) -> list[str]:
     return lines
 
 
+def sample_counts(n: int, n_reference: int, n_inception: int, n_inception_reference: int) -> dict[str, str]:
+    """Per metric, the feature space and sample counts stated next to every FID (titles, printouts)."""
+    return {"feature_fid": f"classifier features, {n} samples vs {n_reference} test images",
+            "fid": f"Inception-v3, {n_inception} samples vs {n_inception_reference} test images"}
+
+
+def print_results(table: pd.DataFrame, summary: dict, n_text: dict[str, str], cols: list[str]) -> None:
+    """The results table (``cols``) and, per metric, the claims' verdicts."""
+    pd.set_option("display.width", 200)
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for m in ("feature_fid", "fid"):
+        for line in describe(summary[m], n_text[m]):
+            print(line)
+
+
 def reference_lines(fit: dict) -> dict[str, dict[str, float]]:
     """Horizontal lines of the plot, per metric: what a perfect noise flow reaches (the base decoding
     the inverted training noises) and, for Inception, the training images themselves (the floor)."""
@@ -234,21 +249,15 @@ def summarize_csvs(csvs: list[Path], out: Path, fid_lines: list[str]) -> None:
             lines["fid"][label] = float(value)
         except ValueError:
             raise SystemExit(f"--fid-line takes LABEL=VALUE with a number, got {item!r}") from None
-    n, n_i = int(table.n_samples.max()), int(table.n_inception.max())
-    n_text = {"feature_fid": f"classifier features, {n} samples vs {int(table.n_reference.max())} test images",
-              "fid": f"Inception-v3, {n_i} samples vs {int(table.n_reference_inception.max())} test images"}
+    n_text = sample_counts(*(int(table[c].max()) for c in ("n_samples", "n_reference", "n_inception",
+                                                            "n_reference_inception")))
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "results.csv", index=False)
     plot(table, out / "flow.png", n_text, lines)
     summary = {m: claims(table, m, invert_steps) for m in ("feature_fid", "fid")}
     (out / "summary.json").write_text(json.dumps({**summary, "sources": [str(p) for p in csvs]}, indent=2, default=str))
-    cols = ["source", "config", "flops_per_image", "feature_fid", "precision", "recall", "fid", "kid", "n_samples",
-            "n_inception"]
-    pd.set_option("display.width", 200)
-    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for m in ("feature_fid", "fid"):
-        for line in describe(summary[m], n_text[m]):
-            print(line)
+    print_results(table, summary, n_text, ["source", "config", "flops_per_image", "feature_fid", "precision", "recall",
+                                           "fid", "kid", "n_samples", "n_inception"])
     print(f"wrote {out / 'results.csv'}, {out / 'flow.png'}, {out / 'summary.json'}")
 
 
@@ -388,8 +397,7 @@ def main() -> None:
                         "samples_corrected.png")):
         images_to_grid(sample_images(spec, base, 64, noise_model, args.seed + 1, show_progress=False), out / name)
 
-    n_text = {"feature_fid": f"classifier features, {n} samples vs {evaluator.classifier_reference.count} test images",
-              "fid": f"Inception-v3, {eval_cfg.inception_n} samples vs {eval_cfg.inception_n} test images"}
+    n_text = sample_counts(n, evaluator.classifier_reference.count, eval_cfg.inception_n, eval_cfg.inception_n)
     plot(table, out / "flow.png", n_text, reference_lines(fit))
     summary = {"feature_fid": claims(table, "feature_fid", invert_steps), "fid": claims(table, "fid", invert_steps),
                "n_samples": n, "n_inception": eval_cfg.inception_n if inception else 0,
@@ -402,13 +410,8 @@ def main() -> None:
                "seconds": time.time() - t0}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
-    pd.set_option("display.width", 200)
-    cols = ["config", "flops_per_image", "feature_fid", "feature_kid", "precision", "recall", "fid", "kid", "n_samples",
-            "n_inception"]
-    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for m in ("feature_fid", "fid"):
-        for line in describe(summary[m], n_text[m]):
-            print(line)
+    print_results(table, summary, n_text, ["config", "flops_per_image", "feature_fid", "feature_kid", "precision",
+                                           "recall", "fid", "kid", "n_samples", "n_inception"])
     print("noise rms: " + ", ".join(f"{k} {v:.3f}" for k, v in fit["rms"].items()))
     o = fit["oracle"]
     print(f"upper bound ({o['config']}, {o['n']} images): feature_fid {o['feature_fid']:.4g}, "

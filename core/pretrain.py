@@ -165,9 +165,8 @@ def pretrain(
         advance(start)
         for step in range(start, config.steps):
             x0, cond = next(batches)
-            if device.type != "cpu":
-                x0 = to_device(x0, device)
-                cond = to_device(cond, device) if isinstance(cond, (torch.Tensor, dict)) else cond
+            x0 = to_device(x0, device)  # a no-op on the CPU
+            cond = to_device(cond, device) if isinstance(cond, (torch.Tensor, dict)) else cond
             loss = loss_fn(model, x0, cond, generator)
             check_finite(loss, f"pretrain step {step}")
             opt.zero_grad(set_to_none=True)
