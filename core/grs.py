@@ -14,7 +14,12 @@ threshold      r >= τ                                         0 above τ, -inf 
 =============  ===========================================  ================================
 
 F is the CDF of r under the current model p̄ (estimated empirically). Ties are broken uniformly
-at random with the explicit generator, so decisions are reproducible and unbiased.
+at random with the explicit generator, so decisions are reproducible and unbiased. The bon/topk
+column assumes a continuous reward law; with ties (invalid samples all scoring 0, discrete rewards)
+the reshaped rewards also depend on F₋ = P(R < r) and take the tie-exact forms of
+:func:`reshaped_reward_best_of_n` / :func:`reshaped_reward_top_k` (``cdf_below``), of which the
+column is the limit F₋ -> F. Derivations: docs/derivations.md, "GRS acceptance rules and their
+reshaped rewards".
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ def _check_alpha(alpha: float) -> float:
 # ----------------------------------------------------------------------------- ranking
 def rank_within_groups(rewards: torch.Tensor, groups: torch.Tensor | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Rank of each sample inside its group, 0 = highest reward; ties broken at random. Shape [B]."""
+    """Rank of each sample inside its group, 0 = highest reward. Shape [B].
+
+    Ties are broken uniformly at random: the stable sort runs on a uniform random permutation, so
+    every order of a set of tied samples is equally likely (the tie-exact reshaped rewards rely on it).
+    """
     r = _check_rewards(rewards).cpu()
     g = _check_groups(groups, len(r))
     perm = torch.randperm(len(r), generator=generator)
@@ -169,32 +178,100 @@ def empirical_cdf(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     return torch.searchsorted(ref, values.double(), right=True).double() / len(ref)
 
 
+def empirical_cdf_below(reference: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """F₋(v) = P(R < v) where v is an atom of ``reference`` (it occurs at least twice), else F(v).
+
+    A value seen more than once in the sample is a genuine tie (invalid molecules all scoring 0,
+    rounded rewards; a continuous reward law repeats a value with probability 0). A value seen
+    once is treated as a point of a continuous law, F₋ = F, so tie-free samples give exactly the
+    continuous reshaped rewards; either reading of a singleton differs from the other by O(N/B).
+    """
+    ref = torch.sort(_check_rewards(reference)).values
+    v = values.double()
+    at_most = torch.searchsorted(ref, v, right=True)
+    below = torch.searchsorted(ref, v, right=False)
+    return torch.where(at_most - below > 1, below, at_most).double() / len(ref)
+
+
+def _check_cdfs(cdf: torch.Tensor, cdf_below: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    f = torch.as_tensor(cdf).double()
+    if cdf_below is None:
+        return f, None
+    f_below = torch.as_tensor(cdf_below).double()
+    if f_below.shape != f.shape:
+        raise ValueError(f"cdf_below must have the shape of cdf {tuple(f.shape)}, got {tuple(f_below.shape)}")
+    bad = f_below > f
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        raise ValueError(f"cdf_below must be <= cdf (F₋ = P(R < r) <= F = P(R <= r)); at index {i} "
+                         f"cdf_below={f_below.flatten()[i].item()} > cdf={f.flatten()[i].item()}")
+    return f.clamp(0.0, 1.0), f_below.clamp(0.0, 1.0)
+
+
 def reshaped_reward_rejection(rewards: torch.Tensor) -> torch.Tensor:
     """Rejection sampling keeps the reward: r̂ = r."""
     return _check_rewards(rewards).clone()
 
 
-def reshaped_reward_best_of_n(cdf: torch.Tensor, n: int, alpha: float = 1.0) -> torch.Tensor:
-    """Best-of-N: r̂ = α (N-1) log F(r); ``cdf`` holds F(r) per sample (e.g. :func:`empirical_cdf`)."""
+def reshaped_reward_best_of_n(cdf: torch.Tensor, n: int, alpha: float = 1.0,
+                              cdf_below: torch.Tensor | None = None) -> torch.Tensor:
+    """Best-of-N: r̂ = α log P(accept | r); ``cdf`` holds F(r) = P(R <= r) per sample.
+
+    Continuous rewards (``cdf_below=None``): P = F^(N-1), r̂ = α (N-1) log F.
+    With ties, ``cdf_below`` holds F₋(r) = P(R < r) and the uniform tie-break of
+    :func:`accept_best_of_n` gives P = (F^N - F₋^N) / (N (F - F₋)), evaluated as the equal
+    polynomial (1/N) Σ_{i<N} F^i F₋^(N-1-i) in log space (no 0/0 at F₋ = F, whose value is
+    F^(N-1)). docs/derivations.md, "Ties". N = 1 gives 0 for every F, F = 0 included.
+    """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    return _check_alpha(alpha) * (n - 1) * torch.log(cdf.double())
+    alpha = _check_alpha(alpha)
+    f, f_below = _check_cdfs(cdf, cdf_below)
+    if n == 1:
+        return torch.zeros_like(f)  # the single candidate is always kept (0 * log 0 would be NaN at F = 0)
+    if f_below is None:
+        return alpha * (n - 1) * torch.log(f)
+    i = torch.arange(n, dtype=torch.float64)
+    terms = torch.xlogy(i, f[..., None]) + torch.xlogy(n - 1 - i, f_below[..., None])
+    return alpha * (torch.logsumexp(terms, dim=-1) - math.log(n))
 
 
-def reshaped_reward_top_k(cdf: torch.Tensor, m: int, k: int, alpha: float = 1.0) -> torch.Tensor:
-    """Top-K of M: r̂ = α log Σ_{j<K} C(M-1, j) (1-F)^j F^(M-1-j) (at most K-1 of the others beat x).
+def reshaped_reward_top_k(cdf: torch.Tensor, m: int, k: int, alpha: float = 1.0,
+                          cdf_below: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-K of M: r̂ = α log P(accept | r), ``cdf`` = F(r) = P(R <= r) per sample.
 
-    Evaluated as a log-sum-exp of log binomial terms, stable for F near 0 or 1.
+    Continuous rewards (``cdf_below=None``): x is kept iff at most K-1 of the other M-1 beat it,
+    P = Σ_{j<K} C(M-1, j) (1-F)^j F^(M-1-j).
+    With ties, ``cdf_below`` = F₋(r) = P(R < r); each other candidate is above (a = 1-F), tied
+    (b = F-F₋) or below (c = F₋), and with the uniform tie-break of :func:`accept_top_k` a sample
+    with j above and l tied is kept with probability min(1, (K-j)/(l+1)):
+    P = Σ_{j<K} Σ_l (M-1)!/(j! l! (M-1-j-l)!) a^j b^l c^(M-1-j-l) min(1, (K-j)/(l+1)).
+    b = 0 (F₋ = F) leaves the l = 0 terms, the continuous formula. docs/derivations.md, "Ties".
+    Both are log-sum-exps of log terms (xlogy: 0 log 0 = 0), stable for F near 0 or 1.
     """
     if not (isinstance(m, int) and isinstance(k, int) and 1 <= k <= m):
         raise ValueError(f"need integers 1 <= k <= m, got k={k!r}, m={m!r}")
     alpha = _check_alpha(alpha)
-    f = cdf.double().clamp(0.0, 1.0)
-    j = torch.arange(k, dtype=torch.float64)
-    log_binom = torch.lgamma(torch.tensor(m, dtype=torch.float64)) - torch.lgamma(j + 1) - torch.lgamma(m - j)
-    # xlogy gives 0 * log 0 = 0, so F = 0 or 1 are exact
-    terms = log_binom + torch.xlogy(j, 1 - f[:, None]) + torch.xlogy(m - 1 - j, f[:, None])
-    return alpha * torch.logsumexp(terms, dim=1)
+    f, f_below = _check_cdfs(cdf, cdf_below)
+    if f_below is None:
+        f = f.clamp(0.0, 1.0).flatten()
+        j = torch.arange(k, dtype=torch.float64)
+        log_binom = torch.lgamma(torch.tensor(m, dtype=torch.float64)) - torch.lgamma(j + 1) - torch.lgamma(m - j)
+        terms = log_binom + torch.xlogy(j, 1 - f[:, None]) + torch.xlogy(m - 1 - j, f[:, None])
+        return alpha * torch.logsumexp(terms, dim=1).view(torch.as_tensor(cdf).shape)
+    shape = f.shape
+    a, b, c = (1 - f).flatten()[:, None], (f - f_below).flatten()[:, None], f_below.flatten()[:, None]
+    log_fact = torch.lgamma(torch.arange(1, m + 1, dtype=torch.float64))  # log(i!) for i = 0..m-1
+    per_j = []
+    for j in range(k):  # one [B, M-j] slab per j keeps memory at O(B M)
+        l = torch.arange(m - j, dtype=torch.float64)
+        rest = m - 1 - j - l
+        log_multinomial = log_fact[m - 1] - log_fact[j] - log_fact[l.long()] - log_fact[rest.long()]
+        log_tie_break = torch.log(torch.clamp((k - j) / (l + 1), max=1.0))
+        terms = (log_multinomial + log_tie_break + torch.xlogy(torch.tensor(float(j)), a)
+                 + torch.xlogy(l, b) + torch.xlogy(rest, c))
+        per_j.append(torch.logsumexp(terms, dim=1))
+    return alpha * torch.logsumexp(torch.stack(per_j, 1), dim=1).view(shape)
 
 
 def reshaped_reward_threshold(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -207,13 +284,18 @@ def reshaped_reward(rewards: torch.Tensor, config: GRSConfig, group_size: int,
                     reference: torch.Tensor | None = None) -> torch.Tensor:
     """The reshaped reward r̂ of ``config``'s rule for samples with rewards ``rewards``.
 
-    ``reference``: rewards of samples from p̄ used for the CDF (defaults to ``rewards``).
+    ``reference``: rewards of samples from p̄ used for the CDF (defaults to ``rewards``). Values
+    repeated in it are atoms of the reward law and get the tie-exact r̂
+    (:func:`empirical_cdf_below`); a tie-free reference gives the continuous formulas.
     """
     if config.rule == "rs":
         return reshaped_reward_rejection(rewards)
     if config.rule == "threshold":
         return reshaped_reward_threshold(rewards, config.threshold)
-    cdf = empirical_cdf(rewards if reference is None else reference, rewards)
+    ref = rewards if reference is None else reference
+    cdf, cdf_below = empirical_cdf(ref, rewards), empirical_cdf_below(ref, rewards)
+    if torch.equal(cdf, cdf_below):
+        cdf_below = None  # no ties: the continuous formula, bit for bit as before
     if config.rule == "bon":
-        return reshaped_reward_best_of_n(cdf, group_size, config.alpha)
-    return reshaped_reward_top_k(cdf, group_size, config.k, config.alpha)
+        return reshaped_reward_best_of_n(cdf, group_size, config.alpha, cdf_below)
+    return reshaped_reward_top_k(cdf, group_size, config.k, config.alpha, cdf_below)

@@ -6,7 +6,7 @@ T to t, so it is trained only at times s in (t, 1], with the forward process sta
 
 Because the marginal score/velocity at time s is the same functional of p_s whichever Gaussian
 forward process produced p_s, the head keeps the base's parametrization (and sampler); only the
-regression target changes. Derivations (see SCIENCE.md section 2):
+regression target changes. Derivations: docs/derivations.md, "P-GRAFT losses":
 
 Linear flow. Base path x_s = (1-s) x_0 + s eps. Given X_t = (1-t) X_0 + t eps', the forward
 process continues as X_s = m_s X_t + sigma_s eta with
@@ -25,6 +25,7 @@ variance bounded.
 VP diffusion. X_s | X_t = sqrt(a_s/a_t) X_t + sqrt(1 - a_s/a_t) eta (a = abar). Denoising score
 matching gives the eps-prediction target sqrt((1-a_s)/(1-a_s/a_t)) eta; weighting by
 lambda = (1 - a_s/a_t)/(1 - a_s) turns the loss into || sqrt(lambda) eps_theta(x_s, s) - eta ||^2.
+At s = t_start = 0 (a_s = a_t = 1) lambda is 0/0; :func:`eps_loss_weight` uses its limit, 1.
 
 Masking diffusion (mask rate = s). From X_t (a fraction t masked), a token still unmasked at t is
 masked by time s with probability (s - t)/(1 - t). The model's clean-token prediction at s for a
@@ -121,6 +122,20 @@ def flow_matching_loss(
     return (w * per_sample).mean()
 
 
+def eps_loss_weight(ratio: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """lambda = (1 - abar_s/abar_t)/(1 - abar_s) in [0, 1], with ``ratio`` = abar_s/abar_t; shape [B].
+
+    The quotient is 0/0 only where abar_s = 1, i.e. s = t_start = 0 with abar(0) = 1 (torch.rand
+    returns exactly 0 about once in 2^24 draws). There abar_t = 1 makes lambda = 1 for every s > 0,
+    so its limit s -> 0 is 1 (docs/derivations.md, "VP diffusion (eps and v)"). Every other draw
+    takes the plain quotient, bit for bit.
+    """
+    den = 1 - a_s
+    endpoint = den <= 0
+    lam = ((1 - ratio) / torch.where(endpoint, torch.ones_like(den), den)).clamp(0.0, 1.0)
+    return torch.where(endpoint, torch.ones_like(lam), lam)
+
+
 def eps_matching_loss(
     model: nn.Module,
     x_start: torch.Tensor,
@@ -146,7 +161,7 @@ def eps_matching_loss(
     ratio = (a_s / a_t).clamp(max=1.0)
     eta = randn_like(x_start, generator)
     x_s = _expand(ratio.sqrt(), x_start) * x_start + _expand((1 - ratio).sqrt(), x_start) * eta
-    lam = _expand(((1 - ratio) / (1 - a_s)).clamp(0.0, 1.0), x_start)
+    lam = _expand(eps_loss_weight(ratio, a_s), x_start)
     eps = model(x_s, s, cond)
     per_sample = ((lam.sqrt() * eps - eta) ** 2).flatten(1).mean(1)
     if weighting == "v":

@@ -4,8 +4,19 @@ The sampler is viewed as a policy over its steps: per-step log-probabilities
 log p_theta(x_{k+1} | x_k) of a *stochastic* sampler, a per-group standardised advantage
 A = (r - mean_g r) / (std_g r + 1e-8) (per prompt, as DDPO/GRPO), and the clipped importance
 ratio objective  -E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = p_theta / p_theta_old,
-averaged over (a random ``timestep_fraction`` of) the steps. It uses the same reward interface, problem description, run directory and
-sample budget (rounds x groups x group_size) as :func:`pgraft.core.trainer.run_graft`.
+averaged over (a random ``timestep_fraction`` of) the steps. It uses the same reward interface,
+problem description, run directory and sample budget (rounds x groups x group_size) as
+:func:`pgraft.core.trainer.run_graft`.
+
+Log-density convention (docs/derivations.md, "Policy-gradient log-density convention"): an
+app's ``log_prob`` returns the step's log-density *summed* over the state's entries; the core
+divides it by the number of entries D of one sample's state (:func:`state_dims`), so rho is the
+per-dimension ratio (p_theta / p_theta_old)^(1/D). That is DDPO's and trl's convention (they
+average the Gaussian log-density over the latent's dimensions), so their clip range 1e-4 is
+the right default whatever the size of the state; with a sum the same clip would be D times
+tighter. ``PGConfig(log_prob_reduction="sum")`` keeps the summed log-density (then the clip
+range has to be set for D). Every update logs DDPO's diagnostics next to the loss: the fraction
+of clipped ratios and approx_kl = E[(log rho)^2] / 2.
 """
 
 from __future__ import annotations
@@ -35,6 +46,22 @@ LogProbFn = Callable[[nn.Module, State, float, float, State, Any], torch.Tensor]
 
 @dataclass(frozen=True)
 class PGConfig:
+    """Policy-gradient settings.
+
+    ``rounds`` x ``groups`` x ``group_size`` samples, as GRAFT; ``epochs`` passes over each round's
+    samples in minibatches of ``batch_size``, AdamW at ``lr``; ``grad_clip`` bounds the gradient
+    norm (0: off); ``adv_clip`` bounds the standardised advantages.
+    ``clip``: PPO clip range eps of rho. Its default 1e-4 is DDPO's, right for
+    ``log_prob_reduction="mean"`` (rho per state entry, see the module docstring); with ``"sum"``
+    rho is the ratio of whole-step densities and eps must grow with the state's size D.
+    ``log_prob_reduction``: ``"mean"`` divides the app's summed log-density by
+    :func:`state_dims` of the state; ``"sum"`` uses it as returned.
+    ``timestep_fraction``: share of the sampler's steps trained on per minibatch (DDPO).
+    ``lora_*``: LoRA adapters instead of full fine-tuning (``lora_rank = 0``: all weights).
+    ``sample_batch_size``: chunk size when sampling and scoring; ``final_eval``: sample a last,
+    untrained round with the final model; ``seed``: every draw derives from it.
+    """
+
     rounds: int = 4
     groups: int = 32
     group_size: int = 8
@@ -51,6 +78,7 @@ class PGConfig:
     timestep_fraction: float = 1.0
     final_eval: bool = True
     seed: int = 0
+    log_prob_reduction: str = "mean"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -58,6 +86,53 @@ class PGConfig:
             raise ValueError(f"clip must be > 0, got {self.clip}")
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.log_prob_reduction not in ("mean", "sum"):
+            raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {self.log_prob_reduction!r}")
+
+
+def state_dims(x: State) -> int:
+    """D, the number of entries of one sample's state: every element of its non-boolean fields.
+
+    Boolean fields (``node_mask``, ``mask``) say which entries exist; they are not drawn by the
+    step, so they are not dimensions. D is the padded size, the same for every sample of a problem.
+    """
+    fields = [x] if isinstance(x, torch.Tensor) else list(x.values())
+    dims = sum(v[0].numel() for v in fields if v.dtype != torch.bool)
+    if dims == 0:
+        raise ValueError(f"state has no non-boolean entries to average over: {[tuple(v.shape) for v in fields]}")
+    return dims
+
+
+def per_dimension(log_prob: LogProbFn) -> LogProbFn:
+    """Wrap an app's summed step log-density [B] into the per-dimension one, divided by D of the state."""
+
+    def mean_log_prob(model: nn.Module, x: State, t: float, t_next: float, x_next: State, cond: Any = None):
+        return log_prob(model, x, t, t_next, x_next, cond) / state_dims(x_next)
+
+    return mean_log_prob
+
+
+@dataclass(frozen=True)
+class PGStep:
+    """``loss``: the clipped surrogate (scalar, differentiable); ``clip_fraction``: share of
+    samples with |rho - 1| > eps; ``approx_kl``: E[(log rho)^2] / 2 (DDPO's estimator)."""
+
+    loss: torch.Tensor
+    clip_fraction: float
+    approx_kl: float
+
+
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                      clip: float) -> PGStep:
+    """-mean(min(rho A, clip(rho, 1 - eps, 1 + eps) A)), rho = exp(log_prob - old_log_prob); inputs [B]."""
+    log_ratio = log_prob - old_log_prob.to(log_prob.device)
+    ratio = torch.exp(log_ratio)
+    a = advantages.to(ratio.device)
+    loss = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean()
+    with torch.no_grad():
+        clip_fraction = float(((ratio - 1).abs() > clip).float().mean())
+        approx_kl = float(0.5 * (log_ratio.double() ** 2).mean())
+    return PGStep(loss, clip_fraction, approx_kl)
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float) -> torch.Tensor:
@@ -84,6 +159,8 @@ def run_policy_gradient(
     run = RunDir(run_dir, resume=False)
     run.save_config({"pg": asdict(cfg), "app": app_config or {}, "model": model_config}, resume=False)
     run.truncate_after(-1)
+    if cfg.log_prob_reduction == "mean":
+        log_prob = per_dimension(log_prob)
     # on the GPU when one is visible, as run_graft; rewards, keys and metrics see CPU samples
     device = default_device()
     base = base.eval().requires_grad_(False).to(device)
@@ -134,7 +211,7 @@ def run_policy_gradient(
                            for lo in range(0, n, cfg.sample_batch_size)])
                 for k in range(steps)])  # [steps, n]
         policy.train()
-        losses = []
+        losses, clip_fractions, approx_kls = [], [], []
         n_batches = max(1, n // cfg.batch_size)
         with progress_bar(cfg.epochs * n_batches, f"PG round {round_}: updates", show_progress) as advance:
             for epoch in range(cfg.epochs):
@@ -150,9 +227,10 @@ def run_policy_gradient(
                     for k in sorted(chosen[:n_train].tolist()):
                         lp = log_prob(policy, index(states[k], idx), float(times[k]), float(times[k + 1]),
                                       index(states[k + 1], idx), cond)
-                        ratio = torch.exp(lp - old[k, idx])
-                        a = adv[idx].to(ratio.device)
-                        loss = -torch.minimum(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean() / n_train
+                        pg = clipped_surrogate(lp, old[k, idx], adv[idx], cfg.clip)
+                        clip_fractions.append(pg.clip_fraction)
+                        approx_kls.append(pg.approx_kl)
+                        loss = pg.loss / n_train
                         check_finite(loss, f"PG round {round_}, step {k}")
                         if loss.requires_grad:
                             loss.backward()
@@ -163,6 +241,8 @@ def run_policy_gradient(
                     losses.append(total)
                     advance(1, loss=total)
         row["train_loss"] = sum(losses) / len(losses)
+        row["clip_fraction"] = sum(clip_fractions) / len(clip_fractions)
+        row["approx_kl"] = sum(approx_kls) / len(approx_kls)
         row["seconds"] = time.time() - t0
         run.append_metrics(row)
         _print_row(row)

@@ -3,7 +3,7 @@
 Flow convention (CONTRACT.md): x_s = (1 - s) x_0 + s eps, s = 1 is noise, and the model predicts
 the velocity v(x_s, s) ~= E[eps - x_0 | x_s], called as ``model(x [B, C, H, W], s [B], cond)``.
 The same class serves as the *base* flow (data <- noise) and as the small *noise-correction* flow
-(SCIENCE.md section 3: N(0, I) -> law of inverted noises), which lives on the same [C, H, W]
+(docs/derivations.md, "Inverse noise correction": N(0, I) -> law of inverted noises), on the same [C, H, W]
 shape, only with far fewer channels.
 
 Constructor kwargs are plain JSON values so ``pgraft.core.checkpoint.save_pretrained`` can store

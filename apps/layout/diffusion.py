@@ -18,7 +18,7 @@ Long[B, N] class tensor with -1 at absent slots; the prior copies it into the st
 are never masked and :func:`step` leaves them untouched, so only boxes are generated. One model
 serves both tasks: :func:`pretrain_loss` shows it clean classes for a fraction of the samples.
 
-P-GRAFT (SCIENCE.md section 2): :func:`loss` with ``t_start = t > 0`` trains on accepted X_t:
+P-GRAFT (docs/derivations.md, "P-GRAFT losses"): :func:`loss` with ``t_start = t > 0`` trains on accepted X_t:
 boxes by the linear-flow bridge from X_t (:func:`pgraft.core.losses.flow_bridge`, weight
 w(s) = sigma_s^2 / s^2), classes by remasking only the tokens still unmasked at t
 (:func:`pgraft.core.losses.remask`); ``t_start = 0`` is ordinary training (GRAFT, pretraining).

@@ -7,7 +7,7 @@ mirrors the upper one, padding never moves. t = 1 is the fully masked graph, t =
 
 Why masking rather than DiGress' marginal transitions
 -----------------------------------------------------
-P-GRAFT (SCIENCE.md section 2) fine-tunes the head on accepted *intermediate* states X_t, so its
+P-GRAFT (docs/derivations.md, "P-GRAFT losses") fine-tunes the head on accepted *intermediate* states X_t, so its
 loss needs the forward process restarted at X_t, q(x_s | x_t) for s > t, in closed form, and a
 reverse process whose marginal at t is exactly what the head was trained to produce.
 - With masking, q(x_s | x_t) is trivial and factorizes: a token unmasked at t is masked by s with
@@ -155,7 +155,7 @@ def loss(model: nn.Module, x_start: GraphState, t_start: float = 0.0, cond: Any 
         L = CE(node logits, X_{t_start} nodes)[M_nodes] + edge_weight * CE(edge logits, X_{t_start} edges)[M_edges]
 
     each CE a mean over its positions in the batch. Tokens already masked at t_start have no target
-    and zero weight (P-GRAFT, SCIENCE.md section 2). Averaging per token instead of the ELBO weight
+    and zero weight (docs/derivations.md, "Masking diffusion"). Averaging per token instead of the ELBO weight
     1/(s - t_start) changes only the weighting over s, not the optimum at each s, and has lower variance.
     """
     n_atom_types, n_bond_types = vocab_sizes(model)
