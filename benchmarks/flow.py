@@ -39,6 +39,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from pgraft.core.pretrain import trained_steps
 from pgraft.apps.flow.data import load_fashion_mnist  # noqa: E402
 from pgraft.core.sampling import FLOW_STEPS  # noqa: E402
 from pgraft.core.state import module_device, resolve_device  # noqa: E402
@@ -57,7 +58,6 @@ from pgraft.apps.flow.train import (  # noqa: E402
     load_training_images,
     pretrain_flow,
     pretraining_finished,
-    trained_steps,
     sample_images,
     train_correction,
 )

@@ -133,8 +133,9 @@ def train_graft(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, 
 def train_pg(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, show: bool) -> nn.Module:
     """DDPO-style clipped policy gradient on the same prompts, reward, sampler and image budget;
     the reward is wrapped in the app's recorder so metrics.csv also logs the checker accuracy."""
+    # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
     cfg = PGConfig(rounds=bench.rounds, groups=bench.groups, group_size=bench.m, epochs=1,
-                   batch_size=bench.batch_size, lr=bench.lr, clip=bench.pg_clip, lora_rank=bench.lora,
+                   batch_size=bench.batch_size, lr=bench.lr, log_prob_reduction="sum", clip=bench.pg_clip, lora_rank=bench.lora,
                    lora_targets=UNET_ATTENTION, sample_batch_size=bench.sample_batch_size,
                    timestep_fraction=bench.pg_timestep_fraction, final_eval=False, seed=0)
     app = bench.app()

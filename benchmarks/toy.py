@@ -116,8 +116,9 @@ def main() -> None:
                      int(table["kept_after_dedup" if "kept_after_dedup" in table else "accepted"].iloc[0]))
 
     pg_rounds = 4
+    # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
     pcfg = PGConfig(rounds=pg_rounds, groups=budget // (8 * pg_rounds), group_size=8, epochs=2, batch_size=256,
-                    lr=3e-4, clip=0.2, sample_batch_size=4096, final_eval=False, seed=0)
+                    lr=3e-4, log_prob_reduction="sum", clip=0.2, sample_batch_size=4096, final_eval=False, seed=0)
     t0 = time.time()
     shutil.rmtree(out / "runs" / "pg", ignore_errors=True)
     pg, _ = run_policy_gradient(problem, log_prob_fn(toy), base, toy.model_config(), pcfg, out / "runs" / "pg",

@@ -16,7 +16,9 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
+from .errors import FieldError, RunError
 from .grs import RULES, GRSConfig
+from .pretrain import TrainingInterrupted
 from .progress import make_console
 from .trainer import GraftConfig
 
@@ -46,10 +48,43 @@ Anchor = Annotated[float, typer.Option(help="Weight of the trust region around t
                                               "difference of head and base outputs at the training inputs (0 = off).",
                                          rich_help_panel=PANEL)]
 Seed = Annotated[int, typer.Option(help="Seed for sampling, acceptance and training.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last intact checkpoint. "
+                                      "Only --rounds (to extend), --lr, --train-steps, --grad-clip and --weight-decay "
+                                      "may differ from the saved config.")]
 Out = Annotated[Path, typer.Option("--out", help="Run directory (config, store, metrics, checkpoints).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 Device = Annotated[str, typer.Option(help="Where to run: auto (the GPU when torch sees one), cpu, cuda or cuda:N.")]
+
+
+# GraftConfig / GRSConfig field -> the flag a user types, for error messages
+FLAGS = {"rounds": "--rounds", "groups": "--groups", "group_size": "--m", "batch_size": "--batch-size",
+         "train_steps": "--train-steps", "lora_rank": "--lora", "split": "--t", "k": "--k", "lr": "--lr",
+         "anchor": "--anchor", "alpha": "--alpha", "threshold": "--threshold", "rule": "--rule", "seed": "--seed",
+         "sample_batch_size": "--sample-batch-size"}
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; returns the ``typer.Exit(code)`` to raise."""
+    make_console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    return typer.Exit(code)
+
+
+def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for commands: a refusal (:class:`~pgraft.core.errors.RunError`: bad input, a
+    locked or damaged run directory, a non-finite loss) prints one line and exits with its code
+    (2 for usage errors, 1 otherwise); a stop by SIGTERM / Ctrl-C prints how to resume and exits
+    with 128 + the signal number. Anything else keeps its traceback (it is a bug)."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RunError as err:
+            raise fail(str(err), err.exit_code) from None
+        except TrainingInterrupted as err:
+            raise typer.Exit(128 + (err.signum or 2)) from None  # the message is already printed
+
+    return command
 
 
 def device_option(name: str):
@@ -87,14 +122,22 @@ GRAFT_FLAGS: dict[str, tuple[Any, Any]] = {
 def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k: int, threshold: float,
                  dedup: bool, t: float, train_steps: int, batch_size: int, lr: float, lora: int,
                  replay: bool, seed: int, anchor: float = 0.0, sample_batch_size: int = 256) -> GraftConfig:
-    """Build the core config from the shared flags, turning ValueErrors into usage errors."""
+    """Build the core config from the shared flags, turning ValueErrors into usage errors that name
+    the flag typed (``--m``, not ``group_size``)."""
     try:
         return GraftConfig(rounds=rounds, groups=groups, group_size=m,
                            grs=GRSConfig(rule=rule, alpha=alpha, k=k, threshold=threshold), dedup=dedup,
                            split=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora_rank=lora,
                            replay=replay, anchor=anchor, seed=seed, sample_batch_size=sample_batch_size)
+    except FieldError as err:
+        raise typer.BadParameter(err.detail, param_hint=FLAGS.get(err.field, err.field)) from None
     except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
+        message = str(err)
+        field = message.split(" ", 1)[0].split("=", 1)[0]
+        if field in FLAGS:  # GRSConfig: "alpha must be ...", "k must be ..."
+            raise typer.BadParameter(message.split(" ", 1)[1] if "=" not in message.split(" ", 1)[0] else message,
+                                     param_hint=FLAGS[field]) from None
+        raise typer.BadParameter(message) from None
 
 
 def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int = 256,
@@ -124,6 +167,7 @@ def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int
                  for name, (ann, d) in GRAFT_FLAGS.items() if name not in fixed]
 
         @functools.wraps(fn)
+        @run_errors
         def command(**kwargs: Any) -> Any:
             values = {**fixed, **{name: kwargs.pop(name) for name in GRAFT_FLAGS if name not in fixed}}
             return fn(graft=graft_config(**values, sample_batch_size=sample_batch_size), **kwargs)

@@ -13,6 +13,7 @@ pgraft ... pretrain`` or a scheduler's kill loses nothing, and the same command 
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import sys
 import threading
@@ -27,9 +28,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .checkpoint import WEIGHTS_NAME, load_config, save_json, save_pretrained
+from safetensors.torch import save_model
+
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config, save_json
+from .errors import CheckpointError, RunError
+from .integrity import exclusive, load_state_dict_file, replace_files, sha256_file, verify_manifest
 from .progress import progress_bar
 from .state import State, atomic_write, module_device, to_device
+
+STATE_NAME = "train_state.pt"
+DONE_NAME = "pretrain_done.json"
 
 LossFn = Callable[[nn.Module, State, Any, "torch.Generator | None"], torch.Tensor]
 
@@ -55,23 +63,27 @@ class PretrainConfig:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError, RuntimeError):
     """Raised when a training loss is NaN/inf; the last checkpoint on disk is left intact."""
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"non-finite loss {loss.item()} at {where}; stopping. "
-                                 "The last good checkpoint is intact: lower the learning rate and --resume.")
+                                 "The last good checkpoint is intact: lower the learning rate (--lr) and rerun with --resume.")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Raised after a SIGTERM/SIGINT stopped training at a step boundary; the checkpoint is saved."""
+    """Raised after a SIGTERM/SIGINT stopped training at a step boundary; what was done is saved.
 
-    def __init__(self, step: int, run_dir: Path) -> None:
-        super().__init__(f"stopped by a signal after step {step}; checkpoint saved in {run_dir} "
-                         "(rerun the same command to resume)")
-        self.step, self.run_dir = step, run_dir
+    ``signum`` is the signal (the CLI exits with 128 + signum, as a shell does for a killed
+    process); ``step`` the last step saved (pretraining) or None."""
+
+    def __init__(self, step: int | None, run_dir: Path, message: str | None = None,
+                 signum: int | None = None) -> None:
+        super().__init__(message or f"stopped by a signal after step {step}; checkpoint saved in {run_dir} "
+                                    "(rerun the same command to resume)")
+        self.step, self.run_dir, self.signum = step, run_dir, signum
 
 
 @contextmanager
@@ -126,12 +138,19 @@ def pretrain(
 
     Training runs where ``model`` lives (move it to the GPU first to train there); batches, drawn
     on the CPU, follow it. ``run_dir`` ends up holding ``config.json`` + ``model.safetensors`` (EMA weights),
-    ``train_state.pt`` (raw weights, optimizer, step) for resuming, ``pretrain_config.json`` and
-    ``loss.csv``. Returns the EMA model. ``batches`` must be deterministic given the seed for an
+    ``train_state.pt`` (raw weights, optimizer, step; tensors and numbers only, loaded with
+    ``weights_only=True``) for resuming, ``manifest.json`` (checksums, verified on resume),
+    ``pretrain_config.json``, ``loss.csv`` and, once every step has run, ``pretrain_done.json``
+    (see :func:`is_pretrained`). One process at a time may write ``run_dir`` (a second one is
+    refused with :class:`~pgraft.core.errors.RunDirLocked`). Returns the EMA model. ``batches`` must be deterministic given the seed for an
     exactly reproducible resume (the loop skips batches it already consumed).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(run_dir):
+        return _pretrain(model, batches, loss_fn, config, run_dir, model_config, resume, show_progress)
+
+
+def _pretrain(model, batches, loss_fn, config, run_dir: Path, model_config, resume, show_progress) -> nn.Module:
     save_json(asdict(config), run_dir / "pretrain_config.json")
     torch.manual_seed(config.seed)
     device = module_device(model)
@@ -140,23 +159,31 @@ def pretrain(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config.warmup))
     generator = torch.Generator().manual_seed(config.seed)
     start, log_rows = 0, []
-    state_path = run_dir / "train_state.pt"
+    state_path = run_dir / STATE_NAME
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)  # load_state_dict moves it
+        problems = verify_manifest(run_dir, required=False)
+        if problems:
+            raise CheckpointError(f"cannot resume pretraining in {run_dir}: {problems[0]}; delete {state_path} "
+                                  "to start over")
+        state = load_state_dict_file(state_path)  # tensors and numbers only; load_state_dict moves them
         model.load_state_dict(state["model"])
         ema_model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        start, log_rows = state["step"], state["log"]
+        start, log_rows = int(state["step"]), list(state["log"])
         for _ in range(start):  # keep the data stream aligned with an uninterrupted run
             next(batches)
+    (run_dir / DONE_NAME).unlink(missing_ok=True)
 
     def checkpoint(step: int) -> None:
-        save_pretrained(ema_model, model_config, run_dir)
         payload = {"model": model.state_dict(), "ema": ema_model.state_dict(), "optimizer": opt.state_dict(),
                    "scheduler": sched.state_dict(), "generator": generator.get_state(), "step": step, "log": log_rows}
-        atomic_write(state_path, lambda tmp: torch.save(payload, tmp))
+        config_text = json.dumps({"_class": type(ema_model).__name__, **model_config}, indent=2, sort_keys=True,
+                                 default=str)
+        replace_files(run_dir, {WEIGHTS_NAME: lambda tmp: save_model(ema_model, tmp),
+                                CONFIG_NAME: lambda tmp: Path(tmp).write_text(config_text),
+                                STATE_NAME: lambda tmp: torch.save(payload, tmp)})
         atomic_write(run_dir / "loss.csv", lambda tmp: pd.DataFrame(log_rows).to_csv(tmp, index=False))
 
     model.train()
@@ -184,20 +211,41 @@ def pretrain(
             if (step + 1) % config.ckpt_every == 0 or step + 1 == config.steps or stop["signal"] is not None:
                 checkpoint(step + 1)
             if stop["signal"] is not None and step + 1 < config.steps:
-                err = TrainingInterrupted(step + 1, run_dir)
+                err = TrainingInterrupted(step + 1, run_dir, signum=stop["signal"])
                 print(err, file=sys.stderr)
                 raise err
+    if start >= config.steps and not (run_dir / WEIGHTS_NAME).is_file():
+        checkpoint(start)
+    save_json({"steps": config.steps, "sha256": sha256_file(run_dir / WEIGHTS_NAME)}, run_dir / DONE_NAME)
     return ema_model
 
 
 def is_pretrained(run_dir: str | Path) -> bool:
-    """True when ``run_dir`` holds a finished save_pretrained checkpoint."""
+    """True when ``run_dir`` holds a base model that is ready to use: a save_pretrained checkpoint
+    whose pretraining finished (``pretrain_done.json``, written as :func:`pretrain`'s last act).
+    A directory without pretraining state (a user's own or a shipped model) counts as finished;
+    one with ``train_state.pt`` but no marker is an interrupted run (or predates the marker: then
+    its recorded step is compared with its ``pretrain_config.json``)."""
     run_dir = Path(run_dir)
     try:
         load_config(run_dir)
     except FileNotFoundError:
         return False
-    return (run_dir / WEIGHTS_NAME).is_file()
+    if not (run_dir / WEIGHTS_NAME).is_file():
+        return False
+    if (run_dir / DONE_NAME).is_file() or not (run_dir / STATE_NAME).is_file():
+        return True
+    try:
+        steps = json.loads((run_dir / "pretrain_config.json").read_text())["steps"]
+        return int(load_state_dict_file(run_dir / STATE_NAME)["step"]) >= steps
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return False
+
+
+def trained_steps(run_dir: str | Path) -> int | None:
+    """Optimizer steps behind the checkpoint in ``run_dir`` (None when no state records them)."""
+    state = Path(run_dir) / STATE_NAME
+    return int(load_state_dict_file(state)["step"]) if state.is_file() else None
 
 
 def infinite_batches(data: State, batch_size: int, seed: int, cond: Any = None) -> Iterator[tuple[State, Any]]:

@@ -11,10 +11,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def make_console() -> Console:
-    """A rich console that does not truncate tables in logs: 160 columns when stdout is not a
-    terminal (rich would fall back to 80 there), the terminal's width otherwise."""
-    return Console(width=None if sys.stdout.isatty() else 160)
+def make_console(stderr: bool = False) -> Console:
+    """A rich console that does not truncate tables in logs: 160 columns when stdout (stderr) is
+    not a terminal (rich would fall back to 80 there), the terminal's width otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(width=None if stream.isatty() else 160, stderr=stderr)
 
 
 @contextmanager

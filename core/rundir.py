@@ -3,16 +3,21 @@
 Layout::
 
     run_dir/
+      .lock                          PID and host of the one process writing the run (flock)
       config.json                    resolved config (core + app), written once
       metrics.csv                    one row per round (+ a final evaluation row)
       store/round_0003.safetensors   accepted training states of round 3 (X_t for P-GRAFT)
       store/round_0003.parquet       one record per accepted sample (round, reward, key, app columns)
-      checkpoints/round_0003/        fine-tuned weights + optimizer after round 3
-      checkpoints/latest.json        {"round": 3}
+      checkpoints/round_0003/        weights.safetensors, trainer_state.pt (optimizer; tensors and
+                                     numbers only) and manifest.json (their SHA-256) after round 3
+      checkpoints/latest.json        {"round": 3}: the commit point of round 3
 
-Every file is written atomically (temp + rename) and a round's checkpoint is written after its
-store, so a run killed at any point resumes from the last checkpoint: store files of later rounds
-are discarded and regenerated with the same seeds, so nothing is lost or duplicated.
+A round writes its store, then its metrics row, then its checkpoint directory (atomically: a
+temporary directory renamed into place), and commits by advancing ``latest.json``. Resuming reads
+the newest checkpoint that passes its checksums (falling back to the one before it, with a
+warning) and discards the store files and metrics rows of later rounds, which are regenerated with
+the same seeds: a run killed at any point, SIGKILL included, resumes to the same files an
+uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +35,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import save_json
+from .errors import CheckpointError, RunExistsError, UsageError
+from .integrity import load_state_dict_file, verify_manifest, write_manifest
 from .state import State, atomic_write
+
+# config fields (dotted paths) that may change on --resume: they steer later rounds only and
+# leave the files already written valid. ``graft.rounds`` may only grow.
+RESUMABLE = ("graft.rounds", "graft.lr", "graft.train_steps", "graft.grad_clip", "graft.weight_decay")
 
 _X_PREFIX = "x/"
 _TENSOR = "x/__tensor__"
@@ -40,10 +53,13 @@ class RunDir:
     def __init__(self, path: str | Path, resume: bool = False) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"run dir {self.path} exists and is not a directory")
+            raise UsageError(f"--out {self.path} exists and is not a directory")
+        if resume and not (self.path / "config.json").is_file():
+            raise UsageError(f"--resume: {self.path} holds no run to resume (no config.json); "
+                             "drop --resume to start a new run there")
         if not resume and (self.path / "checkpoints" / "latest.json").exists():
-            raise FileExistsError(f"run dir {self.path} already holds a run; pass --resume to continue it "
-                                  "or choose another --out directory (nothing was changed)")
+            raise RunExistsError(f"run dir {self.path} already holds a run; pass --resume to continue it "
+                                 "or choose another --out directory (nothing was changed)")
         self.path.mkdir(parents=True, exist_ok=True)
         self.store_dir = self.path / "store"
         self.ckpt_dir = self.path / "checkpoints"
@@ -52,15 +68,28 @@ class RunDir:
     def save_config(self, config: dict[str, Any], resume: bool) -> dict[str, Any]:
         """Write the resolved config; when resuming, refuse a config that changes the run.
 
-        Only ``rounds`` may differ (to extend a finished run). Returns the config in force.
+        Only the :data:`RESUMABLE` fields may differ (``graft.rounds`` only upwards); each change
+        is recorded under ``"resumed"`` in the saved config. Returns the config in force.
         """
         path = self.path / "config.json"
         normalized = json.loads(json.dumps(config, default=str))
         if resume and path.is_file():
             saved = json.loads(path.read_text())
-            diffs = _diff(saved, normalized, ignore={"rounds"})
+            history = saved.pop("resumed", [])
+            diffs = _diff(saved, normalized, ignore=set(RESUMABLE))
             if diffs:
-                raise ValueError(f"--resume with a config that differs from {path}: " + "; ".join(diffs))
+                raise UsageError(f"--resume with a config that differs from {path}: " + "; ".join(diffs)
+                                 + f" (only {', '.join(f.split('.')[-1] for f in RESUMABLE)} may change on --resume)")
+            old_rounds, new_rounds = _get(saved, "graft.rounds"), _get(normalized, "graft.rounds")
+            if old_rounds is not None and new_rounds is not None and new_rounds < old_rounds:
+                raise UsageError(f"--resume with rounds {new_rounds}, fewer than the saved run's {old_rounds}: "
+                                 "rounds may only grow on --resume (nothing was changed)")
+            changed = {f: [_get(saved, f), _get(normalized, f)] for f in RESUMABLE
+                       if _get(saved, f) != _get(normalized, f)}
+            if changed:
+                history.append({"at_round": self.latest_round() + 1, "changed": changed})
+            if history:
+                normalized["resumed"] = history
         save_json(normalized, path)
         return normalized
 
@@ -71,25 +100,55 @@ class RunDir:
         return json.loads(path.read_text())["round"] if path.is_file() else -1
 
     def save_checkpoint(self, round_: int, tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
-        """Atomically write round ``round_``'s weights (safetensors) and trainer state (torch)."""
+        """Write round ``round_``'s weights (safetensors), trainer state (tensors and numbers only)
+        and their checksums into a directory moved into place at once, then commit the round by
+        advancing ``latest.json``."""
         final = self.ckpt_dir / f"round_{round_:04d}"
         tmp = self.ckpt_dir / f".round_{round_:04d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
         torch.save(extra, tmp / "trainer_state.pt")
+        write_manifest(tmp, ["weights.safetensors", "trainer_state.pt"])
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         save_json({"round": round_}, self.ckpt_dir / "latest.json")
-        for old in sorted(self.ckpt_dir.glob("round_*"))[:-2]:  # keep the last two
-            shutil.rmtree(old, ignore_errors=True)
+        for old in self._checkpoint_rounds()[2:]:  # keep the last two
+            shutil.rmtree(self.ckpt_dir / f"round_{old:04d}", ignore_errors=True)
+
+    def _checkpoint_rounds(self) -> list[int]:
+        """Rounds with a checkpoint directory, newest first."""
+        return sorted((int(p.name.split("_")[1]) for p in self.ckpt_dir.glob("round_*") if p.is_dir()),
+                      reverse=True)
 
     def load_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
-        r = self.latest_round()
-        if r < 0:
-            raise FileNotFoundError(f"no checkpoint in {self.ckpt_dir}")
-        d = self.ckpt_dir / f"round_{r:04d}"
-        return r, load_file(str(d / "weights.safetensors")), torch.load(d / "trainer_state.pt", weights_only=False)
+        """(round, weights, trainer state) of the newest committed checkpoint that is intact.
+
+        A damaged newest checkpoint (checksum mismatch, unreadable or unsafe file) is skipped with
+        a warning naming the file, and the one before it is used; :class:`CheckpointError` names
+        every problem when no checkpoint is good."""
+        latest = self.latest_round()
+        if latest < 0:
+            raise CheckpointError(f"no checkpoint in {self.ckpt_dir}")
+        problems: list[str] = []
+        for r in [r for r in self._checkpoint_rounds() if r <= latest]:
+            d = self.ckpt_dir / f"round_{r:04d}"
+            found = verify_manifest(d)
+            if not found:
+                try:
+                    weights, state = load_file(str(d / "weights.safetensors")), load_state_dict_file(d / "trainer_state.pt")
+                except CheckpointError as err:
+                    found = [str(err)]
+                except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                    found = [f"{d / 'weights.safetensors'} cannot be read ({type(err).__name__})"]
+            if not found:
+                if problems:
+                    warnings.warn(f"{'; '.join(problems)}; resuming from the checkpoint of round {r} instead",
+                                  stacklevel=2)
+                return r, weights, state
+            problems += found
+        raise CheckpointError(f"no intact checkpoint in {self.ckpt_dir}: " + "; ".join(problems)
+                              + " (delete the run directory to start over)")
 
     # ------------------------------------------------------------------ store
     def write_store(self, round_: int, x: State, cond_index: torch.Tensor, records: pd.DataFrame) -> None:
@@ -129,7 +188,10 @@ class RunDir:
 
     def truncate_after(self, round_: int) -> None:
         """Forget everything from rounds after ``round_`` (used when resuming)."""
-        for p in list(self.store_dir.glob("round_*")):
+        for p in list(self.store_dir.glob("round_*")) + list(self.store_dir.glob(".round_*")):
+            if p.name.startswith("."):  # a temporary file of a write that was killed
+                p.unlink()
+                continue
             if int(p.name.split("_")[1].split(".")[0]) > round_:
                 p.unlink()
         table = self.read_metrics()
@@ -138,11 +200,20 @@ class RunDir:
             atomic_write(self.path / "metrics.csv", lambda tmp: table.to_csv(tmp, index=False))
 
 
-def _diff(saved: Any, new: Any, ignore: set[str], prefix: str = "") -> list[str]:
+def _get(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(config, dict):
+            return None
+        config = config.get(part)
+    return config
+
+
+def _diff(saved: Any, new: Any, ignore: Iterable[str], prefix: str = "") -> list[str]:
+    """``"path: saved X, now Y"`` for each differing leaf, except the dotted paths in ``ignore``."""
     if isinstance(saved, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(saved) | set(new)):
-            if k in ignore:
+            if f"{prefix}{k}" in ignore:
                 continue
             out += _diff(saved.get(k), new.get(k), ignore, f"{prefix}{k}.")
         return out

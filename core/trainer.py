@@ -17,8 +17,10 @@ accepts in the first round (later rounds agree up to floating-point differences 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field, fields
@@ -31,8 +33,10 @@ from torch import nn
 
 from .checkpoint import save_pretrained
 from .dedup import deduplicate
+from .errors import FieldError
 from .grs import GRSConfig, accept
-from .pretrain import check_finite
+from .integrity import exclusive
+from .pretrain import TrainingInterrupted, check_finite, stop_requests
 from .progress import make_console, progress_bar
 from .rundir import RunDir
 from .sampling import SplitSample, StepFn, sample_split
@@ -116,17 +120,19 @@ class GraftConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         for name in ("rounds", "groups", "group_size", "batch_size", "sample_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_steps < 0 or self.lora_rank < 0:
-            raise ValueError(f"train_steps and lora_rank must be >= 0, got {self.train_steps}, {self.lora_rank}")
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("train_steps", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.split < 1.0:
-            raise ValueError(f"split (P-GRAFT t) must be in [0, 1), got {self.split}")
+            raise FieldError("split", f"(P-GRAFT t) must be in [0, 1), got {self.split}")
         if self.grs.rule == "topk" and self.grs.k > self.group_size:
-            raise ValueError(f"k={self.grs.k} exceeds group_size M={self.group_size} (need K <= M)")
+            detail = f"k={self.grs.k} exceeds the group size M={self.group_size} (need K <= M)"
+            raise FieldError("k", detail, detail)
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise FieldError("lr", f"must be > 0, got {self.lr}")
         if not self.anchor >= 0:
-            raise ValueError(f"anchor must be >= 0, got {self.anchor}")
+            raise FieldError("anchor", f"must be >= 0, got {self.anchor}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GraftConfig":
@@ -247,8 +253,11 @@ def sample_candidates(
     round_: int,
     accelerator=None,
     show_progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Candidates:
-    """Sample, score and describe one round's candidates (sharded over processes, then gathered)."""
+    """Sample, score and describe one round's candidates (sharded over processes, then gathered).
+
+    ``should_stop()`` is asked after each chunk; when it says so, :class:`RoundStopped` is raised."""
     n = cfg.groups * cfg.group_size
     groups = torch.arange(n) // cfg.group_size
     n_cond = 1 if problem.conditions is None else len(problem.conditions)
@@ -277,6 +286,8 @@ def sample_candidates(
                        else pd.DataFrame(index=range(hi - lo)))
             extra = problem.metrics(out.x_0, rewards, cond) if problem.metrics is not None else {}
             payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo))
+            if should_stop is not None and should_stop():
+                raise RoundStopped("sampling")
     gathered = sorted(_gather(payload, accelerator), key=lambda p: p[0])
     sizes = [p[7] for p in gathered]
     extra: dict[str, float] = {}
@@ -310,6 +321,25 @@ def round_metrics(c: Candidates, accepted: torch.Tensor | None) -> dict[str, flo
     return row
 
 
+class RoundStopped(Exception):
+    """A stop request (SIGTERM / Ctrl-C) reached a chunk or step boundary during ``phase``."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
+
+
+def _stop_check(stop: dict[str, int | None], accelerator) -> Callable[[], bool]:
+    """``() -> bool``: has any process been asked to stop? (one tiny all-reduce per call when
+    several processes run, so they all stop at the same step)."""
+    def check() -> bool:
+        flag = stop["signal"] is not None
+        if accelerator is None or accelerator.num_processes == 1:
+            return flag
+        return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+    return check
+
+
 # ----------------------------------------------------------------------------- the loop
 def run_graft(
     problem: GraftProblem,
@@ -326,11 +356,32 @@ def run_graft(
 
     Writes the run directory described in :mod:`pgraft.core.rundir`, plus ``head/`` (the merged
     fine-tuned model as a save_pretrained directory) at the end. ``base`` is never modified.
+    One process writes a run directory at a time (a second is refused with ``RunDirLocked``).
+    SIGTERM or Ctrl-C stops the loop at the next sampling chunk or fine-tuning step: the round in
+    flight is dropped (resuming regenerates it with the same seeds, so the finished run is the
+    same) and :class:`~pgraft.core.pretrain.TrainingInterrupted` says how to resume.
     """
     if accelerator is None:
         accelerator = _accelerator()
-    main = accelerator.is_main_process
     run = RunDir(run_dir, resume=resume)
+    lock = exclusive(run.path) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock, stop_requests() as stop:
+        try:
+            return _run_graft(problem, base, model_config, cfg, run, app_config, resume, show_progress, accelerator,
+                              _stop_check(stop, accelerator))
+        except RoundStopped as err:
+            done = run.latest_round()
+            saved = f"rounds 0-{done} are saved" if done >= 0 else "no round had finished"
+            message = (f"stopped by a signal during round {done + 1} ({err.phase}); {saved} in {run.path}; "
+                       "rerun the same command with --resume to continue")
+            if accelerator.is_main_process:
+                print(message, file=sys.stderr)
+            raise TrainingInterrupted(None, run.path, message, signum=stop["signal"]) from None
+
+
+def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume, show_progress, accelerator,
+               should_stop) -> tuple[nn.Module, pd.DataFrame]:
+    main = accelerator.is_main_process
     t_split = split_times(problem.times, cfg.split).t
     if main:
         run.save_config({"graft": asdict(cfg), "app": app_config or {}, "model": model_config,
@@ -346,6 +397,8 @@ def run_graft(
         last, weights, state = run.load_checkpoint()
         head.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # a resumable knob may have changed (cosine rescales it per step)
+            group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
         start = last + 1
         if main:
             run.truncate_after(last)
@@ -358,7 +411,10 @@ def run_graft(
     for round_ in range(start, cfg.rounds):
         t0 = time.time()
         plain_head.eval()
-        cands = sample_candidates(problem, plain_head, base, cfg, round_, accelerator, show_progress)
+        cands = sample_candidates(problem, plain_head, base, cfg, round_, accelerator, show_progress,
+                                  should_stop if accelerator.num_processes == 1 else None)
+        if should_stop():
+            raise RoundStopped("sampling")
         gen = generator_for(cfg.seed, round_, 1 << 20)
         accepted = accept(cands.rewards, cands.groups, cfg.grs, gen)
         row = {"round": round_, "phase": "train", **round_metrics(cands, accepted)}
@@ -366,8 +422,10 @@ def run_graft(
         if cfg.dedup:
             if cands.keys is None:
                 raise ValueError("dedup needs a problem.key function (e.g. canonical SMILES)")
-            # one copy per key in this round, and none of a key an earlier round already stored
-            records = run.read_records()
+            # one copy per key in the training set: with replay the store is the training set, so a
+            # key an earlier round stored is dropped; without replay a round trains on its own samples
+            # alone, so duplicates are removed within the round only
+            records = run.read_records() if cfg.replay else pd.DataFrame()
             seen = set(records["key"]) if "key" in records else set()
             keep = deduplicate([None if k is None else str(k) for k in cands.keys], accepted, seen).keep
             row["kept_after_dedup"] = int(keep.sum())
@@ -386,18 +444,23 @@ def run_graft(
         xs, conds = run.read_store_states([r for r in rounds if r <= round_])
         train_x, train_c = cat(xs), torch.cat(conds)
         row.update(_train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress,
-                          base))
+                          base, should_stop))
         row["seconds"] = time.time() - t0
         if main:
+            # metrics row first, checkpoint last: latest.json is the commit point of the whole round
+            # (a row of a round whose checkpoint did not commit is dropped on resume)
+            run.append_metrics(row)
             unwrapped = accelerator.unwrap_model(head)
             run.save_checkpoint(round_, unwrapped.state_dict(), {"optimizer": opt.state_dict(), "round": round_})
-            run.append_metrics(row)
             _print_row(row)
         accelerator.wait_for_everyone()
 
     merged = merged_copy(accelerator.unwrap_model(head)).eval()
     if cfg.final_eval and start <= cfg.rounds:
-        cands = sample_candidates(problem, merged, base, cfg, cfg.rounds, accelerator, show_progress)
+        cands = sample_candidates(problem, merged, base, cfg, cfg.rounds, accelerator, show_progress,
+                                  should_stop if accelerator.num_processes == 1 else None)
+        if should_stop():
+            raise RoundStopped("final evaluation")
         row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
         if main and cfg.rounds not in set(run.read_metrics().get("round", pd.Series([], dtype=int)).tolist()):
             run.append_metrics(row)
@@ -409,7 +472,7 @@ def run_graft(
 
 
 def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress,
-           base: nn.Module | None = None) -> dict[str, float]:
+           base: nn.Module | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """``cfg.train_steps`` optimizer steps on the accepted set; returns the mean ``train_loss`` (the
     app's loss without the anchor term; nan if nothing to train on) and, with ``cfg.anchor`` > 0,
     the mean ``anchor_penalty``."""
@@ -446,6 +509,8 @@ def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerat
                 accelerator.clip_grad_norm_([p for p in head.parameters() if p.requires_grad], cfg.grad_clip)
             opt.step()
             advance(1, loss=losses[-1])
+            if should_stop is not None and step + 1 < cfg.train_steps and should_stop():
+                raise RoundStopped(f"fine-tuning, after step {step + 1} of {cfg.train_steps}")
     out = {"train_loss": sum(losses) / len(losses)}
     if penalties:
         out["anchor_penalty"] = sum(penalties) / len(penalties)

@@ -42,7 +42,7 @@ def test_sigterm_checkpoints_the_step_in_flight_and_the_rerun_matches_an_uninter
                  show_progress=False)
     assert info.value.step == 4
     assert signal.getsignal(signal.SIGTERM) is handler  # the process's own handler is back
-    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert state["step"] == 4 and state["log"][-1]["step"] == 4
 
     resumed = pretrain(_model(), infinite_batches(_data(), 8, 0), _loss, CFG, tmp_path / "run", {},

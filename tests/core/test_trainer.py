@@ -80,8 +80,8 @@ def test_resume_after_kill_gives_the_same_store(tmp_path):
 
 def test_resume_refuses_a_changed_config(tmp_path):
     run_graft(_problem(), _base(), {}, CFG, tmp_path, show_progress=False)
-    changed = GraftConfig(**{**CFG.__dict__, "lr": 5e-3})
-    with pytest.raises(ValueError, match="lr"):
+    changed = GraftConfig(**{**CFG.__dict__, "split": 0.5})
+    with pytest.raises(ValueError, match="split"):
         run_graft(_problem(), _base(), {}, changed, tmp_path, resume=True, show_progress=False)
 
 
