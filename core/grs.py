@@ -72,6 +72,15 @@ def rank_within_groups(rewards: torch.Tensor, groups: torch.Tensor | None = None
     r = _check_rewards(rewards).cpu()
     g = _check_groups(groups, len(r))
     perm = torch.randperm(len(r), generator=generator)
+    m = block_size(g)
+    if m is not None:  # G contiguous groups of M: sort each row of r.view(G, M), the same ranks
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(len(r))
+        by_draw = torch.argsort(inv.view(-1, m), dim=1)  # row order by position in the permutation
+        order = by_draw.gather(1, torch.sort(-r.view(-1, m).gather(1, by_draw), dim=1, stable=True).indices)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(m).expand_as(order).contiguous())
+        return ranks.flatten()
     # stable sorts: by reward (desc) on a random permutation, then by group -> random tie-break
     order = perm[torch.sort(-r[perm], stable=True).indices]
     order = order[torch.sort(g[order], stable=True).indices]
@@ -87,8 +96,28 @@ def rank_within_groups(rewards: torch.Tensor, groups: torch.Tensor | None = None
 
 def group_sizes(groups: torch.Tensor) -> torch.Tensor:
     """Size of each sample's group, shape [B]."""
+    m = block_size(groups)
+    if m is not None:
+        return torch.full_like(groups, m)
     _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
     return counts[inverse]
+
+
+def block_size(groups: torch.Tensor) -> int | None:
+    """M when ``groups`` is G contiguous blocks of M equal ids, increasing from block to block (the
+    round loop's layout, ``arange(G * M) // M``), else None. Such groups are a ``view(G, M)``:
+    the rules then sort rows instead of the whole batch (same decisions, a fraction of the time)."""
+    n = len(groups)
+    if n == 0:
+        return None
+    differs = (groups != groups[0]).nonzero()
+    m = int(differs[0]) if len(differs) else n
+    if n % m:
+        return None
+    blocks = groups.view(-1, m)
+    if not bool((blocks == blocks[:, :1]).all()) or not bool((blocks[1:, 0] > blocks[:-1, 0]).all()):
+        return None
+    return m
 
 
 # ----------------------------------------------------------------------------- rules
@@ -101,12 +130,17 @@ def accept_rejection(rewards: torch.Tensor, alpha: float, groups: torch.Tensor |
     """
     alpha = _check_alpha(alpha)
     r = _check_rewards(rewards).cpu()
+    u = torch.rand(len(r), generator=generator, dtype=torch.float64)
+    if groups is None:  # one bound for the whole batch
+        return torch.log(u) < (r - r.max()) / alpha
     g = _check_groups(groups, len(r))
+    m = block_size(g)
+    if m is not None:
+        return torch.log(u) < ((r.view(-1, m) - r.view(-1, m).amax(1, keepdim=True)) / alpha).flatten()
     _, inverse = torch.unique(g, return_inverse=True)
     gmax = torch.full((int(inverse.max()) + 1,), -math.inf, dtype=r.dtype).scatter_reduce(
         0, inverse, r, reduce="amax")
     log_accept = (r - gmax[inverse]) / alpha
-    u = torch.rand(len(r), generator=generator, dtype=torch.float64)
     return torch.log(u) < log_accept
 
 

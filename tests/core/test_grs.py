@@ -91,3 +91,23 @@ def test_threshold_and_accept_dispatch(gen):
 def test_bad_inputs_raise_value_error_naming_the_value(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("m", [1, 4, 7])
+def test_contiguous_groups_take_the_row_path_with_the_same_decisions(m):
+    """The round loop's groups (arange(G*M) // M) are ranked row by row; relabelling the groups so
+    they are no longer increasing forces the general sort: both give the same ranks, ties included."""
+    from pgraft.core.grs import GRSConfig, accept, block_size, rank_within_groups
+
+    g = torch.arange(60 * m) // m
+    relabelled = (59 - g) * 3  # same partition, decreasing ids
+    assert block_size(g) == m and block_size(relabelled) is None
+    r = torch.round(torch.randn(60 * m, generator=torch.Generator().manual_seed(0)))  # many ties
+    for seed in range(3):
+        fast = rank_within_groups(r, g, torch.Generator().manual_seed(seed))
+        general = rank_within_groups(r, relabelled, torch.Generator().manual_seed(seed))
+        assert torch.equal(fast, general)
+        for rule in ("rs", "bon", "topk"):
+            cfg = GRSConfig(rule=rule, k=min(2, m))
+            assert torch.equal(accept(r, g, cfg, torch.Generator().manual_seed(seed)),
+                               accept(r, relabelled, cfg, torch.Generator().manual_seed(seed)))
