@@ -38,7 +38,7 @@ from .progress import progress_bar
 from .rundir import RunDir
 from .sampling import sample_trajectory
 from .state import State, cat, default_device, index, to_device
-from .trainer import (Candidates, GraftProblem, _print_row, apply_lora, generator_for, merged_copy,
+from .trainer import (Candidates, GraftProblem, Stream, _print_row, apply_lora, generator_for, merged_copy,
                       round_metrics, sample_candidates)
 
 LogProbFn = Callable[[nn.Module, State, float, float, State, Any], torch.Tensor]
@@ -215,7 +215,7 @@ def run_policy_gradient(
         n_batches = max(1, n // cfg.batch_size)
         with progress_bar(cfg.epochs * n_batches, f"PG round {round_}: updates", show_progress) as advance:
             for epoch in range(cfg.epochs):
-                perm = torch.randperm(n, generator=generator_for(cfg.seed, round_, epoch, 1 << 24))
+                perm = torch.randperm(n, generator=generator_for(cfg.seed, round_, epoch, Stream.PG_EPOCH))
                 for b in range(n_batches):
                     idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                     cond = problem.cond_batch(cond_index[idx])
@@ -223,7 +223,7 @@ def run_policy_gradient(
                     total = 0.0
                     # DDPO's timestep_fraction: train on a random subset of the sampler's steps
                     n_train = max(1, round(cfg.timestep_fraction * steps))
-                    chosen = torch.randperm(steps, generator=generator_for(cfg.seed, round_, epoch, b, 1 << 25))
+                    chosen = torch.randperm(steps, generator=generator_for(cfg.seed, round_, epoch, b, Stream.PG_STEPS))
                     for k in sorted(chosen[:n_train].tolist()):
                         lp = log_prob(policy, index(states[k], idx), float(times[k]), float(times[k + 1]),
                                       index(states[k + 1], idx), cond)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import enum
 import math
 import sys
 import time
@@ -32,15 +33,15 @@ import torch
 from torch import nn
 
 from .checkpoint import save_pretrained
-from .dedup import deduplicate
 from .errors import FieldError
-from .grs import GRSConfig, accept
+from .grs import GRSConfig
 from .integrity import exclusive
 from .pretrain import TrainingInterrupted, check_finite, stop_requests
 from .progress import make_console, progress_bar
 from .rundir import RunDir
 from .sampling import SplitSample, StepFn, sample_split
 from .schedules import split_times
+from .selection import select
 from .state import State, batch_size, cat, default_device, index, to_device
 
 RewardFn = Callable[[State, Any], torch.Tensor]
@@ -138,6 +139,19 @@ class GraftConfig:
     def from_dict(cls, d: dict[str, Any]) -> "GraftConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Stream(enum.IntEnum):
+    """Named seed streams: the last part of :func:`generator_for`'s key, so no two uses of the run
+    seed draw the same numbers. Round-loop sampling chunks use ``(seed, round, chunk)`` without one.
+    The values are fixed: changing one changes every run."""
+
+    ACCEPT = 1 << 20  # GRS tie-breaks and RS uniforms of a round
+    TRAIN_BATCH = 1 << 21  # which accepted samples form a fine-tuning batch
+    TRAIN_LOSS = 1 << 22  # the loss's noise levels and noise, per process
+    SAMPLE = 1 << 23  # sample_finetuned's chunks (evaluation and sampling commands)
+    PG_EPOCH = 1 << 24  # policy gradient: sample order in an epoch
+    PG_STEPS = 1 << 25  # policy gradient: which denoising steps a minibatch trains on
 
 
 def derive_seed(*parts: int) -> int:
@@ -415,29 +429,15 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
                                   should_stop if accelerator.num_processes == 1 else None)
         if should_stop():
             raise RoundStopped("sampling")
-        gen = generator_for(cfg.seed, round_, 1 << 20)
-        accepted = accept(cands.rewards, cands.groups, cfg.grs, gen)
-        row = {"round": round_, "phase": "train", **round_metrics(cands, accepted)}
-        keep = accepted
+        seen = run.read_records().get("key", pd.Series([], dtype=str)) if cfg.dedup and cfg.replay else ()
+        chosen = select(cands.rewards, cands.groups, cfg.grs, generator_for(cfg.seed, round_, Stream.ACCEPT), round_,
+                        cands.keys, cands.records, cfg.dedup, seen)
+        row = {"round": round_, "phase": "train", **round_metrics(cands, chosen.accepted)}
         if cfg.dedup:
-            if cands.keys is None:
-                raise ValueError("dedup needs a problem.key function (e.g. canonical SMILES)")
-            # one copy per key in the training set: with replay the store is the training set, so a
-            # key an earlier round stored is dropped; without replay a round trains on its own samples
-            # alone, so duplicates are removed within the round only
-            records = run.read_records() if cfg.replay else pd.DataFrame()
-            seen = set(records["key"]) if "key" in records else set()
-            keep = deduplicate([None if k is None else str(k) for k in cands.keys], accepted, seen).keep
-            row["kept_after_dedup"] = int(keep.sum())
-        idx = keep.nonzero().flatten()
+            row["kept_after_dedup"] = int(chosen.keep.sum())
         if main:
-            records = cands.records.iloc[idx.tolist()].reset_index(drop=True)
-            records.insert(0, "round", round_)
-            records.insert(1, "reward", cands.rewards[idx].numpy())
-            records.insert(2, "group", cands.groups[idx].numpy())
-            if cands.keys is not None:
-                records.insert(3, "key", [str(cands.keys[i]) for i in idx.tolist()])
-            run.write_store(round_, index(cands.x_t, idx), cands.cond_index[idx], records)
+            idx = chosen.index
+            run.write_store(round_, index(cands.x_t, idx), cands.cond_index[idx], chosen.records)
         accelerator.wait_for_everyone()
 
         rounds = run.store_rounds() if cfg.replay else [round_]
@@ -487,10 +487,10 @@ def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerat
     losses, penalties = [], []
     with progress_bar(cfg.train_steps, f"round {round_}: fine-tuning on {n}", show_progress and rank == 0) as advance:
         for step in range(cfg.train_steps):
-            gen = generator_for(cfg.seed, round_, step, 1 << 21)
+            gen = generator_for(cfg.seed, round_, step, Stream.TRAIN_BATCH)
             idx = torch.randint(n, (cfg.batch_size,), generator=gen)
             mine = idx[rank::world]
-            loss_gen = generator_for(cfg.seed, round_, step, rank, 1 << 22)
+            loss_gen = generator_for(cfg.seed, round_, step, rank, Stream.TRAIN_LOSS)
             loss = problem.loss(model, to_device(index(train_x, mine), accelerator.device), t_split,
                                 problem.cond_batch(train_c[mine]), loss_gen)
             losses.append(loss.item())
@@ -548,7 +548,7 @@ def sample_finetuned(
     with progress_bar(chunks * steps, "sampling", show_progress) as advance:
         for c in range(chunks):
             lo, hi = c * batch, min(n, (c + 1) * batch)
-            gen = generator_for(seed, c, 1 << 23)
+            gen = generator_for(seed, c, Stream.SAMPLE)
             ci = cond_index[lo:hi] if cond_index is not None else torch.zeros(hi - lo, dtype=torch.long)
             x_T = to_device(problem.prior(hi - lo, gen), next(head.parameters()).device)
             out = sample_split(head, base, x_T, problem.times, k, problem.step, problem.cond_batch(ci), gen, advance)
