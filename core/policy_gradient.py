@@ -36,9 +36,8 @@ from .checkpoint import save_pretrained
 from .pretrain import check_finite
 from .progress import progress_bar
 from .rundir import RunDir
-from .sampling import sample_trajectory
-from .state import State, cat, default_device, index, to_device
-from .trainer import (Candidates, GraftProblem, Stream, _print_row, apply_lora, generator_for, merged_copy,
+from .state import State, default_device, index
+from .trainer import (GraftConfig, GraftProblem, Stream, apply_lora, generator_for, merged_copy, print_round_row,
                       round_metrics, sample_candidates)
 
 LogProbFn = Callable[[nn.Module, State, float, float, State, Any], torch.Tensor]
@@ -172,34 +171,16 @@ def run_policy_gradient(
     times = problem.times
     n = cfg.groups * cfg.group_size
     groups = torch.arange(n) // cfg.group_size
-    n_cond = 1 if problem.conditions is None else len(problem.conditions)
+    # the round loop's sampler (same chunks and seeds), keeping every state of the policy's grid
+    sample_cfg = GraftConfig(rounds=cfg.rounds, groups=cfg.groups, group_size=cfg.group_size,
+                             sample_batch_size=cfg.sample_batch_size, seed=cfg.seed)
 
     for round_ in range(cfg.rounds):
         t0 = time.time()
         policy.eval()
-        cond_index = (round_ * cfg.groups + groups) % n_cond
-        trajs, rewards, keys, extras = [], [], [], {}
+        cands = sample_candidates(problem, policy, policy, sample_cfg, round_, None, show_progress, trajectory=True)
+        states, rewards, cond_index = cands.states, cands.rewards, cands.cond_index
         steps = len(times) - 1
-        chunks = range(0, n, cfg.sample_batch_size)
-        with progress_bar(len(chunks) * steps, f"PG round {round_}: sampling", show_progress) as advance:
-            for c, lo in enumerate(chunks):
-                hi = min(n, lo + cfg.sample_batch_size)
-                gen = generator_for(cfg.seed, round_, c)
-                cond = problem.cond_batch(cond_index[lo:hi])
-                x_T = to_device(problem.prior(hi - lo, gen), device)
-                traj = sample_trajectory(policy, x_T, times, problem.step, cond, gen, advance)
-                trajs.append(traj)
-                x0 = to_device(traj[-1], "cpu")
-                r = torch.as_tensor(problem.reward(x0, cond), dtype=torch.float64).cpu()
-                rewards.append(r)
-                if problem.key is not None:
-                    keys += problem.key(x0)
-                if problem.metrics is not None:
-                    for k, v in problem.metrics(x0, r, cond).items():
-                        extras[k] = extras.get(k, 0.0) + v * (hi - lo) / n
-        states = [cat([tr[k] for tr in trajs]) for k in range(len(times))]
-        rewards = torch.cat(rewards)
-        cands = Candidates(states[0], states[-1], rewards, groups, cond_index, keys or None, pd.DataFrame(), extras)
         row = {"round": round_, "phase": "train", **round_metrics(cands, None)}
         adv = group_advantages(rewards, groups, cfg.adv_clip)
         with torch.no_grad():
@@ -245,17 +226,13 @@ def run_policy_gradient(
         row["approx_kl"] = sum(approx_kls) / len(approx_kls)
         row["seconds"] = time.time() - t0
         run.append_metrics(row)
-        _print_row(row)
+        print_round_row(row)
 
     merged = merged_copy(policy).eval()
     if cfg.final_eval:
-        from .trainer import GraftConfig
-
-        eval_cfg = GraftConfig(rounds=cfg.rounds, groups=cfg.groups, group_size=cfg.group_size,
-                               sample_batch_size=cfg.sample_batch_size, seed=cfg.seed)
-        cands = sample_candidates(problem, merged, base, eval_cfg, cfg.rounds, None, show_progress)
+        cands = sample_candidates(problem, merged, base, sample_cfg, cfg.rounds, None, show_progress)
         row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
         run.append_metrics(row)
-        _print_row(row)
+        print_round_row(row)
     save_pretrained(merged, model_config, run.path / "head")
     return merged, run.read_metrics()

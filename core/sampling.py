@@ -53,15 +53,20 @@ def sample(
     cond: Any = None,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    callback: Callable[[int, State], None] | None = None,
 ) -> State:
     """Integrate ``x`` from ``times[0]`` to ``times[-1]`` with ``step``; a 1-point grid is a no-op.
 
-    ``progress``, if given, is called with 1 after every step (e.g. a rich progress advance).
+    ``progress``, if given, is called with 1 after every step (e.g. a rich progress advance);
+    ``callback(i, x)`` with the state after step i (the k-diffusion pattern: trajectories,
+    previews and diagnostics without a second loop).
     """
-    for t, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
+    for i, (t, t_next) in enumerate(zip(times[:-1].tolist(), times[1:].tolist())):
         x = step(model, x, t, t_next, cond, generator)
         if progress is not None:
             progress(1)
+        if callback is not None:
+            callback(i, x)
     return x
 
 
@@ -85,16 +90,18 @@ def sample_split(
     cond: Any = None,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    callback: Callable[[int, State], None] | None = None,
 ) -> SplitSample:
     """Fine-tuned ``head`` over ``times[:index+1]`` (T -> t), frozen ``base`` over ``times[index:]``.
 
     With ``index == len(times) - 1`` this is ordinary sampling with ``head`` (GRAFT) and
-    ``x_t is x_0``.
+    ``x_t is x_0``. ``callback(i, x)`` sees every step i of the whole grid (see :func:`sample`).
     """
     if not 0 <= index < len(times):
         raise ValueError(f"split index must be in [0, {len(times) - 1}], got {index}")
-    x_t = sample(head, x_T, times[: index + 1], step, cond, generator, progress)
-    x_0 = sample(base, x_t, times[index:], step, cond, generator, progress)
+    x_t = sample(head, x_T, times[: index + 1], step, cond, generator, progress, callback)
+    later = None if callback is None else (lambda i, x: callback(index + i, x))
+    x_0 = sample(base, x_t, times[index:], step, cond, generator, progress, later)
     return SplitSample(x_t=x_t, x_0=x_0, t=float(times[index]))
 
 
@@ -110,10 +117,7 @@ def sample_trajectory(
 ) -> list[State]:
     """Like :func:`sample` but returns every state on the grid: ``[x_T, ..., x_0]`` (len(times))."""
     states = [x]
-    for t, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
-        states.append(step(model, states[-1], t, t_next, cond, generator))
-        if progress is not None:
-            progress(1)
+    sample(model, x, times, step, cond, generator, progress, lambda i, x_next: states.append(x_next))
     return states
 
 

@@ -242,6 +242,7 @@ class Candidates:
     keys: list[Hashable] | None
     records: pd.DataFrame
     extra_metrics: dict[str, float]
+    states: list[State] | None = None  # with trajectory=True: [X_T, ..., X_0] on the model's device
 
 
 def _accelerator(cpu: bool | None = None):
@@ -268,10 +269,15 @@ def sample_candidates(
     accelerator=None,
     show_progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    trajectory: bool = False,
 ) -> Candidates:
     """Sample, score and describe one round's candidates (sharded over processes, then gathered).
 
+    The one chunked, seeded sampling loop: GRAFT / P-GRAFT rounds, the policy-gradient baseline
+    (``trajectory=True`` keeps every state of the grid, one process only) and final evaluations.
     ``should_stop()`` is asked after each chunk; when it says so, :class:`RoundStopped` is raised."""
+    if trajectory and accelerator is not None and accelerator.num_processes > 1:
+        raise ValueError("trajectory=True samples in one process only")
     n = cfg.groups * cfg.group_size
     groups = torch.arange(n) // cfg.group_size
     n_cond = 1 if problem.conditions is None else len(problem.conditions)
@@ -290,7 +296,9 @@ def sample_candidates(
             cond = problem.cond_batch(cond_index[lo:hi])
             device = next(head.parameters()).device
             x_T = to_device(problem.prior(hi - lo, gen), device)
-            out = sample_split(head, base, x_T, problem.times, k, problem.step, cond, gen, advance)
+            states = [x_T] if trajectory else None
+            out = sample_split(head, base, x_T, problem.times, k, problem.step, cond, gen, advance,
+                               None if states is None else (lambda i, x: states.append(x)))
             out = SplitSample(to_device(out.x_t, "cpu"), to_device(out.x_0, "cpu"), out.t)
             rewards = torch.as_tensor(problem.reward(out.x_0, cond), dtype=torch.float64).cpu()
             if rewards.shape != (hi - lo,):
@@ -299,7 +307,7 @@ def sample_candidates(
             records = (problem.describe(out.x_0, rewards, cond) if problem.describe is not None
                        else pd.DataFrame(index=range(hi - lo)))
             extra = problem.metrics(out.x_0, rewards, cond) if problem.metrics is not None else {}
-            payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo))
+            payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo, states))
             if should_stop is not None and should_stop():
                 raise RoundStopped("sampling")
     gathered = sorted(_gather(payload, accelerator), key=lambda p: p[0])
@@ -317,6 +325,7 @@ def sample_candidates(
         keys=None if problem.key is None else [k for p in gathered for k in p[4]],
         records=pd.concat([p[5] for p in gathered], ignore_index=True),
         extra_metrics=extra,
+        states=[cat([p[8][i] for p in gathered]) for i in range(len(problem.times))] if trajectory else None,
     )
 
 
@@ -452,7 +461,7 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
             run.append_metrics(row)
             unwrapped = accelerator.unwrap_model(head)
             run.save_checkpoint(round_, unwrapped.state_dict(), {"optimizer": opt.state_dict(), "round": round_})
-            _print_row(row)
+            print_round_row(row)
         accelerator.wait_for_everyone()
 
     merged = merged_copy(accelerator.unwrap_model(head)).eval()
@@ -464,7 +473,7 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
         row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
         if main and cfg.rounds not in set(run.read_metrics().get("round", pd.Series([], dtype=int)).tolist()):
             run.append_metrics(row)
-            _print_row(row)
+            print_round_row(row)
     if main:
         save_pretrained(merged, model_config, run.path / "head")
     accelerator.wait_for_everyone()
@@ -524,7 +533,8 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _print_row(row: dict[str, Any]) -> None:
+def print_round_row(row: dict[str, Any]) -> None:
+    """Print a metrics row as ``name=value`` pairs (4 significant digits)."""
     shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
     make_console().print(" ".join(f"[bold]{k}[/]={v}" for k, v in shown.items()))
 
