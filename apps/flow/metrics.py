@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -513,8 +512,3 @@ def evaluate_samples(
     row["precision"], row["recall"] = precision_recall(classifier_reference.features, feats, k)
     row["n_reference"] = classifier_reference.count
     return row
-
-
-def format_row(row: dict[str, Any]) -> str:
-    """Human-readable one-liner that always states the sample counts next to FID."""
-    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

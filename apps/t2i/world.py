@@ -296,12 +296,6 @@ def sample_scene(spec: PromptSpec, size: int, rng: np.random.Generator, max_trie
     raise RuntimeError(f"could not place {spec.text()!r} on a {size}x{size} canvas in {max_tries} tries")
 
 
-def render_prompts(prompts: list[str], size: int, seed: int) -> torch.Tensor:
-    """Render one random scene per prompt; [B, 3, size, size] in [-1, 1], seeded."""
-    rng = np.random.default_rng(seed)
-    return torch.stack([render(sample_scene(parse_prompt(p), size, rng), size) for p in prompts])
-
-
 def render_dataset(prompts: list[str], n: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """``n`` (image, caption) pairs with captions drawn uniformly from ``prompts``.
 

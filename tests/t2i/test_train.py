@@ -3,6 +3,7 @@ and on a tiny random Stable Diffusion pipeline, LoRA save/reload, the CLI."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
@@ -90,6 +91,14 @@ def test_split_sampler_uses_frozen_tail(tiny_world):
     b, _ = sample_images(pipe, pipe.denoiser, prompts, 2, 0.0, 4, 1.0, seed=3, show_progress=False)
     torch.testing.assert_close(a, b)  # head == base: the split is invisible
     assert a.shape == (2, 3, 16, 16)
+    # a head unlike the base: the split sampler runs it for the first half only, the base after
+    head = copy.deepcopy(pipe.denoiser)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    split, _ = sample_images(pipe, head, prompts, 2, 0.5, 4, 1.0, seed=3, show_progress=False)
+    all_head, _ = sample_images(pipe, head, prompts, 2, 0.0, 4, 1.0, seed=3, show_progress=False)
+    assert not torch.allclose(split, a) and not torch.allclose(split, all_head)
 
 
 def test_sd_path_pgraft_lora_round_trip(tiny_sd, tmp_path):
