@@ -35,8 +35,9 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pgraft.apps.layout.render import render_grid  # noqa: E402
-from pgraft.apps.layout.train import (BaseModel, evaluate_layouts, get_preset, load_base, load_or_pretrain,  # noqa: E402
-                                      log_prob_fn, make_problem, model_config, pretrain_layout, sample_layouts)
+from pgraft.apps.layout.train import (DEFAULT_BASE, BaseModel, LayoutTrainConfig, base_dir_of,  # noqa: E402
+                                      evaluate_layouts, get_preset, load_base, load_or_pretrain, log_prob_fn,
+                                      make_problem, model_config, pretrain_layout, sample_layouts)
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
 from pgraft.core.trainer import GraftConfig, run_graft  # noqa: E402
@@ -136,7 +137,8 @@ def report(out: Path) -> pd.DataFrame:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/bench/layout"))
-    p.add_argument("--base", type=Path, default=Path("runs/layout/base"))
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help="'shipped' (the package's base, when it ships one) or a base directory (pretrained if empty)")
     p.add_argument("--preset", default="default", help="preset to pretrain if --base holds no finished model")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reward", default="combined")
@@ -169,7 +171,8 @@ def main() -> None:
         base = load_base(args.base) if (args.base / "features").is_dir() else \
             pretrain_layout(get_preset("tiny"), args.base, show_progress=False)
     else:
-        base = load_or_pretrain(args.base, args.preset, show_progress=not args.quiet)
+        base_dir = base_dir_of(LayoutTrainConfig(base=str(args.base), preset=args.preset))
+        base = load_or_pretrain(base_dir, args.preset, show_progress=not args.quiet)
     names = [m for m in args.methods.split(",") if m]
     unknown = set(names) - set(METHODS)
     if unknown:

@@ -29,10 +29,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pgraft.apps.molecule.train import (MoleculeTrainConfig, evaluate_base_row, load_or_pretrain, log_prob,  # noqa: E402
-                                        make_problem, sample_smiles)
+from pgraft.apps.molecule.train import (DEFAULT_BASE, MoleculeTrainConfig, base_dir_of,  # noqa: E402
+                                        evaluate_base_row, load_or_pretrain, log_prob, make_problem, sample_smiles)
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
+from pgraft.core.shipped import weights_sha256  # noqa: E402
 from pgraft.core.trainer import GraftConfig, run_graft  # noqa: E402
 
 
@@ -65,7 +66,8 @@ METHODS = {
 
 def run_method(name: str, args, base, out: Path) -> dict:
     method = METHODS[name]
-    app = MoleculeTrainConfig(reward="qed", sample_steps=args.sample_steps, base=str(args.base))
+    app = MoleculeTrainConfig(reward="qed", sample_steps=args.sample_steps, base=args.base,
+                              base_sha256=weights_sha256(base_dir_of(MoleculeTrainConfig(base=args.base))))
     problem = make_problem(base, "qed", args.sample_steps)
     run_dir = out / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -82,8 +84,9 @@ def run_method(name: str, args, base, out: Path) -> dict:
                             app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
         split = method.t
     else:
+        # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
         cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=8, epochs=1, batch_size=64, lr=args.lr,
-                       clip=0.2, sample_batch_size=256, timestep_fraction=0.25, seed=0)
+                       log_prob_reduction="sum", clip=0.2, sample_batch_size=256, timestep_fraction=0.25, seed=0)
         head, _ = run_policy_gradient(problem, log_prob, base.model, base.model.init_kwargs(), cfg, run_dir,
                                       app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
     train_seconds = time.time() - t0
@@ -153,7 +156,8 @@ def plot(out: Path, table: pd.DataFrame) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/molecule"))
-    ap.add_argument("--base", type=Path, default=Path("runs/molecule/base"))
+    ap.add_argument("--base", default=DEFAULT_BASE,
+                    help="'shipped' (the package's base, the default) or a base directory (pretrained if empty)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--groups", type=int, default=64)
@@ -170,7 +174,8 @@ def main() -> None:
     if args.quick:
         args.rounds, args.groups, args.train_steps, args.sample_steps, args.eval_samples = 2, 8, 10, 20, 100
     if not args.report:
-        base = load_or_pretrain(args.base, "default", show_progress=not args.quiet)
+        base = load_or_pretrain(base_dir_of(MoleculeTrainConfig(base=args.base)), "default",
+                                show_progress=not args.quiet)
         for name in args.methods.split(","):
             if name not in METHODS:
                 raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")

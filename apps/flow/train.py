@@ -1,4 +1,4 @@
-"""Stages of the unconditional image-flow experiment (SCIENCE.md section 3, paper Table 5).
+"""Stages of the unconditional image-flow experiment (docs/derivations.md, "Inverse noise correction"; paper Table 5).
 
     pretrain_flow     data -> base velocity model v(x, s) (flow matching, t_start = 0)
     invert_dataset    training images -> noises z = Phi^{-1}(x) through the *discrete* base sampler
@@ -36,6 +36,7 @@ from pgraft.core.progress import progress_bar
 from pgraft.core.sampling import FLOW_STEP_EVALS, FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
 from pgraft.core.state import atomic_write, module_device
+from pgraft.core.targets import checkpoint_lacks
 
 from .data import DATASETS, infinite_batches, load_images
 from .model import PRESETS, FlowUNet, from_preset
@@ -133,21 +134,22 @@ def weights_digest(model_dir: str | Path) -> str:
     return hashlib.sha256((Path(model_dir) / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
 
 
-def trained_steps(base_dir: str | Path) -> int | None:
-    """Optimizer steps behind the saved checkpoint (None when no train_state.pt records them)."""
-    state = Path(base_dir) / "train_state.pt"
-    return int(torch.load(state, weights_only=False)["step"]) if state.is_file() else None
+def base_lacks(directory: Path) -> str | None:
+    """What keeps ``directory`` from being a finished base flow (None when it is one), for a refusal
+    that names it (see :mod:`pgraft.core.targets`); a noise-correction flow is no base."""
+    if (Path(directory) / CORRECT_META).is_file():
+        return f"it holds {CORRECT_META}: a `pgraft flow correct` directory"
+    return checkpoint_lacks(directory, FlowUNet.__name__)
+
+
+def correct_lacks(directory: Path) -> str | None:
+    """What keeps ``directory`` from being a finished ``pgraft flow correct`` directory (None when it is one)."""
+    return checkpoint_lacks(directory, FlowUNet.__name__, (CORRECT_META,))
 
 
 def pretraining_finished(base_dir: str | Path) -> bool:
     """The base checkpoint exists and its pretraining ran all its steps (not an interrupted run)."""
-    base_dir = Path(base_dir)
-    if not is_pretrained(base_dir):
-        return False
-    done, meta = trained_steps(base_dir), base_dir / BASE_META
-    if done is None or not meta.is_file():
-        return True
-    return done >= json.loads(meta.read_text())["steps"]
+    return is_pretrained(base_dir)
 
 
 # ----------------------------------------------------------------------------- inversion

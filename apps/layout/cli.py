@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
+from pgraft.core.errors import UsageError
+from pgraft.core.shipped import ShippedBaseDamaged
+from pgraft.core.targets import Target, run_lacks, shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
 from .rewards import REWARDS
+from .train import DEFAULT_BASE
 
 app = typer.Typer(help="Document layouts: box flow + class masking diffusion, alignment/overlap rewards.",
                   no_args_is_help=True)
 console = opts.make_console()
 
-Base = Annotated[Path, typer.Option(help="Base model directory (pretrained with --preset first if missing).")]
+Base = Annotated[str, typer.Option(help="'shipped' (the base shipped with pgraft, the 'default' preset) or a "
+                                        "base directory (pretrained with --preset first if it holds none).")]
 Preset = Annotated[str, typer.Option(help="Pretraining preset: tiny (tests), default (<= 30 min on 2 cores).")]
 Reward = Annotated[str, typer.Option(help=f"Reward: {', '.join(REWARDS)}.")]
+
+
+def _at_least_one(value: int) -> int:
+    """typer callback of sample counts: 0 or a negative -n is a usage error naming the flag, not a
+    failure deep inside the sampler."""
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}")
+    return value
 
 
 @app.command("pretrain")
@@ -60,7 +73,7 @@ def pretrain_cmd(
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/layout/train"),
-    base: Base = Path("runs/layout/base"),
+    base: Base = DEFAULT_BASE,
     preset: Preset = "default",
     reward: Reward = "combined",
     conditional: Annotated[bool, typer.Option("--conditional/--unconditional",
@@ -71,55 +84,78 @@ def train_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """GRAFT (--t 0) or P-GRAFT rounds with a GRS rule on a layout reward."""
-    from .train import LayoutTrainConfig, train_layout
+    from .train import LayoutTrainConfig, base_dir_of, train_layout
 
     if reward not in REWARDS:
         raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(REWARDS)}")
-    cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=str(base), preset=preset,
+    cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset,
                             conditional=conditional, final_samples=final_samples)
+    try:
+        base_dir_of(cfg)
+    except (ShippedBaseDamaged, UsageError) as err:
+        raise typer.BadParameter(str(err), param_hint="--base") from err
     train_layout(cfg, graft, out, resume=resume, show_progress=not quiet)
     if is_main_process():
         console.print(f"run directory: {out} (metrics.csv, store/, evaluation.csv, samples.png, rounds.png)")
 
 
+def _target(run_dir: Path | None, base: str | None) -> Target:
+    """The run or base that ``[RUN_DIR] [--base]`` name (refused in one line when neither)."""
+    from . import train
+
+    return opts.sample_target(run_dir, base, "layout", lacks_run=lambda d: run_lacks(d, "layout"),
+                              lacks_base=train.base_lacks, shipped=train.SHIPPED_BASE)
+
+
+RunOrBase = Annotated[Optional[Path], typer.Argument(
+    help="A `pgraft layout train` run directory, or a base model directory (sampled alone).", show_default=False)]
+BaseOnly = opts.base_only("layout")
+
+
 @app.command("sample")
 def sample_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A `pgraft layout train` run directory or a base model directory.")],
-    n: Annotated[int, typer.Option("-n", help="Number of layouts.")] = 32,
-    out: Annotated[Path, typer.Option(help="PNG path (default RUN_DIR/sampled.png).")] = None,
+    run_dir: RunOrBase = None,
+    base: BaseOnly = None,
+    n: Annotated[int, typer.Option("-n", help="Number of layouts.", callback=_at_least_one)] = 32,
+    out: Annotated[Path, typer.Option(help="PNG path (default RUN_DIR/sampled.png; for the shipped base "
+                                           f"{shipped_outputs('layout')}/sampled.png).")] = None,
     cols: Annotated[int, typer.Option(help="Pages per row of the PNG.")] = 8,
     seed: opts.Seed = 1,
     quiet: opts.Quiet = False,
 ) -> None:
-    """Sample layouts (fine-tuned head T→t, frozen base t→0) and render them as PNG pages."""
+    """Sample layouts (fine-tuned head T→t, frozen base t→0; or a base alone) and render them as PNG pages."""
     from .render import render_grid
     from .train import sample_run
 
+    target = _target(run_dir, base)
     try:
-        layouts, rewards, _ = sample_run(run_dir, n, seed, not quiet)
+        layouts, rewards, _ = sample_run(target.directory, n, seed, not quiet)
     except (FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
-    path = render_grid(layouts, out or run_dir / "sampled.png", n_cols=cols,
+    path = render_grid(layouts, out or target.output("sampled.png"), n_cols=cols,
                        titles=[f"r={r:.2f}" for r in rewards.tolist()])
     console.print(f"{n} layouts (mean reward {rewards.mean():.4f}) rendered to {path}")
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A layout run directory, or a base model directory.")],
-    n: Annotated[int, typer.Option("-n", help="Layouts to sample.")] = 1000,
-    out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/evaluation.csv).")] = None,
+    run_dir: RunOrBase = None,
+    base: BaseOnly = None,
+    n: Annotated[int, typer.Option("-n", help="Layouts to sample.", callback=_at_least_one)] = 1000,
+    out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/evaluation.csv; for the shipped base "
+                                           f"{shipped_outputs('layout')}/evaluation.csv).")] = None,
     seed: opts.Seed = 0,
     quiet: opts.Quiet = False,
 ) -> None:
     """Sample n layouts; write the metric row (FID, alignment, overlap, max-IoU, class TV, reward) as CSV."""
     from .train import evaluate_run
 
+    target = _target(run_dir, base)
     try:
-        row = evaluate_run(run_dir, n, seed, not quiet)
+        row = evaluate_run(target.directory, n, seed, not quiet)
     except (FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
-    path = out or run_dir / "evaluation.csv"
-    pd.DataFrame([{"run": str(run_dir), **row}]).to_csv(path, index=False)
-    opts.print_row(row, f"{run_dir} ({n} samples)")
+    path = out or target.output("evaluation.csv")
+    pd.DataFrame([{"run": str(target.directory), **row}]).to_csv(path, index=False)
+    opts.print_row(row, f"{target.directory} ({n} samples)")
     console.print(f"written to {path}")

@@ -291,18 +291,76 @@ def synthetic_layouts(n: int, split: Split = "train", seed: int = 0,
 
 
 # ----------------------------------------------------------------------------- real loaders
+# COCO boxes come from PDF / pixel rounding and can poke past the page by a pixel or so: overshoots up
+# to this fraction of the page side are clipped; larger ones mean a wrong image size or a corrupt box.
+PAGE_OVERSHOOT_TOL = 0.01
+
+
 def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    data = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); "
+                         "expected a JSON file") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from err
+        raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+
+
+def _number(where: str, field: str, value: Any) -> float:
+    """``value`` as a finite float. Bools (``true`` == 1 in Python), strings, null, NaN and Infinity
+    (which Python's JSON parser accepts) are refused, naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: {field} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: {field} must be finite, got {value!r}")
+    return float(value)
+
+
+def _four_numbers(where: str, field: str, value: Any, form: str) -> list[float]:
+    """A JSON list of four finite numbers; ``form`` (e.g. ``"[x, y, w, h]"``) is quoted in errors."""
+    if not isinstance(value, list) or len(value) != 4:
+        raise ValueError(f"{where}: {field} must be {form}, got {value!r}")
+    return [_number(where, f"{field} {form}", v) for v in value]
 
 
 def _check_box(where: str, w: float, h: float) -> None:
     if not (np.isfinite(w) and np.isfinite(h)) or w <= 0 or h <= 0:
         raise ValueError(f"{where}: box must have positive width and height, got w={w}, h={h}")
+
+
+def _clip_to_page(where: str, box: list[float], W: float, H: float, tol: float) -> tuple[float, float, float, float]:
+    """Pixel box [x, y, w, h] clipped to the W x H page, as (left, top, width, height).
+
+    ValueError if it overshoots the page by more than ``tol`` of the page side (see
+    :data:`PAGE_OVERSHOOT_TOL`), or if nothing of it is left on the page.
+    """
+    x, y, w, h = box
+    over = max(-x / W, -y / H, (x + w - W) / W, (y + h - H) / H)
+    if over > tol:
+        raise ValueError(f"{where}: bbox {box} lies outside the {W:g} x {H:g} page by {over:.1%} of the page "
+                         f"(tolerance {tol:.1%}): wrong image size or corrupt box?")
+    l, t = min(max(x, 0.0), W), min(max(y, 0.0), H)
+    r, b = min(max(x + w, 0.0), W), min(max(y + h, 0.0), H)
+    _check_box(f"{where} (bbox {box} clipped to the page)", r - l, b - t)
+    return l, t, r - l, b - t
+
+
+def _publaynet_class(category_id: Any) -> int | None:
+    """Class index of a PubLayNet ``category_id`` (1..5), None for anything else (``true``, "1", [1], 9)."""
+    if isinstance(category_id, bool) or not isinstance(category_id, (int, float)):
+        return None
+    return PUBLAYNET_CATEGORY_IDS.get(category_id)
+
+
+def _is_id(value: Any) -> bool:
+    """COCO ids are ints (some exports use strings); ``true`` would silently equal id 1."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def _finish(layouts: list[list[tuple[int, float, float, float, float]]], names: list[str],
@@ -324,44 +382,70 @@ def _finish(layouts: list[list[tuple[int, float, float, float, float]]], names: 
 
 
 def load_publaynet(path: str | Path, max_elements: int = 25, too_many: str = "skip",
-                   skip_empty: bool = False) -> Layouts:
+                   skip_empty: bool = False, overshoot_tol: float = PAGE_OVERSHOOT_TOL) -> Layouts:
     """Load a PubLayNet COCO-style annotation file (``train.json`` / ``val.json``).
 
     Each image ``{"id", "width", "height"}`` becomes one layout; each annotation
     ``{"image_id", "bbox": [x, y, w, h] (top-left, pixels), "category_id" in 1..5}`` one element,
     converted to page-unit centre boxes ``((x + w/2)/W, (y + h/2)/H, w/W, h/H)``. Elements keep the
     file's order. Layouts with more than ``max_elements`` elements are skipped (LayoutDM protocol),
-    truncated or rejected per ``too_many``. Raises ValueError naming the path and the offending
-    image / annotation on non-positive sizes, unknown categories, dangling image ids, or images
-    without annotations (unless ``skip_empty``).
+    truncated or rejected per ``too_many``. Boxes overshooting the page by at most ``overshoot_tol``
+    of its side are clipped to it. A ``categories`` list is optional (the ids are PubLayNet's); when
+    present, its ids 1..5 must carry PubLayNet's names, so another COCO dataset is not silently
+    relabelled.
+
+    Raises ValueError naming the path and the offending image / annotation (index and id) on: text
+    that is not UTF-8 JSON, a document without ``images`` / ``annotations`` lists, entries that are
+    not objects, ids that are not ints/strings or repeat, sizes or bbox entries that are not finite
+    numbers, non-positive sizes, boxes further outside the page than the tolerance, unknown
+    categories, dangling image ids, or images without annotations (unless ``skip_empty``).
     """
     path = Path(path)
     doc = _read_json(path)
-    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
-        raise ValueError(f"{path}: not a COCO-style file (need top-level 'images' and 'annotations')")
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a COCO-style file (top level is a JSON {type(doc).__name__}, "
+                         "need an object with 'images' and 'annotations')")
+    for key in ("images", "annotations"):
+        if key not in doc:
+            raise ValueError(f"{path}: not a COCO-style file (no top-level {key!r}; need 'images' and 'annotations')")
+        if not isinstance(doc[key], list):
+            raise ValueError(f"{path}: top-level {key!r} must be a list, got {type(doc[key]).__name__}")
+    if not doc["images"]:
+        raise ValueError(f"{path}: 'images' is empty (no page to load)")
+    _check_publaynet_categories(path, doc.get("categories"))
     images: dict[Any, tuple[float, float]] = {}
+    first_index: dict[Any, int] = {}
     for k, img in enumerate(doc["images"]):
+        if not isinstance(img, dict):
+            raise ValueError(f"{path}: images[{k}] must be an object, got {img!r}")
         where = f"{path}: images[{k}] (id={img.get('id')!r})"
         if "id" not in img or "width" not in img or "height" not in img:
             raise ValueError(f"{where}: needs 'id', 'width' and 'height'")
-        _check_box(where, float(img["width"]), float(img["height"]))
-        images[img["id"]] = (float(img["width"]), float(img["height"]))
+        if not _is_id(img["id"]):
+            raise ValueError(f"{where}: id must be an integer or a string")
+        if img["id"] in images:
+            raise ValueError(f"{where}: duplicate image id (also images[{first_index[img['id']]}])")
+        W, H = _number(where, "width", img["width"]), _number(where, "height", img["height"])
+        _check_box(where, W, H)
+        images[img["id"]], first_index[img["id"]] = (W, H), k
     elems: dict[Any, list[tuple[int, float, float, float, float]]] = {i: [] for i in images}
     for k, ann in enumerate(doc["annotations"]):
+        if not isinstance(ann, dict):
+            raise ValueError(f"{path}: annotations[{k}] must be an object, got {ann!r}")
         where = f"{path}: annotations[{k}] (id={ann.get('id')!r}, image_id={ann.get('image_id')!r})"
-        if ann.get("image_id") not in images:
+        image_id = ann.get("image_id")
+        if not _is_id(image_id) or image_id not in images:
             raise ValueError(f"{where}: image_id not among the file's images")
         cat = ann.get("category_id")
-        if cat not in PUBLAYNET_CATEGORY_IDS:
+        cls = _publaynet_class(cat)
+        if cls is None:
             raise ValueError(f"{where}: unknown category_id {cat!r}; PubLayNet has 1..5 = "
                              f"{', '.join(PUBLAYNET_CLASSES)}")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4:
-            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-        x, y, w, h = map(float, bbox)
+        x, y, w, h = box = _four_numbers(where, "bbox", ann.get("bbox"), "[x, y, w, h]")
         _check_box(where, w, h)
-        W, H = images[ann["image_id"]]
-        elems[ann["image_id"]].append((PUBLAYNET_CATEGORY_IDS[cat], (x + w / 2) / W, (y + h / 2) / H, w / W, h / H))
+        W, H = images[image_id]
+        x, y, w, h = _clip_to_page(where, box, W, H, overshoot_tol)
+        elems[image_id].append((cls, (x + w / 2) / W, (y + h / 2) / H, w / W, h / H))
     names, layouts = [], []
     for k, (img_id, e) in enumerate(elems.items()):
         if not e:
@@ -372,6 +456,24 @@ def load_publaynet(path: str | Path, max_elements: int = 25, too_many: str = "sk
         names.append(f"{path}: image id={img_id!r}")
         layouts.append(e)
     return _finish(layouts, names, max_elements, PUBLAYNET_CLASSES, too_many, str(path))
+
+
+def _check_publaynet_categories(path: Path, categories: Any) -> None:
+    """An optional COCO ``categories`` list must agree with PubLayNet's ids 1..5 (see load_publaynet)."""
+    if categories is None:
+        return
+    if not isinstance(categories, list):
+        raise ValueError(f"{path}: top-level 'categories' must be a list, got {type(categories).__name__}")
+    for k, c in enumerate(categories):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise ValueError(f"{path}: categories[{k}] must be an object with 'id' and 'name', got {c!r}")
+        cid, cls = c["id"], _publaynet_class(c["id"])
+        if cls is None:
+            continue  # an extra category no annotation may use (checked per annotation)
+        expected = PUBLAYNET_CLASSES[cls]
+        if str(c["name"]).strip().lower() != expected:
+            raise ValueError(f"{path}: categories[{k}] (id={cid!r}) is named {c['name']!r}, but PubLayNet's "
+                             f"category {cid} is {expected!r}: not a PubLayNet file?")
 
 
 def _rico_elements(node: dict, where: str, origin: tuple[float, float, float, float],
@@ -386,10 +488,7 @@ def _rico_elements(node: dict, where: str, origin: tuple[float, float, float, fl
         if label not in RICO_CLASSES:
             raise ValueError(f"{where}: unknown componentLabel {label!r} (RICO has 25 classes: "
                              f"{', '.join(RICO_CLASSES)})")
-        b = node.get("bounds")
-        if not isinstance(b, list) or len(b) != 4:
-            raise ValueError(f"{where}: bounds must be [x1, y1, x2, y2], got {b!r}")
-        x1, y1, x2, y2 = map(float, b)
+        x1, y1, x2, y2 = _four_numbers(where, "bounds", node.get("bounds"), "[x1, y1, x2, y2]")
         _check_box(f"{where} ({label})", x2 - x1, y2 - y1)
         x1, x2, y1, y2 = x1 - ox, x2 - ox, y1 - oy, y2 - oy
         # RICO nodes can poke out of the screen (scroll views); clip to the page, as LayoutDM's
@@ -398,7 +497,12 @@ def _rico_elements(node: dict, where: str, origin: tuple[float, float, float, fl
         y1, y2 = min(max(y1, 0.0), H), min(max(y2, 0.0), H)
         if x2 > x1 and y2 > y1:
             out.append((RICO_CLASSES.index(label), (x1 + x2) / 2 / W, (y1 + y2) / 2 / H, (x2 - x1) / W, (y2 - y1) / H))
-    for k, child in enumerate(node.get("children", []) or []):
+    children = node.get("children", []) or []
+    if not isinstance(children, list):
+        raise ValueError(f"{where}: children must be a list of nodes, got {type(children).__name__}")
+    for k, child in enumerate(children):
+        if not isinstance(child, dict):
+            raise ValueError(f"{where}.children[{k}]: a node must be an object, got {child!r}")
         _rico_elements(child, f"{where}.children[{k}]", origin, out)
 
 
@@ -423,7 +527,7 @@ def load_rico(paths: str | Path | Sequence[str | Path], max_elements: int = 25, 
         root = _read_json(f)
         if not isinstance(root, dict) or "bounds" not in root:
             raise ValueError(f"{f}: root node needs 'bounds' [x1, y1, x2, y2]")
-        x1, y1, x2, y2 = map(float, root["bounds"])
+        x1, y1, x2, y2 = _four_numbers(f"{f}: root", "bounds", root["bounds"], "[x1, y1, x2, y2]")
         _check_box(f"{f}: root", x2 - x1, y2 - y1)
         out: list[tuple[int, float, float, float, float]] = []
         _rico_elements(root, f"{f}: root", (x1, y1, x2 - x1, y2 - y1), out)

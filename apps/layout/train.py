@@ -30,7 +30,10 @@ from torch import nn
 
 from pgraft.core.checkpoint import load_config, load_pretrained, save_json
 from pgraft.core.plots import plot_rounds
-from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
+from pgraft.core.errors import UsageError
+from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
+from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir, weights_sha256
+from pgraft.core.targets import checkpoint_lacks
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
 from . import diffusion
@@ -46,6 +49,8 @@ from .rewards import REWARDS, alignment, overlap
 console = make_console()
 PRESET_NAME = "layout_preset.json"
 FEATURES_DIR = "features"
+SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # the 'default' preset's base, see bases/default/SHIPPED.json
+DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/layout/base")  # "shipped" when the package has it
 
 
 # ----------------------------------------------------------------------------- presets
@@ -168,12 +173,14 @@ def load_base(directory: str | Path) -> BaseModel:
 def base_is_ready(directory: str | Path) -> bool:
     """The base finished pretraining (step == preset steps) and has its feature net."""
     d = Path(directory)
-    if not ((d / PRESET_NAME).is_file() and (d / "model.safetensors").is_file()
-            and (d / FEATURES_DIR / "model.safetensors").is_file()):
-        return False
-    state = d / "train_state.pt"
-    steps = json.loads((d / PRESET_NAME).read_text())["preset"]["steps"]
-    return not state.is_file() or torch.load(state, weights_only=False)["step"] >= steps
+    return ((d / PRESET_NAME).is_file() and (d / FEATURES_DIR / "model.safetensors").is_file()
+            and is_pretrained(d))
+
+
+def base_lacks(directory: Path) -> str | None:
+    """What keeps ``directory`` from being a finished layout base with its FID feature net (None when
+    it is one), for a refusal that names it (see :mod:`pgraft.core.targets`)."""
+    return checkpoint_lacks(directory, LayoutDenoiser.__name__, (PRESET_NAME, f"{FEATURES_DIR}/model.safetensors"))
 
 
 def load_or_pretrain(directory: str | Path, preset: str = "default", show_progress: bool = True) -> BaseModel:
@@ -251,18 +258,41 @@ def log_prob_fn(box_noise: float):
 # ----------------------------------------------------------------------------- fine-tuning
 @dataclass(frozen=True)
 class LayoutTrainConfig:
-    """App settings of a fine-tuning run (the round-loop settings live in GraftConfig)."""
+    """App settings of a fine-tuning run (the round-loop settings live in GraftConfig).
+
+    ``base`` is ``"shipped"`` (the base shipped with the package, the default when there is one) or a base directory (loaded, or
+    pretrained with ``preset`` when it holds no finished base); ``base_sha256`` is the SHA-256 of
+    the base's weights, filled in by :func:`train_layout` (None in runs recorded before it was).
+    """
 
     reward: str = "combined"
     sample_steps: int = 0  # 0 = the base preset's
-    base: str = "runs/layout/base"
+    base: str = DEFAULT_BASE
     preset: str = "default"
     conditional: bool = False
     final_samples: int = 512
+    base_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; choose from {sorted(REWARDS)}")
+
+
+def base_dir_of(cfg: LayoutTrainConfig) -> Path:
+    """The directory ``cfg.base`` names: the shipped base (verified against its manifest; only for
+    the 'default' preset, which is what it is) or the user's directory."""
+    if cfg.base == SHIPPED and cfg.preset != "default":
+        raise UsageError(f"the shipped base is the 'default' preset, not {cfg.preset!r}; pass --base DIR to "
+                         f"pretrain the {cfg.preset!r} preset into DIR")
+    return resolve_base(cfg.base, SHIPPED_BASE)
+
+
+def _recorded_without_digest(run_dir: Path) -> bool:
+    """A run started before base digests were recorded (resuming it must not change its config)."""
+    try:
+        return "base_sha256" not in json.loads((run_dir / "config.json").read_text())["app"]["layout"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def problem_for(cfg: LayoutTrainConfig, base: BaseModel) -> GraftProblem:
@@ -273,7 +303,10 @@ def problem_for(cfg: LayoutTrainConfig, base: BaseModel) -> GraftProblem:
 def train_layout(cfg: LayoutTrainConfig, graft: GraftConfig, out: str | Path, resume: bool = False,
                  show_progress: bool = True) -> pd.DataFrame:
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
-    base = load_or_pretrain(cfg.base, cfg.preset, show_progress)
+    base_dir = base_dir_of(cfg)
+    base = load_or_pretrain(base_dir, cfg.preset, show_progress)
+    if not (resume and _recorded_without_digest(Path(out))):
+        cfg = replace(cfg, base_sha256=weights_sha256(base_dir))
     problem = problem_for(cfg, base)
     head, table = run_graft(problem, base.model, model_config(base), graft, out,
                             app_config={"layout": asdict(cfg)}, resume=resume, show_progress=show_progress)
@@ -324,7 +357,9 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], float, LayoutTrainCon
                                 "finish it with `pgraft layout train --resume`")
     split = float(config.get("graft", {}).get("split", 0.0))
     head = load_pretrained(LayoutDenoiser, run_dir / "head").eval()
-    return config, split, app_cfg, load_base(app_cfg.base), head
+    base_dir = resolve_base(app_cfg.base, SHIPPED_BASE)
+    check_same_base(base_dir, app_cfg.base_sha256, app_cfg.base)
+    return config, split, app_cfg, load_base(base_dir), head
 
 
 def sample_run(run_dir: str | Path, n: int, seed: int = 0, show_progress: bool = True

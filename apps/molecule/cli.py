@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
+from pgraft.core.errors import UsageError
+from pgraft.core.shipped import ShippedBaseDamaged
+from pgraft.core.targets import Target, run_lacks, shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
 from .pretrain import PRESETS, get_preset, load_base, pretrain_molecule
 from .rewards import MOL_SCORES
+from .train import DEFAULT_BASE
 
 app = typer.Typer(help="Molecule generation: masking graph diffusion, RDKit rewards, dedup GRS.",
                   no_args_is_help=True)
 console = opts.make_console()
 
-Base = Annotated[Path, typer.Option(help="Base model directory (pretrained with the preset first if missing).")]
+Base = Annotated[str, typer.Option(help="'shipped' (the base shipped with pgraft, the 'default' preset) or a "
+                                        "base directory (pretrained with --preset first if it holds none).")]
 Preset = Annotated[str, typer.Option(help=f"Pretraining preset: {', '.join(PRESETS)}.")]
 Reward = Annotated[str, typer.Option(help=f"Reward: {', '.join(MOL_SCORES)}.")]
+
+
+def _at_least_one(value: int) -> int:
+    """typer callback of sample counts: 0 or a negative -n is a usage error naming the flag, not a
+    failure deep inside the sampler."""
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}")
+    return value
 
 
 @app.command("pretrain")
@@ -55,7 +68,7 @@ def pretrain_cmd(
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/molecule/train"),
-    base: Base = Path("runs/molecule/base"),
+    base: Base = DEFAULT_BASE,
     preset: Preset = "default",
     reward: Reward = "qed",
     sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.")] = 100,
@@ -63,68 +76,87 @@ def train_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """GRAFT (--t 0) or P-GRAFT rounds with a GRS rule; --dedup keys on canonical SMILES."""
-    from .train import MoleculeTrainConfig, train_molecule
+    from .train import MoleculeTrainConfig, base_dir_of, train_molecule
 
     if reward not in MOL_SCORES:
         raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(MOL_SCORES)}")
-    cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=str(base), preset=preset)
+    cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset)
+    try:
+        base_dir_of(cfg)
+    except (ShippedBaseDamaged, UsageError) as err:
+        raise typer.BadParameter(str(err), param_hint="--base") from err
     train_molecule(cfg, graft, out, resume=resume, show_progress=not quiet)
     if is_main_process():
         console.print(f"run directory: {out} (metrics.csv, store/, samples.csv, top_molecules.png, rounds.png)")
 
 
+def _target(run_dir: Path | None, base: str | None) -> Target:
+    """The run or base that ``[RUN_DIR] [--base]`` name (refused in one line when neither)."""
+    from . import train
+
+    return opts.sample_target(run_dir, base, "molecule", lacks_run=lambda d: run_lacks(d, "molecule"),
+                              lacks_base=train.base_lacks, shipped=train.SHIPPED_BASE)
+
+
+RunOrBase = Annotated[Optional[Path], typer.Argument(
+    help="A `pgraft molecule train` run directory, or a base model directory (sampled alone).", show_default=False)]
+BaseOnly = opts.base_only("molecule")
+
+
 @app.command("sample")
 def sample_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A `pgraft molecule train` run directory.")],
-    n: Annotated[int, typer.Option("-n", help="Number of molecules.")] = 1000,
-    out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/sampled.csv).")] = None,
+    run_dir: RunOrBase = None,
+    base: BaseOnly = None,
+    n: Annotated[int, typer.Option("-n", help="Number of molecules.", callback=_at_least_one)] = 1000,
+    out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/sampled.csv; for the shipped base "
+                                           f"{shipped_outputs('molecule')}/sampled.csv).")] = None,
     seed: opts.Seed = 1,
     quiet: opts.Quiet = False,
 ) -> None:
-    """Sample molecules with the fine-tuned head (T→t) and the frozen base (t→0); writes SMILES CSV."""
-    from .train import load_run, make_problem, sample_smiles
+    """Sample molecules with the fine-tuned head (T→t) and the frozen base (t→0), or with a base alone
+    (its preset's sampler steps, QED as reward); writes a SMILES CSV."""
+    from .data import is_valid_smiles
+    from .train import load_run, make_problem, sample_base, sample_smiles
 
+    target = _target(run_dir, base)
     try:
-        _, graft, app_cfg, base_model, head = load_run(run_dir)
+        if target.is_run:
+            _, graft, app_cfg, base_model, head = load_run(target.directory)
+            problem = make_problem(base_model, app_cfg.reward, app_cfg.sample_steps)
+            smiles, rewards = sample_smiles(problem, head, base_model.model, n, graft.split, seed, not quiet)
+        else:
+            smiles, rewards = sample_base(load_base(target.directory), n, seed, not quiet)
     except (FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
-    problem = make_problem(base_model, app_cfg.reward, app_cfg.sample_steps)
-    smiles, rewards = sample_smiles(problem, head, base_model.model, n, graft.split, seed, not quiet)
-    path = out or run_dir / "sampled.csv"
+    path = out or target.output("sampled.csv")
     pd.DataFrame({"smiles": smiles, "reward": rewards.numpy()}).to_csv(path, index=False)
-    valid = sum(s is not None for s in smiles)
-    console.print(f"{n} molecules ({valid} valid) written to {path}")
+    valid = sum(is_valid_smiles(s) for s in smiles)  # invalid ones come back as None or ""
+    console.print(f"{len(smiles)} molecules ({valid} valid) written to {path}")
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A molecule run directory, or a base model directory.")],
-    n: Annotated[int, typer.Option("-n", help="Molecules to sample.")] = 1000,
+    run_dir: RunOrBase = None,
+    base: BaseOnly = None,
+    n: Annotated[int, typer.Option("-n", help="Molecules to sample.", callback=_at_least_one)] = 1000,
     fcd: Annotated[bool, typer.Option("--fcd/--no-fcd", help="Also compute FCD (slower).")] = True,
+    out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/evaluation.csv; for the shipped base "
+                                           f"{shipped_outputs('molecule')}/evaluation.csv).")] = None,
     seed: opts.Seed = 0,
     quiet: opts.Quiet = False,
 ) -> None:
-    """Sample n molecules and print/write the metric row (RUN_DIR/evaluation.csv)."""
-    from .train import evaluate_base_row, evaluate_run
+    """Sample n molecules (run: head then base; base: alone) and print/write the metric row."""
+    from .train import evaluate_base, evaluate_run
 
+    target = _target(run_dir, base)
     try:
-        if (run_dir / "config.json").is_file() and (run_dir / "head").is_dir():
-            row = evaluate_run(run_dir, n, fcd, seed, not quiet)
+        if target.is_run:
+            row = evaluate_run(target.directory, n, fcd, seed, not quiet)
         else:
-            import torch
-
-            from . import diffusion
-            from .rewards import get_reward
-            from .data import state_to_smiles
-
-            base = load_base(run_dir)
-            x = diffusion.sample_graphs(base.model, n, base.size_distribution, base.preset.sample_steps,
-                                        torch.Generator().manual_seed(seed))
-            smiles = state_to_smiles(x, base.spec.atom_types)
-            row = evaluate_base_row(smiles, get_reward("qed", base.spec)(x), base, fcd, seed)
+            row = evaluate_base(target.directory, n, fcd, seed, not quiet)
     except (FileNotFoundError, ValueError) as err:
         raise typer.BadParameter(str(err)) from err
-    path = run_dir / "evaluation.csv"
+    path = out or target.output("evaluation.csv")
     pd.DataFrame([row]).to_csv(path, index=False)
-    opts.print_row(row, f"{run_dir} ({n} samples)")
+    opts.print_row(row, f"{target.directory} ({n} samples)")
     console.print(f"written to {path}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -433,50 +434,102 @@ def moses_folder() -> Path:
     return folder
 
 
+def is_valid_smiles(smiles: object) -> bool:
+    """True when ``smiles`` is a string RDKit parses to a molecule with at least one atom.
+
+    Samplers write invalid molecules as None (NaN once through pandas) or ""; RDKit parses "" to an
+    empty molecule rather than failing, so a plain ``is not None`` test counts those as valid.
+    """
+    if not isinstance(smiles, str) or not smiles.strip():
+        return False
+    with rdBase.BlockLogs():
+        mol = Chem.MolFromSmiles(smiles)
+    return mol is not None and mol.GetNumAtoms() > 0
+
+
+def _line_list(lines: Sequence[int], shown: int = 5) -> str:
+    """``"3, 7, 9"`` or ``"3, 7, 9, 10, 12 (+4 more)"``."""
+    more = f" (+{len(lines) - shown} more)" if len(lines) > shown else ""
+    return ", ".join(map(str, lines[:shown])) + more
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; ValueError naming the path (and line) for binary or non-UTF-8 content."""
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise ValueError(f"SMILES file {path} is binary (NUL byte on line {line}), not a .smi/.txt/.csv text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); "
+                         "a SMILES file must be plain text") from None
+
+
+def _smiles_entries(path: Path) -> tuple[list[tuple[int, str]], int]:
+    """((1-based line number, SMILES) per entry, number of lines read) of a .smi/.txt/.csv file."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".smi", ".txt", ".smiles"):
+        raise ValueError(f"unsupported SMILES file type {suffix!r} for {path}; use .smi, .txt or .csv")
+    text = _read_text(path)
+    n_lines = len(text.splitlines())
+    if suffix != ".csv":
+        entries = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entries.append((lineno, line.split()[0]))
+        return entries, n_lines
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"SMILES file {path} is empty") from None
+    except pd.errors.ParserError as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{path}: cannot read as CSV ({reason})") from None
+    if df.shape[1] == 0:
+        raise ValueError(f"SMILES file {path} is empty")
+    cols = [c for c in df.columns if c.strip().lower() == "smiles"]
+    col = cols[0] if cols else df.columns[0]
+    # header is line 1, so row r sits on line r + 2
+    return [(r + 2, s.strip()) for r, s in enumerate(df[col].tolist()) if s.strip()], n_lines
+
+
+def _read_smiles_lines(path: str | Path, strict: bool) -> tuple[list[tuple[int, str]], int]:
+    """Parsable (line, SMILES) entries of a user file and the number skipped; see :func:`read_smiles_file`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"SMILES file not found: {path}" if not path.exists() else f"{path} is not a file")
+    entries, n_lines = _smiles_entries(path)
+    if not entries:
+        raise ValueError(f"SMILES file {path} is empty (no SMILES found in {n_lines} lines read)")
+    good, bad = [], []
+    for line, s in entries:
+        (good if is_valid_smiles(s) else bad).append((line, s))
+    if not good:
+        raise ValueError(f"{path}: no valid SMILES in {n_lines} lines read ({len(entries)} entries, none parsed by "
+                         f"RDKit; e.g. line {bad[0][0]}: {bad[0][1][:40]!r}; unparsable lines "
+                         f"{_line_list([line for line, _ in bad])})")
+    if bad and strict:
+        more = f" (unparsable lines: {_line_list([line for line, _ in bad])})" if len(bad) > 1 else ""
+        raise ValueError(f"{path}:{bad[0][0]}: cannot parse SMILES {bad[0][1]!r}{more}")
+    return good, len(bad)
+
+
 def read_smiles_file(path: str | Path, strict: bool = True) -> tuple[list[str], int]:
     """SMILES from a user file; returns (smiles, n_skipped).
 
     ``.smi``/``.txt``: first whitespace-separated field per line (blank lines and ``#`` comments are
     ignored); ``.csv``: the column named ``smiles`` (any case), else the first column. Every entry is
-    parsed with RDKit; ``strict`` raises ``ValueError("path:line: ...")`` on the first unparsable one,
-    otherwise it is skipped and counted. An empty file (no SMILES at all) is always an error.
+    parsed with RDKit; ``strict`` raises ``ValueError("path:line: ...")`` on the first unparsable one
+    (listing the other unparsable lines), otherwise it is skipped and counted. Always errors, naming
+    the path: a missing, binary or non-UTF-8 file, an unreadable CSV, a file without SMILES, and a
+    file where no entry parses (with the number of lines read and the first offending line numbers).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"SMILES file not found: {path}")
-    suffix = path.suffix.lower()
-    entries: list[tuple[int, str]] = []  # (1-based line number, smiles)
-    if suffix == ".csv":
-        try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            raise ValueError(f"SMILES file {path} is empty") from None
-        if df.shape[1] == 0:
-            raise ValueError(f"SMILES file {path} is empty")
-        cols = [c for c in df.columns if c.strip().lower() == "smiles"]
-        col = cols[0] if cols else df.columns[0]
-        # header is line 1, so row r sits on line r + 2
-        entries = [(r + 2, s.strip()) for r, s in enumerate(df[col].tolist()) if s.strip()]
-    elif suffix in (".smi", ".txt", ".smiles"):
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                entries.append((lineno, line.split()[0]))
-    else:
-        raise ValueError(f"unsupported SMILES file type {suffix!r} for {path}; use .smi, .txt or .csv")
-    if not entries:
-        raise ValueError(f"SMILES file {path} is empty (no SMILES found)")
-    smiles, skipped = [], 0
-    for lineno, s in entries:
-        with rdBase.BlockLogs():
-            ok = Chem.MolFromSmiles(s) is not None
-        if ok:
-            smiles.append(s)
-        elif strict:
-            raise ValueError(f"{path}:{lineno}: cannot parse SMILES {s!r}")
-        else:
-            skipped += 1
-    return smiles, skipped
+    good, skipped = _read_smiles_lines(path, strict)
+    return [s for _, s in good], skipped
 
 
 def convert_smiles(smiles: Sequence[str], spec: GraphSpec, strict: bool = False,
@@ -569,12 +622,22 @@ def _build(name: str, source: str | Path, spec: GraphSpec | None, seed: int, fra
         test = GraphStore.from_graphs(test_graphs, test_smiles, spec.max_nodes)
         return spec, _store(graphs, smiles, tr, spec.max_nodes), _store(graphs, smiles, va, spec.max_nodes), \
             test, skipped + skipped_test
-    raw, skipped_parse = read_smiles_file(source, strict=strict)
-    raw = raw[:limit]
+    lines, skipped_parse = _read_smiles_lines(source, strict=strict)
+    lines = lines[:limit]
+    raw = [s for _, s in lines]
     spec = spec or infer_spec(raw)
     graphs, smiles, skipped = convert_smiles(raw, spec, strict=strict, source=str(source))
     if not graphs:
-        raise ValueError(f"no molecule of {source} could be converted (skipped {skipped + skipped_parse})")
+        # say why, with a line number: the same reason usually holds for every molecule of the file
+        line, first = lines[0]
+        try:
+            smiles_to_graph(first, spec)
+            reason = f"{first!r}"
+        except GraphConversionError as err:
+            reason = f"{first!r}: {err}"
+        raise ValueError(f"{source}: none of its {len(raw)} parsable SMILES converts to a graph of {spec.atom_types} "
+                         f"with at most {spec.max_nodes} heavy atoms (e.g. line {line}: {reason}); "
+                         f"{skipped + skipped_parse} skipped")
     tr, va, te = split_indices(len(graphs), fractions, seed)
     return spec, *(_store(graphs, smiles, i, spec.max_nodes) for i in (tr, va, te)), skipped + skipped_parse
 

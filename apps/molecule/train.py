@@ -9,7 +9,7 @@ files, ``samples.csv`` (SMILES + reward of fresh samples from the fine-tuned sam
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,13 @@ import torch
 from pgraft.core.progress import make_console
 
 from pgraft.core.checkpoint import load_pretrained
+from pgraft.core.errors import UsageError
 from pgraft.core.plots import plot_rounds
+from pgraft.core.pretrain import is_pretrained
 from pgraft.core.sampling import unmask_log_prob
 from pgraft.core.schedules import masking_times
+from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir, weights_sha256
+from pgraft.core.targets import checkpoint_lacks
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
 from . import diffusion
@@ -32,16 +36,25 @@ from .rewards import get_reward, qed_score, to_mols
 
 console = make_console()
 
+SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # the default preset's base, see bases/default/SHIPPED.json
+DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/molecule/base")  # "shipped" when the package has it
+
 
 @dataclass(frozen=True)
 class MoleculeTrainConfig:
-    """App settings of a fine-tuning run (the round-loop settings live in GraftConfig)."""
+    """App settings of a fine-tuning run (the round-loop settings live in GraftConfig).
+
+    ``base`` is ``"shipped"`` (the base shipped with the package, the default when there is one) or a base directory (loaded, or
+    pretrained with ``preset`` when it holds no finished base); ``base_sha256`` is the SHA-256 of
+    the base's weights, filled in by :func:`train_molecule` (None in runs recorded before it was).
+    """
 
     reward: str = "qed"
     sample_steps: int = 100
     final_samples: int = 1000
-    base: str = "runs/molecule/base"
+    base: str = DEFAULT_BASE
     preset: str = "default"
+    base_sha256: str | None = None
 
 
 def load_or_pretrain(base_dir: str | Path, preset: str = "default", show_progress: bool = True) -> BaseModel:
@@ -56,15 +69,24 @@ def load_or_pretrain(base_dir: str | Path, preset: str = "default", show_progres
     return load_base(base_dir)
 
 
+def base_dir_of(cfg: MoleculeTrainConfig) -> Path:
+    """The directory ``cfg.base`` names: the shipped base (verified against its manifest; only for
+    the 'default' preset, which is what it is) or the user's directory."""
+    if cfg.base == SHIPPED and cfg.preset != "default":
+        raise UsageError(f"the shipped base is the 'default' preset, not {cfg.preset!r}; pass --base DIR to "
+                         f"pretrain the {cfg.preset!r} preset into DIR")
+    return resolve_base(cfg.base, SHIPPED_BASE)
+
+
 def base_is_ready(base_dir: Path) -> bool:
-    """A base checkpoint exists and, if it came from our pretraining, that pretraining finished."""
-    meta, weights, state = base_dir / META_NAME, base_dir / "model.safetensors", base_dir / "train_state.pt"
-    if not (meta.is_file() and weights.is_file()):
-        return False
-    if not state.is_file():
-        return True
-    steps = json.loads(meta.read_text())["preset"]["steps"]
-    return torch.load(state, weights_only=False)["step"] >= steps
+    """A base checkpoint with its molecule metadata exists and its pretraining (if any) finished."""
+    return (base_dir / META_NAME).is_file() and is_pretrained(base_dir)
+
+
+def base_lacks(directory: Path) -> str | None:
+    """What keeps ``directory`` from being a finished molecule base (None when it is one), for a
+    refusal that names it (see :mod:`pgraft.core.targets`)."""
+    return checkpoint_lacks(directory, GraphTransformer.__name__, (META_NAME,))
 
 
 def make_problem(base: BaseModel, reward: str, sample_steps: int) -> GraftProblem:
@@ -117,13 +139,24 @@ def log_prob(model, x, t, t_next, x_next, cond=None) -> torch.Tensor:
 def train_molecule(cfg: MoleculeTrainConfig, graft: GraftConfig, out: str | Path, resume: bool = False,
                    show_progress: bool = True) -> pd.DataFrame:
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
-    base = load_or_pretrain(cfg.base, cfg.preset, show_progress)
+    base_dir = base_dir_of(cfg)
+    base = load_or_pretrain(base_dir, cfg.preset, show_progress)
+    if not (resume and _recorded_without_digest(Path(out))):
+        cfg = replace(cfg, base_sha256=weights_sha256(base_dir))
     problem = make_problem(base, cfg.reward, cfg.sample_steps)
     head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out, app_config={"molecule": asdict(cfg)},
                             resume=resume, show_progress=show_progress)
     if is_main_process():
         write_outputs(Path(out), problem, head, base, graft.split, cfg.final_samples, show_progress)
     return table
+
+
+def _recorded_without_digest(run_dir: Path) -> bool:
+    """A run started before base digests were recorded (resuming it must not change its config)."""
+    try:
+        return "base_sha256" not in json.loads((run_dir / "config.json").read_text())["app"]["molecule"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def write_outputs(run_dir: Path, problem: GraftProblem, head, base: BaseModel, split: float, n: int,
@@ -175,7 +208,9 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], GraftConfig, Molecule
                                 "finish it with `pgraft molecule train --resume`")
     key = "graft" if "graft" in config else "pg"
     graft = GraftConfig.from_dict(config[key]) if key == "graft" else GraftConfig(split=0.0)
-    return config, graft, app_cfg, load_base(app_cfg.base), load_pretrained(GraphTransformer, run_dir / "head").eval()
+    base_dir = resolve_base(app_cfg.base, SHIPPED_BASE)
+    check_same_base(base_dir, app_cfg.base_sha256, app_cfg.base)
+    return config, graft, app_cfg, load_base(base_dir), load_pretrained(GraphTransformer, run_dir / "head").eval()
 
 
 def evaluate_run(run_dir: str | Path, n: int = 1000, fcd: bool = True, seed: int = 0,
@@ -184,6 +219,22 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, fcd: bool = True, seed: int
     _, graft, app_cfg, base, head = load_run(run_dir)
     problem = make_problem(base, app_cfg.reward, app_cfg.sample_steps)
     smiles, rewards = sample_smiles(problem, head, base.model, n, graft.split, seed, show_progress)
+    return evaluate_base_row(smiles, rewards, base, fcd, seed)
+
+
+def sample_base(base: BaseModel, n: int, seed: int = 0, show_progress: bool = True, reward: str = "qed"
+                ) -> tuple[list[str | None], torch.Tensor]:
+    """n molecules from the base alone (the plain base sampler: no head, no split; the preset's
+    sampler steps) and their ``reward``: what a run is compared with."""
+    problem = make_problem(base, reward, base.preset.sample_steps)
+    return sample_smiles(problem, base.model, base.model, n, 0.0, seed, show_progress)
+
+
+def evaluate_base(base_dir: str | Path, n: int = 1000, fcd: bool = True, seed: int = 0,
+                  show_progress: bool = True) -> dict[str, Any]:
+    """:func:`evaluate_run`'s metrics row for the base in ``base_dir`` sampled alone (reward: QED)."""
+    base = load_base(base_dir)
+    smiles, rewards = sample_base(base, n, seed, show_progress)
     return evaluate_base_row(smiles, rewards, base, fcd, seed)
 
 

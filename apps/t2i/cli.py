@@ -12,6 +12,7 @@ import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
+from pgraft.core.targets import Target, run_lacks
 from pgraft.core.trainer import GraftConfig, is_main_process
 
 from . import DEFAULT_ANCHOR
@@ -31,7 +32,17 @@ RewardWeights = Annotated[Optional[Path], typer.Option(help="Weights directory o
 Steps = Annotated[int, typer.Option("--n-steps", help="DDIM sampler steps.")]
 Eta = Annotated[float, typer.Option(help="DDIM eta (0 deterministic, 1 DDPM-like; P-GRAFT needs a stochastic tail).")]
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")]
-PerPrompt = Annotated[int, typer.Option(help="Images per prompt.")]
+
+
+def _at_least_one(value: int) -> int:
+    """typer callback of sample counts: 0 or a negative count is a usage error naming the flag, not a
+    failure deep inside the sampler."""
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+PerPrompt = Annotated[int, typer.Option(help="Images per prompt.", callback=_at_least_one)]
 
 
 def _bad(err: Exception) -> typer.BadParameter:
@@ -123,28 +134,54 @@ def _run_config(run_dir: Path) -> tuple[dict, GraftConfig]:
     return config["app"]["t2i"], GraftConfig.from_dict(config["graft"])
 
 
+def _target(run_dir: Path | None, base: str | None) -> Target:
+    """The run or base pipeline that ``[RUN_DIR] [--base]`` name (refused in one line when neither)."""
+    from .train import base_lacks
+
+    return opts.sample_target(run_dir, base, "t2i", lacks_run=lambda d: run_lacks(d, "t2i"), lacks_base=base_lacks,
+                              shipped=None)
+
+
+RunOrBase = Annotated[Optional[Path], typer.Argument(
+    help="A `pgraft t2i train` run directory, or a base pipeline directory (sampled alone).", show_default=False)]
+BaseOnly = opts.base_only("t2i", ships=False)
+
+
 @app.command("sample")
 def sample_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A `pgraft t2i train` run directory.")],
-    prompts: Annotated[Optional[str], typer.Option(help="Prompt set or file (default: the run's).")] = None,
+    run_dir: RunOrBase = None,
+    base: BaseOnly = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Prompt set or file (default: the run's; a base's: "
+                                                        "train).")] = None,
     per_prompt: PerPrompt = 4,
-    max_prompts: Annotated[int, typer.Option(help="Use at most this many prompts.")] = 16,
+    max_prompts: Annotated[int, typer.Option(help="Use at most this many prompts.", callback=_at_least_one)] = 16,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for grid.png and images.safetensors "
+                                                     "(default RUN_DIR/samples).")] = None,
     seed: opts.Seed = 1,
     quiet: opts.Quiet = False,
 ) -> None:
-    """Sample the fine-tuned model (head T→t, frozen base t→0); writes RUN_DIR/samples/{grid.png,images.safetensors}."""
+    """Sample the fine-tuned model (head T→t, frozen base t→0), or a base alone (DDIM as `train` samples by
+    default: 20 steps, eta 1, the pipeline's guidance); writes RUN_DIR/samples/{grid.png,images.safetensors}."""
     from pgraft.core.state import save_state
 
     from .prompts import load_prompts
-    from .train import load_head, load_pipeline, sample_images, save_grid
+    from .train import T2IConfig, load_head, load_pipeline, sample_images, save_grid
 
-    app_cfg, cfg = _run_config(run_dir)
-    pipe = load_pipeline(app_cfg["model"], app_cfg.get("guidance_scale"))
-    head = load_head(run_dir, pipe.denoiser)
-    names = load_prompts(prompts or app_cfg["prompts"]).prompts[:max_prompts]
-    images, plist = sample_images(pipe, head, names, per_prompt, cfg.split, app_cfg["n_steps"], app_cfg["eta"], seed,
-                                  show_progress=not quiet)
-    out = run_dir / "samples"
+    target = _target(run_dir, base)
+    try:
+        if target.is_run:
+            app_cfg, cfg = _run_config(target.directory)
+            pipe = load_pipeline(app_cfg["model"], app_cfg.get("guidance_scale"))
+            head = load_head(target.directory, pipe.denoiser)
+            split, n_steps, eta, default_prompts = cfg.split, app_cfg["n_steps"], app_cfg["eta"], app_cfg["prompts"]
+        else:
+            pipe, defaults = load_pipeline(target.directory), T2IConfig()
+            head, split, n_steps, eta, default_prompts = pipe.denoiser, 0.0, defaults.n_steps, defaults.eta, "train"
+        names = load_prompts(prompts or default_prompts).prompts[:max_prompts]
+    except (ValueError, FileNotFoundError) as err:
+        raise _bad(err) from err
+    images, plist = sample_images(pipe, head, names, per_prompt, split, n_steps, eta, seed, show_progress=not quiet)
+    out = out or target.output("samples")
     save_grid(images, out / "grid.png", plist, ncol=per_prompt)
     save_state(images, out / "images.safetensors")
     typer.echo(f"{len(plist)} images written to {out}")
@@ -152,8 +189,11 @@ def sample_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
+    run_dir: RunOrBase = None,
+    base: BaseOnly = None,
     model: Model = Path("runs/t2i/base"),
-    run: Annotated[Optional[Path], typer.Option(help="A `pgraft t2i train` run to evaluate (default: the base).")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="A `pgraft t2i train` run to evaluate (default: the base; "
+                                                     "the same as RUN_DIR).")] = None,
     prompts: Prompts = "heldout",
     per_prompt: PerPrompt = 4,
     reward: Reward = "vqa",
@@ -166,11 +206,23 @@ def evaluate_cmd(
     seed: opts.Seed = 2,
     quiet: opts.Quiet = False,
 ) -> None:
-    """Per-category GenEval-style accuracy (exact checker) and mean reward on a prompt set."""
+    """Per-category GenEval-style accuracy (exact checker) and mean reward on a prompt set, of a run (RUN_DIR or
+    --run) or of a base alone (RUN_DIR, --base or --model)."""
     from .prompts import load_prompts
     from .rewards import make_reward
     from .train import evaluate_images, load_head, load_pipeline, sample_images, save_grid
 
+    if run_dir is not None or base is not None:
+        if run is not None:
+            given = str(run_dir) if run_dir is not None else f"--base {base}"
+            raise typer.BadParameter(f"give one of RUN_DIR, --base and --run, not {given} and --run {run}",
+                                     param_hint="--run")
+        target = _target(run_dir, base)
+        if target.is_run:
+            run = target.directory
+        else:
+            model = target.directory
+            out = out or target.outputs / "eval"
     split = 0.0
     if run is not None:
         app_cfg, cfg = _run_config(run)

@@ -29,7 +29,7 @@ from pgraft.core.schedules import cosine_alpha_bar, vp_times
 from pgraft.core.trainer import GraftConfig, GraftProblem, run_graft, sample_finetuned
 
 from .checker import accuracy_table, check
-from .model import (PRESETS, UNET_ATTENTION, Denoiser, PromptBatch, PromptEncoder, T2IPipeline,
+from .model import (PGRAFT_JSON, PRESETS, UNET_ATTENTION, Denoiser, PromptBatch, PromptEncoder, T2IPipeline,
                     build_world_pipeline, text_encoder_config, tokenize, unet_config)
 from .prompts import load_prompts
 from .rewards import make_reward
@@ -238,6 +238,21 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
 
 def load_pipeline(path: str | Path, guidance_scale: float | None = None) -> T2IPipeline:
     return T2IPipeline.load(path, guidance_scale)
+
+
+def base_lacks(directory: Path) -> str | None:
+    """What keeps ``directory`` from being a pipeline :func:`load_pipeline` reads (None when it is
+    one), for a refusal that names it (see :mod:`pgraft.core.targets`): unet/, text_encoder/,
+    tokenizer/, and either pgraft.json (the embedded world) or vae/ + scheduler/ (Stable Diffusion)."""
+    directory = Path(directory)
+    for part in ("unet", "text_encoder", "tokenizer"):
+        if not (directory / part).is_dir():
+            return f"no {part}/"
+    if not (directory / PGRAFT_JSON).is_file():
+        for part in ("vae", "scheduler"):
+            if not (directory / part).is_dir():
+                return f"neither {PGRAFT_JSON} nor {part}/"
+    return None
 
 
 def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], cfg, out: Path,

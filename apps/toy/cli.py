@@ -4,23 +4,35 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
 from pgraft.core.checkpoint import load_pretrained
+from pgraft.core.errors import UsageError
+from pgraft.core.shipped import ShippedBaseDamaged, weights_sha256
+from pgraft.core.targets import run_lacks, shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process, run_graft, sample_finetuned
 
 from .data import MIXTURES
 from .model import ToyDenoiser
-from .train import ToyConfig, load_or_pretrain, make_problem, pretrain_toy
+from .train import DEFAULT_BASE, ToyConfig, base_dir_of, load_or_pretrain, make_problem, pretrain_toy, run_base_dir
 
 app = typer.Typer(help="Closed-form toy: Gaussian mixtures, exact GRS targets.", no_args_is_help=True)
 
 Mixture = Annotated[str, typer.Option(help=f"Mixture: {', '.join(MIXTURES)}.")]
-Base = Annotated[Path, typer.Option(help="Base model directory (pretrained first if missing).")]
+Base = Annotated[str, typer.Option(help="'shipped' (the base shipped with pgraft: mixture 1d) or a base "
+                                        "directory (pretrained first if it holds none).")]
+
+
+def _at_least_one(value: int) -> int:
+    """typer callback of sample counts: 0 or a negative count is a usage error naming the flag, not a
+    failure deep inside the sampler."""
+    if value < 1:
+        raise typer.BadParameter(f"must be at least 1, got {value}")
+    return value
 
 
 @app.command("pretrain")
@@ -38,7 +50,7 @@ def pretrain_cmd(out: opts.Out = Path("runs/toy/base"), mixture: Mixture = "1d",
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/toy/graft"),
-    base: Base = Path("runs/toy/base"),
+    base: Base = DEFAULT_BASE,
     mixture: Mixture = "1d",
     reward: Annotated[str, typer.Option(help="Reward: x (linear) or ring.")] = "x",
     resume: opts.Resume = False,
@@ -51,29 +63,48 @@ def train_cmd(
         from pgraft.core.dedup import tensor_key
 
         problem.key = lambda x: [tensor_key(row, 2) for row in x]
-    model = load_or_pretrain(toy, base, show_progress=not quiet)
+    try:
+        base_dir = base_dir_of(base, toy)
+    except (ShippedBaseDamaged, UsageError) as err:
+        raise typer.BadParameter(str(err), param_hint="--base") from err
+    model = load_or_pretrain(toy, base_dir, show_progress=not quiet)
     _, table = run_graft(problem, model, toy.model_config(), graft, out,
-                         app_config={"toy": asdict(toy), "base": str(base)}, resume=resume, show_progress=not quiet)
+                         app_config={"toy": asdict(toy), "base": base, "base_sha256": weights_sha256(base_dir)},
+                         resume=resume, show_progress=not quiet)
     if is_main_process():
         typer.echo(f"metrics: {out / 'metrics.csv'}  fine-tuned model: {out / 'head'}")
 
 
+RunOrBase = Annotated[Optional[Path], typer.Argument(
+    help="A `pgraft toy train` run directory, or a base model directory (sampled alone).", show_default=False)]
+BaseOnly = opts.base_only("toy")
+
+
 @app.command("sample")
-def sample_cmd(run_dir: Annotated[Path, typer.Argument(help="A `pgraft toy train` run directory.")],
-               n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 1000,
+def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
+               n: Annotated[int, typer.Option("-n", help="Number of samples.", callback=_at_least_one)] = 1000,
+               out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/samples.csv; for the shipped base "
+                                                      f"{shipped_outputs('toy')}/samples.csv).")] = None,
                seed: opts.Seed = 1, quiet: opts.Quiet = False) -> None:
-    """Sample the fine-tuned model (head T→t, frozen base t→0); writes RUN_DIR/samples.csv."""
+    """Sample the fine-tuned model (head T→t, frozen base t→0), or a base alone (40 DDPM-like
+    steps, as `train` samples it); writes a CSV with one column per dimension."""
     import json
 
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise typer.BadParameter(f"{run_dir} is not a run directory (no config.json)")
-    config = json.loads(config_path.read_text())
-    toy = ToyConfig(**config["app"]["toy"])
-    cfg = GraftConfig.from_dict(config["graft"])
-    head = load_pretrained(ToyDenoiser, run_dir / "head").eval()
-    base = load_pretrained(ToyDenoiser, config["app"]["base"]).eval()
-    _, x0 = sample_finetuned(make_problem(toy), head, base, n, cfg.split, seed, show_progress=not quiet)
-    path = run_dir / "samples.csv"
+    from . import train
+
+    target = opts.sample_target(run_dir, base, "toy", lacks_run=lambda d: run_lacks(d, "toy"),
+                                lacks_base=train.base_lacks, shipped=train.SHIPPED_BASE)
+    if target.is_run:
+        config = json.loads((target.directory / "config.json").read_text())
+        toy = ToyConfig(**config["app"]["toy"])
+        cfg = GraftConfig.from_dict(config["graft"])
+        head = load_pretrained(ToyDenoiser, target.directory / "head").eval()
+        base_model = load_pretrained(ToyDenoiser, run_base_dir(config["app"])).eval()
+        _, x0 = sample_finetuned(make_problem(toy), head, base_model, n, cfg.split, seed, show_progress=not quiet)
+    else:
+        base_model = load_pretrained(ToyDenoiser, target.directory).eval()
+        _, x0 = sample_finetuned(train.base_problem(target.directory), base_model, base_model, n, 0.0, seed,
+                                 show_progress=not quiet)
+    path = out or target.output("samples.csv")
     pd.DataFrame(x0.numpy(), columns=[f"x{i}" for i in range(x0.shape[1])]).to_csv(path, index=False)
     typer.echo(f"{n} samples written to {path}; mean {x0.mean(0).tolist()}")

@@ -7,16 +7,20 @@ weighting each with its acceptance probability E[A(x)] (quadrature over the empi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pgraft.core.checkpoint import load_pretrained
+from pgraft.core.checkpoint import load_config, load_pretrained
+from pgraft.core.errors import UsageError
 from pgraft.core.losses import eps_matching_loss
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
 from pgraft.core.sampling import ddim_log_prob, ddim_step
 from pgraft.core.schedules import cosine_alpha_bar, vp_times
+from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir
+from pgraft.core.targets import checkpoint_lacks
 from pgraft.core.trainer import GraftProblem
 
 from .data import MIXTURES
@@ -63,6 +67,30 @@ def pretrain_toy(cfg: ToyConfig, out: str | Path, show_progress: bool = True) ->
                     cfg.model_config(), show_progress=show_progress)
 
 
+SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # `pgraft toy pretrain` with its defaults, see SHIPPED.json
+DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/toy/base")  # "shipped" when the package has it
+
+
+def base_dir_of(base: str | Path, cfg: ToyConfig) -> Path:
+    """The directory a ``--base`` value names: ``"shipped"`` is the base of the default settings
+    (mixture "1d"; verified against its manifest), anything else the user's directory."""
+    if str(base) == SHIPPED:
+        shipped = ToyConfig(reward=cfg.reward, n_steps=cfg.n_steps, eta=cfg.eta)  # sampler settings are free
+        if cfg != shipped:
+            changed = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items() if v != asdict(shipped)[k])
+            raise UsageError(f"the shipped toy base was pretrained with the default settings, not {changed}; "
+                             "pass --base DIR to pretrain one into DIR")
+    return resolve_base(base, SHIPPED_BASE)
+
+
+def run_base_dir(app_config: dict[str, Any]) -> Path:
+    """The base directory of a run (its config's ``app`` section), checked to hold the weights the
+    run was fine-tuned on."""
+    directory = resolve_base(app_config["base"], SHIPPED_BASE)
+    check_same_base(directory, app_config.get("base_sha256"), app_config["base"])
+    return directory
+
+
 def load_or_pretrain(cfg: ToyConfig, base_dir: str | Path, show_progress: bool = True) -> ToyDenoiser:
     if not is_pretrained(base_dir):
         return pretrain_toy(cfg, base_dir, show_progress).eval()
@@ -83,10 +111,20 @@ def make_problem(cfg: ToyConfig) -> GraftProblem:
     )
 
 
+def base_lacks(directory: Path) -> str | None:
+    """What keeps ``directory`` from being a finished toy base (None when it is one), for a refusal
+    that names it (see :mod:`pgraft.core.targets`)."""
+    return checkpoint_lacks(directory, ToyDenoiser.__name__)
+
+
+def base_problem(base_dir: str | Path) -> GraftProblem:
+    """:func:`make_problem` for a base directory alone. The directory records the model's dimension
+    but not its mixture, and sampling needs only the dimension (steps and eta: ToyConfig's defaults,
+    those ``train`` uses)."""
+    dim = int(load_config(base_dir)["dim"])
+    return replace(make_problem(ToyConfig()), prior=lambda n, g: torch.randn(n, dim, generator=g))
+
+
 def log_prob_fn(cfg: ToyConfig):
     """Per-step log-likelihood of the toy sampler (for the policy-gradient baseline)."""
     return ddim_log_prob(cosine_alpha_bar, cfg.eta)
-
-
-def describe(cfg: ToyConfig) -> dict:
-    return asdict(cfg)
