@@ -157,7 +157,7 @@ def mol_to_graph(mol: Chem.Mol, spec: GraphSpec, check_roundtrip: bool = True) -
         raise GraphConversionError("empty molecule")
     if n > spec.max_nodes:
         raise GraphConversionError(f"{n} heavy atoms > max_nodes={spec.max_nodes}")
-    expected = Chem.MolToSmiles(mol, isomericSmiles=False) if check_roundtrip else None
+    expected = mol_to_smiles(mol) if check_roundtrip else None
     mol = Chem.Mol(mol)
     Chem.Kekulize(mol, clearAromaticFlags=True)
     index = spec.atom_index()
@@ -179,7 +179,7 @@ def mol_to_graph(mol: Chem.Mol, spec: GraphSpec, check_roundtrip: bool = True) -
     if check_roundtrip:
         # both sides are canonical SMILES of sanitized molecules, so string equality is identity
         decoded = graph_to_mol(nodes, edges, spec.atom_types, require_connected=False)
-        got = None if decoded is None else Chem.MolToSmiles(decoded, isomericSmiles=False)
+        got = None if decoded is None else mol_to_smiles(decoded)
         if got != expected:
             raise GraphConversionError(f"graph does not round-trip ({expected!r} -> {got!r}); "
                                        "implicit H counts not implied by valence (radical/odd charge?)")
@@ -237,20 +237,27 @@ def graph_to_mol(nodes: torch.Tensor, edges: torch.Tensor, atom_types: Sequence[
     return mol
 
 
+def mol_to_smiles(mol: Chem.Mol) -> str:
+    """The app's one SMILES convention: RDKit canonical SMILES without stereo. Generated graphs
+    carry no stereo, so dataset SMILES, dedup keys, reported samples and metrics all use this form
+    and agree on which molecules are the same."""
+    return Chem.MolToSmiles(mol, isomericSmiles=False)
+
+
 def graph_to_smiles(nodes: torch.Tensor, edges: torch.Tensor, atom_types: Sequence[str],
                     require_connected: bool = True) -> str | None:
-    """Canonical SMILES of a graph (see :func:`graph_to_mol`), None if invalid."""
+    """Canonical SMILES of a graph (:func:`mol_to_smiles` of :func:`graph_to_mol`), None if invalid."""
     mol = graph_to_mol(nodes, edges, atom_types, require_connected)
-    return None if mol is None else Chem.MolToSmiles(mol)
+    return None if mol is None else mol_to_smiles(mol)
 
 
 def canonical_smiles(smiles: str | None) -> str | None:
-    """RDKit canonical SMILES (no stereo), None if ``smiles`` is None or unparsable."""
+    """:func:`mol_to_smiles` of a SMILES string, None if ``smiles`` is None or unparsable."""
     if smiles is None:
         return None
     with rdBase.BlockLogs():
         mol = Chem.MolFromSmiles(smiles)
-    return None if mol is None else Chem.MolToSmiles(mol, isomericSmiles=False)
+    return None if mol is None else mol_to_smiles(mol)
 
 
 # ----------------------------------------------------------------------------- states
@@ -552,7 +559,7 @@ def convert_smiles(smiles: Sequence[str], spec: GraphSpec, strict: bool = False,
             skipped += 1
             continue
         graphs.append(g)
-        kept.append(Chem.MolToSmiles(mol, isomericSmiles=False))
+        kept.append(mol_to_smiles(mol))
     return graphs, kept, skipped
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from rdkit import Chem, DataStructs, rdBase
 from rdkit.Chem import rdFingerprintGenerator
 
-from .data import atom_type_name
+from .data import atom_type_name, mol_to_smiles
 from .rewards import qed_score, sa_raw
 
 BOND_LABELS = {Chem.BondType.SINGLE: "single", Chem.BondType.DOUBLE: "double", Chem.BondType.TRIPLE: "triple"}
@@ -114,7 +114,7 @@ def evaluate_smiles(
     for s in smiles:
         mol = _mol(s)
         if mol is not None:
-            valid.append(Chem.MolToSmiles(mol, isomericSmiles=False))
+            valid.append(mol_to_smiles(mol))
     unique = list(dict.fromkeys(valid))  # first occurrence order, deterministic
     train_set = train_smiles if isinstance(train_smiles, (set, frozenset)) else set(train_smiles)
     novel = [s for s in unique if s not in train_set]
@@ -145,7 +145,7 @@ def evaluate_smiles(
         "atom_tv": total_variation(gen_atoms, ref_atoms),
         "bond_tv": total_variation(gen_bonds, ref_bonds),
     }
-    row["fcd"] = fcd_score(valid, [Chem.MolToSmiles(m) for m in test_mols], fcd_device) if fcd else nan
+    row["fcd"] = fcd_score(valid, [mol_to_smiles(m) for m in test_mols], fcd_device) if fcd else nan
     if not math.isfinite(row["fcd"]) and fcd:
         row["fcd"] = nan  # fewer than 2 valid molecules: FCD undefined
     return row

@@ -28,7 +28,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import QED
 from rdkit.Contrib.SA_Score import sascorer
 
-from .data import QM9_SPEC, GraphSpec, canonical_smiles, graph_to_mol, state_to_graphs
+from .data import QM9_SPEC, GraphSpec, canonical_smiles, graph_to_mol, state_to_graphs, state_to_smiles
 
 MolScore = Callable[[Chem.Mol | None], float]
 
@@ -79,8 +79,8 @@ def to_mols(state: dict[str, torch.Tensor], atom_types: Sequence[str] = QM9_SPEC
 
 
 def to_smiles(state: dict[str, torch.Tensor], atom_types: Sequence[str] = QM9_SPEC.atom_types) -> list[str | None]:
-    """Canonical SMILES per sample (None if invalid) — also the dedup key."""
-    return [None if m is None else Chem.MolToSmiles(m, isomericSmiles=False) for m in to_mols(state, atom_types)]
+    """Canonical SMILES per sample (None if invalid) — also the dedup key (``data.state_to_smiles``)."""
+    return state_to_smiles(state, atom_types)
 
 
 def dedup_key(state: dict[str, torch.Tensor], atom_types: Sequence[str] = QM9_SPEC.atom_types) -> list[str | None]:

@@ -28,7 +28,7 @@ from pgraft.core.targets import checkpoint_lacks
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
 from . import diffusion
-from .data import load_dataset
+from .data import load_dataset, state_to_smiles
 from .metrics import evaluate_smiles
 from .model import GraphTransformer
 from .pretrain import META_NAME, BaseModel, get_preset, load_base, pretrain_molecule
@@ -121,9 +121,7 @@ def make_problem(base: BaseModel, reward: str, sample_steps: int) -> GraftProble
 
 
 def _smiles(x0, atom_types) -> list[str | None]:
-    from rdkit import Chem
-
-    return [None if m is None else Chem.MolToSmiles(m, isomericSmiles=False) for m in to_mols(x0, atom_types)]
+    return state_to_smiles(x0, atom_types)
 
 
 def log_prob(model, x, t, t_next, x_next, cond=None) -> torch.Tensor:

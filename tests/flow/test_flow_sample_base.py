@@ -11,21 +11,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pgraft.cli import app
+from clitools import invoke, ok
 from test_flow_train import _fabricated_fashion
 
 
 def _invoke(*args: str):
-    result = CliRunner().invoke(app, ["flow", *args], env={"COLUMNS": "400"})
-    return result, " ".join(result.output.split())
+    return invoke("flow", *args)
 
 
 def _ok(*args: str) -> str:
-    result, output = _invoke(*args)
-    assert result.exit_code == 0, output + repr(result.exception)
-    return output
+    return ok("flow", *args)
 
 
 @pytest.fixture(scope="module")

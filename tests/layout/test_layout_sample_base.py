@@ -8,23 +8,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from pgraft.apps.layout import train as ltrain
 from pgraft.apps.layout.train import PRESET_NAME, get_preset, pretrain_layout
-from pgraft.cli import app
+from clitools import invoke, ok
 from pgraft.core.shipped import ship_base
 
 
 def _invoke(*args: str):
-    result = CliRunner().invoke(app, ["layout", *args], env={"COLUMNS": "400"})
-    return result, " ".join(result.output.split())
+    return invoke("layout", *args)
 
 
 def _ok(*args: str) -> str:
-    result, output = _invoke(*args)
-    assert result.exit_code == 0, output + repr(result.exception)
-    return output
+    return ok("layout", *args)
 
 
 @pytest.fixture(scope="module")

@@ -196,6 +196,24 @@ def test_dedup_keys_canonical():
     assert keys[0] == keys[1] == keys[2] != keys[3]
 
 
+def test_one_smiles_convention_for_keys_records_and_metrics():
+    """Dedup keys, reported SMILES, dataset SMILES and metrics use one form (canonical, no stereo),
+    so a stereo-annotated input and its generated graph are the same molecule everywhere."""
+    from pgraft.apps.molecule.data import canonical_smiles, state_to_smiles
+    from pgraft.apps.molecule.train import _smiles
+
+    given = ["C[C@H](N)C(=O)O", "C/C=C/C(=O)O", "OC[C@@H](O)CO", "c1ccccc1O"]
+    x = state_of(given, BROAD_SPEC)
+    expected = [canonical_smiles(s) for s in given]
+    assert all("@" not in s and "/" not in s for s in expected)
+    assert state_to_smiles(x, BROAD_SPEC.atom_types) == expected
+    assert to_smiles(x, BROAD_SPEC.atom_types) == expected == dedup_key(x, BROAD_SPEC.atom_types)
+    assert _smiles(x, BROAD_SPEC.atom_types) == expected
+    assert [smiles_key(s) for s in given] == expected
+    row = evaluate_smiles(state_to_smiles(x, BROAD_SPEC.atom_types), set(expected[:2]), expected, fcd=False)
+    assert row["novelty"] == pytest.approx(0.5)  # the two stereo-annotated training molecules are not novel
+
+
 # ----------------------------------------------------------------------------- diffusion
 def small_model(max_nodes: int = 5, seed: int = 0) -> GraphTransformer:
     torch.manual_seed(seed)

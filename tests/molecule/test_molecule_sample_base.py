@@ -9,12 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pgraft.apps.molecule import train as mtrain
 from pgraft.apps.molecule.data import QM9_SPEC, GraphSpec, load_dataset
 from pgraft.apps.molecule.pretrain import META_NAME, get_preset, load_base, pretrain_molecule
-from pgraft.cli import app
+from clitools import invoke, ok
 from pgraft.core.shipped import ship_base
 
 torch.set_num_threads(1)
@@ -23,14 +22,11 @@ SMALL = ["CCO", "CC(=O)O", "c1ccoc1", "CC#N", "OCC=O", "NC(=O)C", "C1CC1O", "CC(
 
 
 def _invoke(*args: str):
-    result = CliRunner().invoke(app, ["molecule", *args], env={"COLUMNS": "400"})
-    return result, " ".join(result.output.split())
+    return invoke("molecule", *args)
 
 
 def _ok(*args: str) -> str:
-    result, output = _invoke(*args)
-    assert result.exit_code == 0, output + repr(result.exception)
-    return output
+    return ok("molecule", *args)
 
 
 @pytest.fixture(scope="module")

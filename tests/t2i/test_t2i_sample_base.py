@@ -9,24 +9,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pgraft.apps.t2i.train import PretrainT2IConfig, load_pipeline, pretrain_world, sample_images
-from pgraft.cli import app
+from clitools import invoke, ok
 from pgraft.core.state import load_state
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
 
 
 def _invoke(*args: str):
-    result = CliRunner().invoke(app, ["t2i", *args], env={"COLUMNS": "400"})
-    return result, " ".join(result.output.split())
+    return invoke("t2i", *args)
 
 
 def _ok(*args: str) -> str:
-    result, output = _invoke(*args)
-    assert result.exit_code == 0, output + repr(result.exception)
-    return output
+    return ok("t2i", *args)
 
 
 @pytest.fixture(scope="module")

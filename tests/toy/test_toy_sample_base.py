@@ -11,25 +11,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pgraft.apps.toy import train as toy_train
 from pgraft.apps.toy.model import ToyDenoiser
-from pgraft.cli import app
+from clitools import invoke, ok
 from pgraft.core.checkpoint import load_pretrained
 from pgraft.core.shipped import ship_base
 from pgraft.core.trainer import sample_finetuned
 
 
 def _invoke(*args: str):
-    result = CliRunner().invoke(app, ["toy", *args], env={"COLUMNS": "400"})
-    return result, " ".join(result.output.split())
+    return invoke("toy", *args)
 
 
 def _ok(*args: str) -> str:
-    result, output = _invoke(*args)
-    assert result.exit_code == 0, output + repr(result.exception)
-    return output
+    return ok("toy", *args)
 
 
 @pytest.fixture(scope="module")
