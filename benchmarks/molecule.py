@@ -29,8 +29,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pgraft.apps.molecule.train import (DEFAULT_BASE, MoleculeTrainConfig, base_dir_of,  # noqa: E402
-                                        evaluate_base_row, load_or_pretrain, log_prob, make_problem, sample_smiles)
+from pgraft.apps.molecule.train import (  # noqa: E402
+    DEFAULT_BASE,
+    MoleculeTrainConfig,
+    base_dir_of,
+    evaluate_base_row,
+    load_or_pretrain,
+    log_prob,
+    make_problem,
+    sample_smiles,
+)
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
 from pgraft.core.shipped import weights_sha256  # noqa: E402

@@ -79,12 +79,10 @@ def toy_setup():
 
 
 def molecule_setup():
-    from pgraft.apps.molecule.pretrain import get_preset
-    from pgraft.apps.molecule.train import make_problem
-    from pgraft.apps.molecule.pretrain import load_base
-    from pgraft.core.shipped import shipped_dir
-
     import pgraft.apps.molecule as molecule
+    from pgraft.apps.molecule.pretrain import get_preset, load_base
+    from pgraft.apps.molecule.train import make_problem
+    from pgraft.core.shipped import shipped_dir
 
     directory = shipped_dir(os.path.dirname(molecule.__file__))
     if not directory.is_dir():

@@ -39,19 +39,28 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pgraft.apps.t2i import DEFAULT_ANCHOR  # noqa: E402
 from pgraft.apps.t2i.model import UNET_ATTENTION, T2IPipeline  # noqa: E402
 from pgraft.apps.t2i.prompts import load_prompts  # noqa: E402
 from pgraft.apps.t2i.rewards import ScorerTrainConfig, make_reward, train_scorer  # noqa: E402
-from pgraft.apps.t2i.train import (PRETRAIN_STEPS, PretrainT2IConfig, T2IConfig, evaluate_images,  # noqa: E402
-                                   load_pipeline, log_prob, pretrain_world, recorded_problem, sample_images,
-                                   train_t2i)
+from pgraft.apps.t2i.train import (  # noqa: E402
+    PRETRAIN_STEPS,
+    PretrainT2IConfig,
+    T2IConfig,
+    evaluate_images,
+    load_pipeline,
+    log_prob,
+    pretrain_world,
+    recorded_problem,
+    sample_images,
+    train_t2i,
+)
 from pgraft.apps.t2i.world import CATEGORIES  # noqa: E402
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402

@@ -37,8 +37,17 @@ from .pretrain import check_finite
 from .progress import progress_bar
 from .rundir import RunDir
 from .state import State, default_device, index
-from .trainer import (GraftConfig, GraftProblem, Stream, apply_lora, generator_for, merged_copy, print_round_row,
-                      round_metrics, sample_candidates)
+from .trainer import (
+    GraftConfig,
+    GraftProblem,
+    Stream,
+    apply_lora,
+    generator_for,
+    merged_copy,
+    print_round_row,
+    round_metrics,
+    sample_candidates,
+)
 
 LogProbFn = Callable[[nn.Module, State, float, float, State, Any], torch.Tensor]
 

@@ -26,9 +26,8 @@ from typing import Any
 
 import pandas as pd
 import torch
-from torch import nn
-
 from safetensors.torch import save_model
+from torch import nn
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config, save_json
 from .errors import CheckpointError, RunError
@@ -253,7 +252,8 @@ def infinite_batches(data: State, batch_size: int, seed: int, cond: Any = None) 
 
     ``cond``, if given, is a tensor/state aligned with ``data`` and indexed alongside it.
     """
-    from .state import batch_size as n_of, index
+    from .state import batch_size as n_of
+    from .state import index
 
     n = n_of(data)
     if n == 0:

@@ -25,13 +25,13 @@ from typing import Any
 
 import pandas as pd
 import torch
-from pgraft.core.progress import make_console
 from torch import nn
 
 from pgraft.core.checkpoint import load_config, load_pretrained, save_json
-from pgraft.core.plots import plot_rounds
 from pgraft.core.errors import UsageError
+from pgraft.core.plots import plot_rounds
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
+from pgraft.core.progress import make_console
 from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir, weights_sha256
 from pgraft.core.targets import checkpoint_lacks
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned

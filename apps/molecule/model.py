@@ -34,6 +34,7 @@ from torch import nn
 
 from .data import N_BOND_TYPES
 
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like DDPM), [B] -> [B, dim]."""
     half = dim // 2

@@ -15,12 +15,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-from pgraft.core.progress import make_console
 
 from pgraft.core.checkpoint import load_pretrained
 from pgraft.core.errors import UsageError
 from pgraft.core.plots import plot_rounds
 from pgraft.core.pretrain import is_pretrained
+from pgraft.core.progress import make_console
 from pgraft.core.sampling import unmask_log_prob
 from pgraft.core.schedules import masking_times
 from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir, weights_sha256

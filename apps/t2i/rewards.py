@@ -29,8 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checker import check
-from .world import (COLORS, NUMBERS, SHAPES, ObjectSpec, PromptSpec, all_prompts, parse_prompt,
-                    render_dataset, to_float, to_uint8)
+from .world import (
+    COLORS,
+    NUMBERS,
+    SHAPES,
+    ObjectSpec,
+    PromptSpec,
+    all_prompts,
+    parse_prompt,
+    render_dataset,
+    to_float,
+    to_uint8,
+)
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 

@@ -29,12 +29,22 @@ from pgraft.core.schedules import cosine_alpha_bar, vp_times
 from pgraft.core.trainer import GraftConfig, GraftProblem, run_graft, sample_finetuned
 
 from .checker import accuracy_table, check
-from .model import (PGRAFT_JSON, PRESETS, UNET_ATTENTION, Denoiser, PromptBatch, PromptEncoder, T2IPipeline,
-                    build_world_pipeline, text_encoder_config, tokenize, unet_config)
+from .model import (
+    PGRAFT_JSON,
+    PRESETS,
+    UNET_ATTENTION,
+    Denoiser,
+    PromptBatch,
+    PromptEncoder,
+    T2IPipeline,
+    build_world_pipeline,
+    text_encoder_config,
+    tokenize,
+    unet_config,
+)
 from .prompts import load_prompts
 from .rewards import make_reward
 from .world import all_prompts, parse_prompt, render_dataset, to_float, to_uint8
-
 
 # ----------------------------------------------------------------------------- pretraining
 # Default step budgets: "default" measured at 0.63 s per batch-32 step with OMP_NUM_THREADS=1 on a

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from pgraft.core.losses import flow_bridge, flow_matching_loss, eps_matching_loss, masked_cross_entropy, remask
+from pgraft.core.losses import eps_matching_loss, flow_bridge, flow_matching_loss, masked_cross_entropy, remask
 from pgraft.core.sampling import ddim_log_prob, ddim_step, euler_step, sample, sample_split, unmask_tokens
 from pgraft.core.schedules import cosine_alpha_bar, flow_times, split_times
 

@@ -14,8 +14,19 @@ import pgraft.apps
 from pgraft.core.checkpoint import load_pretrained
 from pgraft.core.errors import UsageError
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
-from pgraft.core.shipped import (RECORD_NAME, SHIPPED, BaseChanged, ShippedBaseDamaged, check_same_base,
-                                 read_record, resolve_base, ship_base, shipped_dir, verify_shipped, weights_sha256)
+from pgraft.core.shipped import (
+    RECORD_NAME,
+    SHIPPED,
+    BaseChanged,
+    ShippedBaseDamaged,
+    check_same_base,
+    read_record,
+    resolve_base,
+    ship_base,
+    shipped_dir,
+    verify_shipped,
+    weights_sha256,
+)
 
 SHIPPED_BASES = sorted(p for p in Path(pgraft.apps.__file__).parent.glob("*/bases/*") if p.is_dir())
 

@@ -8,8 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgraft.apps.layout.data import (PAD_CLASS, PUBLAYNET_CLASSES, RICO_CLASSES, from_state, load_layouts,
-                                     load_publaynet, load_rico, pack, state_to_page, synthetic_layouts, to_state)
+from pgraft.apps.layout.data import (
+    PAD_CLASS,
+    PUBLAYNET_CLASSES,
+    RICO_CLASSES,
+    from_state,
+    load_layouts,
+    load_publaynet,
+    load_rico,
+    pack,
+    state_to_page,
+    synthetic_layouts,
+    to_state,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from pgraft.apps.layout.data import synthetic_layouts
-from pgraft.apps.layout.features import FeatureTrainConfig, corrupt, layout_features, load_feature_net, train_feature_net
+from pgraft.apps.layout.features import (
+    FeatureTrainConfig,
+    corrupt,
+    layout_features,
+    load_feature_net,
+    train_feature_net,
+)
 from pgraft.apps.layout.metrics import evaluate
 from pgraft.apps.layout.model import PRESETS, LayoutDenoiser
 from pgraft.apps.layout.render import render_grid

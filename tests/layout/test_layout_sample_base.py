@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from clitools import invoke, ok
 
 from pgraft.apps.layout import train as ltrain
 from pgraft.apps.layout.train import PRESET_NAME, get_preset, pretrain_layout
-from clitools import invoke, ok
 from pgraft.core.shipped import ship_base
 
 

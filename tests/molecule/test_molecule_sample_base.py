@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from clitools import invoke, ok
 
 from pgraft.apps.molecule import train as mtrain
 from pgraft.apps.molecule.data import QM9_SPEC, GraphSpec, load_dataset
 from pgraft.apps.molecule.pretrain import META_NAME, get_preset, load_base, pretrain_molecule
-from clitools import invoke, ok
 from pgraft.core.shipped import ship_base
 
 torch.set_num_threads(1)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgraft.apps.t2i.model import (T2IPipeline, TableAlphaBar, build_world_pipeline,
-                                   train_tokenizer, tokenize)
+from pgraft.apps.t2i.model import T2IPipeline, TableAlphaBar, build_world_pipeline, tokenize, train_tokenizer
 from pgraft.apps.t2i.world import all_prompts
 
 PROMPTS = [s.text() for s in all_prompts()]

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from pgraft.apps.t2i.checker import check
-from pgraft.apps.t2i.rewards import (REWARDS, CLIPScoreReward, ScorerTrainConfig, VQAScorer, VQAScoreReward,
-                                     _to_pil, corrupt_prompt, make_reward, train_scorer)
+from pgraft.apps.t2i.rewards import (
+    REWARDS,
+    CLIPScoreReward,
+    ScorerTrainConfig,
+    VQAScorer,
+    VQAScoreReward,
+    _to_pil,
+    corrupt_prompt,
+    make_reward,
+    train_scorer,
+)
 from pgraft.apps.t2i.world import all_prompts, render_dataset, to_float
 
 ALL = [s.text() for s in all_prompts()]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from clitools import invoke, ok
 
 from pgraft.apps.t2i.train import PretrainT2IConfig, load_pipeline, pretrain_world, sample_images
-from clitools import invoke, ok
 from pgraft.core.state import load_state
 
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]

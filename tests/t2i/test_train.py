@@ -13,8 +13,16 @@ from typer.testing import CliRunner
 
 from pgraft.apps.t2i.cli import app
 from pgraft.apps.t2i.model import T2IPipeline
-from pgraft.apps.t2i.train import (PretrainT2IConfig, T2IConfig, drop_conditions, load_head, make_problem,
-                                   pretrain_world, sample_images, train_t2i)
+from pgraft.apps.t2i.train import (
+    PretrainT2IConfig,
+    T2IConfig,
+    drop_conditions,
+    load_head,
+    make_problem,
+    pretrain_world,
+    sample_images,
+    train_t2i,
+)
 from pgraft.core.grs import GRSConfig
 from pgraft.core.trainer import GraftConfig
 

@@ -8,9 +8,24 @@ import torch
 
 from pgraft.apps.t2i.checker import accuracy_table, check, detect
 from pgraft.apps.t2i.rewards import corrupt_prompt
-from pgraft.apps.t2i.world import (CATEGORIES, COLORS, NUMBERS, RELATIONS, SHAPES, ObjectSpec, PromptSpec,
-                                   SplitConfig, all_prompts, parse_prompt, render, render_dataset, sample_scene,
-                                   split_prompts, to_float, to_uint8)
+from pgraft.apps.t2i.world import (
+    CATEGORIES,
+    COLORS,
+    NUMBERS,
+    RELATIONS,
+    SHAPES,
+    ObjectSpec,
+    PromptSpec,
+    SplitConfig,
+    all_prompts,
+    parse_prompt,
+    render,
+    render_dataset,
+    sample_scene,
+    split_prompts,
+    to_float,
+    to_uint8,
+)
 
 ALL = [s.text() for s in all_prompts()]
 

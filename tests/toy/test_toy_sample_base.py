@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from clitools import invoke, ok
 
 from pgraft.apps.toy import train as toy_train
 from pgraft.apps.toy.model import ToyDenoiser
-from clitools import invoke, ok
 from pgraft.core.checkpoint import load_pretrained
 from pgraft.core.shipped import ship_base
 from pgraft.core.trainer import sample_finetuned

@@ -9,7 +9,6 @@ import pandas as pd
 import torch
 from typer.testing import CliRunner
 
-from pgraft.apps.toy import train as ttrain
 from pgraft.apps.toy.data import MIXTURES
 from pgraft.apps.toy.metrics import wasserstein_1d
 from pgraft.apps.toy.model import ToyDenoiser
