@@ -2,7 +2,7 @@
 all at the same budget of sampled layouts (rounds x groups x M), on one base model and one reward.
 
     python benchmarks/layout.py --quick                       # tiny base, < 3 min, smoke of the pipeline
-    python benchmarks/layout.py --base runs/layout/base       # a real run on the default preset
+    python benchmarks/layout.py                               # a real run on the shipped default-preset base
     python benchmarks/layout.py --report --out DIR            # only aggregate finished methods
 
 Each method writes results/<method>.json (metrics of --eval-samples fresh layouts: alignment,

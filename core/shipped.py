@@ -72,6 +72,16 @@ def resolve_base(value: str | Path, shipped: str | Path | None) -> Path:
     return Path(shipped)
 
 
+def resolve_preset_base(value: str | Path, preset: str, shipped: str | Path | None,
+                        shipped_preset: str = "default") -> Path:
+    """:func:`resolve_base` for apps whose base comes from a pretraining preset: the shipped base is
+    the ``shipped_preset`` one, so asking for it with another ``--preset`` is refused."""
+    if str(value) == SHIPPED and preset != shipped_preset:
+        raise UsageError(f"the shipped base is the {shipped_preset!r} preset, not {preset!r}; pass --base DIR to "
+                         f"pretrain the {preset!r} preset into DIR")
+    return resolve_base(value, shipped)
+
+
 def weights_sha256(directory: str | Path) -> str:
     """SHA-256 of ``directory/model.safetensors``: the identity of a base recorded in a run's config."""
     return sha256_file(Path(directory) / WEIGHTS_NAME)

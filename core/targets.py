@@ -63,6 +63,21 @@ def run_lacks(directory: Path, app: str) -> str | None:
     return None
 
 
+def read_run(directory: str | Path, app: str) -> tuple[dict, dict]:
+    """(config, its ``app.<app>`` section) of a finished ``pgraft <app> train`` run; a directory
+    that is not one, or whose fine-tuned ``head/`` is not saved yet, is refused naming what it
+    lacks (one :class:`UsageError` line)."""
+    directory = Path(directory)
+    lack = run_lacks(directory, app)
+    if lack is not None:
+        raise UsageError(f"{directory} is not a `pgraft {app} train` run ({lack})")
+    if not (directory / "head" / WEIGHTS_NAME).is_file():
+        raise UsageError(f"{directory} has no fine-tuned model yet ({directory / 'head'}); "
+                         f"finish it with `pgraft {app} train --resume`")
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    return config, config["app"][app]
+
+
 def checkpoint_lacks(directory: Path, model_class: str | None = None, files: tuple[str, ...] = ()) -> str | None:
     """What keeps ``directory`` from being a finished base checkpoint: ``files`` (app metadata),
     ``config.json`` of ``model_class`` (any when None), ``model.safetensors``, finished pretraining

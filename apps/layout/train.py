@@ -28,12 +28,18 @@ import torch
 from torch import nn
 
 from pgraft.core.checkpoint import load_config, load_pretrained, save_json
-from pgraft.core.errors import UsageError
 from pgraft.core.plots import plot_rounds
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
 from pgraft.core.progress import make_console
-from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir, weights_sha256
-from pgraft.core.targets import checkpoint_lacks
+from pgraft.core.shipped import (
+    check_same_base,
+    default_base,
+    resolve_base,
+    resolve_preset_base,
+    shipped_dir,
+    weights_sha256,
+)
+from pgraft.core.targets import checkpoint_lacks, read_run
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
 from . import diffusion
@@ -281,10 +287,7 @@ class LayoutTrainConfig:
 def base_dir_of(cfg: LayoutTrainConfig) -> Path:
     """The directory ``cfg.base`` names: the shipped base (verified against its manifest; only for
     the 'default' preset, which is what it is) or the user's directory."""
-    if cfg.base == SHIPPED and cfg.preset != "default":
-        raise UsageError(f"the shipped base is the 'default' preset, not {cfg.preset!r}; pass --base DIR to "
-                         f"pretrain the {cfg.preset!r} preset into DIR")
-    return resolve_base(cfg.base, SHIPPED_BASE)
+    return resolve_preset_base(cfg.base, cfg.preset, SHIPPED_BASE)
 
 
 def _recorded_without_digest(run_dir: Path) -> bool:
@@ -345,16 +348,8 @@ def evaluate_layouts(layouts: Layouts, base: BaseModel, max_iou_limit: int = 100
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], float, LayoutTrainConfig, BaseModel, nn.Module]:
     """(config, split t, app config, base, fine-tuned head) of a finished run directory."""
     run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a `pgraft layout train` run (no config.json)")
-    config = json.loads(path.read_text())
-    if "layout" not in config.get("app", {}):
-        raise ValueError(f"{run_dir} is not a layout run (its config has no 'layout' section)")
-    app_cfg = LayoutTrainConfig(**config["app"]["layout"])
-    if not (run_dir / "head" / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir} has no fine-tuned model yet ({run_dir / 'head'}); "
-                                "finish it with `pgraft layout train --resume`")
+    config, section = read_run(run_dir, "layout")
+    app_cfg = LayoutTrainConfig(**section)
     split = float(config.get("graft", {}).get("split", 0.0))
     head = load_pretrained(LayoutDenoiser, run_dir / "head").eval()
     base_dir = resolve_base(app_cfg.base, SHIPPED_BASE)

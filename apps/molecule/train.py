@@ -17,14 +17,20 @@ import pandas as pd
 import torch
 
 from pgraft.core.checkpoint import load_pretrained
-from pgraft.core.errors import UsageError
 from pgraft.core.plots import plot_rounds
 from pgraft.core.pretrain import is_pretrained
 from pgraft.core.progress import make_console
 from pgraft.core.sampling import unmask_log_prob
 from pgraft.core.schedules import masking_times
-from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir, weights_sha256
-from pgraft.core.targets import checkpoint_lacks
+from pgraft.core.shipped import (
+    check_same_base,
+    default_base,
+    resolve_base,
+    resolve_preset_base,
+    shipped_dir,
+    weights_sha256,
+)
+from pgraft.core.targets import checkpoint_lacks, read_run
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
 from . import diffusion
@@ -72,10 +78,7 @@ def load_or_pretrain(base_dir: str | Path, preset: str = "default", show_progres
 def base_dir_of(cfg: MoleculeTrainConfig) -> Path:
     """The directory ``cfg.base`` names: the shipped base (verified against its manifest; only for
     the 'default' preset, which is what it is) or the user's directory."""
-    if cfg.base == SHIPPED and cfg.preset != "default":
-        raise UsageError(f"the shipped base is the 'default' preset, not {cfg.preset!r}; pass --base DIR to "
-                         f"pretrain the {cfg.preset!r} preset into DIR")
-    return resolve_base(cfg.base, SHIPPED_BASE)
+    return resolve_preset_base(cfg.base, cfg.preset, SHIPPED_BASE)
 
 
 def base_is_ready(base_dir: Path) -> bool:
@@ -194,16 +197,8 @@ def draw_top(samples: pd.DataFrame, path: Path, k: int = 24) -> None:
 def load_run(run_dir: str | Path) -> tuple[dict[str, Any], GraftConfig, MoleculeTrainConfig, BaseModel, Any]:
     """(config, graft config, app config, base, fine-tuned head) of a finished run directory."""
     run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a `pgraft molecule train` run (no config.json)")
-    config = json.loads(path.read_text())
-    if "molecule" not in config.get("app", {}):
-        raise ValueError(f"{run_dir} is not a molecule run (its config has no 'molecule' section)")
-    app_cfg = MoleculeTrainConfig(**config["app"]["molecule"])
-    if not (run_dir / "head" / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{run_dir} has no fine-tuned model yet ({run_dir / 'head'}); "
-                                "finish it with `pgraft molecule train --resume`")
+    config, section = read_run(run_dir, "molecule")
+    app_cfg = MoleculeTrainConfig(**section)
     key = "graft" if "graft" in config else "pg"
     graft = GraftConfig.from_dict(config[key]) if key == "graft" else GraftConfig(split=0.0)
     base_dir = resolve_base(app_cfg.base, SHIPPED_BASE)
