@@ -86,13 +86,45 @@ class GraftProblem:
 
 @dataclass(frozen=True)
 class GraftConfig:
-    """Round-loop settings. ``split`` is P-GRAFT's t as the fraction of sampler steps left to the
-    frozen base (0 = plain GRAFT). ``lora_rank = 0`` fine-tunes all weights. ``cosine`` decays the
-    learning rate to 10% over each round's steps (the SFT of a round converges instead of ending on
-    a noisy iterate); the schedule is a function of the step index, so resuming needs no state.
-    ``anchor`` > 0 adds ``anchor * mean((head(...) - base(...))**2)`` at every input the app's loss
-    feeds the head (see :class:`Anchored`): a trust region around the frozen base against the drift
-    of self-training on the model's own samples."""
+    """Settings of the GRAFT / P-GRAFT round loop (:func:`run_graft`). CLI flags in brackets.
+
+    Sampling (per round):
+        rounds (int, 4): rounds of sample -> accept -> fine-tune [--rounds].
+        groups (int, 32): groups sampled per round; candidates per round = groups * group_size
+            [--groups]. Group g of round r uses condition (r * groups + g) % len(conditions).
+        group_size (int, 8): M, candidates per group (Best-of-N's N) [--m / --group-size].
+        sample_batch_size (int, 256): candidates per sampling chunk; each chunk has its own seed,
+            so results do not depend on the number of processes (but do on this value).
+        split (float, 0.0): P-GRAFT's t, the fraction of sampler steps left to the frozen base;
+            0 is plain GRAFT [--t / --split].
+
+    Selection:
+        grs (GRSConfig): acceptance rule within each group: rs / bon / topk / threshold with
+            alpha, k, threshold [--rule --alpha --k --threshold].
+        dedup (bool, False): keep one copy per key (``GraftProblem.key``) in the training set
+            (core.selection) [--dedup].
+        replay (bool, False): train on every accepted sample so far, not only this round's
+            [--replay].
+
+    Fine-tuning (per round):
+        train_steps (int, 100): optimizer steps [--train-steps]. batch_size (int, 64) [--batch-size].
+        lr (float, 1e-4): AdamW learning rate [--lr]; with ``cosine`` decayed to 10% over each
+            round's steps (a function of the step index: resuming needs no scheduler state).
+        weight_decay (float, 0.0), grad_clip (float, 1.0; 0 = off).
+        lora_rank (int, 0): LoRA rank, 0 = fine-tune every weight [--lora]; lora_alpha (0 = the
+            rank), lora_targets (module names; empty = every nn.Linear).
+        anchor (float, 0.0): weight of ``mean((head - base)**2)`` at every input the app's loss
+            feeds the head (:class:`Anchored`): a trust region around the frozen base against the
+            drift of self-training on the model's own samples [--anchor].
+
+    Run:
+        final_eval (bool, True): after the last round, sample one more round from the fine-tuned
+            sampler and log it as the ``eval`` row.
+        seed (int, 0): seeds sampling chunks, acceptance and training (see :class:`Stream`) [--seed].
+
+    On ``--resume`` only rounds (upwards), lr, train_steps, grad_clip and weight_decay may change
+    (``core.rundir.RESUMABLE``).
+    """
 
     rounds: int = 4
     groups: int = 32
