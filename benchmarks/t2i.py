@@ -148,7 +148,7 @@ def train_pg(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, sho
                    lora_targets=UNET_ATTENTION, sample_batch_size=bench.sample_batch_size,
                    timestep_fraction=bench.pg_timestep_fraction, final_eval=False, seed=0)
     app = bench.app()
-    problem = recorded_problem(pipe, app, load_prompts(app.prompts).prompts, cfg, run_dir)
+    problem = recorded_problem(pipe, app, load_prompts(app.prompts).prompts, run_dir)
     head, _ = run_policy_gradient(problem, log_prob(pipe, app.eta), pipe.denoiser, pipe.denoiser.init_kwargs(), cfg,
                                   run_dir, app_config={"t2i": asdict(app)}, show_progress=show)
     return head

@@ -40,6 +40,7 @@ from .state import State, default_device, index
 from .trainer import (
     GraftConfig,
     GraftProblem,
+    RoundResult,
     Stream,
     apply_lora,
     generator_for,
@@ -236,6 +237,8 @@ def run_policy_gradient(
         row["seconds"] = time.time() - t0
         run.append_metrics(row)
         print_round_row(row)
+        if problem.on_round is not None:
+            problem.on_round(round_, RoundResult(round_, "train", cands, row))
 
     merged = merged_copy(policy).eval()
     if cfg.final_eval:
@@ -243,5 +246,7 @@ def run_policy_gradient(
         row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
         run.append_metrics(row)
         print_round_row(row)
+        if problem.on_round is not None:
+            problem.on_round(cfg.rounds, RoundResult(cfg.rounds, "eval", cands, row))
     save_pretrained(merged, model_config, run.path / "head")
     return merged, run.read_metrics()

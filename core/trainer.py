@@ -50,38 +50,75 @@ LossFn = Callable[[nn.Module, State, float, Any, "torch.Generator | None"], torc
 
 @dataclass
 class GraftProblem:
-    """Everything the loop needs from an app. Only ``prior``, ``times``, ``step``, ``loss`` and
-    ``reward`` are required.
+    """Everything the loop needs from an app: ``prior``, ``times``, ``step``, ``loss``, and either
+    ``score`` or ``reward`` (with the optional ``key`` / ``describe`` / ``metrics``).
 
     - ``prior(n, generator) -> State``: n draws of X_T.
     - ``times``: the sampler grid 1 -> 0; ``step``: the app's step function.
     - ``loss(model, x_start, t_start, cond, generator)``: the denoising loss started at t_start.
-    - ``reward(x0, cond) -> Tensor[B]``: finite for every sample.
+    - ``score(x0, cond) -> Scores``: everything the loop learns about a chunk of final samples in
+      one call: rewards (finite, [B]), dedup keys, per-sample records kept with accepted samples,
+      extra metrics (averaged over chunks weighted by their size). An app that decodes or checks
+      its samples once for all four writes this.
+    - or, one thing at a time: ``reward(x0, cond) -> Tensor[B]``; ``key(x0) -> list[Hashable]``
+      (e.g. canonical SMILES; None = never a duplicate); ``describe(x0, rewards, cond) ->
+      DataFrame``; ``metrics(x0, rewards, cond) -> dict``.
+    - ``on_round(round, RoundResult)``: called once per round on the main process, after the round
+      is committed (and for the final evaluation), with the gathered candidates and the metrics
+      row: the place for image grids and other per-round outputs (trl's ``image_samples_hook``).
+      The round number is given, never inferred, so it is right under any number of processes.
     - ``conditions``: one entry per prompt/condition (None: unconditional); group g of round r
       uses condition ``(r * groups + g) % len(conditions)``.
     - ``collate(list_of_conditions) -> cond batch`` for the model and reward (default: the list).
-    - ``key(x0) -> list[Hashable]``: dedup keys (e.g. canonical SMILES; None = never a duplicate).
-    - ``describe(x0, rewards, cond) -> DataFrame``: per-sample columns kept with accepted samples.
-    - ``metrics(x0, rewards, cond) -> dict``: extra per-round metrics (e.g. validity), averaged
-      over chunks weighted by their size.
     """
 
     prior: Callable[[int, torch.Generator], State]
     times: torch.Tensor
     step: StepFn
     loss: LossFn
-    reward: RewardFn
+    reward: RewardFn | None = None
     conditions: list[Any] | None = None
     collate: Callable[[list[Any]], Any] | None = None
     key: Callable[[State], list[Hashable]] | None = None
     describe: Callable[[State, torch.Tensor, Any], pd.DataFrame] | None = None
     metrics: Callable[[State, torch.Tensor, Any], dict[str, float]] | None = None
+    score: Callable[[State, Any], "Scores"] | None = None
+    on_round: Callable[[int, "RoundResult"], None] | None = None
 
     def cond_batch(self, cond_index: torch.Tensor) -> Any:
         if self.conditions is None:
             return None
         items = [self.conditions[i] for i in cond_index.tolist()]
         return self.collate(items) if self.collate is not None else items
+
+    def scores(self, x0: State, cond: Any) -> "Scores":
+        """:attr:`score` of a chunk, or the same assembled from ``reward`` / ``key`` / ``describe`` /
+        ``metrics``; rewards as float64 on the CPU, shape-checked."""
+        n = batch_size(x0)
+        if self.score is None and self.reward is None:
+            raise ValueError("this GraftProblem has neither score(x0, cond) nor reward(x0, cond)")
+        if self.score is not None:
+            out = self.score(x0, cond)
+            rewards = torch.as_tensor(out.rewards, dtype=torch.float64).cpu()
+        else:
+            rewards = torch.as_tensor(self.reward(x0, cond), dtype=torch.float64).cpu()
+            out = Scores(rewards, self.key(x0) if self.key is not None else None,
+                         self.describe(x0, rewards, cond) if self.describe is not None else None,
+                         self.metrics(x0, rewards, cond) if self.metrics is not None else None)
+        if rewards.shape != (n,):
+            raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected ({n},)")
+        return Scores(rewards, out.keys, out.records if out.records is not None else pd.DataFrame(index=range(n)),
+                      out.metrics or {})
+
+
+@dataclass
+class Scores:
+    """What :meth:`GraftProblem.scores` returns for a chunk of B final samples."""
+
+    rewards: torch.Tensor  # [B], finite
+    keys: list[Hashable] | None = None  # dedup keys (None: no dedup possible)
+    records: pd.DataFrame | None = None  # B rows of app columns kept with accepted samples
+    metrics: dict[str, float] | None = None  # chunk means, e.g. {"validity": 0.86}
 
 
 @dataclass(frozen=True)
@@ -277,6 +314,17 @@ class Candidates:
     states: list[State] | None = None  # with trajectory=True: [X_T, ..., X_0] on the model's device
 
 
+@dataclass
+class RoundResult:
+    """What :attr:`GraftProblem.on_round` receives: the round's gathered candidates (on the CPU,
+    in global order) and its metrics row; ``phase`` is ``"train"`` or ``"eval"``."""
+
+    round: int
+    phase: str
+    candidates: Candidates
+    row: dict[str, Any]
+
+
 def _accelerator(cpu: bool | None = None):
     """Accelerator on the GPU when one is visible, else on the CPU (gloo for multi-process)."""
     from accelerate import Accelerator
@@ -332,13 +380,8 @@ def sample_candidates(
             out = sample_split(head, base, x_T, problem.times, k, problem.step, cond, gen, advance,
                                None if states is None else (lambda i, x: states.append(x)))
             out = SplitSample(to_device(out.x_t, "cpu"), to_device(out.x_0, "cpu"), out.t)
-            rewards = torch.as_tensor(problem.reward(out.x_0, cond), dtype=torch.float64).cpu()
-            if rewards.shape != (hi - lo,):
-                raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected ({hi - lo},)")
-            keys = problem.key(out.x_0) if problem.key is not None else None
-            records = (problem.describe(out.x_0, rewards, cond) if problem.describe is not None
-                       else pd.DataFrame(index=range(hi - lo)))
-            extra = problem.metrics(out.x_0, rewards, cond) if problem.metrics is not None else {}
+            scored = problem.scores(out.x_0, cond)
+            rewards, keys, records, extra = scored.rewards, scored.keys, scored.records, scored.metrics
             payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo, states))
             if should_stop is not None and should_stop():
                 raise RoundStopped("sampling")
@@ -354,7 +397,7 @@ def sample_candidates(
         rewards=torch.cat([p[3] for p in gathered]),
         groups=groups[: sum(sizes)],
         cond_index=cond_index,
-        keys=None if problem.key is None else [k for p in gathered for k in p[4]],
+        keys=None if any(p[4] is None for p in gathered) else [k for p in gathered for k in p[4]],
         records=pd.concat([p[5] for p in gathered], ignore_index=True),
         extra_metrics=extra,
         states=[cat([p[8][i] for p in gathered]) for i in range(len(problem.times))] if trajectory else None,
@@ -494,6 +537,8 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
             unwrapped = accelerator.unwrap_model(head)
             run.save_checkpoint(round_, unwrapped.state_dict(), {"optimizer": opt.state_dict(), "round": round_})
             print_round_row(row)
+            if problem.on_round is not None:
+                problem.on_round(round_, RoundResult(round_, "train", cands, row))
         accelerator.wait_for_everyone()
 
     merged = merged_copy(accelerator.unwrap_model(head)).eval()
@@ -506,6 +551,8 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
         if main and cfg.rounds not in set(run.read_metrics().get("round", pd.Series([], dtype=int)).tolist()):
             run.append_metrics(row)
             print_round_row(row)
+        if main and problem.on_round is not None:
+            problem.on_round(cfg.rounds, RoundResult(cfg.rounds, "eval", cands, row))
     if main:
         save_pretrained(merged, model_config, run.path / "head")
     accelerator.wait_for_everyone()

@@ -26,7 +26,7 @@ from pgraft.core.losses import eps_matching_loss
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
 from pgraft.core.sampling import ddim_log_prob, ddim_step
 from pgraft.core.schedules import cosine_alpha_bar, vp_times
-from pgraft.core.trainer import GraftConfig, GraftProblem, run_graft, sample_finetuned
+from pgraft.core.trainer import GraftConfig, GraftProblem, RoundResult, Scores, run_graft, sample_finetuned
 
 from .checker import accuracy_table, check
 from .model import (
@@ -145,50 +145,38 @@ class T2IConfig:
     grid_images: int = 16
 
 
-class RoundRecorder:
-    """The reward of a t2i run: scores each sampled chunk, runs the exact checker on it (kept for
-    ``describe``/``metrics``, which the core calls next on the same chunk) and saves an image grid
-    per round. Chunks arrive in a fixed order (``chunks_per_round`` per round, then the final
-    evaluation), which gives the round of a grid.
+class T2IScorer:
+    """How a t2i run scores its samples: :meth:`score` decodes a chunk once and returns the reward,
+    plus the exact checker's verdicts as records and ``checker_acc`` when the prompts are in the
+    shapes grammar; :meth:`on_round` saves an image grid of the round's first candidates. The core
+    says which round it is (no counting of calls, so any number of processes agrees).
     """
 
-    def __init__(self, pipe: T2IPipeline, reward, chunks_per_round: int, start_round: int = 0,
-                 grid_dir: Path | None = None, grid_images: int = 16) -> None:
-        self.pipe, self.reward = pipe, reward
-        self.chunks_per_round = chunks_per_round
-        self.calls = start_round * chunks_per_round
+    def __init__(self, pipe: T2IPipeline, reward, prompts: Sequence[str], grid_dir: Path | None = None,
+                 grid_images: int = 16) -> None:
+        self.pipe, self.reward, self.prompts = pipe, reward, list(prompts)
         self.grid_dir, self.grid_images = grid_dir, grid_images
-        self.last: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def __call__(self, x0: torch.Tensor, cond: PromptBatch) -> torch.Tensor:
+    def score(self, x0: torch.Tensor, cond: PromptBatch) -> Scores:
         images = self.pipe.decode(x0)
         prompts = list(cond.prompts)
         r = torch.as_tensor(self.reward(images, prompts), dtype=torch.float64)
         r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)  # rewards must be finite
-        self.last = (x0, check(images, prompts) if _in_grammar(prompts) else None)
-        if self.grid_dir is not None and self.calls % self.chunks_per_round == 0:
-            round_ = self.calls // self.chunks_per_round
-            save_grid(images[: self.grid_images], self.grid_dir / f"round_{round_:04d}.png",
-                      prompts[: self.grid_images])
-        self.calls += 1
-        return r
+        records, metrics = pd.DataFrame({"prompt": prompts}), {}
+        if _in_grammar(prompts):
+            correct = check(images, prompts)
+            records["category"] = [parse_prompt(p).category for p in prompts]
+            records["correct"] = correct.numpy()
+            metrics["checker_acc"] = float(correct.float().mean())
+        return Scores(r, None, records, metrics)
 
-    def _verdicts(self, x0: torch.Tensor) -> torch.Tensor | None:
-        if self.last is None or self.last[0] is not x0:
-            raise RuntimeError("describe/metrics called on a chunk the reward did not score")
-        return self.last[1]
-
-    def describe(self, x0: torch.Tensor, rewards: torch.Tensor, cond: PromptBatch) -> pd.DataFrame:
-        correct = self._verdicts(x0)
-        df = pd.DataFrame({"prompt": list(cond.prompts)})
-        if correct is not None:
-            df["category"] = [parse_prompt(p).category for p in cond.prompts]
-            df["correct"] = correct.numpy()
-        return df
-
-    def metrics(self, x0: torch.Tensor, rewards: torch.Tensor, cond: PromptBatch) -> dict[str, float]:
-        correct = self._verdicts(x0)
-        return {} if correct is None else {"checker_acc": float(correct.float().mean())}
+    def on_round(self, round_: int, result: RoundResult) -> None:
+        if self.grid_dir is None:
+            return
+        n = min(self.grid_images, len(result.candidates.rewards))
+        images = self.pipe.decode(result.candidates.x_0[:n])
+        prompts = [self.prompts[i] for i in result.candidates.cond_index[:n].tolist()]
+        save_grid(images, self.grid_dir / f"round_{round_:04d}.png", prompts)
 
 
 def _in_grammar(prompts: Sequence[str]) -> bool:
@@ -213,7 +201,8 @@ def drop_conditions(cond: PromptBatch, p: float, generator: torch.Generator | No
 
 
 def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int, eta: float,
-                 encoder: PromptEncoder | None = None, cond_dropout: float = 0.0) -> GraftProblem:
+                 encoder: PromptEncoder | None = None, cond_dropout: float = 0.0,
+                 scorer: "T2IScorer | None" = None) -> GraftProblem:
     """The text-to-image :class:`GraftProblem`: prior N(0, I) on the state shape, DDIM(eta) on
     ``vp_times(n_steps)`` with the pipeline's abar (x0_hat clipped in pixel space), the P-GRAFT eps loss on the conditional eps
     (guidance 1), ``reward(decode(x0), prompts)``, conditions = ``prompts``.
@@ -243,6 +232,8 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
         reward=reward,
         conditions=list(prompts),
         collate=lambda items: encoder(items, guidance=guided),
+        score=None if scorer is None else scorer.score,
+        on_round=None if scorer is None else scorer.on_round,
     )
 
 
@@ -265,17 +256,11 @@ def base_lacks(directory: Path) -> str | None:
     return None
 
 
-def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], cfg, out: Path,
-                     start_round: int = 0) -> GraftProblem:
-    """:func:`make_problem` whose reward is a :class:`RoundRecorder` of ``app.reward`` (checker
-    verdicts in the store and metrics, a grid per round in ``out/grids``); ``cfg`` is the round
-    loop's config (GraftConfig or PGConfig: groups, group_size, sample_batch_size)."""
-    recorder = RoundRecorder(pipe, make_reward(app.reward, app.reward_weights),
-                             math.ceil(cfg.groups * cfg.group_size / cfg.sample_batch_size), start_round,
-                             out / "grids", app.grid_images)
-    problem = make_problem(pipe, prompts, recorder, app.n_steps, app.eta, cond_dropout=app.cond_dropout)
-    problem.describe, problem.metrics = recorder.describe, recorder.metrics
-    return problem
+def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], out: Path) -> GraftProblem:
+    """:func:`make_problem` scored by a :class:`T2IScorer` of ``app.reward`` (checker verdicts in
+    the store and metrics, a grid per round in ``out/grids``)."""
+    scorer = T2IScorer(pipe, make_reward(app.reward, app.reward_weights), prompts, out / "grids", app.grid_images)
+    return make_problem(pipe, prompts, None, app.n_steps, app.eta, cond_dropout=app.cond_dropout, scorer=scorer)
 
 
 def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = False,
@@ -283,15 +268,13 @@ def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = 
     """GRAFT / P-GRAFT over ``app.prompts`` with the core round loop; LoRA on the UNet attention
     by default. Writes the core run directory plus ``grids/round_*.png`` and, with LoRA,
     ``lora/`` (diffusers ``save_lora_weights`` format)."""
-    from pgraft.core.rundir import RunDir
 
     out = Path(out)
     pipe = load_pipeline(app.model, app.guidance_scale)
     prompts = load_prompts(app.prompts).prompts
     if cfg.lora_rank > 0 and not cfg.lora_targets:
         cfg = replace(cfg, lora_targets=UNET_ATTENTION)
-    start = RunDir(out, resume=resume).latest_round() + 1 if resume else 0
-    problem = recorded_problem(pipe, app, prompts, cfg, out, start)
+    problem = recorded_problem(pipe, app, prompts, out)
     head, table = run_graft(problem, pipe.denoiser, pipe.denoiser.init_kwargs(), cfg, out,
                             app_config={"t2i": asdict(app)}, resume=resume, show_progress=show_progress)
     if cfg.lora_rank > 0:

@@ -172,3 +172,31 @@ def test_cli_clear_errors(tiny_world, tmp_path, args, match):
     base = ["train", "--out", str(tmp_path / "r"), "--model", str(tiny_world), "--reward", "checker", "--quiet"]
     res = CliRunner().invoke(app, base + args)
     assert res.exit_code != 0 and match in res.output
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_grid_per_round_and_agree_on_the_first(tiny_world, tmp_path):
+    """The scorer's grids follow the round the core names: under torchrun (2 CPU processes, each
+    scoring its own chunks) every round still gets exactly one grid, and round 0's grid and
+    accepted records equal a 1-process run's (same chunks, same seeds)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pgraft = shutil.which("pgraft")
+    common = ["t2i", "train", "--model", str(tiny_world), "--prompts", "heldout", "--reward", "checker",
+              "--rounds", "2", "--groups", "4", "--group-size", "2", "--top-k", "1", "--train-steps", "1",
+              "--batch-size", "2", "--n-steps", "3", "--lora", "2", "--sample-batch-size", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([pgraft, *common, "--out", str(tmp_path / "one")], check=True, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python"]
+    subprocess.run([*torchrun, pgraft, *common, "--out", str(tmp_path / "two")], check=True, env=env)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    for run in ("one", "two"):
+        assert sorted(p.name for p in (tmp_path / run / "grids").glob("*.png")) == \
+            ["round_0000.png", "round_0001.png", "round_0002.png"]
+    assert (tmp_path / "one" / "grids" / "round_0000.png").read_bytes() == \
+        (tmp_path / "two" / "grids" / "round_0000.png").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "one" / "store" / "round_0000.parquet"),
+                                  pd.read_parquet(tmp_path / "two" / "store" / "round_0000.parquet"))
