@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from .world import CATEGORIES, COLORS, PALETTE, SHAPES, PromptSpec, parse_prompt
+from .world import CATEGORIES, COLORS, PALETTE, SHAPES, PromptSpec, parse_prompt, shape_template
 
 
 @dataclass(frozen=True)
@@ -90,17 +90,8 @@ def classify_shape(mask: np.ndarray, cfg: "CheckerConfig | None" = None) -> str:
 
 
 def _template(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`world.shape_mask` around offsets (dx, dy) from the centre."""
-    if shape == "circle":
-        return dx**2 + dy**2 <= r**2
-    if shape == "square":
-        return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
-    if shape == "triangle":
-        frac = (dy + 0.9 * r) / (1.8 * r)
-        return (frac >= 0) & (frac <= 1) & (np.abs(dx) <= r * frac)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= 1.1 * r
-    raise ValueError(f"unknown shape {shape!r}")
+    """Vectorised :func:`world.shape_template` (one geometry for drawing and checking)."""
+    return shape_template(shape, dx, dy, r)
 
 
 def color_labels(image: torch.Tensor, cfg: CheckerConfig = CheckerConfig()) -> np.ndarray:

@@ -214,26 +214,41 @@ class SceneObject:
     r: float
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Boolean [size, size] mask of pixels whose centre lies inside the shape.
+# shape geometry, in units of the object's size r (the checker's templates use the same numbers)
+SQUARE_HALF_SIDE = 0.85  # similar area to the circle of radius r
+TRIANGLE_HALF_HEIGHT = 0.9  # apex up, height 1.8 r, base 2 r
+DIAMOND_HALF_DIAGONAL = 1.1
+
+
+def shape_template(shape: str, dx: np.ndarray, dy: np.ndarray, r) -> np.ndarray:
+    """Boolean mask of offsets (dx, dy) from a shape's centre that lie inside it (broadcasts).
 
     circle: radius r; square: half-side 0.85 r (similar area); triangle: apex up, height 1.8 r,
     base 2 r; diamond: a square rotated 45 degrees with half-diagonal 1.1 r.
     """
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    dx, dy = x - cx, y - cy
     if shape == "circle":
         return dx**2 + dy**2 <= r**2
     if shape == "square":
-        h = 0.85 * r
+        h = SQUARE_HALF_SIDE * r
         return (np.abs(dx) <= h) & (np.abs(dy) <= h)
     if shape == "triangle":
-        top, bottom = cy - 0.9 * r, cy + 0.9 * r
+        frac = (dy + TRIANGLE_HALF_HEIGHT * r) / (2 * TRIANGLE_HALF_HEIGHT * r)
+        return (frac >= 0) & (frac <= 1) & (np.abs(dx) <= r * frac)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= DIAMOND_HALF_DIAGONAL * r
+    raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """Boolean [size, size] mask of pixels whose centre lies inside the shape: :func:`shape_template`
+    evaluated in absolute pixel coordinates (the arithmetic every rendered dataset was drawn with)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    dx, dy = x - cx, y - cy
+    if shape == "triangle":
+        top, bottom = cy - TRIANGLE_HALF_HEIGHT * r, cy + TRIANGLE_HALF_HEIGHT * r
         frac = (y - top) / (bottom - top)
         return (y >= top) & (y <= bottom) & (np.abs(dx) <= r * frac)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= 1.1 * r
-    raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+    return shape_template(shape, dx, dy, r)
 
 
 def render(objects: list[SceneObject], size: int) -> torch.Tensor:
