@@ -8,9 +8,10 @@ options, so multi-process command lines must use the long names."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional, get_type_hints
 
@@ -109,6 +110,20 @@ def sample_target(path: Path | None, base: str | None, app: str, *, lacks_run: L
     except (ShippedBaseDamaged, UsageError) as err:
         hint = "--base" if base is not None and path is None else argument
         raise typer.BadParameter(str(err), param_hint=hint) from None
+
+
+@contextlib.contextmanager
+def bad_parameter(*errors: type[BaseException], param_hint: str | None = None) -> Iterator[None]:
+    """Inside a command: turn ``errors`` (default ValueError and FileNotFoundError) raised in the
+    block into a usage error that names ``param_hint`` (one line, exit 2)::
+
+        with opts.bad_parameter(param_hint="--base"):
+            base = resolve_base(base, SHIPPED_BASE)
+    """
+    try:
+        yield
+    except (errors or (ValueError, FileNotFoundError)) as err:
+        raise typer.BadParameter(str(err), param_hint=param_hint) from err
 
 
 def device_option(name: str):

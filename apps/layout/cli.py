@@ -56,11 +56,9 @@ def pretrain_cmd(
         overrides["data_path"] = str(data)
     if steps:
         overrides["steps"] = steps
-    try:
+    with opts.bad_parameter():
         p = get_preset(preset, **overrides)
         pretrain_layout(p, out, show_progress=not quiet)
-    except (ValueError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err)) from err
     console.print(f"base model saved to {out}")
     if eval_samples:
         row = evaluate_run(out, eval_samples, show_progress=not quiet)
@@ -90,10 +88,8 @@ def train_cmd(
         raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(REWARDS)}")
     cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset,
                             conditional=conditional, final_samples=final_samples)
-    try:
+    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
         base_dir_of(cfg)
-    except (ShippedBaseDamaged, UsageError) as err:
-        raise typer.BadParameter(str(err), param_hint="--base") from err
     train_layout(cfg, graft, out, resume=resume, show_progress=not quiet)
     if is_main_process():
         console.print(f"run directory: {out} (metrics.csv, store/, evaluation.csv, samples.png, rounds.png)")
@@ -128,10 +124,8 @@ def sample_cmd(
     from .train import sample_run
 
     target = _target(run_dir, base)
-    try:
+    with opts.bad_parameter():
         layouts, rewards, _ = sample_run(target.directory, n, seed, not quiet)
-    except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err)) from err
     path = render_grid(layouts, out or target.output("sampled.png"), n_cols=cols,
                        titles=[f"r={r:.2f}" for r in rewards.tolist()])
     console.print(f"{n} layouts (mean reward {rewards.mean():.4f}) rendered to {path}")
@@ -151,10 +145,8 @@ def evaluate_cmd(
     from .train import evaluate_run
 
     target = _target(run_dir, base)
-    try:
+    with opts.bad_parameter():
         row = evaluate_run(target.directory, n, seed, not quiet)
-    except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err)) from err
     path = out or target.output("evaluation.csv")
     pd.DataFrame([{"run": str(target.directory), **row}]).to_csv(path, index=False)
     opts.print_row(row, f"{target.directory} ({n} samples)")

@@ -51,10 +51,8 @@ def pretrain_cmd(
         overrides["dataset"] = dataset
     if steps:
         overrides["steps"] = steps
-    try:
+    with opts.bad_parameter(ValueError):
         p = get_preset(preset, **overrides)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
     pretrain_molecule(p, out, show_progress=not quiet, eval_samples=eval_samples)
     console.print(f"base model saved to {out}")
     if eval_samples:
@@ -81,10 +79,8 @@ def train_cmd(
     if reward not in MOL_SCORES:
         raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(MOL_SCORES)}")
     cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset)
-    try:
+    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
         base_dir_of(cfg)
-    except (ShippedBaseDamaged, UsageError) as err:
-        raise typer.BadParameter(str(err), param_hint="--base") from err
     train_molecule(cfg, graft, out, resume=resume, show_progress=not quiet)
     if is_main_process():
         console.print(f"run directory: {out} (metrics.csv, store/, samples.csv, top_molecules.png, rounds.png)")
@@ -119,15 +115,13 @@ def sample_cmd(
     from .train import load_run, make_problem, sample_base, sample_smiles
 
     target = _target(run_dir, base)
-    try:
+    with opts.bad_parameter():
         if target.is_run:
             _, graft, app_cfg, base_model, head = load_run(target.directory)
             problem = make_problem(base_model, app_cfg.reward, app_cfg.sample_steps)
             smiles, rewards = sample_smiles(problem, head, base_model.model, n, graft.split, seed, not quiet)
         else:
             smiles, rewards = sample_base(load_base(target.directory), n, seed, not quiet)
-    except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err)) from err
     path = out or target.output("sampled.csv")
     pd.DataFrame({"smiles": smiles, "reward": rewards.numpy()}).to_csv(path, index=False)
     valid = sum(is_valid_smiles(s) for s in smiles)  # invalid ones come back as None or ""
@@ -149,13 +143,11 @@ def evaluate_cmd(
     from .train import evaluate_base, evaluate_run
 
     target = _target(run_dir, base)
-    try:
+    with opts.bad_parameter():
         if target.is_run:
             row = evaluate_run(target.directory, n, fcd, seed, not quiet)
         else:
             row = evaluate_base(target.directory, n, fcd, seed, not quiet)
-    except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err)) from err
     path = out or target.output("evaluation.csv")
     pd.DataFrame([row]).to_csv(path, index=False)
     opts.print_row(row, f"{target.directory} ({n} samples)")

@@ -45,10 +45,6 @@ def _at_least_one(value: int) -> int:
 PerPrompt = Annotated[int, typer.Option(help="Images per prompt.", callback=_at_least_one)]
 
 
-def _bad(err: Exception) -> typer.BadParameter:
-    return typer.BadParameter(str(err))
-
-
 @app.command("pretrain")
 def pretrain_cmd(
     out: opts.Out = Path("runs/t2i/base"),
@@ -64,12 +60,10 @@ def pretrain_cmd(
     """Train the embedded world's base model (UNet + CLIP text encoder); resumes if OUT holds a partial run."""
     from .train import PRETRAIN_STEPS, PretrainT2IConfig, pretrain_world
 
-    try:
+    with opts.bad_parameter():
         cfg = PretrainT2IConfig(preset=preset, prompts=prompts, steps=steps or PRETRAIN_STEPS.get(preset, 4000),
                                 batch_size=batch_size, lr=lr, n_images=n_images, seed=seed)
         pretrain_world(cfg, out, show_progress=not quiet)
-    except (ValueError, FileNotFoundError) as err:
-        raise _bad(err) from err
     typer.echo(f"base pipeline saved to {out}")
 
 
@@ -116,10 +110,8 @@ def train_cmd(
     app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
                         reward_weights=None if reward_weights is None else str(reward_weights),
                         n_steps=n_steps, eta=eta, guidance_scale=guidance, cond_dropout=cond_dropout)
-    try:
+    with opts.bad_parameter(ValueError, FileNotFoundError, FileExistsError):
         train_t2i(app_cfg, cfg, out, resume=resume, show_progress=not quiet)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise _bad(err) from err
     if is_main_process():
         typer.echo(f"metrics: {out / 'metrics.csv'}  grids: {out / 'grids'}  LoRA: {out / 'lora'}")
 
@@ -168,7 +160,7 @@ def sample_cmd(
     from .train import T2IConfig, load_head, load_pipeline, sample_images, save_grid
 
     target = _target(run_dir, base)
-    try:
+    with opts.bad_parameter():
         if target.is_run:
             app_cfg, cfg = _run_config(target.directory)
             pipe = load_pipeline(app_cfg["model"], app_cfg.get("guidance_scale"))
@@ -178,8 +170,6 @@ def sample_cmd(
             pipe, defaults = load_pipeline(target.directory), T2IConfig()
             head, split, n_steps, eta, default_prompts = pipe.denoiser, 0.0, defaults.n_steps, defaults.eta, "train"
         names = load_prompts(prompts or default_prompts).prompts[:max_prompts]
-    except (ValueError, FileNotFoundError) as err:
-        raise _bad(err) from err
     images, plist = sample_images(pipe, head, names, per_prompt, split, n_steps, eta, seed, show_progress=not quiet)
     out = out or target.output("samples")
     save_grid(images, out / "grid.png", plist, ncol=per_prompt)
@@ -229,12 +219,10 @@ def evaluate_cmd(
         model, split = Path(app_cfg["model"]), cfg.split
         n_steps, eta = app_cfg["n_steps"], app_cfg["eta"]
         guidance = guidance if guidance is not None else app_cfg.get("guidance_scale")
-    try:
+    with opts.bad_parameter():
         pipe = load_pipeline(model, guidance)
         reward_fn = make_reward(reward, reward_weights)
         names = load_prompts(prompts).prompts
-    except (ValueError, FileNotFoundError) as err:
-        raise _bad(err) from err
     head = load_head(run, pipe.denoiser) if run is not None else pipe.denoiser
     images, plist = sample_images(pipe, head, names, per_prompt, split, n_steps, eta, seed, show_progress=not quiet)
     name = "finetuned" if run is not None else "base"

@@ -63,10 +63,8 @@ def train_cmd(
         from pgraft.core.dedup import tensor_key
 
         problem.key = lambda x: [tensor_key(row, 2) for row in x]
-    try:
+    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
         base_dir = base_dir_of(base, toy)
-    except (ShippedBaseDamaged, UsageError) as err:
-        raise typer.BadParameter(str(err), param_hint="--base") from err
     model = load_or_pretrain(toy, base_dir, show_progress=not quiet)
     _, table = run_graft(problem, model, toy.model_config(), graft, out,
                          app_config={"toy": asdict(toy), "base": base, "base_sha256": weights_sha256(base_dir)},
