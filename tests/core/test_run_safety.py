@@ -162,6 +162,7 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
@@ -310,6 +311,7 @@ def _cli(*args):
     return CliRunner().invoke(app, list(map(str, args)))
 
 
+@pytest.mark.slow
 def test_cli_refusals_are_one_line_without_traceback(tmp_path):
     (tmp_path / "file").write_text("x")
     res = _cli("toy", "train", "--out", tmp_path / "file", "--base", tmp_path / "b", "--quiet")
