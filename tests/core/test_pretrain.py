@@ -63,3 +63,17 @@ def test_resolve_device_names_what_is_missing():
             resolve_device("cuda")
     assert module_device(nn.Linear(2, 2)) == torch.device("cpu")
     assert module_device(nn.ReLU()) == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_pretraining_on_the_gpu_matches_the_cpu_and_loads_on_the_cpu(tmp_path):
+    """Batches are drawn on the CPU and follow the model, so a seed trains the same model on either
+    device (up to float differences); the checkpoint written from the GPU loads on the CPU."""
+    cpu = pretrain(_model(), infinite_batches(_data(), 8, 0), _loss, CFG, tmp_path / "cpu", {}, show_progress=False)
+    gpu = pretrain(_model().cuda(), infinite_batches(_data(), 8, 0), _loss, CFG, tmp_path / "gpu", {},
+                   show_progress=False)
+    for a, b in zip(cpu.state_dict().values(), gpu.state_dict().values()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-4, atol=1e-5)
+    state = torch.load(tmp_path / "gpu" / "train_state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == CFG.steps
+    assert load_file(str(tmp_path / "gpu" / "model.safetensors")).keys() == cpu.state_dict().keys()
