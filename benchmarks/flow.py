@@ -39,10 +39,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pgraft.core.pretrain import trained_steps
 from pgraft.apps.flow.data import load_fashion_mnist  # noqa: E402
-from pgraft.core.sampling import FLOW_STEPS  # noqa: E402
-from pgraft.core.state import module_device, resolve_device  # noqa: E402
 from pgraft.apps.flow.train import (  # noqa: E402
     CorrectionConfig,
     EvalConfig,
@@ -61,6 +58,9 @@ from pgraft.apps.flow.train import (  # noqa: E402
     sample_images,
     train_correction,
 )
+from pgraft.core.pretrain import trained_steps
+from pgraft.core.sampling import FLOW_STEPS  # noqa: E402
+from pgraft.core.state import module_device, resolve_device  # noqa: E402
 
 FLOPS_BUDGET = 1.35      # corrected FLOPs/image may be at most this multiple of the base row's
 FID_DROP = 0.25          # ... and must lower FID by at least this fraction

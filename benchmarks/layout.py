@@ -35,9 +35,21 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from pgraft.apps.layout.render import render_grid  # noqa: E402
-from pgraft.apps.layout.train import (DEFAULT_BASE, BaseModel, LayoutTrainConfig, base_dir_of,  # noqa: E402
-                                      evaluate_layouts, get_preset, load_base, load_or_pretrain, log_prob_fn,
-                                      make_problem, model_config, pretrain_layout, sample_layouts)
+from pgraft.apps.layout.train import (  # noqa: E402
+    DEFAULT_BASE,
+    BaseModel,
+    LayoutTrainConfig,
+    base_dir_of,
+    evaluate_layouts,
+    get_preset,
+    load_base,
+    load_or_pretrain,
+    log_prob_fn,
+    make_problem,
+    model_config,
+    pretrain_layout,
+    sample_layouts,
+)
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
 from pgraft.core.trainer import GraftConfig, run_graft  # noqa: E402

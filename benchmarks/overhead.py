@@ -80,7 +80,8 @@ def toy_setup():
 
 def molecule_setup():
     import pgraft.apps.molecule as molecule
-    from pgraft.apps.molecule.pretrain import get_preset, load_base
+    from pgraft.apps.molecule.presets import get_preset
+    from pgraft.apps.molecule.pretrain import load_base
     from pgraft.apps.molecule.train import make_problem
     from pgraft.core.shipped import shipped_dir
 

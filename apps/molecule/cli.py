@@ -14,7 +14,8 @@ from pgraft.core.shipped import ShippedBaseDamaged
 from pgraft.core.targets import Target, run_lacks, shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
-from .pretrain import PRESETS, get_preset, load_base, pretrain_molecule
+from .presets import PRESETS, get_preset
+from .pretrain import load_base, pretrain_molecule
 from .rewards import MOL_SCORES
 from .train import DEFAULT_BASE
 

@@ -37,7 +37,8 @@ from . import diffusion
 from .data import load_dataset, state_to_smiles
 from .metrics import evaluate_smiles
 from .model import GraphTransformer
-from .pretrain import META_NAME, BaseModel, get_preset, load_base, pretrain_molecule
+from .presets import get_preset
+from .pretrain import META_NAME, BaseModel, load_base, pretrain_molecule
 from .rewards import get_reward, qed_score, to_mols
 
 console = make_console()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from test_flow_train import _fabricated_fashion
 from typer.testing import CliRunner
 
 from pgraft.apps.flow.cli import app
-from test_flow_train import _fabricated_fashion
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from clitools import invoke, ok
 from test_flow_train import _fabricated_fashion
 

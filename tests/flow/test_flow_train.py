@@ -23,7 +23,7 @@ from pgraft.apps.flow.train import (
     read_shards,
     shard_path,
 )
-from pgraft.core.checkpoint import save_pretrained, save_json
+from pgraft.core.checkpoint import save_json, save_pretrained
 from pgraft.core.inversion import invert
 from pgraft.core.sampling import FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times

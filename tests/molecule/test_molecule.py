@@ -24,7 +24,8 @@ from pgraft.apps.molecule.data import (
 )
 from pgraft.apps.molecule.metrics import evaluate_smiles
 from pgraft.apps.molecule.model import GraphTransformer
-from pgraft.apps.molecule.pretrain import get_preset, load_base, pretrain_molecule
+from pgraft.apps.molecule.presets import get_preset
+from pgraft.apps.molecule.pretrain import load_base, pretrain_molecule
 from pgraft.apps.molecule.rewards import REWARDS, dedup_key, get_reward, make_rewards, smiles_key, to_smiles
 
 torch.set_num_threads(1)

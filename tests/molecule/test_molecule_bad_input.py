@@ -26,7 +26,8 @@ def _invoke(*args: str):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished one-round run on an 11-molecule dataset (tiny preset: seconds)."""
-    from pgraft.apps.molecule.pretrain import get_preset, pretrain_molecule
+    from pgraft.apps.molecule.presets import get_preset
+    from pgraft.apps.molecule.pretrain import pretrain_molecule
 
     root = tmp_path_factory.mktemp("molecule-n")
     (root / "tiny.smi").write_text("\n".join(SMALL) + "\n")

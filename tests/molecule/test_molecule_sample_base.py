@@ -13,7 +13,8 @@ from clitools import invoke, ok
 
 from pgraft.apps.molecule import train as mtrain
 from pgraft.apps.molecule.data import QM9_SPEC, GraphSpec, load_dataset
-from pgraft.apps.molecule.pretrain import META_NAME, get_preset, load_base, pretrain_molecule
+from pgraft.apps.molecule.presets import get_preset
+from pgraft.apps.molecule.pretrain import META_NAME, load_base, pretrain_molecule
 from pgraft.core.shipped import ship_base
 
 torch.set_num_threads(1)

@@ -16,7 +16,8 @@ from pgraft.apps.molecule import diffusion
 from pgraft.apps.molecule import train as mtrain
 from pgraft.apps.molecule.cli import app
 from pgraft.apps.molecule.data import QM9_SPEC, GraphSpec, load_dataset, state_to_smiles
-from pgraft.apps.molecule.pretrain import get_preset, load_base, pretrain_molecule
+from pgraft.apps.molecule.presets import get_preset
+from pgraft.apps.molecule.pretrain import load_base, pretrain_molecule
 from pgraft.core.errors import UsageError
 from pgraft.core.grs import GRSConfig
 from pgraft.core.shipped import SHIPPED, BaseChanged, read_record, weights_sha256
