@@ -47,7 +47,8 @@ def pretrain_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Train the base layout diffusion and its FID feature net (resumes an interrupted run in --out)."""
-    from .train import evaluate_run, get_preset, pretrain_layout
+    from .presets import get_preset
+    from .train import evaluate_run, pretrain_layout
 
     overrides: dict = {}
     if dataset:

@@ -25,7 +25,7 @@ from torch import nn
 from .data import PAD_CLASS
 
 # Presets: JSON-able constructor kwargs. "tiny" is for tests (seconds); "default" is what
-# `pgraft layout pretrain` trains on 2 CPU cores in <= 30 min (training settings: train.PRESETS).
+# `pgraft layout pretrain` trains on 2 CPU cores in <= 30 min (training settings: presets.PRESETS).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"d_model": 32, "n_layers": 2, "n_heads": 2, "mlp_ratio": 2.0},
     "default": {"d_model": 128, "n_layers": 4, "n_heads": 4, "mlp_ratio": 2.0},

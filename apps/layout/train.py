@@ -19,7 +19,7 @@ of fresh samples from the fine-tuned sampler), ``evaluation.csv`` (one metrics r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +44,12 @@ from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_
 
 from . import diffusion
 from .data import PAD_CLASS, Layouts, from_state, load_layouts, to_state
-from .features import FeatureTrainConfig, LayoutFeatureNet, load_feature_net, train_feature_net
+from .features import LayoutFeatureNet, load_feature_net, train_feature_net
 from .metrics import describe as describe_state
 from .metrics import evaluate
 from .model import PRESETS as MODEL_PRESETS
 from .model import LayoutDenoiser
+from .presets import PRESETS, LayoutPreset, get_preset
 from .render import render_grid
 from .rewards import REWARDS, alignment, overlap
 
@@ -57,57 +58,6 @@ PRESET_NAME = "layout_preset.json"
 FEATURES_DIR = "features"
 SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # the 'default' preset's base, see bases/default/SHIPPED.json
 DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/layout/base")  # "shipped" when the package has it
-
-
-# ----------------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class LayoutPreset:
-    """Data + model + pretraining settings of a base model (JSON-able; saved with the base).
-
-    ``dataset``: "synthetic" (embedded generator) or "publaynet" / "rico" with ``data_path``.
-    ``p_class_cond``: share of pretraining samples with clean classes (class-conditioned task).
-    """
-
-    model: str = "default"
-    dataset: str = "synthetic"
-    data_path: str | None = None
-    n_train: int = 20000
-    n_test: int = 2000
-    max_elements: int = 20
-    steps: int = 8000
-    batch_size: int = 64
-    lr: float = 5e-4
-    warmup: int = 200
-    ema: float = 0.999
-    p_class_cond: float = 0.25
-    sample_steps: int = 50
-    feature: FeatureTrainConfig = field(default_factory=FeatureTrainConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.feature, dict):
-            object.__setattr__(self, "feature", FeatureTrainConfig(**self.feature))
-        if self.model not in MODEL_PRESETS:
-            raise ValueError(f"unknown model preset {self.model!r}; choose from {sorted(MODEL_PRESETS)}")
-        for name in ("n_train", "n_test", "max_elements", "steps", "batch_size", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-# "default": measured 5.8 steps/s at batch 64 with one thread on the shared 2-core box (~1.0M
-# parameters), so 8000 steps take ~23 min; the feature net (1500 steps) ~2 min: <= 30 min in all.
-PRESETS: dict[str, LayoutPreset] = {
-    "tiny": LayoutPreset(model="tiny", n_train=256, n_test=64, steps=30, batch_size=16, warmup=5, ema=0.9,
-                         sample_steps=6, feature=FeatureTrainConfig(steps=20, batch_size=32, d_model=16, n_layers=1,
-                                                                    n_heads=2)),
-    "default": LayoutPreset(),
-}
-
-
-def get_preset(name: str, **overrides: Any) -> LayoutPreset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 
 def load_split(preset: LayoutPreset, split: str) -> Layouts:
