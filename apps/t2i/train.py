@@ -42,15 +42,16 @@ from .model import (
     tokenize,
     unet_config,
 )
+from .presets import PRETRAIN_STEPS  # noqa: F401 (the pretraining API)
 from .prompts import load_prompts
 from .rewards import make_reward
 from .world import all_prompts, parse_prompt, render_dataset, to_float, to_uint8
+
 
 # ----------------------------------------------------------------------------- pretraining
 # Default step budgets: "default" measured at 0.63 s per batch-32 step with OMP_NUM_THREADS=1 on a
 # shared 2-core machine (300 steps in 189 s), so 3600 steps take ~38 min (+ ~1 min rendering and
 # checkpoints), inside the 45-minute budget.
-PRETRAIN_STEPS: dict[str, int] = {"tiny": 200, "default": 3600}
 @dataclass(frozen=True)
 class PretrainT2IConfig:
     """Base-model pretraining on renders of ``prompts`` (the world's training split by default).
