@@ -505,6 +505,7 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
     accelerator.wait_for_everyone()
     head, opt = accelerator.prepare(head, opt)
     plain_head = accelerator.unwrap_model(head)
+    fit = FineTuning(problem, head, opt, base, cfg, t_split, accelerator, show_progress, should_stop)
 
     for round_ in range(start, cfg.rounds):
         t0 = time.time()
@@ -527,8 +528,7 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
         rounds = run.store_rounds() if cfg.replay else [round_]
         xs, conds = run.read_store_states([r for r in rounds if r <= round_])
         train_x, train_c = cat(xs), torch.cat(conds)
-        row.update(_train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress,
-                          base, should_stop))
+        row.update(_train(fit, train_x, train_c, round_))
         row["seconds"] = time.time() - t0
         if main:
             # metrics row first, checkpoint last: latest.json is the commit point of the whole round
@@ -559,11 +559,29 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
     return merged, run.read_metrics()
 
 
-def _train(problem, head, opt, train_x, train_c, t_split, cfg, round_, accelerator, show_progress,
-           base: nn.Module | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
+@dataclass
+class FineTuning:
+    """What the fine-tuning of every round shares: the head being trained (as the accelerator
+    prepared it) and its optimizer, the frozen base (for the anchor), the settings, and where to
+    ask whether a stop was requested."""
+
+    problem: GraftProblem
+    head: nn.Module
+    opt: torch.optim.Optimizer
+    base: nn.Module
+    cfg: GraftConfig
+    t_split: float
+    accelerator: Any
+    show_progress: bool = True
+    should_stop: Callable[[], bool] | None = None
+
+
+def _train(fit: FineTuning, train_x: State, train_c: torch.Tensor, round_: int) -> dict[str, float]:
     """``cfg.train_steps`` optimizer steps on the accepted set; returns the mean ``train_loss`` (the
     app's loss without the anchor term; nan if nothing to train on) and, with ``cfg.anchor`` > 0,
     the mean ``anchor_penalty``."""
+    problem, head, opt, base, cfg, t_split = fit.problem, fit.head, fit.opt, fit.base, fit.cfg, fit.t_split
+    accelerator, show_progress, should_stop = fit.accelerator, fit.show_progress, fit.should_stop
     n = batch_size(train_x)
     if n == 0 or cfg.train_steps == 0:
         return {"train_loss": float("nan")}

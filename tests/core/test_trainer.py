@@ -189,15 +189,15 @@ def test_anchor_shrinks_the_fit_toward_the_base_in_closed_form(anchor):
     # loss (w - 1)^2 + anchor (w - b)^2 with base b = 0 is minimised at w = 1 / (1 + anchor)
     from accelerate import Accelerator
 
-    from pgraft.core.trainer import GraftProblem, _train
+    from pgraft.core.trainer import FineTuning, GraftProblem, _train
 
     problem = GraftProblem(prior=None, times=torch.linspace(1, 0, 3), step=None, reward=None,
                            loss=lambda model, x, t, cond, gen: (model(x, t, cond) - 1.0).square().mean())
     base, head = _Constant(0.0), _Constant(0.0)
     cfg = GraftConfig(train_steps=400, batch_size=4, lr=0.05, anchor=anchor, grad_clip=0.0)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.0)
-    out = _train(problem, head, opt, torch.zeros(8, 3), torch.zeros(8, dtype=torch.long), 0.0, cfg, 0,
-                 Accelerator(cpu=True), False, base)
+    fit = FineTuning(problem, head, opt, base, cfg, 0.0, Accelerator(cpu=True), show_progress=False)
+    out = _train(fit, torch.zeros(8, 3), torch.zeros(8, dtype=torch.long), 0)
     assert torch.allclose(head.w, torch.full((3,), 1 / (1 + anchor)), atol=1e-3)
     assert ("anchor_penalty" in out) == (anchor > 0)
     assert torch.equal(base.w, torch.zeros(3))  # the base is never trained
