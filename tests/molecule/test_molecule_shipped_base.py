@@ -118,9 +118,17 @@ def test_base_dir_is_pretrained_when_empty_then_loaded_and_recorded_for_sampling
     _, _, app_cfg, base, _ = mtrain.load_run(tmp_path / "run2")
     assert app_cfg.base_sha256 == recorded["base_sha256"] and base.spec == data.spec
 
+    # a run recorded before base digests were kept resumes (its digest stays unknown, not refused)
+    path = tmp_path / "run2" / "config.json"
+    config = json.loads(path.read_text())
+    del config["app"]["molecule"]["base_sha256"]
+    path.write_text(json.dumps(config))
+    mtrain.train_molecule(cfg, replace(TINY_GRAFT, rounds=2), tmp_path / "run2", resume=True, show_progress=False)
+    assert json.loads(path.read_text())["app"]["molecule"].get("base_sha256") is None
+
     (mine / "model.safetensors").write_bytes((mine / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(BaseChanged, match="sampling it would pair"):
-        mtrain.load_run(tmp_path / "run2")
+        mtrain.load_run(tmp_path / "run1")
 
 
 def test_a_run_on_the_shipped_base_records_it_and_samples_with_it(monkeypatch, tmp_path):
