@@ -13,29 +13,16 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import CFG, _base, _problem  # the round-loop tests' small toy run
 from torch import nn
 from typer.testing import CliRunner
 
-from pgraft.apps.toy.model import ToyDenoiser
-from pgraft.apps.toy.train import ToyConfig, make_problem
 from pgraft.core.errors import CheckpointError, RunDirLocked, UsageError
 from pgraft.core.grs import GRSConfig
 from pgraft.core.integrity import exclusive, load_state_dict_file
 from pgraft.core.pretrain import NonFiniteLossError, PretrainConfig, TrainingInterrupted, infinite_batches, pretrain
 from pgraft.core.rundir import RunDir
 from pgraft.core.trainer import GraftConfig, GraftProblem, run_graft
-
-CFG = GraftConfig(rounds=3, groups=6, group_size=5, grs=GRSConfig(rule="topk", k=2), split=0.25, train_steps=4,
-                  batch_size=7, lr=1e-3, sample_batch_size=8, seed=3)
-
-
-def _base():
-    torch.manual_seed(0)
-    return ToyDenoiser(dim=1, hidden=16, depth=2)
-
-
-def _problem():
-    return make_problem(ToyConfig(n_steps=8))
 
 
 def _files(run_dir):
