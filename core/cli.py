@@ -104,12 +104,10 @@ def sample_target(path: Path | None, base: str | None, app: str, *, lacks_run: L
                   shipped: Path | None, argument: str = "RUN_DIR", run_kind: str | None = None) -> Target:
     """:func:`pgraft.core.targets.resolve_target` for a command's ``[DIR] [--base]``; a refusal is a
     usage error naming the argument (one line), as a bad ``--base`` of ``train`` is."""
-    try:
+    hint = "--base" if base is not None and path is None else argument
+    with bad_parameter(ShippedBaseDamaged, UsageError, param_hint=hint):
         return resolve_target(path, base, app, lacks_run=lacks_run, lacks_base=lacks_base, shipped=shipped,
                               run_kind=run_kind)
-    except (ShippedBaseDamaged, UsageError) as err:
-        hint = "--base" if base is not None and path is None else argument
-        raise typer.BadParameter(str(err), param_hint=hint) from None
 
 
 @contextlib.contextmanager
@@ -168,15 +166,10 @@ def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k
                            grs=GRSConfig(rule=rule, alpha=alpha, k=k, threshold=threshold), dedup=dedup,
                            split=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora_rank=lora,
                            replay=replay, anchor=anchor, seed=seed, sample_batch_size=sample_batch_size)
-    except FieldError as err:
+    except FieldError as err:  # GraftConfig's and GRSConfig's checks name their field
         raise typer.BadParameter(err.detail, param_hint=FLAGS.get(err.field, err.field)) from None
     except ValueError as err:
-        message = str(err)
-        field = message.split(" ", 1)[0].split("=", 1)[0]
-        if field in FLAGS:  # GRSConfig: "alpha must be ...", "k must be ..."
-            raise typer.BadParameter(message.split(" ", 1)[1] if "=" not in message.split(" ", 1)[0] else message,
-                                     param_hint=FLAGS[field]) from None
-        raise typer.BadParameter(message) from None
+        raise typer.BadParameter(str(err)) from None
 
 
 def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int = 256,

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import FieldError
+
 
 # ----------------------------------------------------------------------------- validation
 def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ def _check_groups(groups: torch.Tensor | None, n: int) -> torch.Tensor:
 
 def _check_alpha(alpha: float) -> float:
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        raise FieldError("alpha", f"must be a finite number > 0, got {alpha!r}")
     return float(alpha)
 
 
@@ -181,10 +183,11 @@ class GRSConfig:
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
-            raise ValueError(f"unknown GRS rule {self.rule!r}; choose from {sorted(RULES)}")
+            message = f"unknown GRS rule {self.rule!r}; choose from {sorted(RULES)}"
+            raise FieldError("rule", message, message)
         _check_alpha(self.alpha)
         if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+            raise FieldError("k", f"must be a positive integer, got {self.k!r}")
 
 
 RuleFn = Callable[[torch.Tensor, torch.Tensor, GRSConfig, "torch.Generator | None"], torch.Tensor]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, RunDirLocked
-from .state import atomic_write
+from .state import atomic_write, usual_permissions
 
 MANIFEST_NAME = "manifest.json"
 
@@ -79,9 +79,7 @@ def replace_files(directory: str | Path, writers: dict[str, Callable[[str], None
             os.close(fd)
             tmps[name] = tmp
             write(tmp)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            usual_permissions(tmp)
         new = {name: sha256_file(tmp) for name, tmp in tmps.items()}
         both = {**old, **{n: old.get(n, [])[-1:] + [h] for n, h in new.items()}}
         _write_manifest(directory, both)

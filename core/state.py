@@ -89,6 +89,13 @@ def empty_like(x: State) -> State:
     return index(x, slice(0, 0))
 
 
+def usual_permissions(path: str | Path) -> None:
+    """mkstemp makes 0600 files: give ``path`` the permissions a plain ``open`` would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
     path = Path(path)
@@ -97,9 +104,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        usual_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
