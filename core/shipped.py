@@ -99,6 +99,14 @@ def check_same_base(directory: str | Path, expected_sha256: str | None, value: s
                           f"{where} now holds {found[:12]}...; sampling it would pair the head with another base")
 
 
+def recorded_base(value: str | Path, expected_sha256: str | None, shipped: str | Path | None) -> Path:
+    """The base directory a run's config names (``base`` and ``base_sha256``): :func:`resolve_base`,
+    then :func:`check_same_base`, so a run is never sampled with a base it was not fine-tuned on."""
+    directory = resolve_base(value, shipped)
+    check_same_base(directory, expected_sha256, value)
+    return directory
+
+
 def read_record(directory: str | Path) -> dict[str, Any]:
     """The ``SHIPPED.json`` record of a shipped base."""
     return json.loads((Path(directory) / RECORD_NAME).read_text())

@@ -32,9 +32,8 @@ from pgraft.core.plots import plot_rounds
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
 from pgraft.core.progress import make_console
 from pgraft.core.shipped import (
-    check_same_base,
     default_base,
-    resolve_base,
+    recorded_base,
     resolve_preset_base,
     shipped_dir,
     weights_sha256,
@@ -302,8 +301,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], float, LayoutTrainCon
     app_cfg = LayoutTrainConfig(**section)
     split = float(config.get("graft", {}).get("split", 0.0))
     head = load_pretrained(LayoutDenoiser, run_dir / "head").eval()
-    base_dir = resolve_base(app_cfg.base, SHIPPED_BASE)
-    check_same_base(base_dir, app_cfg.base_sha256, app_cfg.base)
+    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE)
     return config, split, app_cfg, load_base(base_dir), head
 
 

@@ -23,9 +23,8 @@ from pgraft.core.progress import make_console
 from pgraft.core.sampling import unmask_log_prob
 from pgraft.core.schedules import masking_times
 from pgraft.core.shipped import (
-    check_same_base,
     default_base,
-    resolve_base,
+    recorded_base,
     resolve_preset_base,
     shipped_dir,
     weights_sha256,
@@ -202,8 +201,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], GraftConfig, Molecule
     app_cfg = MoleculeTrainConfig(**section)
     key = "graft" if "graft" in config else "pg"
     graft = GraftConfig.from_dict(config[key]) if key == "graft" else GraftConfig(split=0.0)
-    base_dir = resolve_base(app_cfg.base, SHIPPED_BASE)
-    check_same_base(base_dir, app_cfg.base_sha256, app_cfg.base)
+    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE)
     return config, graft, app_cfg, load_base(base_dir), load_pretrained(GraphTransformer, run_dir / "head").eval()
 
 

@@ -19,7 +19,7 @@ from pgraft.core.losses import eps_matching_loss
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
 from pgraft.core.sampling import ddim_log_prob, ddim_step
 from pgraft.core.schedules import cosine_alpha_bar, vp_times
-from pgraft.core.shipped import SHIPPED, check_same_base, default_base, resolve_base, shipped_dir
+from pgraft.core.shipped import SHIPPED, default_base, recorded_base, resolve_base, shipped_dir
 from pgraft.core.targets import checkpoint_lacks
 from pgraft.core.trainer import GraftProblem
 
@@ -86,9 +86,7 @@ def base_dir_of(base: str | Path, cfg: ToyConfig) -> Path:
 def run_base_dir(app_config: dict[str, Any]) -> Path:
     """The base directory of a run (its config's ``app`` section), checked to hold the weights the
     run was fine-tuned on."""
-    directory = resolve_base(app_config["base"], SHIPPED_BASE)
-    check_same_base(directory, app_config.get("base_sha256"), app_config["base"])
-    return directory
+    return recorded_base(app_config["base"], app_config.get("base_sha256"), SHIPPED_BASE)
 
 
 def load_or_pretrain(cfg: ToyConfig, base_dir: str | Path, show_progress: bool = True) -> ToyDenoiser:
