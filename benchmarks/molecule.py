@@ -1,34 +1,29 @@
-"""Molecule benchmark: base vs GRAFT (BoN / Top-K), GRAFT+dedup, P-GRAFT+dedup at several t and
-the DDPO-style policy-gradient baseline, all at the same budget of sampled molecules
-(rounds × groups × M), on the QM9 base model with the QED reward (0 for invalid molecules).
+"""Molecule benchmark: base, GRAFT Best-of-8 with and without dedup, P-GRAFT (Best-of-8 + dedup) at
+t = 0.1 / 0.25 / 0.5, the same with the novel-only QED reward, and the DDPO-style policy gradient,
+every method trained once per training seed at the same budget of sampled molecules
+(rounds × groups × M), on the shipped QM9 base with the QED reward (0 for invalid molecules).
 
-    python benchmarks/molecule.py [--out runs/bench/molecule] [--methods a,b,...] [--quick]
-    python benchmarks/molecule.py --report            # only aggregate finished methods
+    python benchmarks/molecule.py --seeds 0,1,2           # all default methods, 3 training seeds
+    python benchmarks/molecule.py --seeds 0,1,2 &  python benchmarks/molecule.py --seeds 0,1,2   # two processes share the cells
+    python benchmarks/molecule.py --report                # aggregate the finished cells
 
-Each method writes results/<method>.json (metrics of --eval-samples fresh molecules) and its run
-directory; the report writes results.csv and molecule.png (QED distribution per method, reward and
-uniqueness vs round). Methods can run in separate processes (one thread each) and be aggregated.
+Cells (method × seed) are resumable (benchmarks/harness.py). Writes seeds.csv (long format),
+summary.csv (mean, 95% CI), verdicts.txt and molecule_seeds.png in --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import matplotlib  # noqa: E402
+import harness  # noqa: E402
+from harness import Benchmark, Cell, Comparison, Method, Metric  # noqa: E402
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
+from pgraft.apps.molecule.model import GraphTransformer  # noqa: E402
 from pgraft.apps.molecule.train import (  # noqa: E402
     DEFAULT_BASE,
     MoleculeTrainConfig,
@@ -44,152 +39,131 @@ from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E
 from pgraft.core.shipped import weights_sha256  # noqa: E402
 from pgraft.core.trainer import GraftConfig, run_graft  # noqa: E402
 
+BON = {"rule": "bon"}
 
-@dataclass(frozen=True)
-class Method:
-    label: str
-    kind: str = "graft"  # graft | pg | base
-    grs: GRSConfig = field(default_factory=GRSConfig)
-    dedup: bool = False
-    t: float = 0.0
-    m: int = 8  # group size; groups per round scale so every method samples the same budget
+
+def _graft(label: str, t: float = 0.0, dedup: bool = False, m: int = 8, novel: bool = False, **grs) -> Method:
+    return Method("", label, "graft", {"grs": grs or BON, "t": t, "dedup": dedup, "m": m, "novel": novel})
 
 
 METHODS = {
-    "base": Method("base", kind="base"),
-    "graft_bon": Method("GRAFT BoN (N=8)", grs=GRSConfig(rule="bon")),
-    "graft_topk": Method("GRAFT Top-2 of 8", grs=GRSConfig(rule="topk", k=2)),
-    "graft_topk_dedup": Method("GRAFT Top-2 of 8 + dedup", grs=GRSConfig(rule="topk", k=2), dedup=True),
-    "pgraft_0.25_dedup": Method("P-GRAFT t=0.25 + dedup", grs=GRSConfig(rule="topk", k=2), dedup=True, t=0.25),
-    "pgraft_0.5_dedup": Method("P-GRAFT t=0.5 + dedup", grs=GRSConfig(rule="topk", k=2), dedup=True, t=0.5),
-    "pgraft_0.25": Method("P-GRAFT t=0.25 (no dedup)", grs=GRSConfig(rule="topk", k=2), t=0.25),
-    "pg": Method("policy gradient (DDPO-style)", kind="pg"),
-    "graft_bon_dedup": Method("GRAFT BoN (N=8) + dedup", grs=GRSConfig(rule="bon"), dedup=True),
-    "pgraft_0.1_bon_dedup": Method("P-GRAFT t=0.1 BoN + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.1),
-    "pgraft_0.25_bon_dedup": Method("P-GRAFT t=0.25 BoN + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.25),
-    "pgraft_0.1_bon16_dedup": Method("P-GRAFT t=0.1 BoN (N=16) + dedup", grs=GRSConfig(rule="bon"), dedup=True, t=0.1,
-                                     m=16),
+    "base": Method("", "base", "base"),
+    "graft_bon": _graft("GRAFT BoN (N=8)"),
+    "graft_bon_dedup": _graft("GRAFT BoN (N=8) + dedup", dedup=True),
+    "pgraft_0.1_bon_dedup": _graft("P-GRAFT t=0.1 BoN + dedup", t=0.1, dedup=True),
+    "pgraft_0.25_bon_dedup": _graft("P-GRAFT t=0.25 BoN + dedup", t=0.25, dedup=True),
+    "pgraft_0.5_bon_dedup": _graft("P-GRAFT t=0.5 BoN + dedup", t=0.5, dedup=True),
+    "pgraft_0.1_bon_dedup_novel": _graft("P-GRAFT t=0.1 BoN + dedup, novel-only QED", t=0.1, dedup=True, novel=True),
+    "pg": Method("", "policy gradient (DDPO-style)", "pg"),
+    # not in the default run; kept so the earlier single-seed tables can be reproduced
+    "pgraft_0.1_bon16_dedup": _graft("P-GRAFT t=0.1 BoN (N=16) + dedup (train default)", t=0.1, dedup=True, m=16),
+    "graft_topk": _graft("GRAFT Top-2 of 8", rule="topk", k=2),
 }
+DEFAULT_METHODS = ["base", "graft_bon", "graft_bon_dedup", "pgraft_0.1_bon_dedup", "pgraft_0.25_bon_dedup",
+                   "pgraft_0.5_bon_dedup", "pg", "pgraft_0.1_bon_dedup_novel"]
+METHODS = {k: Method(k, v.label, v.kind, v.params) for k, v in METHODS.items()}  # keys filled in
+
+METRICS = {
+    "qed_mean": Metric("QED of valid unique"),
+    "validity": Metric("validity (single fragment)"),
+    "validity_largest_fragment": Metric("validity (largest fragment)"),
+    "uniqueness": Metric("uniqueness"),
+    "novelty": Metric("novelty"),
+    "vun": Metric("V.U.N."),
+    "qed_novel_mean": Metric("QED of V.U.N."),
+    "int_div": Metric("int. div."),
+    "fcd": Metric("FCD", higher_is_better=False, digits=2),
+    "reward_mean": Metric("reward (QED, 0 if invalid)"),
+}
+COMPARISONS = [Comparison(a, b, metric) for metric in ("qed_mean", "vun", "qed_novel_mean", "fcd") for a, b in [
+    ("pgraft_0.1_bon_dedup", "graft_bon_dedup"),
+    ("pgraft_0.25_bon_dedup", "graft_bon_dedup"),
+    ("pgraft_0.5_bon_dedup", "graft_bon_dedup"),
+    ("pgraft_0.1_bon_dedup", "pg"),
+    ("graft_bon_dedup", "graft_bon"),
+    ("pgraft_0.1_bon_dedup_novel", "pgraft_0.1_bon_dedup"),
+    ("graft_bon", "base"),
+    ("pgraft_0.1_bon_dedup", "base"),
+]]
 
 
-def run_method(name: str, args, base, out: Path) -> dict:
-    method = METHODS[name]
-    app = MoleculeTrainConfig(reward="qed", sample_steps=args.sample_steps, base=args.base,
-                              base_sha256=weights_sha256(base_dir_of(MoleculeTrainConfig(base=args.base))))
-    problem = make_problem(base, "qed", args.sample_steps)
-    run_dir = out / "runs" / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.time()
-    split = 0.0
-    if method.kind == "base":
-        head = base.model
-    elif method.kind == "graft":
-        cfg = GraftConfig(rounds=args.rounds, groups=args.groups * 8 // method.m, group_size=method.m, grs=method.grs,
-                          dedup=method.dedup,
-                          split=method.t, train_steps=args.train_steps, batch_size=64, lr=args.lr, replay=True,
-                          sample_batch_size=256, seed=0)
-        head, _ = run_graft(problem, base.model, base.model.init_kwargs(), cfg, run_dir,
-                            app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
-        split = method.t
-    else:
-        # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
-        cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=8, epochs=1, batch_size=64, lr=args.lr,
-                       log_prob_reduction="sum", clip=0.2, sample_batch_size=256, timestep_fraction=0.25, seed=0)
-        head, _ = run_policy_gradient(problem, log_prob, base.model, base.model.init_kwargs(), cfg, run_dir,
-                                      app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
-    train_seconds = time.time() - t0
-    smiles, rewards = sample_smiles(problem, head, base.model, args.eval_samples, split, seed=99,
-                                    show_progress=not args.quiet)
-    row = evaluate_base_row(smiles, rewards, base, fcd=args.fcd, seed=0)
-    row.update(method=method.label, key=name, t=method.t, dedup=method.dedup, train_seconds=round(train_seconds, 1),
-               budget=0 if method.kind == "base" else args.rounds * args.groups * 8)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / f"{name}.json").write_text(json.dumps(row, indent=2, default=float))
-    pd.DataFrame({"smiles": smiles, "reward": rewards.numpy()}).to_csv(out / "results" / f"{name}_samples.csv",
-                                                                       index=False)
-    print(json.dumps({k: row[k] for k in ("method", "validity", "uniqueness", "qed_mean", "int_div", "fcd")},
-                     default=float), flush=True)
-    return row
-
-
-def report(out: Path) -> pd.DataFrame:
-    rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
-    if not rows:
-        raise SystemExit(f"no results in {out / 'results'}")
-    order = {k: i for i, k in enumerate(METHODS)}
-    table = pd.DataFrame(rows).sort_values("key", key=lambda s: s.map(order)).reset_index(drop=True)
-    cols = ["method", "budget", "validity", "uniqueness", "valid_unique", "novelty", "qed_mean", "qed_median",
-            "qed_frac_0.7", "int_div", "atom_tv", "bond_tv", "fcd", "reward_mean", "train_seconds"]
-    table = table[[c for c in cols if c in table] + ["key"]]
-    table.to_csv(out / "results.csv", index=False)
-    base = table[table["key"] == "base"]
-    if len(base):
-        b = float(base["qed_mean"].iloc[0])
-        table["qed_gain_%"] = 100 * (table["qed_mean"] / b - 1)
-    print(table.drop(columns="key").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    plot(out, table)
-    return table
-
-
-def plot(out: Path, table: pd.DataFrame) -> None:
-    from rdkit import Chem
-    from rdkit.Chem import QED
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.3))
-    for i, (key, label) in enumerate(zip(table["key"], table["method"])):
-        color = f"C{i}"  # one colour per method across the three panels
-        samples = pd.read_csv(out / "results" / f"{key}_samples.csv").dropna(subset=["smiles"])
-        unique = samples.drop_duplicates("smiles")["smiles"]
-        qeds = [QED.qed(m) for m in (Chem.MolFromSmiles(s) for s in unique) if m is not None]
-        if qeds:
-            axes[0].hist(qeds, bins=40, range=(0, 1), histtype="step", density=True, lw=1.5, label=label,
-                         color=color)
-        metrics = out / "runs" / key / "metrics.csv"
-        if metrics.is_file():
-            m = pd.read_csv(metrics)
-            axes[1].plot(m["round"], m["reward_mean"], "o-", label=label, color=color)
-            if "unique_frac" in m:
-                axes[2].plot(m["round"], m["unique_frac"], "o-", label=label, color=color)
-    axes[0].set_title("QED of valid unique molecules")
-    axes[1].set_title("mean reward (QED, 0 if invalid) of each round's samples")
-    axes[2].set_title("unique valid fraction of each round's samples")
-    for ax in axes[1:]:
-        ax.set_xlabel("round (last point: final model)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "molecule.png", dpi=110)
-    print(f"wrote {out / 'results.csv'} and {out / 'molecule.png'}")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/bench/molecule"))
+def add_args(ap) -> None:
+    ap.set_defaults(methods=",".join(DEFAULT_METHODS))
     ap.add_argument("--base", default=DEFAULT_BASE,
                     help="'shipped' (the package's base, the default) or a base directory (pretrained if empty)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--groups", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--groups", type=int, default=64, help="groups of 8 per round (M = 16 methods use half as many)")
     ap.add_argument("--train-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--sample-steps", type=int, default=100)
     ap.add_argument("--eval-samples", type=int, default=1000)
     ap.add_argument("--fcd", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--quick", action="store_true", help="tiny budget smoke run")
-    ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--report", action="store_true", help="only aggregate existing results")
-    args = ap.parse_args()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    if args.quick:
-        args.rounds, args.groups, args.train_steps, args.sample_steps, args.eval_samples = 2, 8, 10, 20, 100
-    if not args.report:
-        base = load_or_pretrain(base_dir_of(MoleculeTrainConfig(base=args.base)), "default",
-                                show_progress=not args.quiet)
-        for name in args.methods.split(","):
-            if name not in METHODS:
-                raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-            run_method(name, args, base, args.out)
-    report(args.out)
 
+
+def quick(args) -> None:
+    args.rounds, args.groups, args.train_steps, args.sample_steps, args.eval_samples = 2, 8, 10, 20, 100
+
+
+def describe(args) -> dict:
+    return {k: getattr(args, k.replace("-", "_")) for k in
+            ("base", "rounds", "groups", "train_steps", "lr", "sample_steps", "eval_samples", "fcd", "quick")}
+
+
+class Context:
+    def __init__(self, args):
+        self.args = args
+        base_dir = base_dir_of(MoleculeTrainConfig(base=args.base))
+        self.base = load_or_pretrain(base_dir, "default", show_progress=not args.quiet)
+        self.base_sha256 = weights_sha256(base_dir)
+        self.problems = {}
+
+    def problem(self, novel: bool):
+        if novel not in self.problems:
+            self.problems[novel] = make_problem(self.base, "qed", self.args.sample_steps, novel=novel)
+        return self.problems[novel]
+
+
+def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
+    args, base = ctx.args, ctx.base
+    p = method.params
+    novel = bool(p.get("novel", False))
+    problem = ctx.problem(novel)
+    app = MoleculeTrainConfig(reward="qed", sample_steps=args.sample_steps, base=args.base,
+                              base_sha256=ctx.base_sha256, novel=novel)
+    run_dir = cell_dir / "run"
+    split, sampled, head = 0.0, 0, base.model
+    with harness.count_compute(GraphTransformer) as compute:
+        if method.kind == "graft":
+            m = p["m"]
+            cfg = GraftConfig(rounds=args.rounds, groups=args.groups * 8 // m, group_size=m, grs=GRSConfig(**p["grs"]),
+                              dedup=p["dedup"], split=p["t"], train_steps=args.train_steps, batch_size=64, lr=args.lr,
+                              replay=True, sample_batch_size=256, final_eval=False, seed=seed)
+            head, _ = run_graft(problem, base.model, base.model.init_kwargs(), cfg, run_dir,
+                                app_config={"molecule": app.__dict__}, resume=run_dir.exists(),
+                                show_progress=not args.quiet)
+            split, sampled = p["t"], args.rounds * cfg.groups * m
+        elif method.kind == "pg":
+            # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
+            cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=8, epochs=1, batch_size=64, lr=args.lr,
+                           log_prob_reduction="sum", clip=0.2, sample_batch_size=256, timestep_fraction=0.25,
+                           final_eval=False, seed=seed)
+            head, _ = run_policy_gradient(problem, log_prob, base.model, base.model.init_kwargs(), cfg, run_dir,
+                                          app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
+            sampled = args.rounds * args.groups * 8
+    t0 = time.time()
+    # every method is scored with the plain QED reward on the shared evaluation seed
+    smiles, rewards = sample_smiles(ctx.problem(False), head, base.model, args.eval_samples, split,
+                                    seed=harness.eval_seed(seed), show_progress=not args.quiet)
+    row = evaluate_base_row(smiles, rewards, base, fcd=args.fcd, seed=0)
+    metrics = {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
+    return Cell(metrics, sampled=sampled, compute=None if method.kind == "base" else compute,
+                extra={"base_sha256": ctx.base_sha256, "eval_seconds": round(time.time() - t0, 1)})
+
+
+BENCH = Benchmark(
+    name="molecule", methods=METHODS, metrics=METRICS, run_cell=run_cell, prepare=Context,
+    comparisons=COMPARISONS, headline=["qed_mean", "vun", "qed_novel_mean", "fcd"], reward_metric="qed_mean",
+    add_args=add_args, quick=quick, describe=describe)
 
 if __name__ == "__main__":
-    main()
+    harness.main(BENCH, __doc__)

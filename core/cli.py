@@ -210,3 +210,42 @@ def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int
         return command
 
     return decorate
+
+
+# ----------------------------------------------------------------------------- diagnose
+# The options every app's ``diagnose`` command shares (see :mod:`pgraft.core.diagnose`).
+def _at_least(minimum: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if value < minimum:
+            raise typer.BadParameter(f"must be at least {minimum}, got {value}")
+        return value
+
+    return check
+
+
+TGrid = Annotated[str, typer.Option("--t", help="Split times to diagnose: a comma list of values in (0, 1], each "
+                                                "the fraction of sampler steps left to the frozen base (train's --t; "
+                                                "1 = X_T).")]
+States = Annotated[int, typer.Option("--states", help="n: states X_t drawn per t with the base (T→t).",
+                                     callback=_at_least(2))]
+Tails = Annotated[int, typer.Option("--tails", help="K: independent base tails t→0 scored from each state.",
+                                    callback=_at_least(2))]
+DiagnoseBatch = Annotated[int, typer.Option("--batch", help="Rows per sampler call.", callback=_at_least(1))]
+DiagnoseOut = Annotated[Path, typer.Option("--out", help="Folder for diagnose.csv (the table) and diagnose.png.")]
+DIAGNOSE_GRID = "0.1,0.25,0.5,0.75,0.9"
+
+
+def t_grid(text: str) -> list[float]:
+    """A ``--t`` grid (comma list in (0, 1]); a bad value is a usage error naming ``--t``."""
+    from .diagnose import parse_grid
+
+    with bad_parameter(ValueError, param_hint="--t"):
+        return parse_grid(text)
+
+
+def diagnose(problem: Any, base: Any, grid: list[float], *, states: int, tails: int, seed: int, batch: int,
+             out: Path, quiet: bool) -> Any:
+    """The shared body of ``pgraft <app> diagnose``: :func:`pgraft.core.diagnose.run_diagnose`."""
+    from .diagnose import run_diagnose
+
+    return run_diagnose(problem, base, grid, states, tails, seed, batch, out, show_progress=not quiet)

@@ -31,6 +31,11 @@ Masking diffusion (mask rate = s). From X_t (a fraction t masked), a token still
 masked by time s with probability (s - t)/(1 - t). The model's clean-token prediction at s for a
 position masked at s and unmasked at t is its value in X_t, so cross-entropy is taken on exactly
 those positions; tokens already masked at t carry no loss.
+
+The three forward processes are the types of :mod:`pgraft.core.bridges` (:class:`LinearFlowPath`,
+:class:`VPPath`, :class:`MaskingPath`, each restartable at ``t_start``); this module draws the times
+and the noise from the generator (times first, then noise) and turns their samples into losses.
+:func:`flow_bridge` and :func:`remask` are their tuple forms, kept for the apps.
 """
 
 from __future__ import annotations
@@ -41,14 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bridges import LinearFlowPath, MaskingPath, VPPath, _check_t_start, _expand, eps_loss_weight  # noqa: F401
 from .sampling import rand_like, randn_like
-
-
-def _check_t_start(t_start: float) -> float:
-    t_start = float(t_start)
-    if not 0.0 <= t_start < 1.0:
-        raise ValueError(f"t_start must be in [0, 1), got {t_start}")
-    return t_start
 
 
 def sample_times(batch: int, t_start: float, generator: torch.Generator | None, device=None) -> torch.Tensor:
@@ -58,28 +57,14 @@ def sample_times(batch: int, t_start: float, generator: torch.Generator | None, 
     return (t_start + (1.0 - t_start) * u).to(device)
 
 
-def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-
 def flow_bridge(x_start: torch.Tensor, t_start: float, s: torch.Tensor, noise: torch.Tensor):
     """Forward linear-flow process from time ``t_start`` to ``s``: returns (x_s, target u, weight w).
 
-    Shapes: x_start [B, ...], s [B]; u like x_start; w [B]. See the module docstring.
+    Shapes: x_start [B, ...], s [B]; u like x_start; w [B]. The tuple form of
+    :meth:`LinearFlowPath.sample <pgraft.core.bridges.LinearFlowPath.sample>`; see its docstring.
     """
-    t = t_start
-    s_ = _expand(s, x_start)
-    if t == 0.0:
-        return (1 - s_) * x_start + s_ * noise, noise - x_start, torch.ones_like(s)
-    c = t**2 / (1 - t) ** 2
-    m = (1 - s_) / (1 - t)
-    var = (s_**2 - (1 - s_) ** 2 * c).clamp_min(1e-12)
-    sigma = var.sqrt()
-    dsigma = (s_ + (1 - s_) * c) / sigma
-    x_s = m * x_start + sigma * noise
-    u = -x_start / (1 - t) + dsigma * noise
-    w = (var / s_**2).view(-1)
-    return x_s, u, w.to(s.dtype)
+    out = LinearFlowPath(t_start).sample(x_start, noise, s)
+    return out.x_t, out.target, out.weight
 
 
 def ot_pairing(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -116,24 +101,10 @@ def flow_matching_loss(
     noise = randn_like(x_start, generator)
     if coupling == "ot":
         noise = ot_pairing(x_start, noise)
-    x_s, u, w = flow_bridge(x_start, t_start, s, noise)
-    v = model(x_s, s, cond)
-    per_sample = ((v - u) ** 2).flatten(1).mean(1)
-    return (w * per_sample).mean()
-
-
-def eps_loss_weight(ratio: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
-    """lambda = (1 - abar_s/abar_t)/(1 - abar_s) in [0, 1], with ``ratio`` = abar_s/abar_t; shape [B].
-
-    The quotient is 0/0 only where abar_s = 1, i.e. s = t_start = 0 with abar(0) = 1 (torch.rand
-    returns exactly 0 about once in 2^24 draws). There abar_t = 1 makes lambda = 1 for every s > 0,
-    so its limit s -> 0 is 1 (docs/derivations.md, "VP diffusion (eps and v)"). Every other draw
-    takes the plain quotient, bit for bit.
-    """
-    den = 1 - a_s
-    endpoint = den <= 0
-    lam = ((1 - ratio) / torch.where(endpoint, torch.ones_like(den), den)).clamp(0.0, 1.0)
-    return torch.where(endpoint, torch.ones_like(lam), lam)
+    path = LinearFlowPath(t_start).sample(x_start, noise, s)
+    v = model(path.x_t, s, cond)
+    per_sample = ((v - path.target) ** 2).flatten(1).mean(1)
+    return (path.weight * per_sample).mean()
 
 
 def eps_matching_loss(
@@ -155,17 +126,15 @@ def eps_matching_loss(
     t_start = _check_t_start(t_start)
     if weighting not in ("eps", "v"):
         raise ValueError(f"weighting must be 'eps' or 'v', got {weighting!r}")
+    vp = VPPath(alpha_bar, t_start)
     s = sample_times(x_start.shape[0], t_start, generator, x_start.device)
-    a_s = alpha_bar(s.double()).to(x_start.device)
-    a_t = float(alpha_bar(torch.tensor(t_start, dtype=torch.float64)))
-    ratio = (a_s / a_t).clamp(max=1.0)
     eta = randn_like(x_start, generator)
-    x_s = _expand(ratio.sqrt(), x_start) * x_start + _expand((1 - ratio).sqrt(), x_start) * eta
-    lam = _expand(eps_loss_weight(ratio, a_s), x_start)
-    eps = model(x_s, s, cond)
-    per_sample = ((lam.sqrt() * eps - eta) ** 2).flatten(1).mean(1)
+    path = vp.sample(x_start, eta, s)
+    lam = _expand(path.weight, x_start)
+    eps = model(path.x_t, s, cond)
+    per_sample = ((lam.sqrt() * eps - path.target) ** 2).flatten(1).mean(1)
     if weighting == "v":
-        per_sample = per_sample / a_s.to(per_sample.dtype)
+        per_sample = per_sample / vp.alpha_bar_at(s, x_start.device).to(per_sample.dtype)
     return per_sample.mean()
 
 
@@ -181,12 +150,10 @@ def remask(
 
     Each maskable token not yet masked is masked with probability (t_to - t_from)/(1 - t_from).
     Returns (tokens at t_to, newly_masked bool mask); both shaped like ``tokens`` [B, ...].
+    The tuple form of :meth:`MaskingPath.sample <pgraft.core.bridges.MaskingPath.sample>`.
     """
-    t_from = _check_t_start(t_from)
-    p = ((t_to - t_from) / (1 - t_from)).clamp(0.0, 1.0)
-    p = p.view(-1, *([1] * (tokens.ndim - 1)))
-    newly = maskable & (tokens != mask_id) & (rand_like(tokens, generator) < p)
-    return torch.where(newly, torch.full_like(tokens, mask_id), tokens), newly
+    path = MaskingPath(mask_id, t_from).sample(tokens, rand_like(tokens, generator), t_to, maskable)
+    return path.x_t, path.weight
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight_mask: torch.Tensor) -> torch.Tensor:

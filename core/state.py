@@ -1,8 +1,8 @@
 """Batched sample states: a tensor or a flat dict of tensors, batch dimension first.
 
 Apps describe a sample however suits them (an image tensor, a molecule as
-``{"nodes", "edges", "node_mask"}``); the core only ever needs to index, concatenate, move and
-store batches, so those four operations are all this module offers.
+``{"nodes", "edges", "node_mask"}``); the core only ever needs to index, concatenate, repeat, move
+and store batches, so those operations are all this module offers.
 """
 
 from __future__ import annotations
@@ -47,6 +47,16 @@ def cat(xs: Sequence[State]) -> State:
     if isinstance(xs[0], torch.Tensor):
         return torch.cat(list(xs), dim=0)
     return {k: torch.cat([x[k] for x in xs], dim=0) for k in xs[0]}
+
+
+def repeat_interleave(x: State, repeats: int) -> State:
+    """Each sample ``repeats`` times in a row: ``[a, b] -> [a, a, b, b]`` for ``repeats=2``
+    (``torch.repeat_interleave`` along the batch dimension of every field)."""
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if isinstance(x, torch.Tensor):
+        return x.repeat_interleave(repeats, dim=0)
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in x.items()}
 
 
 def default_device() -> torch.device:

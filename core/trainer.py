@@ -18,7 +18,6 @@ accepts in the first round (later rounds agree up to floating-point differences 
 from __future__ import annotations
 
 import contextlib
-import copy
 import enum
 import math
 import sys
@@ -35,6 +34,7 @@ from torch import nn
 from .checkpoint import save_pretrained
 from .errors import FieldError
 from .grs import GRSConfig
+from .heads import Anchored, _squared_difference, apply_lora, build_head, merged_copy  # noqa: F401  (re-exported)
 from .integrity import exclusive
 from .pretrain import TrainingInterrupted, check_finite, stop_requests
 from .progress import make_console, progress_bar
@@ -233,69 +233,6 @@ def derive_seed(*parts: int) -> int:
 
 def generator_for(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-# ----------------------------------------------------------------------------- LoRA
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters (peft) on ``targets`` (default: every nn.Linear)."""
-    from peft import LoraConfig, get_peft_model
-
-    if not targets:
-        # full module names: suffixes such as "0" would also match non-Linear siblings (nn.Sequential)
-        targets = tuple(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
-    if not targets:
-        raise ValueError("LoRA needs nn.Linear layers or explicit lora_targets; the model has none")
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), lora_dropout=0.0)
-    return get_peft_model(model, config)
-
-
-def merged_copy(head: nn.Module) -> nn.Module:
-    """A plain module with LoRA weights merged in (or a copy of a fully fine-tuned head)."""
-    head = copy.deepcopy(head)
-    return head.merge_and_unload() if hasattr(head, "merge_and_unload") else head
-
-
-def _squared_difference(out: Any, ref: Any) -> torch.Tensor:
-    """Mean squared difference of two model outputs (tensors, or tuples/lists/dicts of tensors)."""
-    if isinstance(out, torch.Tensor):
-        return (out.float() - ref.float()).square().mean()
-    if isinstance(out, dict):
-        return sum(_squared_difference(out[k], ref[k]) for k in out) / len(out)
-    if isinstance(out, (tuple, list)):
-        return sum(_squared_difference(o, r) for o, r in zip(out, ref)) / len(out)
-    raise TypeError(f"cannot anchor a model output of type {type(out).__name__}")
-
-
-class Anchored(nn.Module):
-    """``head`` that also runs the frozen ``base`` on every call and accumulates the mean squared
-    difference of their outputs in ``penalty``: the fine-tuning loss plus ``anchor * penalty`` is a
-    trust region around the base at exactly the states the loss visits.
-
-    For Gaussian denoising steps the KL between the head's and the base's sampling paths is a
-    time-weighted sum of squared prediction differences, so this is the usual KL-to-base regulariser
-    of RL fine-tuning (Fan et al. 2023, DPOK) evaluated at the accepted samples' noised states,
-    without its time weights. For logits (masking diffusion) it is a squared-logit proxy.
-    """
-
-    def __init__(self, head: nn.Module, base: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-        self.base = [base]  # a list: not a submodule, so it is neither trained nor saved
-        self.penalty: torch.Tensor | float = 0.0
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.head(*args, **kwargs)
-        with torch.no_grad():
-            ref = self.base[0](*args, **kwargs)
-        self.penalty = self.penalty + _squared_difference(out, ref)
-        return out
-
-
-def build_head(base: nn.Module, cfg: GraftConfig) -> nn.Module:
-    head = copy.deepcopy(base).requires_grad_(True).train()
-    if cfg.lora_rank > 0:
-        head = apply_lora(head, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    return head
 
 
 # ----------------------------------------------------------------------------- sampling a round

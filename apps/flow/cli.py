@@ -36,8 +36,11 @@ NoiseSampler = Annotated[str, typer.Option(
 Threads = Annotated[int, typer.Option(help="torch CPU threads (1 keeps runs reproducible and polite on shared CPUs).")]
 
 
-def _threads(n: int) -> None:
-    torch.set_num_threads(max(1, n))
+def _runtime(threads: int, device: str) -> torch.device:
+    """Every command's ``--threads`` / ``--device``: set torch's CPU threads (at least 1) and resolve
+    the device (a bad value is a usage error naming ``--device``)."""
+    torch.set_num_threads(max(1, threads))
+    return opts.device_option(device)
 
 
 def _at_least_one(value: int) -> int:
@@ -80,16 +83,13 @@ def pretrain_cmd(
     """Train the base velocity model by flow matching (resumes an interrupted run in --out)."""
     from .train import FlowPretrainConfig, pretrain_flow
 
-    _threads(threads)
-    dev = opts.device_option(device)
+    dev = _runtime(threads, device)
     if path is not None:
         _need_dir(path, "dataset path")
-    try:
+    with opts.bad_parameter(ValueError, FileNotFoundError):
         cfg = FlowPretrainConfig(data=data, path=None if path is None else str(path), preset=preset,
                                  limit=limit or None, steps=steps, batch_size=batch_size, lr=lr, hflip=hflip, seed=seed)
         pretrain_flow(cfg, out, show_progress=not quiet, device=dev)
-    except (ValueError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err)) from err
     console.print(f"base flow saved to {out}")
 
 
@@ -113,16 +113,13 @@ def invert_cmd(
     """Invert training images into noise through the discrete base sampler; rerun to resume."""
     from .train import InvertConfig, invert_dataset
 
-    _threads(threads)
-    dev = opts.device_option(device)
+    dev = _runtime(threads, device)
     if str(base_dir) != SHIPPED:
         _need_dir(base_dir, "base directory")
-    try:
+    with opts.bad_parameter(ValueError, FileNotFoundError, ShippedBaseDamaged):
         cfg = InvertConfig(steps=steps, sampler=sampler, limit=limit, shard_size=shard_size, batch_size=batch_size,
                            max_iter=max_iter, tol=tol, seed=seed)
         report = invert_dataset(base_dir, out, cfg, show_progress=not quiet, device=dev)
-    except (ValueError, FileNotFoundError, ShippedBaseDamaged) as err:
-        raise typer.BadParameter(str(err)) from err
     console.print(f"{report.n_images} noises in {report.shards} shards under {out}; reconstruction "
                   f"|Phi(Phi^-1(x)) - x|: mean {report.mean_abs:.2e}, max {report.max_abs:.2e} "
                   f"(images in [-1, 1]); worst fixed-point residual {report.max_residual:.2e}")
@@ -147,15 +144,12 @@ def correct_cmd(
     """Train the small noise-correction flow N(0, I) -> inverted-noise law (resumes in --out)."""
     from .train import CorrectionConfig, train_correction
 
-    _threads(threads)
-    dev = opts.device_option(device)
+    dev = _runtime(threads, device)
     _need_dir(invert_dir, "inversion directory")
-    try:
+    with opts.bad_parameter(ValueError, FileNotFoundError):
         model = train_correction(invert_dir, out, CorrectionConfig(preset=preset, steps=steps, batch_size=batch_size,
                                                                    lr=lr, coupling=coupling, seed=seed),
                                  show_progress=not quiet, device=dev)
-    except (ValueError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err)) from err
     console.print(f"noise-correction flow ({model.num_parameters():,} parameters) saved to {out}")
 
 
@@ -222,10 +216,9 @@ def sample_cmd(
     """Sample images (a base alone, or noise flow -> frozen base) and write an image grid PNG."""
     from .train import SamplerSpec, flops_per_image, images_to_grid, sample_images
 
-    _threads(threads)
-    dev = opts.device_option(device)
+    dev = _runtime(threads, device)
     model_dir, base_dir, outputs = _target(model_dir, base)
-    try:
+    with opts.bad_parameter(ValueError, FileNotFoundError):
         model, _, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
         if corr is not None:
             spec = SamplerSpec(corr.base_steps if steps is None else steps, corr.base_sampler, max(noise_steps, 0),
@@ -234,8 +227,6 @@ def sample_cmd(
             spec = SamplerSpec(10 if steps is None else steps, sampler)
         images = sample_images(spec, model, n, noise_model, seed, show_progress=not quiet)
         flops = flops_per_image(spec, model, noise_model)
-    except (ValueError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err)) from err
     outputs.mkdir(parents=True, exist_ok=True)
     path = images_to_grid(images, out or outputs / "samples.png", ncol=max(1, int(math.sqrt(n))))
     console.print(f"{n} samples ({spec.label}, {flops / 1e6:.1f} MFLOPs/image) written to {path}")
@@ -288,14 +279,14 @@ def evaluate_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """One row per sampler configuration: FLOPs/image, feature FID/KID, precision, recall [, Inception FID/KID]."""
-    from .train import EvalConfig, Evaluator, SamplerSpec, evaluate
+    from .evaluate import EvalConfig, Evaluator
+    from .train import SamplerSpec, evaluate
 
-    _threads(threads)
-    dev = opts.device_option(device)
+    dev = _runtime(threads, device)
     if inception_weights is not None and not inception_weights.is_file():
         raise typer.BadParameter(f"Inception weights file {inception_weights} does not exist")
     model_dir, base_dir, outputs = _target(model_dir, base)
-    try:
+    with opts.bad_parameter(ValueError, FileNotFoundError):
         model, base_cfg, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
         specs = [SamplerSpec(s, sampler) for s in _int_list(steps, "--steps")]
         if corr is not None:
@@ -309,8 +300,6 @@ def evaluate_cmd(
                          classifier_steps=classifier_steps, seed=seed)
         evaluator = Evaluator.build(cfg, base_cfg, cache, show_progress=not quiet, device=dev)
         rows = evaluate(specs, model, evaluator, noise_model, seed=seed, show_progress=not quiet)
-    except (ValueError, FileNotFoundError) as err:
-        raise typer.BadParameter(str(err)) from err
     outputs.mkdir(parents=True, exist_ok=True)
     path = out or outputs / "evaluation.csv"
     pd.DataFrame(rows).to_csv(path, index=False)

@@ -132,23 +132,97 @@ def sample_cmd(
     console.print(f"{n} layouts (mean reward {rewards.mean():.4f}) rendered to {path}")
 
 
+def _count_or_default(value: Optional[int]) -> Optional[int]:
+    """:func:`_at_least_one` for an optional count (None = the protocol's default)."""
+    return None if value is None else _at_least_one(value)
+
+
+def _protocol(value: str) -> str:
+    from .train import PROTOCOLS
+
+    if value not in PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol {value!r}; choose one of {', '.join(PROTOCOLS)}")
+    return value
+
+
+# printed names of the evaluate row's raw scores (the CSV keeps the plain keys)
+_PRINTED_NAMES = {"alignment": "alignment (raw; LayoutGAN++ prints ×100)",
+                  "overlap": "overlap (raw; LayoutGAN++ prints ×100)"}
+
+
+def _print_evaluation(row: dict, title: str) -> None:
+    """The evaluate row as a table: raw alignment / overlap say so, and Max-IoU is followed by its
+    coverage and by how many generated / reference layouts entered it."""
+    opts.print_row({_PRINTED_NAMES.get(k, k): v for k, v in row.items()}, title)
+    if "max_iou" in row:
+        coverage = row.get("max_iou_coverage", 0.0)
+        matched = (f"{coverage:.1%} of those generated layouts have a class multiset found in the reference "
+                   "and enter its mean, the others are left out" if coverage > 0 else
+                   "no generated layout has a class multiset found in the reference: its 0 means 'undefined'")
+        console.print(f"max_iou: {row.get('max_iou_n')} generated vs {row.get('max_iou_ref_n')} reference layouts; "
+                      f"{matched}. Max-IoU grows with the reference size: compare it only at equal max_iou_ref_n.")
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     run_dir: RunOrBase = None,
     base: BaseOnly = None,
-    n: Annotated[int, typer.Option("-n", help="Layouts to sample.", callback=_at_least_one)] = 1000,
+    n: Annotated[Optional[int], typer.Option(
+        "-n", help="Layouts to sample (default: 1000; --protocol layoutdm: one per test layout, a smaller n "
+                   "conditions on the first n test layouts only).", callback=_count_or_default,
+        show_default=False)] = None,
+    protocol: Annotated[str, typer.Option(
+        help="unconditional: the run's own sampler, max-IoU between the first 1000 layouts of each set; "
+             "layoutdm: LayoutDM's label-conditioned protocol, one layout per test layout with its classes "
+             "clamped, every metric against the full test split.", callback=_protocol)] = "unconditional",
     out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/evaluation.csv; for the shipped base "
                                            f"{shipped_outputs('layout')}/evaluation.csv).")] = None,
     seed: opts.Seed = 0,
     quiet: opts.Quiet = False,
 ) -> None:
-    """Sample n layouts; write the metric row (FID, alignment, overlap, max-IoU, class TV, reward) as CSV."""
+    """Sample layouts; write the metric row (FID, alignment, overlap, max-IoU, class TV, reward) as CSV."""
     from .train import evaluate_run
 
     target = _target(run_dir, base)
     with opts.bad_parameter():
-        row = evaluate_run(target.directory, n, seed, not quiet)
+        row = evaluate_run(target.directory, n, seed, not quiet, protocol=protocol)
     path = out or target.output("evaluation.csv")
     pd.DataFrame([{"run": str(target.directory), **row}]).to_csv(path, index=False)
-    opts.print_row(row, f"{target.directory} ({n} samples)")
+    _print_evaluation(row, f"{target.directory} ({row['n']} samples, {protocol} protocol)")
     console.print(f"written to {path}")
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    base: Base = DEFAULT_BASE,
+    preset: Preset = "default",
+    reward: Reward = "combined",
+    conditional: Annotated[bool, typer.Option("--conditional/--unconditional",
+                                              help="Class-conditioned, on the test split's class sets (round-robin), "
+                                                   "as train's --conditional.")] = False,
+    sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler (0 = the base preset's).")] = 0,
+    t: opts.TGrid = opts.DIAGNOSE_GRID,
+    states: opts.States = 64,
+    tails: opts.Tails = 8,
+    seed: opts.Seed = 0,
+    batch: opts.DiagnoseBatch = 256,
+    out: opts.DiagnoseOut = Path("runs/layout/diagnose"),
+    quiet: opts.Quiet = False,
+) -> None:
+    """Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's variance
+    that X_t already decides (n states × K base tails per t, 95% intervals); recommends the largest t whose
+    R² lower bound is >= 0.5."""
+    from .train import LayoutTrainConfig, base_dir_of, load_or_pretrain, problem_for
+
+    grid = opts.t_grid(t)
+    if reward not in REWARDS:
+        raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(REWARDS)}", param_hint="--reward")
+    cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset,
+                            conditional=conditional)
+    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
+        base_dir = base_dir_of(cfg)
+    model = load_or_pretrain(base_dir, preset, show_progress=not quiet)
+    with opts.bad_parameter(ValueError):
+        problem = problem_for(cfg, model)
+    opts.diagnose(problem, model.model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
+                  quiet=quiet)

@@ -7,10 +7,14 @@ set (the test split):
   from :class:`pgraft.apps.layout.features.LayoutFeatureNet` (this project's network: numbers are
   comparable only under the same saved network, never to published FIDs);
 * ``alignment``, ``overlap``, ``out_of_page``: means of the LayoutGAN++ scores of
-  :mod:`pgraft.apps.layout.rewards` (lower is better);
+  :mod:`pgraft.apps.layout.rewards` (lower is better). They are *raw* values: LayoutGAN++ and
+  LayoutDM print alignment and overlap multiplied by 100, so 0.0021 here is 0.21 in their tables;
 * ``max_iou``: LayoutGAN++ maximum IoU against the reference set (higher is better), with
-  ``max_iou_coverage`` the fraction of generated layouts whose class multiset occurs in the
-  reference (only those can be matched);
+  ``max_iou_coverage`` the fraction of the ``max_iou_n`` generated layouts entering it whose class
+  multiset occurs among the ``max_iou_ref_n`` reference layouts entering it (only those can be
+  matched; the others are left out of the mean, not counted as 0). Max-IoU is not comparable
+  across reference sizes: it grows with ``max_iou_ref_n`` (more candidates per class multiset), so
+  always read it with ``max_iou_ref_n`` and ``max_iou_coverage``;
 * ``class_tv``: total-variation distance between the class frequencies of all generated elements
   and of all reference elements, 0.5 * sum_c |p_c - q_c| in [0, 1].
 """
@@ -128,8 +132,10 @@ def describe(state: dict[str, torch.Tensor], class_names: tuple[str, ...]) -> pd
 def evaluate(generated: Layouts, reference: Layouts, feature_net: LayoutFeatureNet | None = None,
              max_iou_limit: int | None = 1000, reference_features: torch.Tensor | None = None) -> dict[str, Any]:
     """All metrics as one row (see the module docstring). ``max_iou_limit`` caps how many layouts
-    of each set enter max-IoU (its Hungarian matching is quadratic per class-multiset group);
-    ``reference_features`` may be passed to avoid recomputing them across rows."""
+    of each set enter max-IoU, the first ones of each (its Hungarian matching is quadratic per
+    class-multiset group; None = all): the row records the sizes used as ``max_iou_n`` (generated)
+    and ``max_iou_ref_n`` (reference). ``reference_features`` may be passed to avoid recomputing
+    them across rows. ``alignment`` and ``overlap`` are raw (LayoutGAN++ prints them ×100)."""
     if len(generated) == 0 or len(reference) == 0:
         raise ValueError("evaluate needs non-empty generated and reference sets")
     row: dict[str, Any] = {"n": len(generated)}
@@ -141,7 +147,11 @@ def evaluate(generated: Layouts, reference: Layouts, feature_net: LayoutFeatureN
         fr = reference_features if reference_features is not None else layout_features(
             feature_net, reference.boxes, reference.classes, reference.mask)
         row["fid"] = frechet_distance(fg, fr)
+    if max_iou_limit is not None and max_iou_limit < 1:
+        raise ValueError(f"max_iou_limit must be >= 1 or None, got {max_iou_limit}")
     lim = slice(0, max_iou_limit)
-    row["max_iou"], row["max_iou_coverage"] = maximum_iou(generated.subset(lim), reference.subset(lim))
+    gen_used, ref_used = generated.subset(lim), reference.subset(lim)
+    row["max_iou"], row["max_iou_coverage"] = maximum_iou(gen_used, ref_used)
+    row["max_iou_n"], row["max_iou_ref_n"] = len(gen_used), len(ref_used)
     row["class_tv"] = class_tv(generated, reference)
     return row

@@ -14,6 +14,19 @@ one, so :func:`make_problem` with ``box_noise = a > 0`` switches to the small-no
 
 Fine-tuning outputs (``train_layout``), beside the core run files: ``samples.png`` (rendered pages
 of fresh samples from the fine-tuned sampler), ``evaluation.csv`` (one metrics row) and ``rounds.png``.
+
+Evaluation protocols (:data:`PROTOCOLS`, :func:`evaluate_run`):
+
+* ``unconditional`` (default): n layouts from the run's own sampler (a base or an unconditional run
+  draws element counts and classes itself; a ``--conditional`` run cycles over the test class
+  sets), FID against the whole test split, Max-IoU between the first ``max_iou_limit`` (1000)
+  layouts of each set (LayoutGAN++-style; ``max_iou_ref_n`` / ``max_iou_coverage`` say how many
+  reference layouts entered and which share of the generated ones could be matched at all);
+* ``layoutdm``: LayoutDM's label-conditioned task (C -> S+P): for each test layout one layout is
+  generated with its classes clamped (same slots, same labels, only the boxes are generated:
+  :func:`diffusion.project_on_cond`, which the pretraining's ``p_class_cond`` share teaches the
+  model), and every metric is computed against the *full* test split (Max-IoU uncapped; its
+  coverage is 1 by construction when all test layouts are conditioned on).
 """
 
 from __future__ import annotations
@@ -289,8 +302,9 @@ def sample_layouts(problem: GraftProblem, head: nn.Module, base_model: nn.Module
     return from_state(x0, class_names), rewards
 
 
-def evaluate_layouts(layouts: Layouts, base: BaseModel, max_iou_limit: int = 1000) -> dict[str, Any]:
-    """Metric row (FID on this project's feature net, alignment, overlap, max-IoU, class TV)."""
+def evaluate_layouts(layouts: Layouts, base: BaseModel, max_iou_limit: int | None = 1000) -> dict[str, Any]:
+    """Metric row (FID on this project's feature net, alignment, overlap, max-IoU with its
+    ``max_iou_coverage`` / ``max_iou_n`` / ``max_iou_ref_n``, class TV) against the test split."""
     return evaluate(layouts, base.reference(), base.feature_net, max_iou_limit=max_iou_limit)
 
 
@@ -305,27 +319,63 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], float, LayoutTrainCon
     return config, split, app_cfg, load_base(base_dir), head
 
 
-def sample_run(run_dir: str | Path, n: int, seed: int = 0, show_progress: bool = True
-               ) -> tuple[Layouts, torch.Tensor, BaseModel]:
-    """n fresh layouts (and rewards) of a run directory or of a base model directory."""
+PROTOCOLS = ("unconditional", "layoutdm")  # see the module docstring
+UNCONDITIONAL_N = 1000  # layouts evaluate_run samples under "unconditional" when n is None
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+
+
+def sample_run(run_dir: str | Path, n: int | None, seed: int = 0, show_progress: bool = True,
+               protocol: str = "unconditional") -> tuple[Layouts, torch.Tensor, BaseModel]:
+    """n fresh layouts (and rewards) of a run directory or of a base model directory.
+
+    ``protocol="layoutdm"``: layout i is generated with the classes (and slots) of test layout i
+    clamped, for i < n <= the test split's size (n = None: the whole test split); only the boxes
+    are sampled (see the module docstring). ``unconditional`` needs an n.
+    """
+    _check_protocol(protocol)
     run_dir = Path(run_dir)
     if (run_dir / PRESET_NAME).is_file():  # a base model: sample it alone
         base = load_base(run_dir)
-        problem = make_problem(base)
-        layouts, rewards = sample_layouts(problem, base.model, base.model, n, 0.0, base.class_names, seed, show_progress)
-        return layouts, rewards, base
-    _, split, app_cfg, base, head = load_run(run_dir)
-    problem = problem_for(app_cfg, base)
+        head, split, app_cfg = base.model, 0.0, None
+    else:
+        _, split, app_cfg, base, head = load_run(run_dir)
+    if protocol == "layoutdm":
+        n_test = len(base.reference())
+        n = n_test if n is None else n
+        if n > n_test:
+            raise ValueError(f"the layoutdm protocol generates one layout per test layout: n={n} is more "
+                             f"than the {n_test} layouts of the test split")
+        problem = (make_problem(base, conditions=reference_conditions(base)) if app_cfg is None
+                   else problem_for(replace(app_cfg, conditional=True), base))
+    else:
+        if n is None:
+            raise ValueError("the unconditional protocol needs a number of layouts n")
+        problem = make_problem(base) if app_cfg is None else problem_for(app_cfg, base)
     layouts, rewards = sample_layouts(problem, head, base.model, n, split, base.class_names, seed, show_progress)
     return layouts, rewards, base
 
 
-def evaluate_run(run_dir: str | Path, n: int = 1000, seed: int = 0, show_progress: bool = True) -> dict[str, Any]:
-    """Metric row of n fresh samples of a run (or base) directory, plus the mean reward."""
-    layouts, rewards, base = sample_run(run_dir, n, seed, show_progress)
-    return {**evaluate_layouts(layouts, base), "reward_mean": float(rewards.mean())}
+def evaluate_run(run_dir: str | Path, n: int | None = None, seed: int = 0, show_progress: bool = True,
+                 protocol: str = "unconditional") -> dict[str, Any]:
+    """Metric row of fresh samples of a run (or base) directory, plus the protocol and the mean reward.
+
+    ``unconditional``: n layouts (None = 1000), Max-IoU between the first 1000 of each set.
+    ``layoutdm``: one class-clamped layout per test layout (n = None: all of them, the protocol;
+    a smaller n conditions on the first n test layouts only, a partial run), every metric against
+    the full test split, Max-IoU uncapped.
+    """
+    _check_protocol(protocol)
+    if protocol == "unconditional" and n is None:
+        n = UNCONDITIONAL_N
+    layouts, rewards, base = sample_run(run_dir, n, seed, show_progress, protocol)
+    metrics = evaluate_layouts(layouts, base, max_iou_limit=None if protocol == "layoutdm" else 1000)
+    return {"protocol": protocol, **metrics, "reward_mean": float(rewards.mean())}
 
 
 __all__ = ["PRESETS", "LayoutPreset", "BaseModel", "LayoutTrainConfig", "PAD_CLASS", "get_preset", "pretrain_layout",
            "load_base", "load_or_pretrain", "make_problem", "log_prob_fn", "train_layout", "sample_layouts",
-           "evaluate_layouts", "evaluate_run", "sample_run", "model_config"]
+           "evaluate_layouts", "evaluate_run", "sample_run", "model_config", "PROTOCOLS"]

@@ -26,7 +26,11 @@ console = opts.make_console()
 Base = Annotated[str, typer.Option(help="'shipped' (the base shipped with pgraft, the 'default' preset) or a "
                                         "base directory (pretrained with --preset first if it holds none).")]
 Preset = Annotated[str, typer.Option(help=f"Pretraining preset: {', '.join(PRESETS)}.")]
-Reward = Annotated[str, typer.Option(help=f"Reward: {', '.join(MOL_SCORES)}.")]
+Reward = Annotated[str, typer.Option(help=f"Reward: {', '.join(MOL_SCORES)} (sa = (10 - SA)/9 in [0, 1], higher "
+                                          "is better; the evaluate metric sa_raw_mean is raw SA, 1-10, lower is better).")]
+Novel = Annotated[bool, typer.Option("--novel/--no-novel", help="Score only novel molecules: one in the base's training "
+                                     "split (same canonical SMILES) gets reward 0, like an invalid one. Recorded in "
+                                     "the run's config.")]
 
 
 def _at_least_one(value: int) -> int:
@@ -71,6 +75,7 @@ def train_cmd(
     preset: Preset = "default",
     reward: Reward = "qed",
     sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.")] = 100,
+    novel: Novel = False,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
 ) -> None:
@@ -79,7 +84,7 @@ def train_cmd(
 
     if reward not in MOL_SCORES:
         raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(MOL_SCORES)}")
-    cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset)
+    cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset, novel=novel)
     with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
         base_dir_of(cfg)
     train_molecule(cfg, graft, out, resume=resume, show_progress=not quiet)
@@ -134,7 +139,8 @@ def evaluate_cmd(
     run_dir: RunOrBase = None,
     base: BaseOnly = None,
     n: Annotated[int, typer.Option("-n", help="Molecules to sample.", callback=_at_least_one)] = 1000,
-    fcd: Annotated[bool, typer.Option("--fcd/--no-fcd", help="Also compute FCD (slower).")] = True,
+    fcd: Annotated[bool, typer.Option("--fcd/--no-fcd", help="Also compute FCD (slower; printed with fcd_n, the "
+                                      "molecules it used: FCD shrinks with n, compare it at equal n).")] = True,
     out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/evaluation.csv; for the shipped base "
                                            f"{shipped_outputs('molecule')}/evaluation.csv).")] = None,
     seed: opts.Seed = 0,
@@ -153,3 +159,36 @@ def evaluate_cmd(
     pd.DataFrame([row]).to_csv(path, index=False)
     opts.print_row(row, f"{target.directory} ({n} samples)")
     console.print(f"written to {path}")
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    base: Base = DEFAULT_BASE,
+    preset: Preset = "default",
+    reward: Reward = "qed",
+    sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.")] = 100,
+    novel: Novel = False,
+    t: opts.TGrid = opts.DIAGNOSE_GRID,
+    states: opts.States = 64,
+    tails: opts.Tails = 8,
+    seed: opts.Seed = 0,
+    batch: opts.DiagnoseBatch = 256,
+    out: opts.DiagnoseOut = Path("runs/molecule/diagnose"),
+    quiet: opts.Quiet = False,
+) -> None:
+    """Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's variance
+    that X_t already decides (n states × K base tails per t, 95% intervals); recommends the largest t whose
+    R² lower bound is >= 0.5."""
+    from .train import MoleculeTrainConfig, base_dir_of, load_or_pretrain, make_problem
+
+    grid = opts.t_grid(t)
+    if reward not in MOL_SCORES:
+        raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(MOL_SCORES)}", param_hint="--reward")
+    cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset, novel=novel)
+    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
+        base_dir = base_dir_of(cfg)
+    model = load_or_pretrain(base_dir, preset, show_progress=not quiet)
+    with opts.bad_parameter(ValueError):
+        problem = make_problem(model, reward, sample_steps, novel=novel)
+    opts.diagnose(problem, model.model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
+                  quiet=quiet)

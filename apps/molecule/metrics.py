@@ -1,17 +1,31 @@
 """Generation metrics for molecules: one row of a pandas table per set of generated SMILES.
 
 Conventions (DiGress/MOSES style, made explicit):
-- validity = valid / all samples; a sample is valid if it is a SMILES string RDKit parses into one
-  connected molecule (``None`` = the graph failed to decode);
+- ``validity`` = valid / all samples, the strict (single-fragment) convention: a sample is valid if it
+  is a SMILES string RDKit parses into one connected molecule (``None`` = the graph failed to decode,
+  ``"A.B"`` = several fragments, invalid). Every other metric below uses this notion of valid;
+- ``validity_largest_fragment`` = the DiGress convention, also over all samples: the whole sample must
+  sanitize, then its largest fragment (most atoms) is kept and the sample is valid if that fragment
+  sanitizes, so ``"CCO.C"`` counts as valid (as ethanol). Always >= ``validity``; it only differs when
+  the generated SMILES keep their fragments (``data.state_to_smiles(..., require_connected=False)``,
+  what ``train.sample_smiles`` hands to the evaluation);
 - uniqueness = distinct canonical SMILES / valid;  novelty = unique not in train / unique;
+- ``vun`` = valid AND unique AND novel / all samples (DiGress/MiDi "V.U.N."), canonical SMILES of
+  ``data.mol_to_smiles`` for both uniqueness and novelty; ``qed_novel_mean`` = mean QED of those
+  valid, unique, novel molecules;
 - QED statistics, SA and internal diversity are over the *valid unique* molecules;
+- ``sa_raw_mean`` is the raw synthetic accessibility score, 1 (easy) to 10 (hard), lower is better,
+  NOT the ``sa`` reward of :mod:`.rewards` ((10 - SA)/9 in [0, 1], higher is better);
 - internal diversity = 1 - mean pairwise Tanimoto similarity of Morgan fingerprints (radius 2,
   2048 bits), pairs i != j;
 - atom / bond distribution distance = total variation 0.5 * sum_k |p_k - q_k| between the type
   frequencies of the valid generated molecules and of the test set (atoms: element + formal charge;
   bonds: kekulized single/double/triple);
 - FCD (Preuer et al. 2018) between valid generated and test SMILES with ``fcd-torch`` (ChemNet weights
-  ship inside the package, so it runs offline); slow, hence ``fcd=False`` to skip it.
+  ship inside the package, so it runs offline); slow, hence ``fcd=False`` to skip it. ``fcd_n`` is the
+  number of generated molecules it was computed on (0 when not computed) and ``fcd_ref_n`` the number
+  of reference molecules: FCD has a sample-size floor (real vs real about 0.40 at 1,000 molecules,
+  0.15 at 3,000, 0.07 at 10,000), so compare FCDs only at equal n.
 """
 
 from __future__ import annotations
@@ -39,6 +53,22 @@ def _mol(smiles: str | None) -> Chem.Mol | None:
         return None
     with rdBase.BlockLogs():
         return Chem.MolFromSmiles(smiles)
+
+
+def _largest_fragment_valid(smiles: str | None) -> bool:
+    """DiGress validity: the whole sample sanitizes and so does its largest fragment (most atoms)."""
+    if smiles is None or not isinstance(smiles, str) or not smiles:
+        return False
+    with rdBase.BlockLogs():
+        mol = Chem.MolFromSmiles(smiles)  # sanitizes the whole molecule
+        if mol is None or mol.GetNumAtoms() == 0:
+            return False
+        try:
+            frags = Chem.GetMolFrags(mol, asMols=True, sanitizeFrags=True)
+        except Chem.rdchem.MolSanitizeException:
+            return False
+        largest = max(frags, key=lambda m: m.GetNumAtoms())
+        return Chem.MolFromSmiles(mol_to_smiles(largest)) is not None
 
 
 def type_counts(mols: Iterable[Chem.Mol]) -> tuple[Counter, Counter]:
@@ -101,7 +131,9 @@ def evaluate_smiles(
     max_reference: int = 10_000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of generated ``smiles`` (None = invalid graph) as one flat dict (a DataFrame row).
+    """Metrics of generated ``smiles`` (None = invalid graph; ``"A.B"`` = a fragmented one, invalid
+    except for ``validity_largest_fragment``) as one flat dict (a DataFrame row); see the module
+    docstring for each key.
 
     ``train_smiles``/``test_smiles`` must be canonical SMILES without stereo, as stored by
     ``data.load_dataset`` (``MoleculeData.train.smiles``), so novelty is a set lookup. The test set
@@ -120,6 +152,9 @@ def evaluate_smiles(
     novel = [s for s in unique if s not in train_set]
     unique_mols = [_mol(s) for s in unique]
     qeds = [qed_score(m) for m in unique_mols]
+    qed_of = dict(zip(unique, qeds))
+    novel_qeds = [qed_of[s] for s in novel]
+    n_largest_fragment = sum(_largest_fragment_valid(s) for s in smiles)
     sas = [sa_raw(m) for m in unique_mols]
     test = list(test_smiles)
     if len(test) > max_reference:
@@ -133,19 +168,26 @@ def evaluate_smiles(
         "n_valid": len(valid),
         "n_unique": len(unique),
         "validity": len(valid) / n,
+        "validity_largest_fragment": n_largest_fragment / n,
         "uniqueness": len(unique) / len(valid) if valid else nan,
         "novelty": len(novel) / len(unique) if unique else nan,
         "valid_unique": len(unique) / n,
+        "vun": len(novel) / n,
         "qed_mean": float(np.mean(qeds)) if qeds else nan,
         "qed_median": float(statistics.median(qeds)) if qeds else nan,
         "qed_frac_0.7": float(np.mean([q > 0.7 for q in qeds])) if qeds else nan,
         "qed_frac_0.9": float(np.mean([q > 0.9 for q in qeds])) if qeds else nan,
-        "sa_mean": float(np.mean(sas)) if sas else nan,
+        "qed_novel_mean": float(np.mean(novel_qeds)) if novel_qeds else nan,
+        "sa_raw_mean": float(np.mean(sas)) if sas else nan,
         "int_div": internal_diversity(unique_mols, seed=seed),
         "atom_tv": total_variation(gen_atoms, ref_atoms),
         "bond_tv": total_variation(gen_bonds, ref_bonds),
     }
-    row["fcd"] = fcd_score(valid, [mol_to_smiles(m) for m in test_mols], fcd_device) if fcd else nan
+    reference = [mol_to_smiles(m) for m in test_mols]
+    row["fcd"] = fcd_score(valid, reference, fcd_device) if fcd else nan
     if not math.isfinite(row["fcd"]) and fcd:
         row["fcd"] = nan  # fewer than 2 valid molecules: FCD undefined
+    computed = math.isfinite(row["fcd"])
+    row["fcd_n"] = len(valid) if computed else 0  # FCD depends on n: report it next to it
+    row["fcd_ref_n"] = len(reference) if computed else 0
     return row

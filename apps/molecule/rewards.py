@@ -12,6 +12,13 @@ Registered rewards (all in [0, 1] except ``qed+valid`` in [0, 2]):
   Ertl & Schuffenhauer 2009, RDKit Contrib ``sascorer``, shipped in the pip rdkit wheel), 0 for invalid;
 - ``qed+valid``: valid + qed, so any valid molecule beats every invalid one and QED ranks the valid.
 
+Note the two SA scales: the ``sa`` *reward* is (10 - SA)/9 in [0, 1], higher is better; the
+``sa_raw_mean`` *metric* of :mod:`.metrics` is the raw SA in [1, 10], lower is better.
+
+:class:`NovelReward` wraps any of them (``train --novel``): a molecule of the training set (same
+canonical SMILES, ``data.mol_to_smiles``) scores 0, like an invalid one; :func:`training_smiles`
+loads that reference set once per dataset split and caches it.
+
 Graph states carry only token ids, so decoding needs the dataset's atom vocabulary: ``REWARDS``
 is built for QM9's (``data.QM9_SPEC``); :func:`make_rewards` builds the registry for any other.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -28,7 +36,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import QED
 from rdkit.Contrib.SA_Score import sascorer
 
-from .data import QM9_SPEC, GraphSpec, canonical_smiles, graph_to_mol, state_to_graphs, state_to_smiles
+from .data import QM9_SPEC, GraphSpec, canonical_smiles, graph_to_mol, load_dataset, state_to_graphs, state_to_smiles
 
 MolScore = Callable[[Chem.Mol | None], float]
 
@@ -120,3 +128,32 @@ def get_reward(name: str, spec: GraphSpec = QM9_SPEC) -> GraphReward:
     if name not in MOL_SCORES:
         raise ValueError(f"unknown molecule reward {name!r}; choose one of {sorted(MOL_SCORES)}")
     return GraphReward(MOL_SCORES[name], tuple(spec.atom_types))
+
+
+@dataclass(frozen=True)
+class NovelReward:
+    """Any molecule reward restricted to novel molecules: ``reward(state, cond)`` where the sample's
+    canonical SMILES (:func:`to_smiles`) is not in ``reference`` (the training set, canonical SMILES
+    as ``data.load_dataset`` stores them); 0.0 for training-set molecules and for invalid graphs."""
+
+    reward: Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+    reference: frozenset[str]
+    atom_types: tuple[str, ...] = tuple(QM9_SPEC.atom_types)
+
+    def __call__(self, state: dict[str, torch.Tensor], cond: Any = None) -> torch.Tensor:
+        values = torch.as_tensor(self.reward(state, cond), dtype=torch.float32)
+        novel = torch.tensor([k is not None and k not in self.reference for k in to_smiles(state, self.atom_types)],
+                             dtype=torch.bool)
+        return torch.where(novel, values, torch.zeros_like(values))
+
+
+@lru_cache(maxsize=4)
+def training_smiles(dataset: str = "qm9", seed: int = 0, limit: int | None = None) -> frozenset[str]:
+    """Canonical SMILES of the training split ``data.load_dataset(dataset, seed=seed, limit=limit)``
+    (the split a base of that preset was trained on), loaded once per process and cached."""
+    return frozenset(load_dataset(dataset, seed=seed, limit=limit).train.smiles)
+
+
+def novel_reward(reward: GraphReward, reference: Sequence[str] | frozenset[str]) -> NovelReward:
+    """:class:`NovelReward` of ``reward`` (its vocabulary) against the canonical SMILES ``reference``."""
+    return NovelReward(reward, frozenset(reference), tuple(reward.atom_types))

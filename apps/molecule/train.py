@@ -38,7 +38,7 @@ from .metrics import evaluate_smiles
 from .model import GraphTransformer
 from .presets import get_preset
 from .pretrain import META_NAME, BaseModel, load_base, pretrain_molecule
-from .rewards import get_reward, qed_score, to_mols
+from .rewards import get_reward, novel_reward, qed_score, to_mols, training_smiles
 
 console = make_console()
 
@@ -53,6 +53,8 @@ class MoleculeTrainConfig:
     ``base`` is ``"shipped"`` (the base shipped with the package, the default when there is one) or a base directory (loaded, or
     pretrained with ``preset`` when it holds no finished base); ``base_sha256`` is the SHA-256 of
     the base's weights, filled in by :func:`train_molecule` (None in runs recorded before it was).
+    ``novel`` scores only novel molecules: one of the base's training split (canonical SMILES) gets
+    reward 0, like an invalid one (:class:`.rewards.NovelReward`; False in runs recorded before it existed).
     """
 
     reward: str = "qed"
@@ -61,6 +63,7 @@ class MoleculeTrainConfig:
     base: str = DEFAULT_BASE
     preset: str = "default"
     base_sha256: str | None = None
+    novel: bool = False
 
 
 def load_or_pretrain(base_dir: str | Path, preset: str = "default", show_progress: bool = True) -> BaseModel:
@@ -92,18 +95,34 @@ def base_lacks(directory: Path) -> str | None:
     return checkpoint_lacks(directory, GraphTransformer.__name__, (META_NAME,))
 
 
-def make_problem(base: BaseModel, reward: str, sample_steps: int) -> GraftProblem:
-    """The molecule world as a GraftProblem: masked prior, reveal step, masking loss, RDKit reward."""
+def base_training_smiles(base: BaseModel) -> frozenset[str]:
+    """Canonical SMILES of the training split the base was trained on, as :func:`evaluate_base_row`
+    rebuilds it from the base's recorded preset (dataset, seed, limit); cached per process."""
+    return training_smiles(base.preset.dataset, base.preset.seed, base.preset.dataset_limit)
+
+
+@dataclass(frozen=True)
+class _Describe:
+    """``describe(x0, rewards, cond)``: the canonical SMILES of each sample (None if invalid)."""
+
+    atom_types: tuple[str, ...]
+
+    def __call__(self, x0, rewards, cond=None) -> pd.DataFrame:
+        return pd.DataFrame({"smiles": _smiles(x0, self.atom_types)})
+
+
+def make_problem(base: BaseModel, reward: str, sample_steps: int, novel: bool = False) -> GraftProblem:
+    """The molecule world as a GraftProblem: masked prior, reveal step, masking loss, RDKit reward
+    (with ``novel``, 0 for molecules of the base's training split: :func:`base_training_smiles`)."""
     spec = base.spec
     reward_fn = get_reward(reward, spec)
+    if novel:
+        reward_fn = novel_reward(reward_fn, base_training_smiles(base))
     atom_types = tuple(spec.atom_types)
 
     def prior(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return diffusion.prior(n, base.size_distribution, generator, n_atom_types=spec.n_atom_types,
                                n_bond_types=spec.n_bond_types)
-
-    def describe(x0, rewards, cond=None) -> pd.DataFrame:
-        return pd.DataFrame({"smiles": _smiles(x0, atom_types)})
 
     def metrics(x0, rewards, cond=None) -> dict[str, float]:
         mols = to_mols(x0, atom_types)
@@ -118,7 +137,7 @@ def make_problem(base: BaseModel, reward: str, sample_steps: int) -> GraftProble
         loss=diffusion.loss,
         reward=reward_fn,
         key=lambda x0: _smiles(x0, atom_types),
-        describe=describe,
+        describe=_Describe(atom_types),
         metrics=metrics,
     )
 
@@ -144,12 +163,27 @@ def train_molecule(cfg: MoleculeTrainConfig, graft: GraftConfig, out: str | Path
     base = load_or_pretrain(base_dir, cfg.preset, show_progress)
     if not (resume and _recorded_without_digest(Path(out))):
         cfg = replace(cfg, base_sha256=weights_sha256(base_dir))
-    problem = make_problem(base, cfg.reward, cfg.sample_steps)
-    head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out, app_config={"molecule": asdict(cfg)},
+    problem = make_problem(base, cfg.reward, cfg.sample_steps, novel=cfg.novel)
+    head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out,
+                            app_config={"molecule": _app_record(cfg, Path(out), resume)},
                             resume=resume, show_progress=show_progress)
     if is_main_process():
         write_outputs(Path(out), problem, head, base, graft.split, cfg.final_samples, show_progress)
     return table
+
+
+def _app_record(cfg: MoleculeTrainConfig, run_dir: Path, resume: bool) -> dict[str, Any]:
+    """The app config recorded in the run; resuming a run recorded before ``novel`` existed (so
+    without it, i.e. not novel) keeps its record unchanged, or the resume would be refused."""
+    record = asdict(cfg)
+    if resume and not cfg.novel:
+        try:
+            section = json.loads((run_dir / "config.json").read_text())["app"]["molecule"]
+        except (OSError, ValueError, KeyError, TypeError):
+            section = None
+        if isinstance(section, dict) and "novel" not in section:
+            record.pop("novel")
+    return record
 
 
 def _recorded_without_digest(run_dir: Path) -> bool:
@@ -173,11 +207,25 @@ def write_outputs(run_dir: Path, problem: GraftProblem, head, base: BaseModel, s
     console.print(f"wrote {run_dir / 'samples.csv'}, {run_dir / 'top_molecules.png'}, {run_dir / 'rounds.png'}")
 
 
+class SampledSmiles(list):
+    """A list of SMILES (None = invalid, fragmented graphs included) that also carries
+    ``fragments``: the same samples with fragmented-but-sanitizable graphs kept as ``"A.B"``
+    SMILES, for :func:`evaluate_base_row`'s largest-fragment validity."""
+
+    def __init__(self, smiles, fragments=None):
+        super().__init__(smiles)
+        self.fragments = list(smiles) if fragments is None else list(fragments)
+
+
 def sample_smiles(problem: GraftProblem, head, base_model, n: int, split: float, seed: int = 0,
                   show_progress: bool = True) -> tuple[list[str | None], torch.Tensor]:
-    """n molecules from head T -> t, base t -> 0; returns (SMILES or None, rewards)."""
+    """n molecules from head T -> t, base t -> 0; returns (SMILES or None, rewards). The list is a
+    :class:`SampledSmiles` (its ``fragments`` keep fragmented molecules) for a molecule problem."""
     _, x0 = sample_finetuned(problem, head, base_model, n, split, seed, batch=256, show_progress=show_progress)
-    return problem.describe(x0, None)["smiles"].tolist(), problem.reward(x0, None)
+    smiles = problem.describe(x0, None)["smiles"].tolist()
+    if isinstance(problem.describe, _Describe):
+        smiles = SampledSmiles(smiles, state_to_smiles(x0, problem.describe.atom_types, require_connected=False))
+    return smiles, problem.reward(x0, None)
 
 
 def draw_top(samples: pd.DataFrame, path: Path, k: int = 24) -> None:
@@ -209,7 +257,7 @@ def evaluate_run(run_dir: str | Path, n: int = 1000, fcd: bool = True, seed: int
                  show_progress: bool = True) -> dict[str, Any]:
     """Metrics row (validity, uniqueness, novelty, QED, diversity, type TV, FCD) of n fresh samples."""
     _, graft, app_cfg, base, head = load_run(run_dir)
-    problem = make_problem(base, app_cfg.reward, app_cfg.sample_steps)
+    problem = make_problem(base, app_cfg.reward, app_cfg.sample_steps, novel=app_cfg.novel)
     smiles, rewards = sample_smiles(problem, head, base.model, n, graft.split, seed, show_progress)
     return evaluate_base_row(smiles, rewards, base, fcd, seed)
 
@@ -231,7 +279,14 @@ def evaluate_base(base_dir: str | Path, n: int = 1000, fcd: bool = True, seed: i
 
 
 def evaluate_base_row(smiles, rewards, base: BaseModel, fcd: bool, seed: int) -> dict[str, Any]:
-    """evaluate_smiles against the base's own dataset split, plus the mean reward."""
+    """evaluate_smiles against the base's own dataset split, plus the mean reward.
+
+    Keys: see :mod:`.metrics` (``validity`` single-fragment, ``validity_largest_fragment`` DiGress,
+    ``vun``, ``qed_novel_mean``, ``sa_raw_mean`` raw SA 1-10, ``fcd`` with ``fcd_n``/``fcd_ref_n``).
+    ``smiles`` from :func:`sample_smiles` carry their fragmented samples, which only
+    ``validity_largest_fragment`` counts; a plain list has None for those (then it equals ``validity``).
+    """
     data = load_dataset(base.preset.dataset, seed=base.preset.seed, limit=base.preset.dataset_limit)
-    return {**evaluate_smiles(smiles, data.train.smiles, data.test.smiles, fcd=fcd, seed=seed),
+    generated = getattr(smiles, "fragments", smiles)
+    return {**evaluate_smiles(generated, data.train.smiles, data.test.smiles, fcd=fcd, seed=seed),
             "reward_mean": float(rewards.double().mean())}

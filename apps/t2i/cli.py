@@ -238,3 +238,41 @@ def evaluate_cmd(
     else:
         typer.echo(f"mean {reward}: {samples[reward].mean():.4f} (prompts outside the world grammar: no checker)")
     typer.echo(f"written to {out}")
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    model: Model = Path("runs/t2i/base"),
+    prompts: Prompts = "train",
+    reward: Reward = "vqa",
+    reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    n_steps: Steps = 20,
+    eta: Eta = 1.0,
+    guidance: Guidance = None,
+    t: opts.TGrid = opts.DIAGNOSE_GRID,
+    states: opts.States = 64,
+    tails: opts.Tails = 8,
+    seed: opts.Seed = 0,
+    batch: opts.DiagnoseBatch = 64,
+    out: opts.DiagnoseOut = Path("runs/t2i/diagnose"),
+    quiet: opts.Quiet = False,
+) -> None:
+    """Which P-GRAFT split --t to train with, from the base pipeline (--model) alone: the share R²(t) of the
+    reward's variance that X_t already decides (n states × K base tails per t, prompts round-robin, 95%
+    intervals); recommends the largest t whose R² lower bound is >= 0.5."""
+    from .prompts import load_prompts
+    from .train import T2IConfig, base_lacks, load_pipeline, recorded_problem
+
+    grid = opts.t_grid(t)
+    lacks = base_lacks(model)
+    if lacks is not None:
+        raise typer.BadParameter(f"{model} is not a base pipeline directory ({lacks}); train one with "
+                                 "`pgraft t2i pretrain`", param_hint="--model")
+    app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
+                        reward_weights=None if reward_weights is None else str(reward_weights),
+                        n_steps=n_steps, eta=eta, guidance_scale=guidance)
+    with opts.bad_parameter(ValueError, FileNotFoundError):
+        pipe = load_pipeline(app_cfg.model, app_cfg.guidance_scale)
+        problem = recorded_problem(pipe, app_cfg, load_prompts(prompts).prompts, out)
+    opts.diagnose(problem, pipe.denoiser, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
+                  quiet=quiet)

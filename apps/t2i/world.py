@@ -218,6 +218,14 @@ class SceneObject:
 SQUARE_HALF_SIDE = 0.85  # similar area to the circle of radius r
 TRIANGLE_HALF_HEIGHT = 0.9  # apex up, height 1.8 r, base 2 r
 DIAMOND_HALF_DIAGONAL = 1.1
+# continuous bounding-box (width, height) of each shape in units of r: what the checker fits its
+# templates to (derived from the numbers above, so drawing and checking share one geometry)
+SHAPE_EXTENT: dict[str, tuple[float, float]] = {
+    "circle": (2.0, 2.0),
+    "square": (2 * SQUARE_HALF_SIDE, 2 * SQUARE_HALF_SIDE),
+    "triangle": (2.0, 2 * TRIANGLE_HALF_HEIGHT),  # base 2 r
+    "diamond": (2 * DIAMOND_HALF_DIAGONAL, 2 * DIAMOND_HALF_DIAGONAL),
+}
 
 
 def shape_template(shape: str, dx: np.ndarray, dy: np.ndarray, r) -> np.ndarray:

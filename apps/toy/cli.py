@@ -106,3 +106,29 @@ def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
     path = out or target.output("samples.csv")
     pd.DataFrame(x0.numpy(), columns=[f"x{i}" for i in range(x0.shape[1])]).to_csv(path, index=False)
     typer.echo(f"{n} samples written to {path}; mean {x0.mean(0).tolist()}")
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    base: Base = DEFAULT_BASE,
+    mixture: Mixture = "1d",
+    reward: Annotated[str, typer.Option(help="Reward: x (linear) or ring.")] = "x",
+    t: opts.TGrid = opts.DIAGNOSE_GRID,
+    states: opts.States = 512,
+    tails: opts.Tails = 8,
+    seed: opts.Seed = 0,
+    batch: opts.DiagnoseBatch = 1024,
+    out: opts.DiagnoseOut = Path("runs/toy/diagnose"),
+    quiet: opts.Quiet = False,
+) -> None:
+    """Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's variance
+    that X_t already decides (n states × K base tails per t, 95% intervals); recommends the largest t whose
+    R² lower bound is >= 0.5."""
+    grid = opts.t_grid(t)
+    with opts.bad_parameter(ValueError):
+        toy = ToyConfig(mixture=mixture, reward=reward)
+    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
+        base_dir = base_dir_of(base, toy)
+    model = load_or_pretrain(toy, base_dir, show_progress=not quiet)
+    opts.diagnose(make_problem(toy), model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
+                  quiet=quiet)

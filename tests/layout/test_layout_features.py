@@ -35,7 +35,8 @@ def test_feature_net_round_trip_and_metric_row(tmp_path, gen):
     f2 = layout_features(again, test.boxes, test.classes, test.mask)
     assert f1.shape == (24, 16) and torch.allclose(f1, f2, atol=1e-6)
     row = evaluate(test, test, again)
-    assert set(row) == {"n", "alignment", "overlap", "out_of_page", "fid", "max_iou", "max_iou_coverage", "class_tv"}
+    assert set(row) == {"n", "alignment", "overlap", "out_of_page", "fid", "max_iou", "max_iou_coverage",
+                        "max_iou_n", "max_iou_ref_n", "class_tv"}
     assert abs(row["fid"]) < 1e-6 and row["max_iou"] > 0.999 and row["class_tv"] == 0.0
     assert render_grid(test.subset(slice(0, 5)), tmp_path / "grid.png", n_cols=3).stat().st_size > 0
 

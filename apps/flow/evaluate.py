@@ -1,0 +1,156 @@
+"""Sample-quality metrics of the image-flow experiment: the :class:`Evaluator` (feature networks and
+cached reference statistics of one base's data) and its settings, :class:`EvalConfig`.
+
+:func:`pgraft.apps.flow.train.evaluate` samples each sampler configuration and scores it here; both
+names are re-exported from :mod:`pgraft.apps.flow.train`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pgraft.core.checkpoint import save_json
+from pgraft.core.state import module_device
+
+from .model import PRESETS
+
+if TYPE_CHECKING:
+    from .train import FlowPretrainConfig
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Metrics settings. ``n`` samples per configuration for the classifier-feature metrics;
+    ``inception_n`` (<= n) of them, and as many reference images, for Inception FID/KID."""
+
+    n: int = 1000
+    reference_n: int = 5000
+    inception: bool = False
+    inception_n: int = 300
+    inception_weights: str | None = None
+    classifier_steps: int = 2000
+    seed: int = 0
+    cache_dir: str | None = None
+
+
+@dataclass
+class Evaluator:
+    """Feature networks + cached reference statistics of one base's data, reused across rows."""
+
+    cfg: EvalConfig
+    base_cfg: FlowPretrainConfig
+    cache_dir: Path
+    classifier: Any = None
+    classifier_reference: Any = None
+    inception: Any = None
+    inception_reference: Any = None
+    classifier_report: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, cfg: EvalConfig, base_cfg: FlowPretrainConfig, cache_dir: str | Path,
+              reference_images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+              show_progress: bool = True, train_images: torch.Tensor | None = None,
+              train_labels: torch.Tensor | None = None, device: torch.device | str = "cpu") -> Evaluator:
+        """Train (or load) the feature classifier and compute (or load) the reference statistics.
+
+        The feature networks run on ``device`` (the classifier is trained on the CPU, a fixed step
+        budget, so every device scores in the same feature space).
+
+        The reference set is the held-out test split when the dataset has one (else training images).
+        ``reference_images``/``labels`` (and the classifier's ``train_images``/``train_labels``, by
+        default the reference set itself) override the data (tests, --quick).
+        """
+        from .metrics import (
+            InceptionFeatures,
+            cached_reference_stats,
+            extract_features,
+            load_classifier,
+            reference_key,
+            save_classifier,
+            train_classifier,
+        )
+
+        cache_dir = Path(cache_dir)
+        ev = cls(cfg=cfg, base_cfg=base_cfg, cache_dir=cache_dir)
+        size = PRESETS[base_cfg.preset]["image_size"]
+        dataset = f"{base_cfg.data}-{Path(base_cfg.path).name if base_cfg.path else 'default'}-{size}px"
+        if reference_images is None:
+            reference_images, labels, train_x, train_y = _reference_data(base_cfg, cfg.reference_n)
+        else:
+            train_x = train_images if train_images is not None else reference_images
+            train_y = train_labels if train_images is not None else labels
+        clf_dir = cache_dir / f"classifier-{dataset}"
+        if (clf_dir / "model.safetensors").is_file():
+            ev.classifier = load_classifier(clf_dir)
+        else:
+            if train_y is None:
+                raise ValueError(f"the feature classifier needs labels; dataset {base_cfg.data!r} has none here")
+            ev.classifier, report = train_classifier(train_x, train_y, reference_images, labels,
+                                                     steps=cfg.classifier_steps, seed=cfg.seed)
+            save_classifier(ev.classifier, clf_dir)
+            save_json(asdict(report), clf_dir / "report.json")
+        if (clf_dir / "report.json").is_file():
+            ev.classifier_report = json.loads((clf_dir / "report.json").read_text())
+        ev.classifier = ev.classifier.to(device)
+        ref = reference_images
+        ev.classifier_reference = cached_reference_stats(
+            cache_dir, reference_key(dataset, len(ref), ev.classifier.name),
+            lambda: extract_features(ev.classifier.features, ref, 256, device=device))
+        if cfg.inception:
+            ev.inception = InceptionFeatures(cfg.inception_weights).to(device)
+            ref_i = ref[: cfg.inception_n]
+            ev.inception_reference = cached_reference_stats(
+                cache_dir, reference_key(dataset, len(ref_i), ev.inception.name),
+                lambda: extract_features(ev.inception, ref_i, 50, show_progress, "inception reference", device))
+        return ev
+
+    def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False) -> dict[str, Any]:
+        """Metrics of samples [M, C, H, W]; Inception on the first ``inception_n`` when enabled."""
+        from .metrics import evaluate_samples
+
+        row = evaluate_samples(samples, self.classifier, self.classifier_reference, seed=self.cfg.seed,
+                               progress=show_progress)
+        row["n_inception"] = 0
+        if with_inception and self.inception is not None:
+            row.update(self.inception_metrics(samples, show_progress))
+        return row
+
+    def inception_metrics(self, samples: torch.Tensor, show_progress: bool = False) -> dict[str, Any]:
+        """Inception FID/KID of the first ``inception_n`` samples against as many reference images."""
+        from .metrics import extract_features, fid_kid
+
+        if self.inception is None:
+            raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
+        sub = samples[: self.cfg.inception_n]
+        feats = extract_features(self.inception, sub, 50, show_progress, "inception features",
+                                 module_device(self.inception))
+        ref = self.inception_reference
+        return {**fid_kid(feats, ref, generator=torch.Generator().manual_seed(self.cfg.seed)),
+                "n_reference_inception": ref.count, "n_inception": int(len(sub))}
+
+
+def _reference_data(base_cfg: FlowPretrainConfig, reference_n: int):
+    """(reference images, their labels, classifier training images, labels) for the base's dataset."""
+    from .data import load_fashion_mnist
+    from .train import load_training_images
+
+    size = PRESETS[base_cfg.preset]["image_size"]
+    if base_cfg.data == "fashion-mnist":
+        pad = size if size != 28 else None
+        test_x, test_y = load_fashion_mnist("test", base_cfg.path, reference_n, pad)
+        train_x, train_y = load_fashion_mnist("train", base_cfg.path, base_cfg.limit, pad)
+        return test_x, test_y, train_x, train_y
+    if base_cfg.data == "cifar10":
+        from .data import load_cifar10
+
+        test_x, test_y = load_cifar10(base_cfg.path, "test", reference_n)
+        train_x, train_y = load_cifar10(base_cfg.path, "train", base_cfg.limit)
+        return test_x, test_y, train_x, train_y
+    # folders have no labels: the classifier cannot be trained here
+    images = load_training_images(base_cfg, limit=reference_n)
+    return images, None, images, None
