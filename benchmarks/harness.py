@@ -24,9 +24,11 @@ trains one method with one training seed and evaluates it. The harness does the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,7 +87,7 @@ class Cell:
 
     metrics: dict[str, float]
     sampled: int = 0
-    compute: "Compute | None" = None
+    compute: "count_compute | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -114,27 +116,76 @@ class count_compute:
     """Count rows through every module whose type is in ``classes`` (the app's network class) while
     the block runs; a call with gradients enabled is a training row, one without a sampling row.
 
-    A global forward hook, so the copies and LoRA heads the training loop makes are counted too."""
+    A global forward hook, so the copies and LoRA heads the training loop makes are counted too.
+    With a ``ledger`` file, :meth:`metered` makes the round loop write the running total there each
+    time a round is committed, and a resumed cell (``resume=True``) starts from that total: the
+    rounds an earlier, killed process committed are counted once, the round it lost is not.
+    ``complete`` is False when a resumed cell found no ledger (its count misses the earlier rounds).
+    """
 
-    def __init__(self, *classes: type):
+    def __init__(self, *classes: type, ledger: Path | None = None, resume: bool = False):
         self.classes = tuple(classes)
+        self.ledger = ledger
+        self.committed = Compute()
+        self.complete = True
+        if ledger is not None and resume:
+            if ledger.is_file():
+                self.committed = Compute(**json.loads(ledger.read_text()))
+            else:
+                self.complete = False
+        self.live = Compute()
         self.compute = Compute()
 
-    def __enter__(self) -> Compute:
+    def total(self) -> Compute:
+        return Compute(self.committed.sample_rows + self.live.sample_rows,
+                       self.committed.train_rows + self.live.train_rows,
+                       self.committed.seconds + self.live.seconds + (time.perf_counter() - self._t0))
+
+    def commit(self) -> None:
+        if self.ledger is not None:
+            total = self.total()
+            atomic_write(self.ledger, lambda p: Path(p).write_text(json.dumps(
+                {"sample_rows": total.sample_rows, "train_rows": total.train_rows, "seconds": total.seconds})))
+
+    def metered(self, problem):
+        """``problem`` with an ``on_round`` that commits the count after every committed round."""
+        inner = problem.on_round
+
+        def on_round(round_, result):
+            if result.phase == "train":
+                self.commit()
+            if inner is not None:
+                inner(round_, result)
+
+        return dataclasses.replace(problem, on_round=on_round)
+
+    def __enter__(self) -> "count_compute":
         def hook(module, args, output):
             if isinstance(module, self.classes):
                 if torch.is_grad_enabled():
-                    self.compute.train_rows += _rows(args)
+                    self.live.train_rows += _rows(args)
                 else:
-                    self.compute.sample_rows += _rows(args)
+                    self.live.sample_rows += _rows(args)
 
         self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
         self._t0 = time.perf_counter()
-        return self.compute
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.compute.seconds += time.perf_counter() - self._t0
+        self.compute = self.total()
         self._handle.remove()
+        if exc[0] is None:
+            self.commit()
+
+
+def resumable(method: Method, run_dir: Path) -> bool:
+    """Whether a cell's training run continues where a killed process left it: a GRAFT run with a
+    saved config resumes from its last checkpointed round; a policy-gradient run (not resumable)
+    is cleared and restarts."""
+    if method.kind == "graft":
+        return (run_dir / "config.json").is_file()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return False
 
 
 @dataclass
@@ -242,9 +293,11 @@ def run_cells(bench: Benchmark, args, methods: list[str], seeds: list[int], out:
                           "seed": seed, "eval_seed": eval_seed(seed), "metrics": cell.metrics,
                           "sampled": cell.sampled, "wall_s": round(time.time() - t0, 1),
                           "compute": None if cell.compute is None else {
-                              "sample_rows": cell.compute.sample_rows, "train_rows": cell.compute.train_rows,
-                              "forward_equivalents": cell.compute.forward_equivalents,
-                              "train_seconds": round(cell.compute.seconds, 1)},
+                              "sample_rows": cell.compute.compute.sample_rows,
+                              "train_rows": cell.compute.compute.train_rows,
+                              "forward_equivalents": cell.compute.compute.forward_equivalents,
+                              "train_seconds": round(cell.compute.compute.seconds, 1),
+                              "complete": cell.compute.complete},
                           "extra": cell.extra, "commit": git_commit()}
                 atomic_write(d / "cell.json", lambda p: Path(p).write_text(json.dumps(record, indent=2, default=float)))
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in cell.metrics.items() if isinstance(v, (int, float)))
@@ -264,7 +317,7 @@ def long_table(cells: list[dict]) -> pd.DataFrame:
         values = dict(c["metrics"])
         values["sampled"] = c["sampled"]
         values["wall_s"] = c["wall_s"]
-        if c.get("compute"):
+        if c.get("compute") and c["compute"].get("complete", True):
             values["sample_rows"] = c["compute"]["sample_rows"]
             values["train_rows"] = c["compute"]["train_rows"]
             values["forward_equivalents"] = c["compute"]["forward_equivalents"]

@@ -1,14 +1,24 @@
-"""Layout benchmark: base vs GRAFT vs P-GRAFT at several t vs the DDPO-style policy-gradient baseline,
-all at the same budget of sampled layouts (rounds x groups x M), on one base model and one reward.
+"""Layout benchmark: base, GRAFT (Top-2 of M), P-GRAFT (Top-2 of M) at t = 0.25 / 0.5 / 0.75 and the
+DDPO-style policy-gradient baseline, every method trained once per training seed at the same budget
+of sampled layouts (rounds × groups × M), on the shipped default-preset base with the ``combined``
+reward (the weighted negative of LayoutGAN++'s alignment, overlap and out-of-page).
 
-    python benchmarks/layout.py --quick                       # tiny base, < 3 min, smoke of the pipeline
-    python benchmarks/layout.py                               # a real run on the shipped default-preset base
-    python benchmarks/layout.py --report --out DIR            # only aggregate finished methods
+    python benchmarks/layout.py --seeds 0,1,2            # all methods, 3 training seeds, shipped base
+    python benchmarks/layout.py --seeds 0,1,2 &  python benchmarks/layout.py --seeds 0,1,2   # two processes share the cells
+    python benchmarks/layout.py --report                 # aggregate the finished cells
+    python benchmarks/layout.py --quick --seeds 0,1 --out /tmp/layout_quick   # tiny budget smoke (shipped base)
 
-Each method writes results/<method>.json (metrics of --eval-samples fresh layouts: alignment,
-overlap, out-of-page, layout FID on this project's feature net, max-IoU, class TV, mean reward) and
-layouts_<method>.png (rendered pages); the report writes results.csv, layout.png (metric bars and
-reward per round) and prints the table. Methods may run in separate processes and be aggregated.
+Every method is evaluated on ``--eval-samples`` fresh layouts drawn with the shared evaluation seed
+(benchmarks/harness.py): mean reward, alignment, overlap and out-of-page (raw values: LayoutGAN++
+prints alignment and overlap ×100), layout FID on this project's own feature net (not comparable to
+published numbers), max-IoU against the test split (with ``max_iou_coverage``, the share of
+generated layouts that could be matched, and ``max_iou_ref_n``, the test layouts that entered) and
+the class TV distance. At the defaults a GRAFT / P-GRAFT cell takes roughly 2 min of one CPU core
+(~30 s per round, ~20 s to evaluate 512 layouts), PG about 1.5 min, the base about 20 s; the
+``--quick`` run of all 12 cells about 1 min. Cells (method × seed) are resumable. Writes seeds.csv
+(long format), summary.csv (mean, 95% CI), verdicts.txt and layout_seeds.png in --out, plus
+layout_rounds.png (the candidates' reward per round, mean over seeds) and, per cell, layouts.png
+(rendered pages).
 
 The PG baseline needs a stochastic box sampler: it samples (and is evaluated) with the small-noise
 reverse SDE of :func:`pgraft.apps.layout.diffusion.sde_step` (``--pg-noise``), whose marginals equal
@@ -17,183 +27,208 @@ the Euler ODE's; the other methods use the deterministic Euler box sampler.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import harness  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+from harness import Benchmark, Cell, Comparison, Method, Metric  # noqa: E402
 
+from pgraft.apps.layout.features import layout_features  # noqa: E402
+from pgraft.apps.layout.metrics import evaluate  # noqa: E402
+from pgraft.apps.layout.model import LayoutDenoiser  # noqa: E402
 from pgraft.apps.layout.render import render_grid  # noqa: E402
 from pgraft.apps.layout.train import (  # noqa: E402
     DEFAULT_BASE,
-    BaseModel,
     LayoutTrainConfig,
     base_dir_of,
-    evaluate_layouts,
-    get_preset,
-    load_base,
     load_or_pretrain,
     log_prob_fn,
     make_problem,
     model_config,
-    pretrain_layout,
     sample_layouts,
 )
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
+from pgraft.core.shipped import weights_sha256  # noqa: E402
 from pgraft.core.trainer import GraftConfig, run_graft  # noqa: E402
 
+TOP2 = {"rule": "topk", "k": 2}
+T_VALUES = (0.25, 0.5, 0.75)
 
-@dataclass(frozen=True)
-class Method:
-    label: str
-    kind: str = "graft"  # graft | pg | base
-    grs: GRSConfig = field(default_factory=lambda: GRSConfig(rule="topk", k=2))
-    t: float = 0.0
-
-
-METHODS: dict[str, Method] = {
-    "base": Method("base", kind="base"),
-    "graft": Method("GRAFT Top-2 of M"),
-    "pgraft_0.25": Method("P-GRAFT t=0.25", t=0.25),
-    "pgraft_0.5": Method("P-GRAFT t=0.5", t=0.5),
-    "pgraft_0.75": Method("P-GRAFT t=0.75", t=0.75),
-    "pg": Method("policy gradient (DDPO-style)", kind="pg"),
+METHODS = {
+    "base": Method("base", "base", "base"),
+    "graft": Method("graft", "GRAFT Top-2 of M", "graft", {"grs": TOP2, "t": 0.0}),
+    **{f"pgraft_{t}": Method(f"pgraft_{t}", f"P-GRAFT t={t}", "graft", {"grs": TOP2, "t": t}) for t in T_VALUES},
+    "pg": Method("pg", "policy gradient (DDPO-style)", "pg"),
 }
-METRICS = ["reward_mean", "alignment", "overlap", "fid", "max_iou", "class_tv"]
+METRICS = {
+    "reward_mean": Metric("reward (mean)"),
+    "fid": Metric("FID (own feature net)", higher_is_better=False, digits=2),
+    "alignment": Metric("alignment (raw; LayoutGAN++ prints ×100)", higher_is_better=False, digits=5),
+    "overlap": Metric("overlap (raw; LayoutGAN++ prints ×100)", higher_is_better=False, digits=4),
+    "out_of_page": Metric("out-of-page", higher_is_better=False, digits=5),
+    "max_iou": Metric("max-IoU"),
+    "max_iou_coverage": Metric("max-IoU coverage"),
+    "max_iou_ref_n": Metric("max-IoU reference layouts", digits=0),
+    "class_tv": Metric("class TV", higher_is_better=False),
+}
+COMPARISONS = [Comparison(a, b, metric) for metric in ("reward_mean", "fid") for a, b in [
+    *[(f"pgraft_{t}", "graft") for t in T_VALUES],
+    *[(f"pgraft_{t}", "pg") for t in T_VALUES],
+    ("graft", "base"),
+]]
 
 
-def run_method(name: str, args: argparse.Namespace, base: BaseModel, out: Path) -> dict:
-    method = METHODS[name]
-    run_dir = out / "runs" / name
-    shutil.rmtree(run_dir, ignore_errors=True)
+def add_args(ap) -> None:
+    ap.add_argument("--base", default=DEFAULT_BASE,
+                    help="'shipped' (the package's base, the default) or a base directory (pretrained with "
+                         "--preset if it holds no finished base)")
+    ap.add_argument("--preset", default="default", help="preset to pretrain if --base holds no finished base")
+    ap.add_argument("--reward", default="combined")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--groups", type=int, default=32)
+    ap.add_argument("--m", type=int, default=8, help="group size M (Top-2 of M)")
+    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--sample-steps", type=int, default=0, help="0 = the base preset's")
+    ap.add_argument("--pg-noise", type=float, default=0.3, help="box noise of the PG baseline's SDE sampler")
+    ap.add_argument("--pg-timestep-fraction", type=float, default=0.25)
+    ap.add_argument("--eval-samples", type=int, default=512)
+    ap.add_argument("--max-iou-limit", type=int, default=512, help="layouts of each set entering max-IoU")
+    ap.add_argument("--render", type=int, default=16, help="pages rendered per cell (layouts.png; 0 = none)")
+
+
+def quick(args) -> None:
+    if args.out == Path("runs/bench/layout"):
+        args.out = args.out / "quick"
+    args.rounds, args.groups, args.m, args.train_steps, args.batch_size = 2, 4, 4, 10, 8
+    args.eval_samples, args.render = 48, 8
+
+
+def describe(args) -> dict:
+    return {k: getattr(args, k) for k in ("base", "preset", "reward", "rounds", "groups", "m", "train_steps",
+                                          "batch_size", "lr", "sample_steps", "pg_noise", "pg_timestep_fraction",
+                                          "eval_samples", "max_iou_limit", "quick")}
+
+
+class Context:
+    """The base (loaded once per process), its weights' digest, the test split's FID features and
+    the two samplers (Euler ODE; the SDE for PG)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.base_dir = base_dir_of(LayoutTrainConfig(base=str(args.base), preset=args.preset))
+        self.base = load_or_pretrain(self.base_dir, args.preset, show_progress=not args.quiet)
+        self.base_sha256 = weights_sha256(self.base_dir)
+        self.reference = self.base.reference()
+        ref = self.reference
+        self.reference_features = layout_features(self.base.feature_net, ref.boxes, ref.classes, ref.mask)
+        steps = args.sample_steps or None
+        self.problems = {"ode": make_problem(self.base, args.reward, steps),
+                         "sde": make_problem(self.base, args.reward, steps, box_noise=args.pg_noise)}
+
+    def app_config(self) -> dict:
+        cfg = LayoutTrainConfig(reward=self.args.reward, sample_steps=self.args.sample_steps, base=str(self.args.base),
+                                preset=self.args.preset, base_sha256=self.base_sha256)
+        return {"layout": asdict(cfg)}
+
+
+def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
+    args, base = ctx.args, ctx.base
+    run_dir = cell_dir / "run"
+    show = not args.quiet
+    problem, head, split, sampled = ctx.problems["ode"], base.model, 0.0, 0
+    resume = harness.resumable(method, run_dir)
+    with harness.count_compute(LayoutDenoiser, ledger=cell_dir / "compute.json", resume=resume) as compute:
+        if method.kind == "graft":
+            split = method.params["t"]
+            cfg = GraftConfig(rounds=args.rounds, groups=args.groups, group_size=args.m,
+                              grs=GRSConfig(**method.params["grs"]), split=split, train_steps=args.train_steps,
+                              batch_size=args.batch_size, lr=args.lr, replay=True, sample_batch_size=256,
+                              final_eval=False, seed=seed)
+            # a killed cell continues from its last checkpointed round
+            head, _ = run_graft(compute.metered(problem), base.model, model_config(base), cfg, run_dir,
+                                app_config=ctx.app_config(), resume=resume, show_progress=show)
+            sampled = args.rounds * args.groups * args.m
+        elif method.kind == "pg":
+            # same sampled-layout budget; the SDE sampler gives every step a likelihood
+            problem = ctx.problems["sde"]
+            # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
+            cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=args.m, epochs=1,
+                           batch_size=args.batch_size, lr=args.lr, log_prob_reduction="sum", clip=0.2,
+                           sample_batch_size=256, timestep_fraction=args.pg_timestep_fraction, final_eval=False,
+                           seed=seed)
+            head, _ = run_policy_gradient(compute.metered(problem), log_prob_fn(args.pg_noise), base.model, model_config(base), cfg,
+                                          run_dir, app_config={**ctx.app_config(), "pg_noise": args.pg_noise},
+                                          show_progress=show)
+            sampled = args.rounds * args.groups * args.m
     t0 = time.time()
-    problem = make_problem(base, args.reward, args.sample_steps or None)
-    split = 0.0
-    if method.kind == "base":
-        head = base.model
-    elif method.kind == "graft":
-        cfg = GraftConfig(rounds=args.rounds, groups=args.groups, group_size=args.m, grs=method.grs, split=method.t,
-                          train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, replay=True,
-                          sample_batch_size=256, final_eval=False, seed=0)
-        head, _ = run_graft(problem, base.model, model_config(base), cfg, run_dir,
-                            app_config={"reward": args.reward}, show_progress=not args.quiet)
-        split = method.t
-    else:
-        # same sampled-layout budget; the SDE sampler gives every step a likelihood
-        problem = make_problem(base, args.reward, args.sample_steps or None, box_noise=args.pg_noise)
-        # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
-        cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=args.m, epochs=1,
-                       batch_size=args.batch_size, lr=args.lr, log_prob_reduction="sum", clip=0.2, sample_batch_size=256,
-                       timestep_fraction=args.pg_timestep_fraction, final_eval=False, seed=0)
-        head, _ = run_policy_gradient(problem, log_prob_fn(args.pg_noise), base.model, model_config(base), cfg,
-                                      run_dir, app_config={"reward": args.reward}, show_progress=not args.quiet)
-    train_seconds = time.time() - t0
     layouts, rewards = sample_layouts(problem, head, base.model, args.eval_samples, split, base.class_names,
-                                      seed=10_007, show_progress=not args.quiet)
-    row = {"method": name, "label": method.label, "t": split,
-           "sampled_for_training": 0 if method.kind == "base" else args.rounds * args.groups * args.m,
-           **evaluate_layouts(layouts, base, max_iou_limit=args.max_iou_limit),
-           "reward_mean": float(rewards.mean()), "train_seconds": train_seconds}
-    render_grid(layouts.subset(slice(0, args.render)), out / f"layouts_{name}.png",
-                titles=[f"r={r:.2f}" for r in rewards[: args.render].tolist()])
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / f"{name}.json").write_text(json.dumps(row, indent=2))
-    print(json.dumps(row), flush=True)
-    return row
+                                      seed=harness.eval_seed(seed), show_progress=show)
+    row = evaluate(layouts, ctx.reference, base.feature_net, max_iou_limit=args.max_iou_limit,
+                   reference_features=ctx.reference_features)
+    metrics = {k: float(v) for k, v in row.items() if isinstance(v, (int, float))}
+    metrics["reward_mean"] = float(rewards.mean())
+    if args.render > 0:
+        render_grid(layouts.subset(slice(0, args.render)), cell_dir / "layouts.png",
+                    titles=[f"r={r:.2f}" for r in rewards[: args.render].tolist()])
+    return Cell(metrics, sampled=sampled, compute=None if method.kind == "base" else compute,
+                extra={"base_sha256": ctx.base_sha256, "t": split, "eval_seconds": round(time.time() - t0, 1)})
 
 
-def report(out: Path) -> pd.DataFrame:
-    """results.csv + layout.png from every results/<method>.json under ``out``."""
-    rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
-    if not rows:
-        raise SystemExit(f"no results under {out / 'results'}")
-    order = {m: i for i, m in enumerate(METHODS)}
-    table = pd.DataFrame(rows).sort_values("method", key=lambda s: s.map(order)).reset_index(drop=True)
-    table.to_csv(out / "results.csv", index=False)
-    cols = [c for c in METRICS if c in table]
-    fig, axes = plt.subplots(1, len(cols) + 1, figsize=(3.3 * (len(cols) + 1), 3.6))
-    for ax, col in zip(axes, cols):
-        ax.bar(range(len(table)), table[col], color=[f"C{i}" for i in range(len(table))])
-        ax.set_xticks(range(len(table)), table["method"], rotation=60, ha="right", fontsize=7)
-        ax.set_title(col + (" (↑)" if col in ("reward_mean", "max_iou") else " (↓)"))
-    ax = axes[-1]
-    for i, name in enumerate(table["method"]):
-        path = out / "runs" / name / "metrics.csv"
-        if path.is_file():
-            m = pd.read_csv(path)
-            m = m[m["phase"] == "train"]
-            ax.plot(m["round"], m["reward_mean"], "o-", color=f"C{i}", label=name)
-    ax.set_title("candidates' reward per round")
-    ax.set_xlabel("round")
-    ax.legend(fontsize=6)
+def plot_rounds(out: Path, long: pd.DataFrame, path: Path, columns: dict[str, str], title: str,
+                methods: dict[str, Method] = METHODS) -> bool:
+    """Candidates' metrics per training round (each cell's run/metrics.csv, mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    labels = {k: m.label for k, m in methods.items()}
+    present = [k for k in methods if k in set(long["method"])]
+    frames = {}
+    for key in present:
+        parts = [pd.read_csv(p) for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
+        parts = [m[m["phase"] == "train"] for m in parts if "phase" in m and "round" in m]
+        if parts:
+            frames[key] = pd.concat(parts).groupby("round").mean(numeric_only=True)
+    if not frames:
+        return False
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.6), squeeze=False)
+    for ax, (col, name) in zip(axes[0], columns.items()):
+        for i, key in enumerate(present):
+            if key in frames and col in frames[key]:
+                ax.plot(frames[key].index, frames[key][col], "o-", color=f"C{i % 10}", label=labels[key])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "layout.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(table[["method", *cols, "out_of_page", "max_iou_coverage", "train_seconds"]].round(4).to_string())
-    return table
+    return True
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/bench/layout"))
-    p.add_argument("--base", default=DEFAULT_BASE,
-                   help="'shipped' (the package's base, when it ships one) or a base directory (pretrained if empty)")
-    p.add_argument("--preset", default="default", help="preset to pretrain if --base holds no finished model")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--reward", default="combined")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--groups", type=int, default=32)
-    p.add_argument("--m", type=int, default=8)
-    p.add_argument("--train-steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--sample-steps", type=int, default=0, help="0 = the base preset's")
-    p.add_argument("--pg-noise", type=float, default=0.3)
-    p.add_argument("--pg-timestep-fraction", type=float, default=0.25)
-    p.add_argument("--eval-samples", type=int, default=512)
-    p.add_argument("--max-iou-limit", type=int, default=512)
-    p.add_argument("--render", type=int, default=16)
-    p.add_argument("--quick", action="store_true", help="tiny base and budget: a < 3 min smoke of the pipeline")
-    p.add_argument("--report", action="store_true", help="only aggregate finished methods")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    if args.report:
-        report(args.out)
-        return
-    if args.quick:
-        args.out = args.out / "quick" if args.out == Path("runs/bench/layout") else args.out
-        args.base = args.out / "base"
-        args.rounds, args.groups, args.m, args.train_steps, args.batch_size = 1, 4, 4, 10, 8
-        args.eval_samples, args.render, args.quiet = 48, 8, True
-        args.methods = ",".join(["base", "graft", "pgraft_0.5", "pg"])
-        base = load_base(args.base) if (args.base / "features").is_dir() else \
-            pretrain_layout(get_preset("tiny"), args.base, show_progress=False)
-    else:
-        base_dir = base_dir_of(LayoutTrainConfig(base=str(args.base), preset=args.preset))
-        base = load_or_pretrain(base_dir, args.preset, show_progress=not args.quiet)
-    names = [m for m in args.methods.split(",") if m]
-    unknown = set(names) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        run_method(name, args, base, args.out)
-    report(args.out)
+def notes(out: Path, long: pd.DataFrame) -> list[str]:
+    path = out / "layout_rounds.png"
+    if plot_rounds(out, long, path, {"reward_mean": "candidates' reward", "overlap": "candidates' overlap"},
+                   "layout: training candidates per round (mean over seeds)"):
+        print(f"\nwrote {path} (candidates per round); rendered pages: cells/<method>/seed_<s>/layouts.png")
+    return []
 
+
+BENCH = Benchmark(
+    name="layout", methods=METHODS, metrics=METRICS, run_cell=run_cell, prepare=Context, comparisons=COMPARISONS,
+    headline=["reward_mean", "fid", "alignment", "overlap", "max_iou"], reward_metric="reward_mean",
+    add_args=add_args, quick=quick, describe=describe, notes=notes)
 
 if __name__ == "__main__":
-    main()
+    harness.main(BENCH, __doc__)

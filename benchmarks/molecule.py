@@ -59,8 +59,9 @@ METHODS = {
     "pgraft_0.1_bon16_dedup": _graft("P-GRAFT t=0.1 BoN (N=16) + dedup (train default)", t=0.1, dedup=True, m=16),
     "graft_topk": _graft("GRAFT Top-2 of 8", rule="topk", k=2),
 }
-DEFAULT_METHODS = ["base", "graft_bon", "graft_bon_dedup", "pgraft_0.1_bon_dedup", "pgraft_0.25_bon_dedup",
-                   "pgraft_0.5_bon_dedup", "pg", "pgraft_0.1_bon_dedup_novel"]
+# in order of importance: a run cut short leaves the last methods missing (cells run method by method)
+DEFAULT_METHODS = ["base", "graft_bon", "graft_bon_dedup", "pgraft_0.1_bon_dedup", "pg", "pgraft_0.25_bon_dedup",
+                   "pgraft_0.5_bon_dedup", "pgraft_0.1_bon_dedup_novel"]
 METHODS = {k: Method(k, v.label, v.kind, v.params) for k, v in METHODS.items()}  # keys filled in
 
 METRICS = {
@@ -132,14 +133,16 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
                               base_sha256=ctx.base_sha256, novel=novel)
     run_dir = cell_dir / "run"
     split, sampled, head = 0.0, 0, base.model
-    with harness.count_compute(GraphTransformer) as compute:
+    resume = harness.resumable(method, run_dir)
+    with harness.count_compute(GraphTransformer, ledger=cell_dir / "compute.json", resume=resume) as compute:
+        problem = compute.metered(problem)
         if method.kind == "graft":
             m = p["m"]
             cfg = GraftConfig(rounds=args.rounds, groups=args.groups * 8 // m, group_size=m, grs=GRSConfig(**p["grs"]),
                               dedup=p["dedup"], split=p["t"], train_steps=args.train_steps, batch_size=64, lr=args.lr,
                               replay=True, sample_batch_size=256, final_eval=False, seed=seed)
             head, _ = run_graft(problem, base.model, base.model.init_kwargs(), cfg, run_dir,
-                                app_config={"molecule": app.__dict__}, resume=run_dir.exists(),
+                                app_config={"molecule": app.__dict__}, resume=resume,
                                 show_progress=not args.quiet)
             split, sampled = p["t"], args.rounds * cfg.groups * m
         elif method.kind == "pg":

@@ -1,164 +1,198 @@
-"""Text-to-image benchmark: base vs GRAFT (BoN / Top-K) vs P-GRAFT at several t vs the DDPO-style
-policy-gradient baseline, all at the same budget of generated images (rounds x groups x M), on the
-embedded shapes world's base pipeline with the learned VQA-style reward.
+"""Text-to-image benchmark: base, GRAFT Top-2 of M, P-GRAFT (Top-2 of M) at t = 0.25 / 0.5 / 0.75 and the
+DDPO-style policy-gradient baseline (plus, on request, GRAFT BoN and the no-selection control
+``sft_all``), every method trained once per training seed at the same budget of generated images
+(rounds × groups × M), on the embedded shapes world's base pipeline with the learned VQA-style reward
+and the trust-region anchor of ``pgraft t2i train`` (``--anchor``, default 5).
 
-    python benchmarks/t2i.py --quick                          # tiny base + scorer, ~2-3 min smoke
-    python benchmarks/t2i.py [--base runs/t2i/base] [--methods a,b,...] [--rounds R --groups G --m M]
-    python benchmarks/t2i.py --report [--out DIR]             # only aggregate finished methods
+    pgraft t2i pretrain --out runs/t2i/base          # the base pipeline (~45 min on one core); required
+    pgraft t2i train-scorer --out runs/t2i/scorer    # the learned reward (~3-8 min); required
+    python benchmarks/t2i.py --seeds 0,1,2           # default methods, 3 training seeds
+    python benchmarks/t2i.py --seeds 0,1,2 --per-prompt 18 --methods base,sft_all,graft_bon,graft_topk,pgraft_0.25,pgraft_0.5,pgraft_0.75,pg
+    python benchmarks/t2i.py --report                # aggregate the finished cells
+    python benchmarks/t2i.py --quick --seeds 0,1 --out /tmp/t2i_quick   # tiny budget smoke (needs --base too)
 
 Every method fine-tunes (LoRA on the UNet attention, as ``pgraft t2i train``) on the *train* prompt
-split with reward ``vqa`` and is evaluated on the *held-out* split (unseen combinations of seen
-words) with the same sampler seeds for every method: the learned reward and the exact checker's
-GenEval-style accuracy per category. Each method writes results/<method>.json,
-results/<method>_samples.csv (per image: prompt, reward, category, verdict),
-results/<method>_grid.safetensors (first image of a few held-out prompts) and its run directory
-runs/<method>; the report writes results.csv, t2i.png (reward and per-category accuracy bars,
-candidates' reward and checker accuracy per round), t2i_grid.png (rows = prompts, columns =
-methods, same seed) and summary.txt (the gain of P-GRAFT over base and whether it beats GRAFT and
-PG). Methods can run in separate processes (one thread each) and be aggregated with --report.
+split (148 prompts) with reward ``vqa`` (``--reward checker``: the exact checker, an oracle
+ablation) and is evaluated on the *held-out* split (62 prompts: unseen combinations of seen words),
+``--per-prompt`` images each, drawn with the evaluation seed shared by every method trained with the
+same seed (benchmarks/harness.py), so the images of two methods start from the same noise. Metrics:
+the learned reward (``reward``), the exact checker's accuracy over all held-out images
+(``accuracy``, the checker reward's mean), GenEval's ``overall`` (the mean of the per-category
+accuracies) and each category's accuracy.
+
+How precise one cell is (binomial, at the worst case p = 0.5; n = 62 × per-prompt held-out images):
+
+    --per-prompt   n images   SE of accuracy = sqrt(p(1-p)/n)   SE of GenEval overall (5 categories)
+    2 (--quick)       124          0.045                             0.102
+    4 (default)       248          0.032                             0.072
+    8                 496          0.022                             0.051
+    16                992          0.016                             0.036
+    18               1116          0.015                             0.034
+    20               1240          0.014                             0.032
+
+so ``--per-prompt 18`` is the least that gets one standard error of a cell's accuracy to 0.015.
+GenEval's overall weighs the held-out categories equally although they hold 43, 14, 2, 2 and 1
+prompts, so its standard error is about twice as large (0.015 needs ~94 images per prompt). The
+paired differences and CIs in verdicts.txt are over training seeds and include this noise.
+
+Cost (the default preset on one shared CPU core, measured with a random-weight base): a fine-tuning
+cell at the defaults takes roughly 5 min of CPU (~75 s per round, ~15 s per 62 held-out images),
+the base cell about 1 min; ``--per-prompt 18`` adds about 3-4 min to every cell.
+
+Cells (method × seed) are resumable (GRAFT runs continue from their last round). Writes seeds.csv
+(long format), summary.csv (mean, 95% CI), verdicts.txt and t2i_seeds.png in --out, plus
+t2i_rounds.png (the training candidates' learned reward and checker accuracy per round, mean over
+seeds), t2i_grid.png (rows = the first held-out prompt of each category, columns = methods, first
+seed: every image from the same noise) and, per cell, samples.csv (per held-out image: prompt,
+reward, category, verdict) and grid.safetensors.
 
 P-GRAFT's t is the fraction of sampler steps left to the frozen base (0 = GRAFT). The PG baseline
 samples every step with its policy (DDIM(eta), classifier-free guidance, as GRAFT's head) and is
-trained on the log-density of those steps (:func:`pgraft.apps.t2i.train.log_prob`).
+trained on the log-density of those steps (:func:`pgraft.apps.t2i.train.log_prob`); it has no anchor.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import harness  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torch import nn  # noqa: E402
+from harness import Benchmark, Cell, Comparison, Method, Metric  # noqa: E402
 
 from pgraft.apps.t2i import DEFAULT_ANCHOR  # noqa: E402
-from pgraft.apps.t2i.model import UNET_ATTENTION, T2IPipeline  # noqa: E402
+from pgraft.apps.t2i.model import UNET_ATTENTION  # noqa: E402
 from pgraft.apps.t2i.prompts import load_prompts  # noqa: E402
-from pgraft.apps.t2i.rewards import ScorerTrainConfig, make_reward, train_scorer  # noqa: E402
+from pgraft.apps.t2i.rewards import make_reward  # noqa: E402
 from pgraft.apps.t2i.train import (  # noqa: E402
-    PRETRAIN_STEPS,
-    PretrainT2IConfig,
     T2IConfig,
+    base_lacks,
     evaluate_images,
     load_pipeline,
     log_prob,
-    pretrain_world,
     recorded_problem,
     sample_images,
     train_t2i,
 )
 from pgraft.apps.t2i.world import CATEGORIES  # noqa: E402
 from pgraft.core.grs import GRSConfig  # noqa: E402
+from pgraft.core.integrity import sha256_file  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
 from pgraft.core.state import default_device, load_state, save_state  # noqa: E402
 from pgraft.core.trainer import GraftConfig  # noqa: E402
 
 REWARD = "vqa"  # the learned reward every method is evaluated with (and trained with, by default)
-EVAL_SEED = 2  # the seed of `pgraft t2i evaluate`; shared by every method, so columns of the grid share x_T
+BASE_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"  # the base's main weights file (its identity)
+SCORER_WEIGHTS = "model.safetensors"
+TOP2 = {"rule": "topk", "k": 2}
+T_VALUES = (0.25, 0.5, 0.75)
 
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    kind: str = "graft"  # a key of TRAINERS
-    grs: GRSConfig = field(default_factory=lambda: GRSConfig(rule="topk", k=2))
-    t: float = 0.0
-
-
-METHODS: dict[str, Method] = {
-    "base": Method("base", kind="base"),
+METHODS = {
+    "base": Method("base", "base", "base"),
     # control: the same self-training with no selection, to separate selection from drift
-    "sft_all": Method("SFT on all samples (no selection)", grs=GRSConfig(rule="threshold", threshold=-1.0)),  # both rewards lie in [0, 1]
-    "graft_bon": Method("GRAFT BoN (1 of M)", grs=GRSConfig(rule="bon")),
-    "graft_topk": Method("GRAFT Top-2 of M"),
-    "pgraft_0.25": Method("P-GRAFT t=0.25", t=0.25),
-    "pgraft_0.5": Method("P-GRAFT t=0.5", t=0.5),
-    "pgraft_0.75": Method("P-GRAFT t=0.75", t=0.75),
-    "pg": Method("policy gradient (DDPO-style)", kind="pg"),
+    # (threshold -1: both rewards lie in [0, 1])
+    "sft_all": Method("sft_all", "SFT on all samples (no selection)", "graft",
+                      {"grs": {"rule": "threshold", "threshold": -1.0}, "t": 0.0}),
+    "graft_bon": Method("graft_bon", "GRAFT BoN (1 of M)", "graft", {"grs": {"rule": "bon"}, "t": 0.0}),
+    "graft_topk": Method("graft_topk", "GRAFT Top-2 of M", "graft", {"grs": TOP2, "t": 0.0}),
+    **{f"pgraft_{t}": Method(f"pgraft_{t}", f"P-GRAFT t={t} (Top-2 of M)", "graft", {"grs": TOP2, "t": t})
+       for t in T_VALUES},
+    "pg": Method("pg", "policy gradient (DDPO-style)", "pg"),
 }
+DEFAULT_METHODS = ["base", "graft_topk", *[f"pgraft_{t}" for t in T_VALUES], "pg"]
+METRICS = {
+    "reward": Metric(f"held-out reward ({REWARD})", digits=4),
+    "accuracy": Metric("held-out accuracy (checker)"),
+    "overall": Metric("GenEval overall (category mean)"),
+    **{c: Metric(f"acc. {c}") for c in CATEGORIES},
+}
+COMPARISONS = [Comparison(a, b, metric) for metric in ("accuracy", "reward", "overall") for a, b in [
+    *[(f"pgraft_{t}", "graft_topk") for t in T_VALUES],
+    *[(f"pgraft_{t}", "pg") for t in T_VALUES],
+    ("graft_topk", "base"),
+]]
 
 
-@dataclass(frozen=True)
-class Bench:
-    """What every method shares: the base pipeline's path, the reward's weights and the budget."""
-
-    base: str
-    scorer: str
-    rounds: int
-    groups: int
-    m: int
-    train_steps: int
-    batch_size: int
-    lr: float
-    lora: int
-    n_steps: int
-    eta: float
-    sample_batch_size: int
-    pg_clip: float
-    pg_timestep_fraction: float
-    eval_per_prompt: int
-    replay: bool = False
-    reward: str = REWARD
-    guidance: float | None = None
-    cond_dropout: float = 0.0
-    anchor: float = 0.0
-
-    def app(self) -> T2IConfig:
-        return T2IConfig(model=self.base, prompts="train", reward=self.reward,
-                         reward_weights=self.scorer if self.reward == REWARD else None,
-                         n_steps=self.n_steps, eta=self.eta, guidance_scale=self.guidance,
-                         cond_dropout=self.cond_dropout)
-
-
-# ----------------------------------------------------------------------------- fine-tuning, per kind
-def train_base(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, show: bool) -> nn.Module:
-    return pipe.denoiser
-
-
-def train_graft(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, show: bool) -> nn.Module:
-    """``pgraft t2i train`` with the benchmark's budget (LoRA targets: the app's default)."""
-    cfg = GraftConfig(rounds=bench.rounds, groups=bench.groups, group_size=bench.m, grs=method.grs, split=method.t,
-                      train_steps=bench.train_steps, batch_size=bench.batch_size, lr=bench.lr, lora_rank=bench.lora,
-                      sample_batch_size=bench.sample_batch_size, replay=bench.replay, anchor=bench.anchor,
-                      final_eval=False, seed=0)
-    head, _ = train_t2i(bench.app(), cfg, run_dir, show_progress=show)
-    return head
+def add_args(ap) -> None:
+    ap.set_defaults(methods=",".join(DEFAULT_METHODS))
+    ap.add_argument("--base", type=Path, default=Path("runs/t2i/base"),
+                    help="base pipeline directory: the output of `pgraft t2i pretrain` (required; nothing is "
+                         "pretrained here)")
+    ap.add_argument("--scorer", type=Path, default=Path("runs/t2i/scorer"),
+                    help="the learned VQA reward: the output of `pgraft t2i train-scorer` (required: every method "
+                         "is evaluated with it)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--groups", type=int, default=16, help="prompts per round")
+    ap.add_argument("--m", type=int, default=8, help="images per prompt (group size M)")
+    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--reward", default=REWARD, choices=[REWARD, "checker"],
+                    help="training reward (evaluation always reports both): the learned scorer, or the exact "
+                         "checker as an oracle ablation")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (default: the model's)")
+    ap.add_argument("--cond-dropout", type=float, default=0.0,
+                    help="fine-tuning also trains the unconditional eps on this fraction of accepted images")
+    ap.add_argument("--replay", action="store_true", help="GRAFT / P-GRAFT train on every accepted image so far")
+    ap.add_argument("--anchor", type=float, default=DEFAULT_ANCHOR,
+                    help="GRAFT / P-GRAFT trust region: weight of the squared head-base difference (0 = off; "
+                         "the default is `pgraft t2i train`'s)")
+    ap.add_argument("--lora", type=int, default=8, help="LoRA rank on the UNet attention (0 = full fine-tune)")
+    ap.add_argument("--n-steps", type=int, default=20, help="DDIM sampler steps")
+    ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0: P-GRAFT's tail and PG need noise)")
+    ap.add_argument("--sample-batch-size", type=int, default=64)
+    ap.add_argument("--pg-clip", type=float, default=0.2)
+    ap.add_argument("--pg-timestep-fraction", type=float, default=0.25)
+    ap.add_argument("--per-prompt", "--eval-per-prompt", dest="per_prompt", type=int, default=4,
+                    help="held-out images per prompt (62 prompts); 18 gets one standard error of a cell's "
+                         "accuracy to 0.015 (see the table above)")
 
 
-def train_pg(method: Method, bench: Bench, pipe: T2IPipeline, run_dir: Path, show: bool) -> nn.Module:
-    """DDPO-style clipped policy gradient on the same prompts, reward, sampler and image budget;
-    the reward is wrapped in the app's recorder so metrics.csv also logs the checker accuracy."""
-    # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
-    cfg = PGConfig(rounds=bench.rounds, groups=bench.groups, group_size=bench.m, epochs=1,
-                   batch_size=bench.batch_size, lr=bench.lr, log_prob_reduction="sum", clip=bench.pg_clip, lora_rank=bench.lora,
-                   lora_targets=UNET_ATTENTION, sample_batch_size=bench.sample_batch_size,
-                   timestep_fraction=bench.pg_timestep_fraction, final_eval=False, seed=0)
-    app = bench.app()
-    problem = recorded_problem(pipe, app, load_prompts(app.prompts).prompts, run_dir)
-    head, _ = run_policy_gradient(problem, log_prob(pipe, app.eta), pipe.denoiser, pipe.denoiser.init_kwargs(), cfg,
-                                  run_dir, app_config={"t2i": asdict(app)}, show_progress=show)
-    return head
+def quick(args) -> None:
+    if args.out == Path("runs/bench/t2i"):
+        args.out = args.out / "quick"
+    args.rounds, args.groups, args.m, args.train_steps, args.batch_size = 2, 4, 4, 10, 8
+    args.n_steps, args.per_prompt, args.lr = 10, 2, 1e-3
 
 
-TRAINERS: dict[str, Callable[[Method, Bench, T2IPipeline, Path, bool], nn.Module]] = {
-    "base": train_base, "graft": train_graft, "pg": train_pg}
+def _sha256(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
 
 
-def grid_prompts(prompts: list[str], categories: list[str | None]) -> list[int]:
+def require_inputs(args) -> None:
+    """Refuse in one line when --base or --scorer does not hold what the benchmark needs."""
+    lack = base_lacks(args.base) if args.base.is_dir() else "it does not exist"
+    if lack is not None:
+        raise SystemExit(f"error: --base {args.base} holds no pretrained pipeline ({lack}); run "
+                         f"`pgraft t2i pretrain --out {args.base}` first (or pass --base DIR)")
+    if not (args.scorer / SCORER_WEIGHTS).is_file():
+        raise SystemExit(f"error: --scorer {args.scorer} holds no learned VQA reward (no {SCORER_WEIGHTS}); run "
+                         f"`pgraft t2i train-scorer --out {args.scorer}` first (or pass --scorer DIR)")
+
+
+def describe(args) -> dict:
+    if args.per_prompt < 1:
+        raise SystemExit(f"error: --per-prompt must be at least 1, got {args.per_prompt}")
+    if not args.report:
+        require_inputs(args)
+    settings = {k: getattr(args, k) for k in (
+        "base", "scorer", "rounds", "groups", "m", "train_steps", "batch_size", "lr", "reward", "guidance",
+        "cond_dropout", "replay", "anchor", "lora", "n_steps", "eta", "sample_batch_size", "pg_clip",
+        "pg_timestep_fraction", "per_prompt", "quick")}
+    # the weights' identities: cells made with another base or scorer are refused
+    settings["base_sha256"] = _sha256(args.base / BASE_WEIGHTS)
+    settings["scorer_sha256"] = _sha256(args.scorer / SCORER_WEIGHTS)
+    return settings
+
+
+def grid_prompts(categories: list[str | None]) -> list[int]:
     """Indices of the first held-out prompt of each category (rows of the side-by-side grid)."""
     first: dict[str, int] = {}
     for i, c in enumerate(categories):
@@ -166,241 +200,182 @@ def grid_prompts(prompts: list[str], categories: list[str | None]) -> list[int]:
     return [first[c] for c in CATEGORIES if c in first]
 
 
-def run_method(name: str, bench: Bench, out: Path, show: bool) -> dict:
-    method = METHODS[name]
-    run_dir = out / "runs" / name
-    shutil.rmtree(run_dir, ignore_errors=True)
-    pipe = load_pipeline(bench.base, bench.guidance)
-    t0 = time.time()
-    head = TRAINERS[method.kind](method, bench, pipe, run_dir, show)
-    train_seconds = time.time() - t0
+class Context:
+    """The base pipeline (loaded once per process), the weights' digests, the held-out prompts and
+    the learned reward they are scored with."""
+
+    def __init__(self, args):
+        require_inputs(args)
+        self.args = args
+        self.pipe = load_pipeline(args.base, args.guidance)
+        self.base_sha256 = _sha256(args.base / BASE_WEIGHTS)
+        self.scorer_sha256 = _sha256(args.scorer / SCORER_WEIGHTS)
+        self.held = load_prompts("heldout")
+        self.train_prompts = load_prompts("train").prompts
+        self.eval_reward = make_reward(REWARD, args.scorer)
+        self.app = T2IConfig(model=str(args.base), prompts="train", reward=args.reward,
+                             reward_weights=str(args.scorer) if args.reward == REWARD else None,
+                             n_steps=args.n_steps, eta=args.eta, guidance_scale=args.guidance,
+                             cond_dropout=args.cond_dropout)
+
+
+def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
+    args, pipe, app = ctx.args, ctx.pipe, ctx.app
+    run_dir = cell_dir / "run"
+    show = not args.quiet
+    head, split, sampled = pipe.denoiser, 0.0, 0
+    from diffusers import UNet2DConditionModel  # the network: guided sampling counts both halves of the batch
+
+    # train_t2i builds its own problem, so a resumed GRAFT cell's count is marked incomplete
+    resume = harness.resumable(method, run_dir)
+    with harness.count_compute(UNet2DConditionModel, ledger=cell_dir / "compute.json", resume=resume) as compute:
+        if method.kind == "graft":
+            # `pgraft t2i train` with the benchmark's budget (LoRA targets: the app's default)
+            split = method.params["t"]
+            cfg = GraftConfig(rounds=args.rounds, groups=args.groups, group_size=args.m,
+                              grs=GRSConfig(**method.params["grs"]), split=split, train_steps=args.train_steps,
+                              batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora,
+                              sample_batch_size=args.sample_batch_size, replay=args.replay, anchor=args.anchor,
+                              final_eval=False, seed=seed)
+            # a killed cell continues from its last checkpointed round
+            head, _ = train_t2i(app, cfg, run_dir, resume=resume, show_progress=show)
+            sampled = args.rounds * args.groups * args.m
+        elif method.kind == "pg":
+            # same prompts, reward, sampler and image budget; the reward is wrapped in the app's
+            # recorder so metrics.csv also logs the checker accuracy.
+            # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
+            cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=args.m, epochs=1,
+                           batch_size=args.batch_size, lr=args.lr, log_prob_reduction="sum", clip=args.pg_clip,
+                           lora_rank=args.lora, lora_targets=UNET_ATTENTION, sample_batch_size=args.sample_batch_size,
+                           timestep_fraction=args.pg_timestep_fraction, final_eval=False, seed=seed)
+            problem = compute.metered(recorded_problem(pipe, app, ctx.train_prompts, run_dir))
+            head, _ = run_policy_gradient(problem, log_prob(pipe, app.eta), pipe.denoiser,
+                                          pipe.denoiser.init_kwargs(), cfg, run_dir, app_config={"t2i": asdict(app)},
+                                          show_progress=show)
+            sampled = args.rounds * args.groups * args.m
     device = default_device()  # the trainers already moved there
     pipe.denoiser, head = pipe.denoiser.to(device), head.to(device)
-    held = load_prompts("heldout")
     t0 = time.time()
-    images, plist = sample_images(pipe, head, held.prompts, bench.eval_per_prompt, method.t, bench.n_steps,
-                                  bench.eta, seed=EVAL_SEED, batch=bench.sample_batch_size, show_progress=show)
-    samples, acc = evaluate_images(images, plist, {REWARD: make_reward(REWARD, bench.scorer)}, name)
-    eval_seconds = time.time() - t0
-    rows = grid_prompts(held.prompts, held.categories)
-    row = {"method": name, "label": method.label, "kind": method.kind, "t": method.t,
-           "rule": "" if method.kind != "graft" else method.grs.rule,
-           "budget": 0 if method.kind == "base" else bench.rounds * bench.groups * bench.m,
-           "reward": float(samples[REWARD].mean()),
-           **{k: float(v) for k, v in acc.iloc[0].items() if k not in ("n", f"mean_{REWARD}")},
-           "n": len(plist),
-           "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-           "grid_prompts": [held.prompts[i] for i in rows], "bench": asdict(bench)}
-    res = out / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    samples.to_csv(res / f"{name}_samples.csv", index=False)
-    save_state(images[[i * bench.eval_per_prompt for i in rows]], res / f"{name}_grid.safetensors")
-    (res / f"{name}.json").write_text(json.dumps(row, indent=2))
-    print(json.dumps({k: row[k] for k in ("method", "budget", "reward", "overall", "train_seconds")}), flush=True)
-    return row
+    held = ctx.held
+    images, plist = sample_images(pipe, head, held.prompts, args.per_prompt, split, args.n_steps, args.eta,
+                                  seed=harness.eval_seed(seed), batch=args.sample_batch_size, show_progress=show)
+    samples, acc = evaluate_images(images, plist, {REWARD: ctx.eval_reward}, method.key)
+    metrics = {"reward": float(samples[REWARD].mean()), "accuracy": float(samples["correct"].mean())}
+    for key, value in acc.iloc[0].items():
+        if key in METRICS and key not in metrics and not math.isnan(float(value)):
+            metrics[key] = float(value)
+    samples.to_csv(cell_dir / "samples.csv", index=False)
+    rows = grid_prompts(held.categories)
+    save_state(images[[i * args.per_prompt for i in rows]].cpu(), cell_dir / "grid.safetensors")
+    n = len(plist)
+    per_category = samples.groupby("category").size()  # GenEval's overall: categories weigh the same
+    overall_se = 0.5 / len(per_category) * math.sqrt(float((1.0 / per_category).sum()))
+    return Cell(metrics, sampled=sampled, compute=None if method.kind == "base" else compute,
+                extra={"base_sha256": ctx.base_sha256, "scorer_sha256": ctx.scorer_sha256, "t": split,
+                       "heldout_images": n, "accuracy_se_at_half": math.sqrt(0.25 / n),
+                       "overall_se_at_half": overall_se,
+                       "grid_prompts": [held.prompts[i] for i in rows],
+                       "eval_seconds": round(time.time() - t0, 1)})
 
 
-# ----------------------------------------------------------------------------- report
-def report(out: Path) -> pd.DataFrame:
-    """results.csv, t2i.png, t2i_grid.png and summary.txt from every results/<method>.json."""
-    rows = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
-    if not rows:
-        raise SystemExit(f"no results under {out / 'results'}")
-    order = {m: i for i, m in enumerate(METHODS)}
-    table = pd.DataFrame(rows).sort_values("method", key=lambda s: s.map(order)).reset_index(drop=True)
-    cats = [c for c in CATEGORIES if c in table and table[c].notna().any()]
-    base = table[table["method"] == "base"]
-    for col, gain in (("reward", "reward_gain_%"), ("overall", "acc_gain_%")):
-        table[gain] = 100 * (table[col] / float(base[col].iloc[0]) - 1) if len(base) else float("nan")
-    cols = ["method", "label", "t", "budget", "reward", "reward_gain_%", "overall", "acc_gain_%", *cats, "n",
-            "train_seconds", "eval_seconds"]
-    table = table[cols + ["grid_prompts"]]
-    table.drop(columns="grid_prompts").to_csv(out / "results.csv", index=False)
-    with pd.option_context("display.width", 250, "display.max_columns", 30):
-        print(table.drop(columns=["label", "grid_prompts"]).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    plot(out, table, cats)
-    plot_grid(out, table)
-    lines = verdict(table)
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out / 'results.csv'}, {out / 't2i.png'}, {out / 't2i_grid.png'}, {out / 'summary.txt'}")
-    return table
+# ----------------------------------------------------------------------------- extra report outputs
+def plot_rounds(out: Path, long: pd.DataFrame, path: Path, columns: dict[str, str], title: str,
+                methods: dict[str, Method] = METHODS) -> bool:
+    """Candidates' metrics per training round (each cell's run/metrics.csv, mean over seeds); the same
+    helper as benchmarks/layout.py's (a candidate for benchmarks/harness.py)."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-def verdict(table: pd.DataFrame) -> list[str]:
-    """The issue's question: P-GRAFT's relative gain over base on held-out prompts, and whether the
-    best P-GRAFT beats the best GRAFT and the PG baseline (learned reward and checker accuracy)."""
-    by = table.set_index("method")
-    pgraft = [m for m in by.index if m.startswith("pgraft")]
-    graft = [m for m in by.index if m.startswith("graft")]
-    lines = []
-    for col, what in (("reward", f"learned reward ({REWARD})"), ("overall", "checker accuracy (overall)")):
-        if not pgraft:
-            break
-        best = by.loc[pgraft, col].idxmax()
-        v = by.loc[best, col]
-        line = f"{what}: best P-GRAFT is {best} = {v:.4f}"
-        if "base" in by.index:
-            line += f" ({100 * (v / by.loc['base', col] - 1):+.2f}% vs base {by.loc['base', col]:.4f})"
-        if graft:
-            g = by.loc[graft, col].idxmax()
-            line += f"; {_beats(v, by.loc[g, col])} best GRAFT {g} = {by.loc[g, col]:.4f}"
-        if "pg" in by.index:
-            line += f"; {_beats(v, by.loc['pg', col])} PG = {by.loc['pg', col]:.4f}"
-        lines.append(line)
-    return lines
-
-
-def _beats(a: float, b: float) -> str:
-    return "beats" if a > b else "ties" if a == b else "does not beat"
-
-
-def plot(out: Path, table: pd.DataFrame, cats: list[str]) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.3), gridspec_kw={"width_ratios": [1, 2.4, 1.2, 1.2]})
-    colors = [f"C{i}" for i in range(len(table))]
-    x = np.arange(len(table))
-    axes[0].bar(x, table["reward"], color=colors)
-    axes[0].set_xticks(x, table["method"], rotation=60, ha="right", fontsize=7)
-    axes[0].set_title(f"held-out mean learned reward ({REWARD}) ↑")
-    groups = ["overall", *cats]
-    width = 0.8 / len(table)
-    for i, (name, c) in enumerate(zip(table["method"], colors)):
-        axes[1].bar(np.arange(len(groups)) + (i - (len(table) - 1) / 2) * width, table.loc[i, groups], width,
-                    color=c, label=name)
-    axes[1].set_xticks(np.arange(len(groups)), groups, fontsize=8)
-    axes[1].set_ylim(0, 1)
-    axes[1].set_title("held-out checker accuracy per category (GenEval-style) ↑")
-    axes[1].legend(fontsize=7, ncol=2)
-    for i, (name, c) in enumerate(zip(table["method"], colors)):
-        path = out / "runs" / name / "metrics.csv"
-        if path.is_file():
-            m = pd.read_csv(path)
-            m = m[m["phase"] == "train"]
-            axes[2].plot(m["round"], m["reward_mean"], "o-", color=c, label=name)
-            if "checker_acc" in m:
-                axes[3].plot(m["round"], m["checker_acc"], "o-", color=c, label=name)
-    axes[2].set_title("train prompts: candidates' reward per round")
-    axes[3].set_title("train prompts: candidates' checker acc. per round")
-    for ax in axes[2:]:
+    labels = {k: m.label for k, m in methods.items()}
+    present = [k for k in methods if k in set(long["method"])]
+    frames = {}
+    for key in present:
+        parts = [pd.read_csv(p) for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
+        parts = [m[m["phase"] == "train"] for m in parts if "phase" in m and "round" in m]
+        if parts:
+            frames[key] = pd.concat(parts).groupby("round").mean(numeric_only=True)
+    if not frames:
+        return False
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.6), squeeze=False)
+    for ax, (col, name) in zip(axes[0], columns.items()):
+        for i, key in enumerate(present):
+            if key in frames and col in frames[key]:
+                ax.plot(frames[key].index, frames[key][col], "o-", color=f"C{i % 10}", label=labels[key])
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "t2i.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-def plot_grid(out: Path, table: pd.DataFrame) -> None:
-    """Rows = held-out prompts, columns = methods; every cell starts from the same noise."""
-    names = [m for m in table["method"] if (out / "results" / f"{m}_grid.safetensors").is_file()]
-    if not names:
-        return
-    grids = {m: load_state(out / "results" / f"{m}_grid.safetensors") for m in names}
-    prompts = table.set_index("method").loc[names[0], "grid_prompts"]
-    fig, axes = plt.subplots(len(prompts), len(names), figsize=(1.6 * len(names) + 1.6, 1.6 * len(prompts)),
+def plot_grid(out: Path, methods: list[str], path: Path) -> bool:
+    """Rows = held-out prompts, columns = methods (their first seed with a grid); each row shares its noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for key in methods:
+        found = sorted((out / "cells" / key).glob("seed_*/grid.safetensors"),
+                       key=lambda p: int(p.parent.name.removeprefix("seed_")))
+        if found:
+            cells[key] = found[0]
+    if not cells:
+        return False
+    seed = {p.parent.name for p in cells.values()}
+    grids = {k: load_state(p) for k, p in cells.items()}
+    prompts = json.loads((next(iter(cells.values())).parent / "cell.json").read_text())["extra"]["grid_prompts"]
+    fig, axes = plt.subplots(len(prompts), len(grids), figsize=(1.6 * len(grids) + 1.6, 1.6 * len(prompts)),
                              squeeze=False)
-    for j, m in enumerate(names):
+    for j, (key, grid) in enumerate(grids.items()):
         for i, prompt in enumerate(prompts):
             ax = axes[i, j]
-            ax.imshow(((grids[m][i].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.imshow(((grid[i].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy(), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(m, fontsize=8)
+                ax.set_title(key, fontsize=8)
             if j == 0:
                 ax.set_ylabel(prompt.removeprefix("a photo of "), fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"held-out prompts, {', '.join(sorted(seed))} (same noise in each row)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "t2i_grid.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-# ----------------------------------------------------------------------------- setup
-def ensure_base(path: Path, preset: str, quick: bool, show: bool) -> None:
-    """Pretrain the base pipeline into ``path`` unless it already holds a finished one (``unet/``
-    is written last, by ``pipe.save``)."""
-    if (path / "unet").is_dir():
-        return
-    cfg = (PretrainT2IConfig(preset="tiny", steps=PRETRAIN_STEPS["tiny"], n_images=2000, batch_size=16,
-                                      warmup=20) if quick
-           else PretrainT2IConfig(preset=preset, steps=PRETRAIN_STEPS[preset]))
-    print(f"{path} holds no finished base pipeline: pretraining the {cfg.preset!r} preset for {cfg.steps} steps "
-          f"there first (`pgraft t2i pretrain --preset {cfg.preset}`; ~40 min for 'default' on one core)", flush=True)
-    pretrain_world(cfg, path, show_progress=show)
+def notes(out: Path, long: pd.DataFrame) -> list[str]:
+    present = [k for k in METHODS if k in set(long["method"])]
+    wrote = []
+    if plot_rounds(out, long, out / "t2i_rounds.png", {"reward_mean": "candidates' training reward",
+                                                        "checker_acc": "candidates' checker accuracy"},
+                   "t2i: training candidates per round (train prompts, mean over seeds)"):
+        wrote.append(out / "t2i_rounds.png")
+    if plot_grid(out, present, out / "t2i_grid.png"):
+        wrote.append(out / "t2i_grid.png")
+    if wrote:
+        print(f"\nwrote {', '.join(map(str, wrote))}; per cell: samples.csv, grid.safetensors")
+    lines = []
+    sizes = sorted({(c["extra"]["heldout_images"], c["extra"]["overall_se_at_half"])
+                    for c in harness.load_cells(out, present) if "overall_se_at_half" in c.get("extra", {})})
+    for n, overall_se in sizes:
+        lines.append(f"held-out evaluation: n = {n} images per cell; one standard error of a cell's accuracy "
+                     f"≤ sqrt(0.25/n) = {math.sqrt(0.25 / n):.3f}, of its GenEval overall ≤ {overall_se:.3f} (p = 0.5)")
+    return lines
 
 
-def ensure_scorer(path: Path, image_size: int, quick: bool, show: bool) -> None:
-    """Train the learned VQA reward into ``path`` unless it exists (the app's ``train-scorer`` defaults)."""
-    if (path / "model.safetensors").is_file():
-        return
-    cfg = (ScorerTrainConfig(image_size=image_size, n_images=2000, steps=400, batch_size=32) if quick
-           else ScorerTrainConfig(image_size=image_size))
-    print(f"{path} holds no VQA scorer: training one ({cfg.steps} steps, `pgraft t2i train-scorer`)", flush=True)
-    _, metrics = train_scorer(cfg, path, show_progress=show)
-    print(f"scorer: {json.dumps(metrics)}", flush=True)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/bench/t2i"))
-    p.add_argument("--base", type=Path, default=Path("runs/t2i/base"),
-                   help="pipeline directory (`pgraft t2i pretrain` output); pretrained with --preset if missing")
-    p.add_argument("--preset", default="default", help="preset to pretrain if --base holds no finished model")
-    p.add_argument("--scorer", type=Path, default=Path("runs/t2i/scorer"),
-                   help="VQA scorer directory (`pgraft t2i train-scorer` output); trained if missing")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--groups", type=int, default=16, help="prompts per round")
-    p.add_argument("--m", type=int, default=8, help="images per prompt (group size M)")
-    p.add_argument("--train-steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--reward", default=REWARD, choices=[REWARD, "checker"],
-                   help="training reward (evaluation always reports both): the learned scorer, or the exact "
-                        "checker as an oracle ablation")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--cond-dropout", type=float, default=0.0,
-                   help="fine-tuning also trains the unconditional eps on this fraction of accepted images")
-    p.add_argument("--replay", action="store_true", help="GRAFT / P-GRAFT train on every accepted image so far")
-    p.add_argument("--anchor", type=float, default=DEFAULT_ANCHOR,
-                   help="GRAFT / P-GRAFT trust region: weight of the squared head-base difference (0 = off; "
-                        "the default is `pgraft t2i train`'s)")
-    p.add_argument("--lora", type=int, default=8, help="LoRA rank on the UNet attention (0 = full fine-tune)")
-    p.add_argument("--n-steps", type=int, default=20, help="DDIM sampler steps")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (> 0: P-GRAFT's tail and PG need noise)")
-    p.add_argument("--sample-batch-size", type=int, default=64)
-    p.add_argument("--pg-clip", type=float, default=0.2)
-    p.add_argument("--pg-timestep-fraction", type=float, default=0.25)
-    p.add_argument("--eval-per-prompt", type=int, default=4, help="images per held-out prompt (62 prompts)")
-    p.add_argument("--quick", action="store_true", help="tiny base, scorer and budget: a ~2-3 min smoke")
-    p.add_argument("--report", action="store_true", help="only aggregate finished methods")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    if args.report:
-        report(args.out)
-        return
-    if args.quick:
-        args.out = args.out / "quick" if args.out == Path("runs/bench/t2i") else args.out
-        args.base, args.scorer = args.out / "base", args.out / "scorer"
-        args.rounds, args.groups, args.m, args.train_steps, args.batch_size = 2, 4, 4, 10, 8
-        args.n_steps, args.eval_per_prompt, args.lr, args.quiet = 10, 2, 1e-3, True
-    names = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(names) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    show = not args.quiet
-    ensure_base(args.base, args.preset, args.quick, show)
-    ensure_scorer(args.scorer, load_pipeline(args.base).info.image_size, args.quick, show)
-    bench = Bench(base=str(args.base), scorer=str(args.scorer), rounds=args.rounds, groups=args.groups, m=args.m,
-                  train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, lora=args.lora,
-                  n_steps=args.n_steps, eta=args.eta, sample_batch_size=args.sample_batch_size,
-                  pg_clip=args.pg_clip, pg_timestep_fraction=args.pg_timestep_fraction,
-                  eval_per_prompt=args.eval_per_prompt, replay=args.replay, reward=args.reward,
-                  guidance=args.guidance, cond_dropout=args.cond_dropout, anchor=args.anchor)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        run_method(name, bench, args.out, show)
-    report(args.out)
-
+BENCH = Benchmark(
+    name="t2i", methods=METHODS, metrics=METRICS, run_cell=run_cell, prepare=Context, comparisons=COMPARISONS,
+    headline=["reward", "accuracy", "overall"], reward_metric="reward", add_args=add_args, quick=quick,
+    describe=describe, notes=notes)
 
 if __name__ == "__main__":
-    main()
+    harness.main(BENCH, __doc__)

@@ -147,8 +147,9 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
         cfg = GraftConfig(rounds=1, groups=args.budget // m, group_size=m, grs=GRSConfig(**grs), split=t,
                           train_steps=args.train_steps, batch_size=256, lr=1e-3, sample_batch_size=4096,
                           final_eval=False, seed=seed)
-        with harness.count_compute(ToyDenoiser) as compute:
-            head, _ = run_graft(problem, base, toy.model_config(), cfg, run_dir, resume=run_dir.exists(),
+        resume = harness.resumable(method, run_dir)
+        with harness.count_compute(ToyDenoiser, ledger=cell_dir / "compute.json", resume=resume) as compute:
+            head, _ = run_graft(compute.metered(problem), base, toy.model_config(), cfg, run_dir, resume=resume,
                                 show_progress=False)
         _, x0 = sample_finetuned(problem, head, base, args.eval_samples, t, seed=harness.eval_seed(seed), batch=4096,
                                  show_progress=False)
@@ -159,8 +160,9 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
         cfg = PGConfig(rounds=rounds, groups=args.budget // (8 * rounds), group_size=8, epochs=2, batch_size=256,
                        lr=3e-4, log_prob_reduction="sum", clip=0.2, sample_batch_size=4096, final_eval=False,
                        seed=seed)
-        with harness.count_compute(ToyDenoiser) as compute:
-            head, _ = run_policy_gradient(problem, log_prob_fn(toy), base, toy.model_config(), cfg, run_dir,
+        harness.resumable(method, run_dir)  # clears a killed policy-gradient run
+        with harness.count_compute(ToyDenoiser, ledger=cell_dir / "compute.json") as compute:
+            head, _ = run_policy_gradient(compute.metered(problem), log_prob_fn(toy), base, toy.model_config(), cfg, run_dir,
                                           show_progress=False)
         _, x0 = sample_finetuned(problem, head, base, args.eval_samples, 0.0, seed=harness.eval_seed(seed),
                                  batch=4096, show_progress=False)

@@ -6,6 +6,7 @@ policy-gradient baseline.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +72,23 @@ class Anchored(nn.Module):
         return out
 
 
-def build_head(base: nn.Module, cfg: GraftConfig) -> nn.Module:
+def build_head(base: nn.Module, cfg: GraftConfig, init_seed: int | None = None) -> nn.Module:
     """A trainable copy of ``base`` (the base itself is untouched), with LoRA adapters when
-    ``cfg.lora_rank`` > 0."""
+    ``cfg.lora_rank`` > 0, initialised from ``init_seed`` (peft draws from torch's global
+    generator: without a seed two runs in one process would start from different adapters)."""
     head = copy.deepcopy(base).requires_grad_(True).train()
     if cfg.lora_rank > 0:
-        head = apply_lora(head, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        with seeded(init_seed):
+            head = apply_lora(head, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     return head
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None):
+    """Run the block with torch's global CPU generator seeded (restored afterwards); no-op for None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .checkpoint import save_pretrained
+from .heads import seeded
 from .pretrain import check_finite
 from .progress import progress_bar
 from .rundir import RunDir
@@ -43,6 +44,7 @@ from .trainer import (
     RoundResult,
     Stream,
     apply_lora,
+    derive_seed,
     generator_for,
     merged_copy,
     print_round_row,
@@ -175,7 +177,8 @@ def run_policy_gradient(
     base = base.eval().requires_grad_(False).to(device)
     policy = copy.deepcopy(base).requires_grad_(True).train()
     if cfg.lora_rank > 0:
-        policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        with seeded(derive_seed(cfg.seed, Stream.LORA_INIT)):
+            policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     times = problem.times

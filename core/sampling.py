@@ -145,6 +145,60 @@ def midpoint_step(model, x, t, t_next, cond=None, generator=None):
     return x + h * v2
 
 
+def flow_sde_mean_std(model, x, t, t_next, cond, noise_level: float):
+    """Mean and std of Flow-GRPO's SDE step x_t -> x_{t_next} for a linear-flow velocity model
+    (x_s = (1-s) x_0 + s eps, v = eps - x_0; Liu et al. 2025, ``sde_step_with_logprob``).
+
+    The reverse SDE dx = [v + sigma_s^2/(2s) (x + (1-s) v)] ds + sigma_s dw has the flow's
+    marginals for any sigma_s; Flow-GRPO takes sigma_s = a sqrt(s/(1-s)) (a = ``noise_level``) and
+    one Euler-Maruyama step of size dt = t_next - t < 0:
+
+        std_t = a sqrt(t / (1 - t')),  t' = t, or t_next where t = 1 (Flow-GRPO's sigma_max),
+        mean  = x (1 + std_t^2 dt / (2t)) + v (1 + std_t^2 (1-t) / (2t)) dt,
+        std   = std_t sqrt(-dt).
+
+    ``noise_level = 0`` gives the Euler ODE step x + dt v (std 0). Note x + (1-t) v is the model's
+    eps estimate, so the drift's correction pulls toward noise as the injected noise pushes away.
+    """
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+    v = model(x, time_vector(t, x), cond)
+    dt = t_next - t
+    if noise_level == 0:
+        return x + dt * v, 0.0
+    std_t = noise_level * math.sqrt(t / (1 - (t_next if t >= 1 else t)))
+    mean = x * (1 + std_t**2 / (2 * t) * dt) + v * (1 + std_t**2 * (1 - t) / (2 * t)) * dt
+    return mean, std_t * math.sqrt(-dt)
+
+
+def flow_sde_step(noise_level: float = 0.0) -> StepFn:
+    """Flow-GRPO's stochastic step of a linear-flow model (:func:`flow_sde_mean_std`): the Euler ODE
+    step for ``noise_level = 0``, else mean + std * N(0, I) drawn from the generator."""
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
+
+    def step(model, x, t, t_next, cond=None, generator=None):
+        mean, std = flow_sde_mean_std(model, x, t, t_next, cond, noise_level)
+        return mean + std * randn_like(x, generator) if std > 0 else mean
+
+    return step
+
+
+def flow_sde_log_prob(noise_level: float):
+    """Per-sample Gaussian log-density [B] of a :func:`flow_sde_step` transition, summed over the
+    state's entries (computed in float64): sum_i log N(x_next_i; mean_i, std^2). Flow-GRPO averages
+    the same terms over the entries; the core's ``log_prob_reduction="mean"`` does that division."""
+    if not noise_level > 0:
+        raise ValueError(f"policy gradient needs a stochastic sampler (noise level > 0), got {noise_level}")
+
+    def log_prob(model, x, t, t_next, x_next, cond=None):
+        mean, std = flow_sde_mean_std(model, x, t, t_next, cond, noise_level)
+        d = (x_next.double() - mean.double()).flatten(1)
+        return (-0.5 * (d / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)).sum(1)
+
+    return log_prob
+
+
 FLOW_STEPS: dict[str, StepFn] = {"euler": euler_step, "heun": heun_step, "midpoint": midpoint_step}
 """Evaluations of the velocity model per step, used for FLOPs accounting."""
 FLOW_STEP_EVALS: dict[str, int] = {"euler": 1, "heun": 2, "midpoint": 2}

@@ -221,6 +221,7 @@ class Stream(enum.IntEnum):
     SAMPLE = 1 << 23  # sample_finetuned's chunks (evaluation and sampling commands)
     PG_EPOCH = 1 << 24  # policy gradient: sample order in an epoch
     PG_STEPS = 1 << 25  # policy gradient: which denoising steps a minibatch trains on
+    LORA_INIT = 1 << 29  # the LoRA adapters' initial weights (GRAFT head and PG policy)
 
 
 def derive_seed(*parts: int) -> int:
@@ -424,7 +425,7 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
     accelerator.wait_for_everyone()
 
     base = base.eval().requires_grad_(False).to(accelerator.device)
-    head = build_head(base, cfg)
+    head = build_head(base, cfg, init_seed=derive_seed(cfg.seed, Stream.LORA_INIT))
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0

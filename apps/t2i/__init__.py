@@ -6,7 +6,10 @@ Two faces, one code path (:class:`pgraft.apps.t2i.model.T2IPipeline`):
   a GenEval-style grammar, an exact checker (``checker.py``) and a learned VQA-style reward
   (``rewards.py``);
 - the real path: ``--model PATH`` loads a local diffusers Stable Diffusion directory (latent space,
-  CLIP text encoder, DDIM schedule table), LoRA on the UNet attention, P-GRAFT split.
+  CLIP text encoder, DDIM schedule table), LoRA on the UNet attention, P-GRAFT split; a
+  flow-matching ``StableDiffusion3Pipeline`` directory (SD3 / SD3.5) is detected from its
+  model_index.json and runs through ``flow_pipeline.py`` (Euler / Flow-GRPO SDE on the scheduler's
+  shifted sigmas, linear-flow loss, LoRA on the transformer attention).
 
 Typical session (CPU)::
 

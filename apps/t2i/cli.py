@@ -20,17 +20,42 @@ from . import DEFAULT_ANCHOR
 app = typer.Typer(help="Text-to-image: compositional shapes world (CPU) or a local Stable Diffusion pipeline.",
                   no_args_is_help=True)
 
+
+def _reward_norm(value: str) -> str:
+    """typer callback of --reward-norm."""
+    if value not in ("raw", "zscore"):
+        raise typer.BadParameter(f"must be raw or zscore, got {value!r}")
+    return value
+
+
 Model = Annotated[Path, typer.Option("--model", help="Pipeline directory: `pgraft t2i pretrain` output or a local "
-                                                      "diffusers Stable Diffusion checkpoint.")]
+                                                      "diffusers Stable Diffusion checkpoint (UNet + DDIM, or a "
+                                                      "flow-matching StableDiffusion3Pipeline: SD3 / SD3.5).")]
 Prompts = Annotated[str, typer.Option(help="Prompt set: train, heldout, all, geneval, or a .txt/.csv/.jsonl file.")]
-Reward = Annotated[str, typer.Option(help="Reward: vqa (learned scorer), checker (exact), clipscore, itm (BLIP "
-                                                         "image-text matching), vqascore.")]
+Reward = Annotated[str, typer.Option(help=(
+    "Reward: a name: vqa (learned scorer), checker (exact), clipscore, itm (BLIP image-text matching), vqascore; "
+    "a reward server http(s)://HOST:PORT/PATH (POST {\"prompts\": [B strings], \"images\": [B base64 PNGs]} -> "
+    "{\"scores\": [B numbers]}; options after #: timeout=S&attempts=N, default 60 s, 3 attempts; "
+    "see `pgraft t2i serve-reward`); your own MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "
+    "fn(images: float tensor [B,3,H,W] in [0,1], prompts: a list of B str) -> tensor [B] or B floats; "
+    "a weighted sum ITEM:WEIGHT,ITEM:WEIGHT of these, e.g. checker:0.5,clipscore:0.5 (weight: a number, "
+    "default 1; need not sum to 1); or a .json file {\"checker\": 0.5, \"clipscore\": 0.5}. "
+    "Each component's mean is logged as reward_<name>_mean."))]
+RewardNorm = Annotated[str, typer.Option(help=(
+    "How a weighted --reward combines its components: raw (sum of weight x score) or zscore (each component "
+    "z-scored over the images of each scoring call, then weighted: per chunk of --sample-batch-size candidates "
+    "in train, not per round)."),
+    callback=_reward_norm)]
 RewardWeights = Annotated[Optional[Path], typer.Option(help="Weights directory of the reward (vqa: "
                                                             "`pgraft t2i train-scorer` output; clipscore/itm/vqascore: "
                                                             "a local transformers model: CLIP, BLIP ITM, a VQA model "
-                                                            "such as LLaVA).")]
-Steps = Annotated[int, typer.Option("--n-steps", help="DDIM sampler steps.")]
-Eta = Annotated[float, typer.Option(help="DDIM eta (0 deterministic, 1 DDPM-like; P-GRAFT needs a stochastic tail).")]
+                                                            "such as LLaVA); shared by the components of a weighted "
+                                                            "--reward (a .json file can give each its own).")]
+Steps = Annotated[int, typer.Option("--n-steps", help="Sampler steps (DDIM; Euler on the scheduler's shifted sigmas "
+                                                       "for SD3).")]
+Eta = Annotated[Optional[float], typer.Option(
+    help="Sampler noise. DDIM eta for UNet pipelines (default 1: DDPM-like; 0 deterministic); for flow-matching (SD3) "
+         "pipelines Flow-GRPO's SDE noise level (default 0: deterministic Euler; e.g. 0.7 as Flow-GRPO).")]
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")]
 
 
@@ -94,8 +119,9 @@ def train_cmd(
     prompts: Prompts = "train",
     reward: Reward = "vqa",
     reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    reward_norm: RewardNorm = "raw",
     n_steps: Steps = 20,
-    eta: Eta = 1.0,
+    eta: Eta = None,
     guidance: Guidance = None,
     cond_dropout: Annotated[float, typer.Option(
         help="Also train the unconditional eps (classifier-free guidance) on this fraction of accepted images.")] = 0.0,
@@ -109,7 +135,8 @@ def train_cmd(
     cfg = replace(graft, sample_batch_size=sample_batch_size)
     app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
                         reward_weights=None if reward_weights is None else str(reward_weights),
-                        n_steps=n_steps, eta=eta, guidance_scale=guidance, cond_dropout=cond_dropout)
+                        n_steps=n_steps, eta=eta, guidance_scale=guidance, cond_dropout=cond_dropout,
+                        reward_norm=reward_norm)
     with opts.bad_parameter(ValueError, FileNotFoundError, FileExistsError):
         train_t2i(app_cfg, cfg, out, resume=resume, show_progress=not quiet)
     if is_main_process():
@@ -153,7 +180,7 @@ def sample_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Sample the fine-tuned model (head T→t, frozen base t→0), or a base alone (DDIM as `train` samples by
-    default: 20 steps, eta 1, the pipeline's guidance); writes RUN_DIR/samples/{grid.png,images.safetensors}."""
+    default: 20 steps, eta 1 (SD3: Euler), the pipeline's guidance); writes RUN_DIR/samples/{grid.png,images.safetensors}."""
     from pgraft.core.state import save_state
 
     from .prompts import load_prompts
@@ -188,8 +215,9 @@ def evaluate_cmd(
     per_prompt: PerPrompt = 4,
     reward: Reward = "vqa",
     reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    reward_norm: RewardNorm = "raw",
     n_steps: Steps = 20,
-    eta: Eta = 1.0,
+    eta: Eta = None,
     guidance: Guidance = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write the tables and grid "
                                                                 "(default: RUN/eval or MODEL/eval).")] = None,
@@ -221,7 +249,7 @@ def evaluate_cmd(
         guidance = guidance if guidance is not None else app_cfg.get("guidance_scale")
     with opts.bad_parameter():
         pipe = load_pipeline(model, guidance)
-        reward_fn = make_reward(reward, reward_weights)
+        reward_fn = make_reward(reward, reward_weights, norm=reward_norm)
         names = load_prompts(prompts).prompts
     head = load_head(run, pipe.denoiser) if run is not None else pipe.denoiser
     images, plist = sample_images(pipe, head, names, per_prompt, split, n_steps, eta, seed, show_progress=not quiet)
@@ -246,8 +274,9 @@ def diagnose_cmd(
     prompts: Prompts = "train",
     reward: Reward = "vqa",
     reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    reward_norm: RewardNorm = "raw",
     n_steps: Steps = 20,
-    eta: Eta = 1.0,
+    eta: Eta = None,
     guidance: Guidance = None,
     t: opts.TGrid = opts.DIAGNOSE_GRID,
     states: opts.States = 64,
@@ -270,9 +299,44 @@ def diagnose_cmd(
                                  "`pgraft t2i pretrain`", param_hint="--model")
     app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
                         reward_weights=None if reward_weights is None else str(reward_weights),
-                        n_steps=n_steps, eta=eta, guidance_scale=guidance)
+                        n_steps=n_steps, eta=eta, guidance_scale=guidance, reward_norm=reward_norm)
     with opts.bad_parameter(ValueError, FileNotFoundError):
         pipe = load_pipeline(app_cfg.model, app_cfg.guidance_scale)
         problem = recorded_problem(pipe, app_cfg, load_prompts(prompts).prompts, out)
     opts.diagnose(problem, pipe.denoiser, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
                   quiet=quiet)
+
+
+@app.command("serve-reward")
+def serve_reward_cmd(
+    reward: Annotated[str, typer.Option(help="The reward to serve: any local --reward of `pgraft t2i train` (a name, "
+                                             "MODULE:FUNCTION, a weighted list, a .json file).")],
+    reward_weights: RewardWeights = None,
+    reward_norm: RewardNorm = "raw",
+    host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 (this machine only) or e.g. 0.0.0.0 "
+                                           "(every interface; the server has no authentication).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port, printed).")] = 8000,
+    device: opts.Device = "cpu",
+    quiet: opts.Quiet = False,
+) -> None:
+    """Serve a reward over HTTP for `--reward http://HOST:PORT/` (reference server, http.server): POST
+    {"prompts": [B strings], "images": [B base64 PNGs]} -> {"scores": [B numbers]}; GET describes it. One batch
+    is scored at a time. Ctrl-C stops it."""
+    from .remote import is_url, make_server
+    from .rewards import make_reward
+
+    if is_url(reward):
+        raise typer.BadParameter("serve a local reward, not a URL", param_hint="--reward")
+    with opts.bad_parameter(ValueError, FileNotFoundError, param_hint="--reward"):
+        reward_fn = make_reward(reward, reward_weights, opts.device_option(device), norm=reward_norm)
+    try:
+        server = make_server(reward_fn, host, port, name=reward, quiet=quiet)
+    except OSError as err:
+        raise typer.BadParameter(f"cannot listen on {host}:{port} ({err.strerror or err})", param_hint="--port") from None
+    typer.echo(f"serving reward {reward!r} at {server.url} (use --reward {server.url}); Ctrl-C to stop", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

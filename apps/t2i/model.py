@@ -98,12 +98,16 @@ class PromptBatch:
     """The condition the trainer hands to model and reward: prompts and their text embeddings.
 
     ``embeds`` [B, L, D] feed the UNet's cross-attention; ``uncond`` [1, L, D] is the empty
-    prompt's embedding (classifier-free guidance), None when guidance is off.
+    prompt's embedding (classifier-free guidance), None when guidance is off. Flow-matching (SD3)
+    pipelines also condition on pooled text embeddings: ``pooled`` [B, P] and ``uncond_pooled``
+    [1, P] (None for UNet pipelines).
     """
 
     prompts: list[str]
     embeds: torch.Tensor
     uncond: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -10,6 +10,9 @@
 - ``clipscore`` / ``itm`` / ``vqascore``: plug-ins for users with local weights (transformers, loaded
   lazily): CLIPScore, BLIP image-text matching, and VQAScore with a local VQA model.
 
+Beyond these names, :func:`make_reward` takes a reward server URL (:mod:`.remote`), a user's
+``module:function``, weighted combinations and JSON files of weights (:mod:`.reward_spec`).
+
 :data:`REWARDS` maps a name to a factory ``make(weights: path | None, device) -> reward``.
 """
 
@@ -53,6 +56,8 @@ def checker_reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor
 
 # ----------------------------------------------------------------------------- caption corruption
 _FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# the category-specific corruptions (listed twice: drawn twice as often as a shape or colour change)
+_CORRUPTIONS = {"counting": ["count"], "position": ["relation", "relation"], "color_attr": ["swap", "swap"]}
 
 
 def corrupt_prompt(prompt: str, rng: np.random.Generator) -> str:
@@ -64,12 +69,7 @@ def corrupt_prompt(prompt: str, rng: np.random.Generator) -> str:
     choices = ["shape"]
     if any(x.color for x in o):
         choices.append("color")
-    if spec.category == "counting":
-        choices.append("count")
-    if spec.category == "position":
-        choices += ["relation", "relation"]
-    if spec.category == "color_attr":
-        choices += ["swap", "swap"]
+    choices += _CORRUPTIONS.get(spec.category, [])
     kind = choices[rng.integers(len(choices))]
     relation = spec.relation
     if kind == "shape":
@@ -463,10 +463,17 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
-def make_reward(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu") -> RewardFn:
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; choose from {sorted(REWARDS)}")
-    return REWARDS[name](weights, device)
+def make_reward(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu",
+                norm: str = "raw") -> RewardFn:
+    """The reward of a ``--reward`` specification: a name of :data:`REWARDS` (``weights``: its weights
+    directory), a reward server URL, a user's ``module:function``, a weighted list
+    ``name:w,name:w`` or a JSON file of weights, combined by ``norm`` (``raw`` or ``zscore``); see
+    :mod:`.reward_spec`. ValueError (one line) on a bad specification."""
+    if name in REWARDS and norm == "raw":
+        return REWARDS[name](weights, device)
+    from .reward_spec import build_reward
+
+    return build_reward(name, weights, device, norm)
 
 
 __all__ = ["REWARDS", "make_reward", "checker_reward", "corrupt_prompt", "VQAScorer", "train_scorer",

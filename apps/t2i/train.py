@@ -29,6 +29,17 @@ from pgraft.core.schedules import cosine_alpha_bar, vp_times
 from pgraft.core.trainer import GraftConfig, GraftProblem, RoundResult, Scores, run_graft, sample_finetuned
 
 from .checker import accuracy_table, check
+from .flow_pipeline import (
+    TRANSFORMER_ATTENTION,
+    FlowDenoiser,
+    FlowT2IPipeline,
+    export_flow_lora,
+    flow_lacks,
+    flow_log_prob,
+    load_flow_lora_head,
+    make_flow_problem,
+    pipeline_kind,
+)
 from .model import (
     PGRAFT_JSON,
     PRESETS,
@@ -140,10 +151,26 @@ class T2IConfig:
     reward: str = "vqa"
     reward_weights: str | None = "runs/t2i/scorer"
     n_steps: int = 20
-    eta: float = 1.0
+    eta: float | None = None  # None: the pipeline's default sampler (default_eta)
     guidance_scale: float | None = None
     cond_dropout: float = 0.0
     grid_images: int = 16
+    reward_norm: str = "raw"  # how a weighted --reward combines its components: raw or zscore (.reward_spec)
+
+    def record(self) -> dict[str, Any]:
+        """The config as a run's config.json keeps it: ``reward_norm`` only when not ``raw``, so runs
+        written before it existed still ``--resume`` (which refuses any difference)."""
+        out = asdict(self)
+        if out["reward_norm"] == "raw":
+            del out["reward_norm"]
+        return out
+
+
+def default_eta(pipe) -> float:
+    """The sampler noise ``eta = None`` stands for: DDIM eta 1 (DDPM-like) for UNet pipelines, 0
+    (deterministic Euler, diffusers' sampler) for flow-matching ones, where eta is Flow-GRPO's SDE
+    noise level."""
+    return 0.0 if isinstance(pipe, FlowT2IPipeline) else 1.0
 
 
 class T2IScorer:
@@ -161,9 +188,12 @@ class T2IScorer:
     def score(self, x0: torch.Tensor, cond: PromptBatch) -> Scores:
         images = self.pipe.decode(x0)
         prompts = list(cond.prompts)
-        r = torch.as_tensor(self.reward(images, prompts), dtype=torch.float64)
+        # a weighted --reward (.reward_spec.CombinedReward) also reports each component's chunk mean
+        with_metrics = getattr(self.reward, "with_metrics", None)
+        r, metrics = with_metrics(images, prompts) if with_metrics is not None else (self.reward(images, prompts), {})
+        r = torch.as_tensor(r, dtype=torch.float64)
         r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)  # rewards must be finite
-        records, metrics = pd.DataFrame({"prompt": prompts}), {}
+        records, metrics = pd.DataFrame({"prompt": prompts}), dict(metrics)
         if _in_grammar(prompts):
             correct = check(images, prompts)
             records["category"] = [parse_prompt(p).category for p in prompts]
@@ -198,10 +228,14 @@ def drop_conditions(cond: PromptBatch, p: float, generator: torch.Generator | No
         raise ValueError("condition dropout needs the empty prompt's embedding (guidance on)")
     drop = torch.rand(len(cond), generator=generator) < p
     embeds = torch.where(drop.view(-1, 1, 1).to(cond.embeds.device), cond.uncond.expand_as(cond.embeds), cond.embeds)
-    return PromptBatch(["" if d else q for q, d in zip(cond.prompts, drop.tolist())], embeds, cond.uncond)
+    pooled = cond.pooled
+    if pooled is not None:  # flow (SD3) batches: the pooled embedding is dropped with its prompt
+        pooled = torch.where(drop.view(-1, 1).to(pooled.device), cond.uncond_pooled.expand_as(pooled), pooled)
+    return PromptBatch(["" if d else q for q, d in zip(cond.prompts, drop.tolist())], embeds, cond.uncond,
+                       pooled, cond.uncond_pooled)
 
 
-def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int, eta: float,
+def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int, eta: float | None,
                  encoder: PromptEncoder | None = None, cond_dropout: float = 0.0,
                  scorer: "T2IScorer | None" = None) -> GraftProblem:
     """The text-to-image :class:`GraftProblem`: prior N(0, I) on the state shape, DDIM(eta) on
@@ -210,7 +244,19 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
 
     ``cond_dropout`` > 0 (with guidance on) also trains the unconditional eps on the accepted
     samples, as pretraining did; otherwise only the conditional branch is fitted and the guided
-    difference eps_c - eps_u is left to drift."""
+    difference eps_c - eps_u is left to drift.
+
+    A flow-matching pipeline (:class:`~.flow_pipeline.FlowT2IPipeline`) gets its own problem
+    (:func:`~.flow_pipeline.make_flow_problem`: the scheduler's sigma grid, Euler / Flow-GRPO SDE
+    step with noise level ``eta``, the linear-flow loss). ``eta = None``: :func:`default_eta`."""
+    eta = default_eta(pipe) if eta is None else float(eta)
+    if not 0.0 <= cond_dropout < 1.0:
+        raise ValueError(f"cond_dropout must be in [0, 1), got {cond_dropout}")
+    if isinstance(pipe, FlowT2IPipeline):
+        if cond_dropout > 0 and pipe.denoiser.guidance_scale == 1.0:
+            raise ValueError("cond_dropout needs classifier-free guidance (guidance scale != 1)")
+        drop = (lambda c, g: drop_conditions(c, cond_dropout, g)) if cond_dropout > 0 else None
+        return make_flow_problem(pipe, prompts, reward, n_steps, eta, encoder, drop, scorer)
     encoder = encoder or pipe.prompt_encoder()
     guided = pipe.denoiser.guidance_scale != 1.0
     shape = pipe.state_shape
@@ -238,7 +284,12 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
     )
 
 
-def load_pipeline(path: str | Path, guidance_scale: float | None = None) -> T2IPipeline:
+def load_pipeline(path: str | Path, guidance_scale: float | None = None) -> T2IPipeline | FlowT2IPipeline:
+    """The pipeline in ``path``: a flow-matching ``StableDiffusion3Pipeline`` directory (detected from its
+    model_index.json / scheduler config, :func:`~.flow_pipeline.pipeline_kind`) as a
+    :class:`~.flow_pipeline.FlowT2IPipeline`, anything else as a :class:`~.model.T2IPipeline`."""
+    if Path(path).is_dir() and pipeline_kind(path) == "sd3":
+        return FlowT2IPipeline.load(path, guidance_scale)
     return T2IPipeline.load(path, guidance_scale)
 
 
@@ -247,6 +298,11 @@ def base_lacks(directory: Path) -> str | None:
     one), for a refusal that names it (see :mod:`pgraft.core.targets`): unet/, text_encoder/,
     tokenizer/, and either pgraft.json (the embedded world) or vae/ + scheduler/ (Stable Diffusion)."""
     directory = Path(directory)
+    try:
+        if pipeline_kind(directory) == "sd3":
+            return flow_lacks(directory)
+    except ValueError as err:  # a flow-matching pipeline of an unsupported class
+        return str(err)
     for part in ("unet", "text_encoder", "tokenizer"):
         if not (directory / part).is_dir():
             return f"no {part}/"
@@ -260,7 +316,8 @@ def base_lacks(directory: Path) -> str | None:
 def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], out: Path) -> GraftProblem:
     """:func:`make_problem` scored by a :class:`T2IScorer` of ``app.reward`` (checker verdicts in
     the store and metrics, a grid per round in ``out/grids``)."""
-    scorer = T2IScorer(pipe, make_reward(app.reward, app.reward_weights), prompts, out / "grids", app.grid_images)
+    reward = make_reward(app.reward, app.reward_weights, norm=app.reward_norm)
+    scorer = T2IScorer(pipe, reward, prompts, out / "grids", app.grid_images)
     return make_problem(pipe, prompts, None, app.n_steps, app.eta, cond_dropout=app.cond_dropout, scorer=scorer)
 
 
@@ -272,13 +329,22 @@ def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = 
 
     out = Path(out)
     pipe = load_pipeline(app.model, app.guidance_scale)
+    app = replace(app, eta=default_eta(pipe) if app.eta is None else app.eta)  # the run records the sampler used
     prompts = load_prompts(app.prompts).prompts
+    flow = isinstance(pipe, FlowT2IPipeline)
     if cfg.lora_rank > 0 and not cfg.lora_targets:
-        cfg = replace(cfg, lora_targets=UNET_ATTENTION)
+        cfg = replace(cfg, lora_targets=TRANSFORMER_ATTENTION if flow else UNET_ATTENTION)
     problem = recorded_problem(pipe, app, prompts, out)
     head, table = run_graft(problem, pipe.denoiser, pipe.denoiser.init_kwargs(), cfg, out,
-                            app_config={"t2i": asdict(app)}, resume=resume, show_progress=show_progress)
-    if cfg.lora_rank > 0:
+                            app_config={"t2i": app.record()}, resume=resume, show_progress=show_progress)
+    if flow:  # diffusers formats: the transformer LoRA, and the merged head as a pipeline directory
+        if cfg.lora_rank > 0:
+            from pgraft.core.rundir import RunDir
+
+            _, weights, _ = RunDir(out, resume=True).load_checkpoint()
+            export_flow_lora(weights, out / "lora", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        pipe.save(out / "pipeline", head)
+    elif cfg.lora_rank > 0:
         export_lora(out, out / "lora", cfg)
     return head, table
 
@@ -329,6 +395,14 @@ def load_head(run_dir: str | Path, base: Denoiser) -> Denoiser:
     from pgraft.core.checkpoint import load_pretrained
 
     run_dir = Path(run_dir)
+    if isinstance(base, FlowDenoiser):
+        if (run_dir / "lora").is_dir():
+            return load_flow_lora_head(base, run_dir / "lora")
+        if (run_dir / "head").is_dir():
+            head = load_pretrained(FlowDenoiser, run_dir / "head")
+            head.guidance_scale = base.guidance_scale
+            return head.to(next(base.parameters()).dtype).eval()
+        raise FileNotFoundError(f"{run_dir} holds neither lora/ nor head/: is it a finished `pgraft t2i train` run?")
     if (run_dir / "lora").is_dir():
         return load_lora_head(base, run_dir / "lora")
     if (run_dir / "head").is_dir():
@@ -340,7 +414,7 @@ def load_head(run_dir: str | Path, base: Denoiser) -> Denoiser:
 
 # ----------------------------------------------------------------------------- sampling / evaluation
 def sample_images(pipe: T2IPipeline, head: nn.Module, prompts: Sequence[str], per_prompt: int, split: float,
-                  n_steps: int, eta: float, seed: int = 0, batch: int = 64,
+                  n_steps: int, eta: float | None, seed: int = 0, batch: int = 64,
                   show_progress: bool = True) -> tuple[torch.Tensor, list[str]]:
     """``per_prompt`` images for each prompt with head T -> t and base t -> 0; images [N, 3, H, W]."""
     problem = make_problem(pipe, prompts, None, n_steps, eta)
@@ -394,11 +468,16 @@ def save_grid(images: torch.Tensor, path: str | Path, prompts: Sequence[str] | N
 
 
 # ----------------------------------------------------------------------------- policy-gradient baseline
-def log_prob(pipe: T2IPipeline, eta: float):
+def log_prob(pipe: T2IPipeline, eta: float | None):
     """Per-step log p_theta(x_next | x) [B] of the sampler :func:`make_problem` builds for ``pipe``
     (DDIM(``eta``), x0_hat clipped to ``pipe.clip_sample``), for the DDPO-style baseline.
 
     The policy is called exactly as in sampling, ``model(x, t, cond)`` with the problem's
     :class:`~.model.PromptBatch` (which carries ``uncond`` when guidance is on), so the density
-    is that of the classifier-free-guided step the samples were drawn from."""
+    is that of the classifier-free-guided step the samples were drawn from. A flow-matching pipeline's
+    is the Gaussian density of Flow-GRPO's SDE step with noise level ``eta``
+    (:func:`~.flow_pipeline.flow_log_prob`); ``eta = None``: :func:`default_eta`."""
+    eta = default_eta(pipe) if eta is None else float(eta)
+    if isinstance(pipe, FlowT2IPipeline):
+        return flow_log_prob(eta)
     return ddim_log_prob(pipe.alpha_bar, eta, clip=pipe.clip_sample)

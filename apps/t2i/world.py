@@ -74,20 +74,9 @@ class PromptSpec:
 
     def text(self) -> str:
         """The caption of this spec (inverse of :func:`parse_prompt`)."""
-        o = self.objects
-        if self.category == "single_object":
-            return f"a photo of a {o[0].shape}"
-        if self.category == "two_object":
-            return f"a photo of a {o[0].shape} and a {o[1].shape}"
-        if self.category == "counting":
-            return f"a photo of {NUMBERS[o[0].count]} {o[0].shape}s"
-        if self.category == "colors":
-            return f"a photo of a {o[0].color} {o[0].shape}"
-        if self.category == "position":
-            return f"a photo of a {o[0].shape} {self.relation} a {o[1].shape}"
-        if self.category == "color_attr":
-            return f"a photo of a {o[0].color} {o[0].shape} and a {o[1].color} {o[1].shape}"
-        raise ValueError(f"unknown category {self.category!r}")
+        if self.category not in CAPTIONS:
+            raise ValueError(f"unknown category {self.category!r}")
+        return CAPTIONS[self.category](self.objects, self.relation)
 
     def combinations(self) -> set[tuple]:
         """The combination keys this prompt binds (what a held-out split withholds)."""
@@ -118,6 +107,16 @@ _PATTERNS: list[tuple[str, re.Pattern]] = [
     ("color_attr", re.compile(rf"a photo of an? (?P<c1>{_C}) (?P<s1>{_S}) and an? (?P<c2>{_C}) (?P<s2>{_S})")),
 ]
 _WORD_TO_NUMBER = {v: k for k, v in NUMBERS.items()}
+
+# the caption of each category (one table: parse_prompt's patterns are its inverse)
+CAPTIONS = {
+    "single_object": lambda o, rel: f"a photo of a {o[0].shape}",
+    "two_object": lambda o, rel: f"a photo of a {o[0].shape} and a {o[1].shape}",
+    "counting": lambda o, rel: f"a photo of {NUMBERS[o[0].count]} {o[0].shape}s",
+    "colors": lambda o, rel: f"a photo of a {o[0].color} {o[0].shape}",
+    "position": lambda o, rel: f"a photo of a {o[0].shape} {rel} a {o[1].shape}",
+    "color_attr": lambda o, rel: f"a photo of a {o[0].color} {o[0].shape} and a {o[1].color} {o[1].shape}",
+}
 
 
 def parse_prompt(prompt: str) -> PromptSpec:

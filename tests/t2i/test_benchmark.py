@@ -20,11 +20,13 @@ from pgraft.apps.t2i.train import PretrainT2IConfig, log_prob, make_problem, pre
 from pgraft.apps.t2i.world import all_prompts
 from pgraft.core.state import load_state
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "t2i.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("t2i_benchmark", BENCHMARK)
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # the benchmark imports harness.py from its folder
+    spec = importlib.util.spec_from_file_location("t2i_benchmark", BENCHMARKS / "t2i.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
@@ -75,47 +77,52 @@ def tiny_bench(tmp_path_factory):
     return root
 
 
-def test_benchmark_methods_share_seeds_budget_and_report(tiny_bench, tmp_path):
-    bench_mod = _load_benchmark()
-    # train_steps=0: GRAFT / P-GRAFT heads keep LoRA's B = 0, i.e. equal the base, so with the shared
-    # evaluation seeds they must reproduce the base's held-out images exactly; PG does update.
-    bench = bench_mod.Bench(base=str(tiny_bench / "base"), scorer=str(tiny_bench / "scorer"), rounds=1, groups=2,
-                            m=3, train_steps=0, batch_size=6, lr=5e-2, lora=2, n_steps=4, eta=1.0,
-                            sample_batch_size=32, pg_clip=0.2, pg_timestep_fraction=0.5, eval_per_prompt=1)
+def test_harness_benchmark_shares_seeds_budget_and_report(tiny_bench, tmp_path):
+    bench = _load_benchmark()
     out = tmp_path / "out"
-    for name in ("base", "sft_all", "graft_topk", "pgraft_0.5", "pg"):
-        bench_mod.run_method(name, bench, out, show=False)
-    table = bench_mod.report(out)
-
+    # train_steps=0: GRAFT / P-GRAFT heads keep LoRA's B = 0, i.e. equal the base, so with the shared
+    # evaluation seed they must reproduce the base's held-out images exactly; PG does update.
+    argv = ["--out", str(out), "--seeds", "0", "--methods", "base,sft_all,graft_topk,pgraft_0.5,pg",
+            "--base", str(tiny_bench / "base"), "--scorer", str(tiny_bench / "scorer"), "--rounds", "1",
+            "--groups", "2", "--m", "3", "--train-steps", "0", "--batch-size", "6", "--lr", "5e-2", "--lora", "2",
+            "--n-steps", "4", "--sample-batch-size", "32", "--pg-timestep-fraction", "0.5", "--per-prompt", "1",
+            "--quiet"]
+    bench.harness.main(bench.BENCH, bench.__doc__, argv)
     held = load_prompts("heldout")
-    samples = {m: pd.read_csv(out / "results" / f"{m}_samples.csv") for m in table["method"]}
+    cells = {c["method"]: c for c in bench.harness.load_cells(out)}
+    samples = {m: pd.read_csv(out / "cells" / m / "seed_0" / "samples.csv") for m in cells}
     assert all(list(s["prompt"]) == held.prompts for s in samples.values())
     pd.testing.assert_series_equal(samples["pgraft_0.5"]["vqa"], samples["base"]["vqa"])
     pd.testing.assert_series_equal(samples["graft_topk"]["vqa"], samples["base"]["vqa"])
     assert not samples["pg"]["vqa"].equals(samples["base"]["vqa"])
-
-    by = table.set_index("method")
-    assert list(by["budget"]) == [0, 6, 6, 6, 6]  # rounds x groups x M for every fine-tuning method
+    assert {m: c["sampled"] for m, c in cells.items()} == {"base": 0, "sft_all": 6, "graft_topk": 6,
+                                                           "pgraft_0.5": 6, "pg": 6}
+    assert all(c["eval_seed"] == bench.harness.eval_seed(0) for c in cells.values())
     # the control keeps every candidate; Top-2 of 3 keeps two per group
-    accept = {m: pd.read_csv(out / "runs" / m / "metrics.csv")["accept_rate"].iloc[0] for m in ("sft_all", "graft_topk")}
+    accept = {m: pd.read_csv(out / "cells" / m / "seed_0" / "run" / "metrics.csv")["accept_rate"].iloc[0]
+              for m in ("sft_all", "graft_topk")}
     assert accept == {"sft_all": 1.0, "graft_topk": pytest.approx(2 / 3)}
-    assert by.loc["pgraft_0.5", "reward_gain_%"] == 0 and by.loc["base", "acc_gain_%"] == 0
-    pg_gain = 100 * (by.loc["pg", "reward"] / by.loc["base", "reward"] - 1)
-    assert by.loc["pg", "reward_gain_%"] == pytest.approx(pg_gain)
-    # the accuracy row is GenEval's: overall = mean of the per-category accuracies of the samples
+    # accuracy = the share of correct images; overall = GenEval's mean of the per-category accuracies
+    pg = cells["pg"]["metrics"]
     per_cat = samples["pg"].groupby("category")["correct"].mean()
-    assert by.loc["pg", "overall"] == pytest.approx(per_cat.mean())
+    assert pg["accuracy"] == pytest.approx(samples["pg"]["correct"].mean())
+    assert pg["overall"] == pytest.approx(per_cat.mean())
     for cat, acc in per_cat.items():
-        assert by.loc["pg", cat] == pytest.approx(acc)
+        assert pg[cat] == pytest.approx(acc)
+    assert cells["pg"]["extra"]["heldout_images"] == len(held.prompts)
+    assert len(cells["base"]["extra"]["base_sha256"]) == 64
+    grid = load_state(out / "cells" / "base" / "seed_0" / "grid.safetensors")
+    assert grid.shape == (len(set(held.categories)), 3, 16, 16)
+    torch.testing.assert_close(load_state(out / "cells" / "pgraft_0.5" / "seed_0" / "grid.safetensors"), grid)
+    for name in ("seeds.csv", "summary.csv", "verdicts.txt", "t2i_seeds.png", "t2i_grid.png", "t2i_rounds.png"):
+        assert (out / name).stat().st_size > 0
+    verdicts = (out / "verdicts.txt").read_text()
+    assert "held-out evaluation: n = 62 images per cell" in verdicts
+    assert json.loads((out / "settings.json").read_text())["settings"]["per_prompt"] == 1
 
-    pg_rounds = pd.read_csv(out / "runs" / "pg" / "metrics.csv")
-    assert list(pg_rounds["round"]) == [0] and "checker_acc" in pg_rounds
-    grid = load_state(out / "results" / "base_grid.safetensors")
-    n_rows = len({c for c in held.categories})
-    assert grid.shape == (n_rows, 3, 16, 16)
-    torch.testing.assert_close(load_state(out / "results" / "pgraft_0.5_grid.safetensors"), grid)
-    summary = (out / "summary.txt").read_text()
-    assert "best P-GRAFT is pgraft_0.5" in summary and "ties best GRAFT graft_topk" in summary
-    assert (out / "t2i.png").stat().st_size > 0 and (out / "t2i_grid.png").stat().st_size > 0
-    assert json.loads((out / "results" / "pg.json").read_text())["grid_prompts"][0] in held.prompts
-    pd.read_csv(out / "results.csv")  # written and readable
+
+def test_missing_base_is_refused_in_one_line(tmp_path, capsys):
+    bench = _load_benchmark()
+    with pytest.raises(SystemExit) as exc:
+        bench.harness.main(bench.BENCH, bench.__doc__, ["--out", str(tmp_path / "o"), "--base", str(tmp_path / "none")])
+    assert "pgraft t2i pretrain" in str(exc.value) and "\n" not in str(exc.value)

@@ -1,0 +1,105 @@
+"""benchmarks/harness.py: resumable cells, paired verdicts, and a compute count that survives a kill."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import harness  # noqa: E402
+from harness import Benchmark, Cell, Comparison, Method, Metric  # noqa: E402
+
+from pgraft.core.trainer import GraftProblem, RoundResult  # noqa: E402
+
+# a method's score at training seed s: its effect + a seed effect both methods share
+EFFECT = {"base": 0.0, "a": 1.0, "b": 1.05}
+SEED_EFFECT = {0: 10.0, 1: -4.0, 2: 3.0}
+
+
+def _bench(calls: list) -> Benchmark:
+    def run_cell(ctx, method, seed, cell_dir):
+        calls.append((method.key, seed))
+        return Cell({"score": EFFECT[method.key] + SEED_EFFECT[seed] + 0.001 * seed * (method.key == "b")},
+                    sampled=0 if method.kind == "base" else 100)
+
+    methods = {"base": Method("base", "base", "base"), "a": Method("a", "A"), "b": Method("b", "B")}
+    return Benchmark(name="fake", methods=methods, metrics={"score": Metric("score")}, run_cell=run_cell,
+                     prepare=lambda args: None, comparisons=[Comparison("b", "a", "score"),
+                                                             Comparison("a", "base", "score")],
+                     reward_metric="score")
+
+
+def test_cells_are_paired_resumable_and_reported_long(tmp_path, capsys):
+    calls: list = []
+    argv = ["--out", str(tmp_path), "--seeds", "0,1,2"]
+    long = harness.main(_bench(calls), "fake", argv)
+    assert sorted(calls) == sorted((m, s) for m in ("base", "a", "b") for s in (0, 1, 2))
+    assert set(long.columns) >= {"method", "seed", "metric", "value"}
+    assert len(long[long["metric"] == "score"]) == 9
+    verdicts = (tmp_path / "verdicts.txt").read_text().splitlines()
+    # B − A = 0.05 + 0.001 s: paired, the seed effects (±10) cancel and the difference is separated
+    assert verdicts[0].startswith("B − A: score +0.051 [95% CI")
+    assert verdicts[0].endswith("→ separated: ahead")
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    gain = summary[(summary["method"] == "a") & (summary["metric"] == "score_gain_per_1k_sampled")]
+    assert gain["mean"].iloc[0] == pytest.approx(1000 * 1.0 / 100)
+    # a rerun finds every cell done and trains nothing; a removed cell is the only one rerun
+    (tmp_path / "cells" / "a" / "seed_1" / "cell.json").unlink()
+    calls.clear()
+    harness.main(_bench(calls), "fake", argv)
+    assert calls == [("a", 1)]
+
+
+def test_other_settings_are_refused(tmp_path):
+    bench = _bench([])
+    bench.describe = lambda args: {"budget": 1}
+    harness.main(bench, "fake", ["--out", str(tmp_path), "--seeds", "0"])
+    bench.describe = lambda args: {"budget": 2}
+    with pytest.raises(SystemExit, match="other settings"):
+        harness.main(bench, "fake", ["--out", str(tmp_path), "--seeds", "0"])
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _round(net, problem, round_, rows=5):
+    with torch.no_grad():
+        net(torch.zeros(rows, 2))             # sampling: 5 rows
+    net(torch.zeros(3, 2)).sum().backward()   # training: 3 rows
+    problem.on_round(round_, RoundResult(round_, "train", None, {}))
+
+
+def test_compute_ledger_counts_committed_rounds_once_across_a_kill(tmp_path):
+    net, problem = _Net(), GraftProblem(prior=None, times=torch.tensor([1.0, 0.0]), step=None, loss=None)
+    ledger = tmp_path / "compute.json"
+    with pytest.raises(KeyboardInterrupt):
+        with harness.count_compute(_Net, ledger=ledger) as counter:
+            metered = counter.metered(problem)
+            _round(net, metered, 0)
+            _round(net, metered, 1)
+            with torch.no_grad():
+                net(torch.zeros(7, 2))        # round 2 is sampled, then the process is killed
+            raise KeyboardInterrupt
+    assert json.loads(ledger.read_text())["sample_rows"] == 10   # rounds 0 and 1 only
+    with harness.count_compute(_Net, ledger=ledger, resume=True) as counter:
+        metered = counter.metered(problem)
+        _round(net, metered, 2)
+    assert counter.complete
+    assert (counter.compute.sample_rows, counter.compute.train_rows) == (15, 9)  # as an uninterrupted run
+    assert counter.compute.forward_equivalents == 15 + 3 * 9
+    with harness.count_compute(_Net, ledger=tmp_path / "none.json", resume=True) as lost:
+        pass
+    assert not lost.complete   # a resumed cell without a ledger says its count is partial
