@@ -401,7 +401,10 @@ def wide_summary(bench: Benchmark, summary: pd.DataFrame, methods: list[str],
                 row[budget] = f"{hit.iloc[0]['mean']:.3g}"
         row["seeds"] = int(sel["n_seeds"].max())
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    order = ["method"] + [spec.label for spec in (metrics or bench.metrics).values()] + [
+        "sampled", "forward_equivalents", "seeds"]
+    return table[[c for c in order if c in table.columns]].fillna("–")
 
 
 def report(bench: Benchmark, out: Path, methods: list[str] | None = None) -> pd.DataFrame:
@@ -473,6 +476,41 @@ def plot(bench: Benchmark, long: pd.DataFrame, methods: list[str], path: Path) -
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_rounds(out: Path, long: pd.DataFrame, path: Path, columns: dict[str, str], title: str,
+                methods: dict[str, Method]) -> bool:
+    """Candidates' metrics per training round (each cell's run/metrics.csv, mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    labels = {k: m.label for k, m in methods.items()}
+    present = [k for k in methods if k in set(long["method"])]
+    frames = {}
+    for key in present:
+        parts = [pd.read_csv(p) for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
+        parts = [m[m["phase"] == "train"] for m in parts if "phase" in m and "round" in m]
+        if parts:
+            frames[key] = pd.concat(parts).groupby("round").mean(numeric_only=True)
+    if not frames:
+        return False
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.6), squeeze=False)
+    for ax, (col, name) in zip(axes[0], columns.items()):
+        for i, key in enumerate(present):
+            if key in frames and col in frames[key]:
+                ax.plot(frames[key].index, frames[key][col], "o-", color=f"C{i % 10}", label=labels[key])
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def quiet_progress(args) -> bool:

@@ -279,42 +279,6 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
 
 
 # ----------------------------------------------------------------------------- extra report outputs
-def plot_rounds(out: Path, long: pd.DataFrame, path: Path, columns: dict[str, str], title: str,
-                methods: dict[str, Method] = METHODS) -> bool:
-    """Candidates' metrics per training round (each cell's run/metrics.csv, mean over seeds); the same
-    helper as benchmarks/layout.py's (a candidate for benchmarks/harness.py)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    labels = {k: m.label for k, m in methods.items()}
-    present = [k for k in methods if k in set(long["method"])]
-    frames = {}
-    for key in present:
-        parts = [pd.read_csv(p) for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
-        parts = [m[m["phase"] == "train"] for m in parts if "phase" in m and "round" in m]
-        if parts:
-            frames[key] = pd.concat(parts).groupby("round").mean(numeric_only=True)
-    if not frames:
-        return False
-    fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 3.6), squeeze=False)
-    for ax, (col, name) in zip(axes[0], columns.items()):
-        for i, key in enumerate(present):
-            if key in frames and col in frames[key]:
-                ax.plot(frames[key].index, frames[key][col], "o-", color=f"C{i % 10}", label=labels[key])
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0][0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def plot_grid(out: Path, methods: list[str], path: Path) -> bool:
     """Rows = held-out prompts, columns = methods (their first seed with a grid); each row shares its noise."""
     import matplotlib
@@ -355,9 +319,9 @@ def plot_grid(out: Path, methods: list[str], path: Path) -> bool:
 def notes(out: Path, long: pd.DataFrame) -> list[str]:
     present = [k for k in METHODS if k in set(long["method"])]
     wrote = []
-    if plot_rounds(out, long, out / "t2i_rounds.png", {"reward_mean": "candidates' training reward",
+    if harness.plot_rounds(out, long, out / "t2i_rounds.png", {"reward_mean": "candidates' training reward",
                                                         "checker_acc": "candidates' checker accuracy"},
-                   "t2i: training candidates per round (train prompts, mean over seeds)"):
+                   "t2i: training candidates per round (train prompts, mean over seeds)", METHODS):
         wrote.append(out / "t2i_rounds.png")
     if plot_grid(out, present, out / "t2i_grid.png"):
         wrote.append(out / "t2i_grid.png")

@@ -233,6 +233,9 @@ Tails = Annotated[int, typer.Option("--tails", help="K: independent base tails t
 DiagnoseBatch = Annotated[int, typer.Option("--batch", help="Rows per sampler call.", callback=_at_least(1))]
 DiagnoseOut = Annotated[Path, typer.Option("--out", help="Folder for diagnose.csv (the table) and diagnose.png.")]
 DIAGNOSE_GRID = "0.1,0.25,0.5,0.75,0.9"
+DIAGNOSE_HELP = ("Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's "
+                 "variance that X_t already decides (n states × K base tails per t, 95% intervals); recommends "
+                 "the largest t whose R² lower bound is >= 0.5.")
 
 
 def t_grid(text: str) -> list[float]:

@@ -192,7 +192,7 @@ def evaluate_cmd(
     console.print(f"written to {path}")
 
 
-@app.command("diagnose")
+@app.command("diagnose", help=opts.DIAGNOSE_HELP)
 def diagnose_cmd(
     base: Base = DEFAULT_BASE,
     preset: Preset = "default",
@@ -209,9 +209,6 @@ def diagnose_cmd(
     out: opts.DiagnoseOut = Path("runs/layout/diagnose"),
     quiet: opts.Quiet = False,
 ) -> None:
-    """Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's variance
-    that X_t already decides (n states × K base tails per t, 95% intervals); recommends the largest t whose
-    R² lower bound is >= 0.5."""
     from .train import LayoutTrainConfig, base_dir_of, load_or_pretrain, problem_for
 
     grid = opts.t_grid(t)

@@ -161,7 +161,7 @@ def evaluate_cmd(
     console.print(f"written to {path}")
 
 
-@app.command("diagnose")
+@app.command("diagnose", help=opts.DIAGNOSE_HELP)
 def diagnose_cmd(
     base: Base = DEFAULT_BASE,
     preset: Preset = "default",
@@ -176,9 +176,6 @@ def diagnose_cmd(
     out: opts.DiagnoseOut = Path("runs/molecule/diagnose"),
     quiet: opts.Quiet = False,
 ) -> None:
-    """Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's variance
-    that X_t already decides (n states × K base tails per t, 95% intervals); recommends the largest t whose
-    R² lower bound is >= 0.5."""
     from .train import MoleculeTrainConfig, base_dir_of, load_or_pretrain, make_problem
 
     grid = opts.t_grid(t)

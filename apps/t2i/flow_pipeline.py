@@ -44,7 +44,7 @@ from pgraft.core.sampling import flow_sde_log_prob, flow_sde_step
 from pgraft.core.state import default_device
 from pgraft.core.trainer import GraftProblem
 
-from .model import PGRAFT_JSON, PromptBatch
+from .model import PGRAFT_JSON, PromptBatch, diffusers_lora_state, fused_lora_copy
 
 # model_index.json classes read as flow-matching pipelines (same components, same code)
 FLOW_PIPELINES = ("StableDiffusion3Pipeline",)
@@ -379,16 +379,7 @@ def make_flow_problem(pipe: FlowT2IPipeline, prompts: Sequence[str], reward, n_s
 def flow_lora_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """peft keys of a LoRA-wrapped :class:`FlowDenoiser` -> diffusers transformer LoRA keys
     (``base_model.model.transformer.X.lora_A.default.weight`` -> ``X.lora_A.weight``)."""
-    prefix = "base_model.model.transformer."
-    out = {}
-    for k, v in weights.items():
-        if "lora_" in k:
-            if not k.startswith(prefix):
-                raise ValueError(f"unexpected LoRA key {k!r} (expected the prefix {prefix!r})")
-            out[k[len(prefix):].replace(".default", "")] = v
-    if not out:
-        raise ValueError("the checkpoint holds no LoRA weights (was the run a full fine-tune, --lora 0?)")
-    return out
+    return diffusers_lora_state(weights, "transformer")
 
 
 def export_flow_lora(weights: dict[str, torch.Tensor], directory: str | Path, rank: int, alpha: float,
@@ -405,14 +396,7 @@ def export_flow_lora(weights: dict[str, torch.Tensor], directory: str | Path, ra
 
 def load_flow_lora_head(base: FlowDenoiser, lora_dir: str | Path) -> FlowDenoiser:
     """A copy of ``base`` with the LoRA in ``lora_dir`` (diffusers format) loaded and fused."""
-    import copy
-
-    head = copy.deepcopy(base)
-    head.transformer.load_lora_adapter(str(lora_dir), prefix="transformer", adapter_name="graft",
-                                       weight_name="pytorch_lora_weights.safetensors", use_safetensors=True)
-    head.transformer.fuse_lora(lora_scale=1.0)
-    head.transformer.unload_lora()
-    return head.eval()
+    return fused_lora_copy(base, lora_dir, "transformer")
 
 
 __all__ = ["FLOW_PIPELINES", "TRANSFORMER_ATTENTION", "FlowDenoiser", "FlowInfo", "FlowPromptEncoder",

@@ -383,6 +383,36 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def diffusers_lora_state(weights: dict[str, torch.Tensor], module: str) -> dict[str, torch.Tensor]:
+    """peft keys of a LoRA-wrapped denoiser -> diffusers LoRA keys of its ``module`` (``unet``, or
+    ``transformer`` for SD3): ``base_model.model.<module>.X.lora_A.default.weight`` -> ``X.lora_A.weight``."""
+    prefix = f"base_model.model.{module}."
+    out = {}
+    for k, v in weights.items():
+        if "lora_" in k:
+            if not k.startswith(prefix):
+                raise ValueError(f"unexpected LoRA key {k!r} (expected the prefix {prefix!r})")
+            out[k[len(prefix):].replace(".default", "")] = v
+    if not out:
+        raise ValueError("the checkpoint holds no LoRA weights (was the run a full fine-tune, --lora 0?)")
+    return out
+
+
+def fused_lora_copy(base: nn.Module, lora_dir: str | Path, module: str) -> nn.Module:
+    """A copy of the denoiser ``base`` with the diffusers-format LoRA in ``lora_dir`` loaded into its
+    ``module`` (``unet``, or ``transformer`` for SD3) and fused."""
+    import copy
+
+    head = copy.deepcopy(base)
+    net = getattr(head, module)
+    net.load_lora_adapter(str(lora_dir), prefix=module, adapter_name="graft",
+                          weight_name="pytorch_lora_weights.safetensors", use_safetensors=True)
+    net.fuse_lora(lora_scale=1.0)
+    net.unload_lora()
+    return head.eval()
+
+
 __all__ = ["PRESETS", "ModelPreset", "Denoiser", "PromptBatch", "PromptEncoder", "T2IPipeline", "PipelineInfo",
            "TableAlphaBar", "build_world_pipeline", "train_tokenizer", "unet_config", "UNET_ATTENTION",
-           "count_parameters", "tokenize", "text_encoder_config"]
+           "count_parameters", "tokenize", "text_encoder_config", "diffusers_lora_state",
+           "fused_lora_copy"]

@@ -9,7 +9,6 @@ and the sampler is DDIM(eta) on the core VP clock with classifier-free guidance.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Sequence
@@ -49,6 +48,8 @@ from .model import (
     PromptEncoder,
     T2IPipeline,
     build_world_pipeline,
+    diffusers_lora_state,
+    fused_lora_copy,
     text_encoder_config,
     tokenize,
     unet_config,
@@ -351,18 +352,8 @@ def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = 
 
 # ----------------------------------------------------------------------------- LoRA export / reload
 def lora_state_from_checkpoint(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft keys of a LoRA-wrapped :class:`Denoiser` -> diffusers UNet LoRA keys
-    (``base_model.model.unet.X.lora_A.default.weight`` -> ``X.lora_A.weight``)."""
-    prefix = "base_model.model.unet."
-    out = {}
-    for k, v in weights.items():
-        if "lora_" in k:
-            if not k.startswith(prefix):
-                raise ValueError(f"unexpected LoRA key {k!r} (expected the prefix {prefix!r})")
-            out[k[len(prefix):].replace(".default", "")] = v
-    if not out:
-        raise ValueError("the checkpoint holds no LoRA weights (was the run a full fine-tune, --lora 0?)")
-    return out
+    """peft keys of a LoRA-wrapped :class:`Denoiser` -> diffusers UNet LoRA keys (:func:`~.model.diffusers_lora_state`)."""
+    return diffusers_lora_state(weights, "unet")
 
 
 def export_lora(run_dir: str | Path, directory: str | Path, cfg: GraftConfig) -> Path:
@@ -381,12 +372,7 @@ def export_lora(run_dir: str | Path, directory: str | Path, cfg: GraftConfig) ->
 
 def load_lora_head(base: Denoiser, lora_dir: str | Path) -> Denoiser:
     """A copy of ``base`` with the LoRA in ``lora_dir`` (diffusers format) loaded and fused."""
-    head = copy.deepcopy(base)
-    head.unet.load_lora_adapter(str(lora_dir), prefix="unet", adapter_name="graft",
-                                weight_name="pytorch_lora_weights.safetensors", use_safetensors=True)
-    head.unet.fuse_lora(lora_scale=1.0)
-    head.unet.unload_lora()
-    return head.eval()
+    return fused_lora_copy(base, lora_dir, "unet")
 
 
 def load_head(run_dir: str | Path, base: Denoiser) -> Denoiser:

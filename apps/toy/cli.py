@@ -108,7 +108,7 @@ def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
     typer.echo(f"{n} samples written to {path}; mean {x0.mean(0).tolist()}")
 
 
-@app.command("diagnose")
+@app.command("diagnose", help=opts.DIAGNOSE_HELP)
 def diagnose_cmd(
     base: Base = DEFAULT_BASE,
     mixture: Mixture = "1d",
@@ -121,9 +121,6 @@ def diagnose_cmd(
     out: opts.DiagnoseOut = Path("runs/toy/diagnose"),
     quiet: opts.Quiet = False,
 ) -> None:
-    """Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's variance
-    that X_t already decides (n states × K base tails per t, 95% intervals); recommends the largest t whose
-    R² lower bound is >= 0.5."""
     grid = opts.t_grid(t)
     with opts.bad_parameter(ValueError):
         toy = ToyConfig(mixture=mixture, reward=reward)
