@@ -7,12 +7,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import clitools
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pgraft.apps.layout.cli import app
 from pgraft.apps.layout.data import PUBLAYNET_CLASSES, Layouts, pack, synthetic_layouts
 from pgraft.apps.layout.metrics import evaluate
 from pgraft.apps.layout.train import (
@@ -28,15 +27,12 @@ from pgraft.core.trainer import GraftConfig
 
 
 def invoke(*args: str):
-    """``pgraft layout ARGS`` in-process: (result, output with white space folded; rich wraps)."""
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "400"})
-    return result, " ".join(result.output.split())
+    """``pgraft layout ARGS`` in-process: (result, folded output)."""
+    return clitools.invoke("layout", *args)
 
 
 def ok(*args: str) -> str:
-    result, output = invoke(*args)
-    assert result.exit_code == 0, output + repr(result.exception)
-    return output
+    return clitools.ok("layout", *args)
 
 
 def _layouts(rows: list[list[tuple[int, float, float, float, float]]]) -> Layouts:
