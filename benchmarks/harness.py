@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -511,7 +510,3 @@ def plot_rounds(out: Path, long: pd.DataFrame, path: Path, columns: dict[str, st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def quiet_progress(args) -> bool:
-    return not getattr(args, "quiet", False) and sys.stderr.isatty()
