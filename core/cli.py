@@ -124,6 +124,12 @@ def bad_parameter(*errors: type[BaseException], param_hint: str | None = None) -
         raise typer.BadParameter(str(err), param_hint=param_hint) from err
 
 
+def check_choice(value: str, choices, what: str, param_hint: str) -> None:
+    """A usage error naming ``param_hint`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise typer.BadParameter(f"unknown {what} {value!r}; choose one of {sorted(choices)}", param_hint=param_hint)
+
+
 def device_option(name: str):
     """Resolve a ``--device`` value (see :func:`pgraft.core.state.resolve_device`); bad values are
     reported as a usage error naming the flag."""

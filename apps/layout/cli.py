@@ -85,8 +85,7 @@ def train_cmd(
     """GRAFT (--t 0) or P-GRAFT rounds with a GRS rule on a layout reward."""
     from .train import LayoutTrainConfig, base_dir_of, train_layout
 
-    if reward not in REWARDS:
-        raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(REWARDS)}")
+    opts.check_choice(reward, REWARDS, "reward", "--reward")
     cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset,
                             conditional=conditional, final_samples=final_samples)
     with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
@@ -212,8 +211,7 @@ def diagnose_cmd(
     from .train import LayoutTrainConfig, base_dir_of, load_or_pretrain, problem_for
 
     grid = opts.t_grid(t)
-    if reward not in REWARDS:
-        raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(REWARDS)}", param_hint="--reward")
+    opts.check_choice(reward, REWARDS, "reward", "--reward")
     cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset,
                             conditional=conditional)
     with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):

@@ -82,8 +82,7 @@ def train_cmd(
     """GRAFT (--t 0) or P-GRAFT rounds with a GRS rule; --dedup keys on canonical SMILES."""
     from .train import MoleculeTrainConfig, base_dir_of, train_molecule
 
-    if reward not in MOL_SCORES:
-        raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(MOL_SCORES)}")
+    opts.check_choice(reward, MOL_SCORES, "reward", "--reward")
     cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset, novel=novel)
     with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
         base_dir_of(cfg)
@@ -179,8 +178,7 @@ def diagnose_cmd(
     from .train import MoleculeTrainConfig, base_dir_of, load_or_pretrain, make_problem
 
     grid = opts.t_grid(t)
-    if reward not in MOL_SCORES:
-        raise typer.BadParameter(f"unknown reward {reward!r}; choose one of {sorted(MOL_SCORES)}", param_hint="--reward")
+    opts.check_choice(reward, MOL_SCORES, "reward", "--reward")
     cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset, novel=novel)
     with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
         base_dir = base_dir_of(cfg)
