@@ -132,13 +132,13 @@ class count_compute:
                 self.committed = Compute(**json.loads(ledger.read_text()))
             else:
                 self.complete = False
-        self.live = Compute()
+        self.live = Compute()  # rows of this process (its time: since __enter__)
         self.compute = Compute()
 
     def total(self) -> Compute:
         return Compute(self.committed.sample_rows + self.live.sample_rows,
                        self.committed.train_rows + self.live.train_rows,
-                       self.committed.seconds + self.live.seconds + (time.perf_counter() - self._t0))
+                       self.committed.seconds + (time.perf_counter() - self._t0))
 
     def commit(self) -> None:
         if self.ledger is not None:

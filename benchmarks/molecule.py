@@ -42,27 +42,27 @@ from pgraft.core.trainer import GraftConfig, run_graft  # noqa: E402
 BON = {"rule": "bon"}
 
 
-def _graft(label: str, t: float = 0.0, dedup: bool = False, m: int = 8, novel: bool = False, **grs) -> Method:
-    return Method("", label, "graft", {"grs": grs or BON, "t": t, "dedup": dedup, "m": m, "novel": novel})
+def _graft(key: str, label: str, t: float = 0.0, dedup: bool = False, m: int = 8, novel: bool = False,
+           **grs) -> Method:
+    return Method(key, label, "graft", {"grs": grs or BON, "t": t, "dedup": dedup, "m": m, "novel": novel})
 
 
-METHODS = {
-    "base": Method("", "base", "base"),
-    "graft_bon": _graft("GRAFT BoN (N=8)"),
-    "graft_bon_dedup": _graft("GRAFT BoN (N=8) + dedup", dedup=True),
-    "pgraft_0.1_bon_dedup": _graft("P-GRAFT t=0.1 BoN + dedup", t=0.1, dedup=True),
-    "pgraft_0.25_bon_dedup": _graft("P-GRAFT t=0.25 BoN + dedup", t=0.25, dedup=True),
-    "pgraft_0.5_bon_dedup": _graft("P-GRAFT t=0.5 BoN + dedup", t=0.5, dedup=True),
-    "pgraft_0.1_bon_dedup_novel": _graft("P-GRAFT t=0.1 BoN + dedup, novel-only QED", t=0.1, dedup=True, novel=True),
-    "pg": Method("", "policy gradient (DDPO-style)", "pg"),
+METHODS = {m.key: m for m in [
+    Method("base", "base", "base"),
+    _graft("graft_bon", "GRAFT BoN (N=8)"),
+    _graft("graft_bon_dedup", "GRAFT BoN (N=8) + dedup", dedup=True),
+    _graft("pgraft_0.1_bon_dedup", "P-GRAFT t=0.1 BoN + dedup", t=0.1, dedup=True),
+    _graft("pgraft_0.25_bon_dedup", "P-GRAFT t=0.25 BoN + dedup", t=0.25, dedup=True),
+    _graft("pgraft_0.5_bon_dedup", "P-GRAFT t=0.5 BoN + dedup", t=0.5, dedup=True),
+    _graft("pgraft_0.1_bon_dedup_novel", "P-GRAFT t=0.1 BoN + dedup, novel-only QED", t=0.1, dedup=True, novel=True),
+    Method("pg", "policy gradient (DDPO-style)", "pg"),
     # not in the default run; kept so the earlier single-seed tables can be reproduced
-    "pgraft_0.1_bon16_dedup": _graft("P-GRAFT t=0.1 BoN (N=16) + dedup (train default)", t=0.1, dedup=True, m=16),
-    "graft_topk": _graft("GRAFT Top-2 of 8", rule="topk", k=2),
-}
+    _graft("pgraft_0.1_bon16_dedup", "P-GRAFT t=0.1 BoN (N=16) + dedup (train default)", t=0.1, dedup=True, m=16),
+    _graft("graft_topk", "GRAFT Top-2 of 8", rule="topk", k=2),
+]}
 # in order of importance: a run cut short leaves the last methods missing (cells run method by method)
 DEFAULT_METHODS = ["base", "graft_bon", "graft_bon_dedup", "pgraft_0.1_bon_dedup", "pg", "pgraft_0.25_bon_dedup",
                    "pgraft_0.5_bon_dedup", "pgraft_0.1_bon_dedup_novel"]
-METHODS = {k: Method(k, v.label, v.kind, v.params) for k, v in METHODS.items()}  # keys filled in
 
 METRICS = {
     "qed_mean": Metric("QED of valid unique"),
