@@ -340,3 +340,157 @@ def serve_reward_cmd(
         pass
     finally:
         server.server_close()
+
+
+# ----------------------------------------------------------------------------- inverse noise correction (SD3)
+INC_NOTE = ("Unconditional in the prompt: the noises are inverted with the empty prompt (or the --captions given "
+            "to `invert`) at guidance 1, and the corrector sees no text.")
+FlowModel = Annotated[Path, typer.Option("--model", help="A flow-matching StableDiffusion3Pipeline directory (SD3 / "
+                                                          "SD3.5): INC inverts its deterministic Euler sampler.",
+                                         show_default=False)]
+IncSteps = Annotated[int, typer.Option("--n-steps", "--steps", help="Base sampler steps to invert through (Euler on "
+                                                                    "the scheduler's shifted sigmas); sample with the "
+                                                                    "same count.")]
+
+
+def _flow_model(model: Path) -> Path:
+    """``--model`` of the INC commands: a flow (SD3) pipeline directory, else a one-line usage error."""
+    from .flow_inc import flow_model_lacks
+
+    lacks = flow_model_lacks(model)
+    if lacks is not None:
+        raise typer.BadParameter(lacks, param_hint="--model")
+    return model
+
+
+@app.command("invert")
+@opts.run_errors
+def invert_cmd(
+    images: Annotated[Path, typer.Argument(help="A folder of PNG/JPG images (sorted by name; centre-cropped and "
+                                                "resized to the model's size) or a .safetensors tensor [N, 3, H, W] "
+                                                "in [-1, 1].", show_default=False)],
+    model: FlowModel,
+    out: opts.Out = Path("runs/t2i/invert"),
+    captions: Annotated[Optional[Path], typer.Option(help="Per-image captions to invert with instead of the empty "
+                                                          "prompt: .txt (one line per image, sorted file-name order), "
+                                                          ".jsonl ({\"file\": NAME, \"caption\": TEXT} lines) or .csv "
+                                                          "(file,caption columns).")] = None,
+    n_steps: IncSteps = 28,
+    limit: Annotated[int, typer.Option(help="Invert only the first N images (0 = all; rerun with a larger N to add "
+                                            "more).")] = 0,
+    shard_size: Annotated[int, typer.Option(help="Images per safetensors shard (the unit of resume).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images inverted at once.")] = 4,
+    max_iter: Annotated[int, typer.Option(help="Fixed-point iterations per step (at most).")] = 30,
+    tol: Annotated[float, typer.Option(help="Fixed-point tolerance (max-abs residual, latent units).")] = 1e-4,
+    device: opts.Device = "auto",
+    quiet: opts.Quiet = False,
+) -> None:
+    """Inverse noise correction, step 1: VAE-encode real images and invert the latents through the base's
+    deterministic Euler sampler into latent noises (shards in --out; rerun to resume). Unconditional in the prompt:
+    inverted with the empty prompt (or --captions) at guidance 1."""
+    from .flow_inc import InvertConfig, invert_images
+
+    _flow_model(model)
+    dev = opts.device_option(device)
+    if not images.exists():
+        raise typer.BadParameter(f"{images} does not exist", param_hint="IMAGES")
+    cfg = InvertConfig(steps=n_steps, limit=limit, shard_size=shard_size, batch_size=batch_size, max_iter=max_iter,
+                       tol=tol)
+    r = invert_images(model, images, out, cfg, captions=captions, show_progress=not quiet, device=dev)
+    typer.echo(f"{r.n_images} latent noises in {r.shards} shards under {out} ({r.shards_computed} computed now); "
+               f"worst fixed-point residual {r.max_residual:.2e}; reconstruction |Phi(noise) - latent|: mean of "
+               f"per-image max {r.recon_mean_abs:.2e}, max {r.recon_max_abs:.2e}")
+
+
+@app.command("correct")
+@opts.run_errors
+def correct_cmd(
+    invert_dir: Annotated[Path, typer.Argument(help="A `pgraft t2i invert` directory.", show_default=False)],
+    out: opts.Out = Path("runs/t2i/correct"),
+    preset: Annotated[str, typer.Option(help="Corrector size (a diffusers UNet2DModel at latent resolution): tiny "
+                                             "(tests), small (~11M parameters on SD3's 16x128x128 latents) or "
+                                             "base (~63M).")] = "small",
+    train_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 2000,
+    batch_size: opts.BatchSize = 16,
+    lr: opts.LR = 5e-4,
+    coupling: Annotated[str, typer.Option(help="Noise/target pairing: ot (minibatch optimal transport: near-straight "
+                                               "paths, few --noise-steps) or independent.")] = "ot",
+    seed: opts.Seed = 0,
+    device: opts.Device = "auto",
+    quiet: opts.Quiet = False,
+) -> None:
+    """Inverse noise correction, step 2: train a small flow N(0, I) -> law of the inverted latent noises
+    (resumes in --out). Unconditional in the prompt: the corrector sees no text."""
+    from .flow_inc import CorrectionConfig, train_correction
+
+    dev = opts.device_option(device)
+    if not invert_dir.is_dir():
+        raise typer.BadParameter(f"{invert_dir} does not exist", param_hint="INVERT_DIR")
+    cfg = CorrectionConfig(preset=preset, steps=train_steps, batch_size=batch_size, lr=lr, coupling=coupling, seed=seed)
+    _, r = train_correction(invert_dir, out, cfg, show_progress=not quiet, device=dev)
+    typer.echo(f"noise corrector ({r.parameters:,} parameters, {100 * r.relative_size:.3g}% of the transformer's "
+               f"{r.transformer_parameters:,}) trained on {r.n_noises} inverted noises, saved to {out}")
+
+
+@app.command("sample-corrected")
+@opts.run_errors
+def sample_corrected_cmd(
+    noise_model: Annotated[Path, typer.Option("--noise-model", help="A `pgraft t2i correct` directory.",
+                                              show_default=False)],
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", help="The flow (SD3) pipeline to sample (default: the one the noises were inverted through).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", help="Prompt, repeatable (default: the empty prompt, the setting the noises were inverted "
+                         "in).")] = None,
+    per_prompt: PerPrompt = 4,
+    n_steps: Annotated[Optional[int], typer.Option("--n-steps", "--steps", help="Base Euler steps (default: the "
+                                                                               "inverted count, which the corrector "
+                                                                               "targets).")] = None,
+    noise_steps: Annotated[int, typer.Option(help="Corrector Euler steps (0 = the base alone).")] = 4,
+    guidance: Guidance = None,
+    batch_size: Annotated[int, typer.Option(help="Images per sampler call.", callback=_at_least_one)] = 8,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for grid.png, images.safetensors and flops.json "
+                                                     "(default NOISE_MODEL/samples).")] = None,
+    seed: opts.Seed = 0,
+    device: opts.Device = "auto",
+    quiet: opts.Quiet = False,
+) -> None:
+    """Inverse noise correction, step 3: z ~ N(0, I) -> corrector -> frozen base (Euler, classifier-free guidance
+    on --prompt) -> VAE decode; reports FLOPs per image of the base alone and corrected. The correction is
+    unconditional in the prompt (inverted with the empty prompt or captions at guidance 1): with another prompt or
+    guidance it is applied as is, untested."""
+    from pgraft.core.checkpoint import save_json
+    from pgraft.core.errors import UsageError
+    from pgraft.core.state import save_state
+
+    from .flow_inc import load_correction, load_flow_pipeline, sample_corrected
+    from .train import save_grid
+
+    dev = opts.device_option(device)
+    if n_steps is not None and n_steps < 1:
+        raise typer.BadParameter(f"must be at least 1, got {n_steps}", param_hint="--n-steps")
+    if noise_steps < 0:
+        raise typer.BadParameter(f"must be at least 0, got {noise_steps}", param_hint="--noise-steps")
+    with opts.bad_parameter(UsageError, param_hint="--noise-model"):
+        correction = load_correction(noise_model)
+    model = _flow_model(model if model is not None else Path(correction.model))
+    pipe = load_flow_pipeline(model, guidance)
+    if list(pipe.state_shape) != list(correction.meta["latent_shape"]):
+        raise typer.BadParameter(f"{model} samples latents {list(pipe.state_shape)}, the corrector was trained on "
+                                 f"{correction.meta['latent_shape']}", param_hint="--model")
+    steps = correction.base_steps if n_steps is None else n_steps
+    prompts = [p for p in (prompt or [""]) for _ in range(per_prompt)]
+    result = sample_corrected(pipe, correction.noise_model, prompts, steps, noise_steps, seed=seed,
+                              batch_size=batch_size, show_progress=not quiet, device=dev)
+    out = out or noise_model / "samples"
+    save_grid(result.images, out / "grid.png", prompts, ncol=per_prompt)
+    save_state(result.images, out / "images.safetensors")
+    flops = result.flops.as_dict()
+    save_json({**flops, "steps": steps, "noise_steps": noise_steps, "inverted_steps": correction.base_steps,
+               "guidance_scale": pipe.info.guidance_scale}, out / "flops.json")
+    note = "" if steps == correction.base_steps else (f"; note: inverted through {correction.base_steps} steps, "
+                                                      f"sampled with {steps}")
+    typer.echo(f"{len(prompts)} images written to {out}; FLOPs/image: base {flops['base'] / 1e9:.4g} G "
+               f"({flops['base_calls']} transformer calls), corrected {flops['corrected'] / 1e9:.4g} G "
+               f"(x{flops['ratio']:.3f}, corrector {flops['noise'] / 1e9:.4g} G in {flops['noise_calls']} calls)"
+               f"{note}")
