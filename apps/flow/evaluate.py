@@ -26,7 +26,14 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class EvalConfig:
     """Metrics settings. ``n`` samples per configuration for the classifier-feature metrics;
-    ``inception_n`` (<= n) of them, and as many reference images, for Inception FID/KID."""
+    ``inception_n`` (<= n) of them for Inception FID/KID, against ``inception_reference_n`` reference
+    images (None: as many as ``inception_n``; 10,000 = the whole Fashion-MNIST test split).
+
+    ``bootstrap`` > 0: Inception FID/KID come from
+    :func:`~pgraft.apps.flow.metrics.fid_kid_bootstrap` (FID by a symmetric eigendecomposition,
+    KID over all samples) with ``ci_level`` intervals from that many resamples of the samples;
+    0: :func:`~pgraft.apps.flow.metrics.fid_kid` (scipy's sqrtm, KID averaged over subsets).
+    ``inception_batch_size``: images per Inception call (50 suits a CPU; a GPU takes hundreds)."""
 
     n: int = 1000
     reference_n: int = 5000
@@ -36,6 +43,10 @@ class EvalConfig:
     classifier_steps: int = 2000
     seed: int = 0
     cache_dir: str | None = None
+    inception_reference_n: int | None = None
+    inception_batch_size: int = 50
+    bootstrap: int = 0
+    ci_level: float = 0.95
 
 
 @dataclass
@@ -50,6 +61,8 @@ class Evaluator:
     inception: Any = None
     inception_reference: Any = None
     classifier_report: dict[str, Any] = field(default_factory=dict)
+    inception_reference_key: str = ""
+    _prepared: Any = None
 
     @classmethod
     def build(cls, cfg: EvalConfig, base_cfg: FlowPretrainConfig, cache_dir: str | Path,
@@ -79,9 +92,15 @@ class Evaluator:
         ev = cls(cfg=cfg, base_cfg=base_cfg, cache_dir=cache_dir)
         size = PRESETS[base_cfg.preset]["image_size"]
         dataset = f"{base_cfg.data}-{Path(base_cfg.path).name if base_cfg.path else 'default'}-{size}px"
+        inception_reference_n = cfg.inception_reference_n or cfg.inception_n
         if reference_images is None:
-            reference_images, labels, train_x, train_y = _reference_data(base_cfg, cfg.reference_n)
+            loaded_n = max(cfg.reference_n, inception_reference_n if cfg.inception else 0)
+            all_reference, all_labels, train_x, train_y = _reference_data(base_cfg, loaded_n)
+            # the classifier's statistics keep their first reference_n images (and cache key)
+            reference_images = all_reference[: cfg.reference_n]
+            labels = None if all_labels is None else all_labels[: cfg.reference_n]
         else:
+            all_reference = reference_images
             train_x = train_images if train_images is not None else reference_images
             train_y = train_labels if train_images is not None else labels
         clf_dir = cache_dir / f"classifier-{dataset}"
@@ -103,10 +122,12 @@ class Evaluator:
             lambda: extract_features(ev.classifier.features, ref, 256, device=device))
         if cfg.inception:
             ev.inception = InceptionFeatures(cfg.inception_weights).to(device)
-            ref_i = ref[: cfg.inception_n]
+            ref_i = all_reference[:inception_reference_n]
+            ev.inception_reference_key = reference_key(dataset, len(ref_i), ev.inception.name)
             ev.inception_reference = cached_reference_stats(
-                cache_dir, reference_key(dataset, len(ref_i), ev.inception.name),
-                lambda: extract_features(ev.inception, ref_i, 50, show_progress, "inception reference", device))
+                cache_dir, ev.inception_reference_key,
+                lambda: extract_features(ev.inception, ref_i, cfg.inception_batch_size, show_progress,
+                                         "inception reference", device))
         return ev
 
     def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False) -> dict[str, Any]:
@@ -127,11 +148,30 @@ class Evaluator:
         if self.inception is None:
             raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
         sub = samples[: self.cfg.inception_n]
-        feats = extract_features(self.inception, sub, 50, show_progress, "inception features",
-                                 module_device(self.inception))
+        feats = extract_features(self.inception, sub, self.cfg.inception_batch_size, show_progress,
+                                 "inception features", module_device(self.inception))
         ref = self.inception_reference
-        return {**fid_kid(feats, ref, generator=torch.Generator().manual_seed(self.cfg.seed)),
-                "n_reference_inception": ref.count, "n_inception": int(len(sub))}
+        counts = {"n_reference_inception": ref.count, "n_inception": int(len(sub))}
+        if self.cfg.bootstrap > 0:
+            from .metrics import fid_kid_bootstrap
+
+            return {**fid_kid_bootstrap(feats, self.prepared_inception_reference(), self.cfg.bootstrap,
+                                        torch.Generator().manual_seed(self.cfg.seed), self.cfg.ci_level), **counts}
+        return {**fid_kid(feats, ref, generator=torch.Generator().manual_seed(self.cfg.seed)), **counts}
+
+    def prepared_inception_reference(self):
+        """The Inception reference readied for :func:`~pgraft.apps.flow.metrics.fid_kid_bootstrap` on the
+        Inception network's device (once per evaluator); its KID kernel mean is cached next to the
+        reference features (``<key>.kid.json``)."""
+        from .metrics import prepare_reference
+
+        if self._prepared is None:
+            path = self.cache_dir / f"{self.inception_reference_key}.kid.json"
+            kyy = json.loads(path.read_text())["kyy"] if path.is_file() else None
+            self._prepared = prepare_reference(self.inception_reference, module_device(self.inception), kyy)
+            if kyy is None:
+                save_json({"kyy": self._prepared.kyy, "count": self._prepared.count}, path)
+        return self._prepared
 
 
 def _reference_data(base_cfg: FlowPretrainConfig, reference_n: int):

