@@ -22,6 +22,25 @@ score them: a table r[n, K]. This is a one-way random-effects design with the X_
 The 95% intervals of E[Var(r|X_t)] and R^2 are percentile intervals of a cluster bootstrap: the
 n states (rows, with their K tails) are resampled with replacement, 1000 times, seeded.
 
+Conditional problems (prompts, labels). GRS selects *within* a group, and a group shares one
+condition c (Top-K of the M images of one prompt), so the variance that selection acts on is
+Var(r | c), not Var(r): the part of Var(r) that lies between conditions (one prompt is easier than
+another) is fixed by the prompt and decided at every t, and would inflate R^2 towards 1 at any t
+(it did: on the t2i shapes world, R^2 = 0.82 at t = 0.9 with prompts mixed in, against TODO within
+prompts). So for a problem with more than one condition the states are drawn in G = n / s blocks
+of ``states_per_condition`` = s states, each block one condition (a seeded choice, without
+repetition while the conditions last), and the design is nested, block > state > tail:
+
+- MSW as above; MSB = K sum_i (m_i - m_c(i))^2 / (n - G), the state means m_i around their
+  block's mean m_c: E[MSB] = K E_c Var(E[r | X_t, c] | c) + E[Var(r | X_t)] (the mean over
+  blocks weighted by their size - 1);
+- sigma_b^2 = max(MSB - MSW, 0) / K, ``var_r`` = sigma_b^2 + MSW = E_c Var(r | c), the within-condition
+  variance, and R^2 = sigma_b^2 / var_r = 1 - E[Var(r | X_t)] / E_c Var(r | c); F = MSB / MSW with
+  (n - G, n (K - 1)) degrees of freedom;
+- the bootstrap resamples blocks (each with its s states), so the interval covers the spread over
+  prompts as well; the ``conditions`` column is G. With one condition (or none) this is the one-way
+  design above.
+
 Recommendation. Write h(X_t) = E[r | X_t], so r = h + e with e uncorrelated with h, and let GRS
 raise the mean reward of the accepted samples above the candidates' by S (its selection
 differential). P-GRAFT fine-tunes the head on the accepted X_t; at best the head reproduces their
@@ -60,59 +79,100 @@ from .schedules import split_index
 from .state import cat, index, module_device, repeat_interleave, to_device
 from .trainer import GraftProblem, derive_seed, generator_for
 
-COLUMNS = ["t", "t_grid", "n_states", "tails", "var_r", "evar", "evar_lo", "evar_hi", "r2", "r2_lo", "r2_hi",
+COLUMNS = ["t", "t_grid", "n_states", "tails", "conditions", "var_r", "evar", "evar_lo", "evar_hi", "r2", "r2_lo", "r2_hi",
            "F", "p_value", "seconds"]
 DEFAULT_GRID = (0.1, 0.25, 0.5, 0.75, 0.9)
 BOOTSTRAP = 1000
 LEVEL = 0.95
 KEEP = 0.5
+STATES_PER_CONDITION = 4  # s: states drawn per condition in conditional problems (module docstring)
 
 # seed streams of this module (the last part of generator_for's key; distinct from trainer.Stream)
 _HEADS = 1 << 26  # X_T and the base over T -> t, per chunk of states: the same X_T for every t
 _TAILS = 1 << 27  # the K tails t -> 0, per t and chunk
 _BOOT = 1 << 28  # bootstrap resampling, per t
+_CONDS = 1 << 29  # the conditions a conditional diagnosis draws its states for
 
 
 # ----------------------------------------------------------------------------- estimates
-def variance_components(r: np.ndarray) -> dict[str, float]:
-    """One-way random-effects ANOVA of ``r`` [n states, K tails] (see the module docstring):
-    var_r, evar (= MSW), sigma_b2, r2, F and its p_value."""
+def _groups(r: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    if groups is None:
+        return np.zeros(r.shape[0], dtype=np.int64)
+    groups = np.asarray(groups)
+    if groups.shape != (r.shape[0],):
+        raise ValueError(f"groups must give one condition per state ({r.shape[0]}), got shape {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].reshape(-1)
+
+
+def _within_condition_ss(means: np.ndarray, groups: np.ndarray, n_groups: int) -> float:
+    """sum over states of (m_i - the mean of its condition's states)^2."""
+    sums = np.bincount(groups, weights=means, minlength=n_groups)
+    counts = np.bincount(groups, minlength=n_groups)
+    return float(np.square(means - (sums / np.maximum(counts, 1))[groups]).sum())
+
+
+def variance_components(r: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
+    """Random-effects ANOVA of ``r`` [n states, K tails] (see the module docstring): one-way, or, with
+    ``groups`` (the condition of each state), nested within conditions. Returns var_r, evar (= MSW),
+    sigma_b2, r2, F and its p_value."""
     from scipy.stats import f as f_dist
 
     r = np.asarray(r, dtype=np.float64)
     if r.ndim != 2 or r.shape[0] < 2 or r.shape[1] < 2:
         raise ValueError(f"need rewards of shape [n >= 2 states, K >= 2 tails], got {r.shape}")
     n, k = r.shape
+    g = _groups(r, groups)
+    n_groups = int(g.max()) + 1
+    df_b = n - n_groups
+    if df_b < 1:
+        raise ValueError(f"need at least one condition with 2 or more states, got {n} states in {n_groups} conditions")
     msw = float(r.var(axis=1, ddof=1).mean())
-    msb = float(k * r.mean(axis=1).var(ddof=1))
+    msb = k * _within_condition_ss(r.mean(axis=1), g, n_groups) / df_b
     sigma_b2 = max(msb - msw, 0.0) / k
     var_r = sigma_b2 + msw
     r2 = sigma_b2 / var_r if var_r > 0 else math.nan
     if msw > 0:
         F = msb / msw
-        p_value = float(f_dist.sf(F, n - 1, n * (k - 1)))
+        p_value = float(f_dist.sf(F, df_b, n * (k - 1)))
     else:  # every tail of every state agrees: r is a function of X_t (or constant)
         F, p_value = (math.inf, 0.0) if msb > 0 else (math.nan, math.nan)
     return {"var_r": var_r, "evar": msw, "sigma_b2": sigma_b2, "r2": r2, "F": F, "p_value": p_value}
 
 
 def bootstrap_intervals(r: np.ndarray, n_boot: int = BOOTSTRAP, level: float = LEVEL,
-                        rng: np.random.Generator | None = None) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of evar and r2 by a cluster bootstrap over the states (rows of ``r``)."""
+                        rng: np.random.Generator | None = None,
+                        groups: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of evar and r2 by a cluster bootstrap: over the states (rows of ``r``),
+    or, with ``groups`` naming more than one condition, over the conditions (each with its states)."""
     r = np.asarray(r, dtype=np.float64)
     n, k = r.shape
     rng = rng if rng is not None else np.random.default_rng(0)
     means, within = r.mean(axis=1), r.var(axis=1, ddof=1)
+    g = _groups(r, groups)
+    n_groups = int(g.max()) + 1
     evar, r2 = np.empty(n_boot), np.empty(n_boot)
-    for lo in range(0, n_boot, 256):  # [B, n] index blocks: bounded memory for large n
-        idx = rng.integers(0, n, size=(min(n_boot, lo + 256) - lo, n))
-        msw = within[idx].mean(axis=1)
-        msb = k * means[idx].var(axis=1, ddof=1)
-        sigma_b2 = np.maximum(msb - msw, 0.0) / k
-        total = sigma_b2 + msw
-        evar[lo:lo + len(idx)] = msw
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r2[lo:lo + len(idx)] = np.where(total > 0, sigma_b2 / total, np.nan)
+    if n_groups == 1:
+        for lo in range(0, n_boot, 256):  # [B, n] index blocks: bounded memory for large n
+            idx = rng.integers(0, n, size=(min(n_boot, lo + 256) - lo, n))
+            msw = within[idx].mean(axis=1)
+            msb = k * means[idx].var(axis=1, ddof=1)
+            sigma_b2 = np.maximum(msb - msw, 0.0) / k
+            total = sigma_b2 + msw
+            evar[lo:lo + len(idx)] = msw
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r2[lo:lo + len(idx)] = np.where(total > 0, sigma_b2 / total, np.nan)
+    else:
+        members = [np.flatnonzero(g == c) for c in range(n_groups)]
+        for b in range(n_boot):
+            pick = rng.integers(0, n_groups, size=n_groups)  # conditions, with replacement
+            rows = np.concatenate([members[c] for c in pick])
+            labels = np.repeat(np.arange(n_groups), [len(members[c]) for c in pick])
+            df_b = len(rows) - n_groups
+            msw = float(within[rows].mean())
+            msb = k * _within_condition_ss(means[rows], labels, n_groups) / df_b if df_b > 0 else math.nan
+            sigma_b2 = max(msb - msw, 0.0) / k
+            evar[b] = msw
+            r2[b] = sigma_b2 / (sigma_b2 + msw) if sigma_b2 + msw > 0 else math.nan
     q = [(1 - level) / 2, (1 + level) / 2]
 
     def interval(values: np.ndarray) -> tuple[float, float]:
@@ -158,12 +218,28 @@ def parse_grid(text: str) -> list[float]:
     return check_grid(values)
 
 
+def condition_blocks(problem: GraftProblem, n_states: int, states_per_condition: int = STATES_PER_CONDITION,
+                     seed: int = 0) -> torch.Tensor:
+    """The condition index of each of ``n_states`` states: None / one condition: all 0; otherwise
+    blocks of ``states_per_condition`` consecutive states per condition, the conditions a seeded
+    random choice without repetition (with repetition only when there are more blocks than conditions)."""
+    n_cond = 1 if problem.conditions is None else len(problem.conditions)
+    if n_cond == 1:
+        return torch.zeros(n_states, dtype=torch.long)
+    if states_per_condition < 2:
+        raise ValueError(f"states_per_condition must be >= 2 (a condition needs 2 states to compare), "
+                         f"got {states_per_condition}")
+    blocks = math.ceil(n_states / states_per_condition)
+    order = torch.randperm(n_cond, generator=torch.Generator().manual_seed(derive_seed(seed, _CONDS)))
+    chosen = order[torch.arange(blocks) % n_cond]
+    return chosen[torch.arange(n_states) // states_per_condition]
+
+
 def _rewards_at(problem: GraftProblem, base: nn.Module, k: int, n_states: int, tails: int, seed: int,
-                batch_size: int, advance) -> np.ndarray:
+                batch_size: int, advance, states_per_condition: int = STATES_PER_CONDITION) -> tuple[np.ndarray, np.ndarray]:
     """Rewards [n_states, tails] of K base tails from each of n base states X_t (t = times[k])."""
     times, device = problem.times, module_device(base)
-    n_cond = 1 if problem.conditions is None else len(problem.conditions)
-    cond_index = torch.arange(n_states) % n_cond  # round-robin; all tails of a state share its condition
+    cond_index = condition_blocks(problem, n_states, states_per_condition, seed)  # tails share their state's
     # score with the reward alone: dedup keys, records and metrics are not needed here
     lean = dataclasses.replace(problem, key=None, describe=None, metrics=None, on_round=None)
     states = []
@@ -184,7 +260,9 @@ def _rewards_at(problem: GraftProblem, base: nn.Module, k: int, n_states: int, t
     r = torch.cat(rewards).view(n_states, tails).numpy()
     if not np.isfinite(r).all():
         raise ValueError("the reward returned non-finite values")
-    return r
+    one = problem.conditions is None or len(problem.conditions) == 1
+    # the blocks are the clusters (a condition drawn twice gives two blocks: still centred on its own mean)
+    return r, np.zeros(n_states, dtype=np.int64) if one else np.arange(n_states) // states_per_condition
 
 
 def _chunks(n: int, batch_size: int) -> int:
@@ -194,10 +272,12 @@ def _chunks(n: int, batch_size: int) -> int:
 @torch.no_grad()
 def reward_variance(problem: GraftProblem, base: nn.Module, t_grid: Sequence[float] = DEFAULT_GRID,
                     n_states: int = 64, tails: int = 8, seed: int = 0, batch_size: int = 256,
-                    show_progress: bool = True, n_boot: int = BOOTSTRAP) -> pd.DataFrame:
+                    show_progress: bool = True, n_boot: int = BOOTSTRAP,
+                    states_per_condition: int = STATES_PER_CONDITION) -> pd.DataFrame:
     """The diagnosis table, one row per t of ``t_grid`` (columns :data:`COLUMNS`; see the module
     docstring). Samples with ``base`` on its device, ``batch_size`` rows per sampler call; X_T is
-    drawn from the same seeds for every t (common random numbers across the grid)."""
+    drawn from the same seeds for every t (common random numbers across the grid). A problem with
+    several conditions is diagnosed within conditions (``states_per_condition`` states each)."""
     grid = check_grid(t_grid)
     if n_states < 2 or tails < 2:
         raise ValueError(f"need at least 2 states and 2 tails per state, got {n_states} and {tails}")
@@ -211,10 +291,11 @@ def reward_variance(problem: GraftProblem, base: nn.Module, t_grid: Sequence[flo
     with progress_bar(total, f"diagnose: {n_states} states x {tails} tails per t", show_progress) as advance:
         for t, k in zip(grid, ks):
             t0 = time.time()
-            r = _rewards_at(problem, base, k, n_states, tails, seed, batch_size, advance)
-            est = variance_components(r)
-            ci = bootstrap_intervals(r, n_boot, LEVEL, np.random.default_rng(derive_seed(seed, k, _BOOT)))
+            r, groups = _rewards_at(problem, base, k, n_states, tails, seed, batch_size, advance, states_per_condition)
+            est = variance_components(r, groups)
+            ci = bootstrap_intervals(r, n_boot, LEVEL, np.random.default_rng(derive_seed(seed, k, _BOOT)), groups)
             rows.append({"t": t, "t_grid": float(problem.times[k]), "n_states": n_states, "tails": tails,
+                         "conditions": int(len(np.unique(groups))),
                          "var_r": est["var_r"], "evar": est["evar"], "evar_lo": ci["evar"][0],
                          "evar_hi": ci["evar"][1], "r2": est["r2"], "r2_lo": ci["r2"][0], "r2_hi": ci["r2"][1],
                          "F": est["F"], "p_value": est["p_value"], "seconds": time.time() - t0})
@@ -295,18 +376,22 @@ def format_table(table: pd.DataFrame) -> str:
 def run_diagnose(problem: GraftProblem, base: nn.Module, t_grid: Sequence[float] = DEFAULT_GRID,
                  n_states: int = 64, tails: int = 8, seed: int = 0, batch: int = 256,
                  out_dir: str | Path = "runs/diagnose", show_progress: bool = True, keep: float = KEEP,
-                 device: torch.device | str | None = None) -> pd.DataFrame:
+                 device: torch.device | str | None = None,
+                 states_per_condition: int = STATES_PER_CONDITION) -> pd.DataFrame:
     """The body of every ``pgraft <app> diagnose``: measure (on ``device``, default the GPU when torch
     sees one), print the table and ``recommended t: X (reason)``, write ``diagnose.csv`` and
     ``diagnose.png`` to ``out_dir``; returns the table."""
     from .state import default_device
 
     base = base.eval().requires_grad_(False).to(device if device is not None else default_device())
-    table = reward_variance(problem, base, t_grid, n_states, tails, seed, batch, show_progress)
+    table = reward_variance(problem, base, t_grid, n_states, tails, seed, batch, show_progress,
+                            states_per_condition=states_per_condition)
     t, reason = recommend_t(table, keep)
     out_dir = Path(out_dir)
     csv = write_table(table, out_dir / "diagnose.csv")
-    png = plot_diagnosis(table, out_dir / "diagnose.png", keep, t, title=f"{n_states} states x {tails} tails per t")
+    png = plot_diagnosis(table, out_dir / "diagnose.png", keep, t, title=f"{n_states} states x {tails} tails per t"
+                         + ("" if table["conditions"].iloc[0] == 1 else
+                            f", within {table['conditions'].iloc[0]} conditions"))
     console = make_console()
     console.print(format_table(table), highlight=False, markup=False, soft_wrap=True)
     console.print(f"recommended t: {t:g} ({reason})", highlight=False, markup=False, soft_wrap=True)

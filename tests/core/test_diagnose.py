@@ -115,13 +115,35 @@ def test_the_bootstrap_is_seeded_and_its_width_shrinks_like_one_over_root_n():
     assert 1.5 < ratio < 2.7  # 4x the states: about half the width
 
 
-def test_same_condition_for_every_tail_of_a_state():
-    # r = X_0 + c with c = -5 / +5 round-robin: mixing conditions within a state would add ~25 to evar
+def test_conditions_are_diagnosed_within_and_tails_keep_their_state_s_condition():
+    # r = X_0 + c with c = -5 / +5: the offset is decided by the condition, not by X_t, and GRS selects within a
+    # condition, so R^2 must stay the walk's 1 - t = 0.5 (mixing in the offset's variance 25 would give 25.5 / 26),
+    # and a tail with another condition than its state would add ~25 to evar
     table = reward_variance(walk_problem(conditions=[-5.0, 5.0]), nn.Linear(1, 1), (0.5,), n_states=400, tails=4,
                             seed=3, show_progress=False)
     row = table.iloc[0]
+    assert row["conditions"] == 100 and list(table.columns) == COLUMNS  # 400 states in blocks of 4
     assert row["evar"] == pytest.approx(0.5, rel=0.15)
-    assert row["r2"] == pytest.approx(25.5 / 26, abs=0.01)
+    assert row["var_r"] == pytest.approx(1.0, rel=0.15)
+    assert row["r2_lo"] < 0.5 < row["r2_hi"] and row["r2"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_nested_anova_ignores_condition_effects_and_bootstraps_over_conditions():
+    rng = np.random.default_rng(0)
+    G, s, K = 60, 4, 5
+    groups = np.repeat(np.arange(G), s)
+    state = rng.normal(size=(G * s, 1))  # Var(E[r | X_t, c] | c) = 1
+    r = 10 * rng.normal(size=(G, 1)).repeat(s, axis=0) + state + rng.normal(size=(G * s, K))  # E Var(r | X_t) = 1
+    est = variance_components(r, groups)
+    assert est["r2"] == pytest.approx(0.5, abs=0.1) and est["evar"] == pytest.approx(1.0, rel=0.1)
+    assert variance_components(r)["r2"] > 0.95  # without the conditions the offsets look decided by X_t
+    ci = bootstrap_intervals(r, 300, rng=np.random.default_rng(1), groups=groups)
+    assert ci == bootstrap_intervals(r, 300, rng=np.random.default_rng(1), groups=groups)
+    assert ci["r2"][0] < est["r2"] < ci["r2"][1] and ci["r2"][1] - ci["r2"][0] < 0.4
+    # one condition: the one-way design, bit for bit
+    assert variance_components(r, np.zeros(G * s)) == variance_components(r)
+    with pytest.raises(ValueError, match="2 or more states"):
+        variance_components(r[:3], np.arange(3))
 
 
 def test_no_information_in_x_t_gives_calibrated_p_values():
