@@ -352,6 +352,23 @@ def add_gains(long: pd.DataFrame, reward: str | None) -> pd.DataFrame:
     return pd.concat([long, pd.DataFrame(extra)], ignore_index=True) if extra else long
 
 
+def kept_gain_lines(long: pd.DataFrame, pairs: list[tuple[str, str]], gain_metric: str,
+                    labels: dict[str, str]) -> list[str]:
+    """For each (key, ref) pair, the share of ``ref``'s gain over the base that ``key`` keeps: the
+    per-seed ratio gain[key] / gain[ref] (paired by seed), mean and 95% CI over seeds. `pgraft <app>
+    diagnose` predicts it as R²(t) for P-GRAFT at t against GRAFT (core/diagnose.py)."""
+    gain = long[long["metric"] == gain_metric].pivot_table(index="seed", columns="method", values="value")
+    lines = []
+    for key, ref in pairs:
+        if key in gain and ref in gain:
+            ratio = (gain[key] / gain[ref]).dropna().tolist()
+            if len(ratio) >= 2:
+                ci = mean_ci(ratio)
+                lines.append(f"{labels[key]}: keeps {ci.mean:.3f} [95% CI {ci.lo:.3f}, {ci.hi:.3f}] "
+                             f"of {labels[ref]}'s reward gain over the base")
+    return lines
+
+
 def summary_table(long: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, metric), group in long.groupby(["method", "metric"], sort=False):

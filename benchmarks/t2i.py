@@ -327,7 +327,10 @@ def notes(out: Path, long: pd.DataFrame) -> list[str]:
         wrote.append(out / "t2i_grid.png")
     if wrote:
         print(f"\nwrote {', '.join(map(str, wrote))}; per cell: samples.csv, grid.safetensors")
-    lines = []
+    # the share of GRAFT Top-2's held-out reward gain P-GRAFT keeps (paired by seed); `pgraft t2i diagnose`
+    # predicts it as R²(t)
+    lines = harness.kept_gain_lines(long, [(f"pgraft_{t}", "graft_topk") for t in T_VALUES], "reward_gain",
+                                    {k: m.label for k, m in METHODS.items()})
     sizes = sorted({(c["extra"]["heldout_images"], c["extra"]["overall_se_at_half"])
                     for c in harness.load_cells(out, present) if "overall_se_at_half" in c.get("extra", {})})
     for n, overall_se in sizes:

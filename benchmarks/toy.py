@@ -190,16 +190,8 @@ def notes(out: Path, long: pd.DataFrame) -> list[str]:
                      f"error {floor[0]:.3f} → {verdict}")
     # the share of GRAFT's reward gain P-GRAFT keeps at each t (paired by seed); `pgraft toy diagnose`
     # predicts it as R²(t) (core/diagnose.py)
-    gain = long[long["metric"] == "mean_reward_gain"].pivot_table(index="seed", columns="method", values="value")
-    for rule in ("rs", "bon"):
-        for t in T_VALUES:
-            key, ref = f"pgraft_{rule}_{t}", f"graft_{rule}"
-            if key in gain and ref in gain:
-                ratio = (gain[key] / gain[ref]).dropna().tolist()
-                if len(ratio) >= 2:
-                    ci = mean_ci(ratio)
-                    lines.append(f"{METHODS[key].label}: keeps {ci.mean:.3f} [95% CI {ci.lo:.3f}, {ci.hi:.3f}] "
-                                 f"of {METHODS[ref].label}'s reward gain over the base")
+    pairs = [(f"pgraft_{rule}_{t}", f"graft_{rule}") for rule in ("rs", "bon") for t in T_VALUES]
+    lines += harness.kept_gain_lines(long, pairs, "mean_reward_gain", {k: m.label for k, m in METHODS.items()})
     return lines
 
 
