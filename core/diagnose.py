@@ -26,10 +26,11 @@ Conditional problems (prompts, labels). GRS selects *within* a group, and a grou
 condition c (Top-K of the M images of one prompt), so the variance that selection acts on is
 Var(r | c), not Var(r): the part of Var(r) that lies between conditions (one prompt is easier than
 another) is fixed by the prompt and decided at every t, and would inflate R^2 towards 1 at any t
-(it did: on the t2i shapes world, R^2 = 0.82 at t = 0.9 with prompts mixed in, against TODO within
-prompts). So for a problem with more than one condition the states are drawn in G = n / s blocks
-of ``states_per_condition`` = s states, each block one condition (a seeded choice, without
-repetition while the conditions last), and the design is nested, block > state > tail:
+(it did: on the t2i shapes world's base, R^2 = 0.82 at t = 0.9 with 64 states of 64 prompts, against
+0.24 [0.09, 0.32] within prompts, 96 states in 24 prompts). So for a problem with more than one
+condition the states are drawn in G = n / s blocks of ``states_per_condition`` = s states, each
+block one condition (a seeded choice, without repetition while the conditions last), and the
+design is nested, block > state > tail:
 
 - MSW as above; MSB = K sum_i (m_i - m_c(i))^2 / (n - G), the state means m_i around their
   block's mean m_c: E[MSB] = K E_c Var(E[r | X_t, c] | c) + E[Var(r | X_t)] (the mean over
