@@ -197,8 +197,9 @@ def diagnose_cmd(
     preset: Preset = "default",
     reward: Reward = "combined",
     conditional: Annotated[bool, typer.Option("--conditional/--unconditional",
-                                              help="Class-conditioned, on the test split's class sets (round-robin), "
-                                                   "as train's --conditional.")] = False,
+                                              help="Class-conditioned, on the test split's class sets, as train's "
+                                                   "--conditional; R² is then measured within a class set (4 "
+                                                   "states each).")] = False,
     sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler (0 = the base preset's).")] = 0,
     t: opts.TGrid = opts.DIAGNOSE_GRID,
     states: opts.States = 64,

@@ -287,8 +287,9 @@ def diagnose_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Which P-GRAFT split --t to train with, from the base pipeline (--model) alone: the share R²(t) of the
-    reward's variance that X_t already decides (n states × K base tails per t, prompts round-robin, 95%
-    intervals); recommends the largest t whose R² lower bound is >= 0.5."""
+    reward's variance within a prompt that X_t already decides (n states × K base tails per t, 4 states per
+    prompt: GRS selects among images of one prompt; 95% intervals); recommends the largest t whose R² lower
+    bound is >= 0.5."""
     from .prompts import load_prompts
     from .train import T2IConfig, base_lacks, load_pipeline, recorded_problem
 
