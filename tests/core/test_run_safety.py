@@ -141,18 +141,19 @@ def test_a_tampered_pretraining_state_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- item 6
 _HOLDER = textwrap.dedent("""
-    import sys, time
+    import sys
     from pgraft.core.integrity import exclusive
     with exclusive(sys.argv[1]):
         print("locked", flush=True)
-        time.sleep(60)
+        sys.stdin.read()  # holds the lock until killed (a fixed sleep ran out on a loaded machine)
 """)
 
 
 @pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirLocked, match=f"in use by PID {holder.pid}"):
