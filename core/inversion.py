@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,3 +164,38 @@ def train_noise_flow(noise_model: nn.Module, noises: torch.Tensor, config, run_d
     batches = infinite_batches(noises, batch_size, config.seed)
     loss = lambda m, x, c, g: flow_matching_loss(m, x, 0.0, c, g, coupling)  # noqa: E731
     return pretrain(noise_model, batches, loss, config, run_dir, model_config, show_progress=show_progress)
+
+
+# ----------------------------------------------------------------------------- inverted-noise shards
+SHARD_DIR = "shards"  # an inversion directory keeps its noises in DIR/shards/noise_NNNNN.safetensors
+
+
+def shard_path(directory: str | Path, index: int) -> Path:
+    """Shard ``index`` of an inversion directory (the unit of resume)."""
+    return Path(directory) / SHARD_DIR / f"noise_{index:05d}.safetensors"
+
+
+def shard_done(directory: str | Path, index: int, idx: torch.Tensor) -> bool:
+    """Whether shard ``index`` is written and inverted exactly the images ``idx`` (its ``index`` tensor)."""
+    from safetensors import safe_open
+
+    path = shard_path(directory, index)
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return torch.equal(f.get_tensor("index"), idx)
+
+
+def read_shards(directory: str | Path, n_shards: int | None = None, command: str = "the inversion",
+                error: type[Exception] = FileNotFoundError) -> dict[str, torch.Tensor]:
+    """The shards of an inversion concatenated in shard order (all of them, or the first ``n_shards``);
+    ``error`` naming the folder and ``command`` (what writes the shards) when there are none."""
+    from safetensors.torch import load_file
+
+    folder = Path(directory) / SHARD_DIR
+    files = sorted(folder.glob("noise_*.safetensors"))[:n_shards]
+    if not files:
+        raise error(f"no inverted-noise shards in {folder}; run `{command}` first")
+    loaded = [load_file(str(f)) for f in files]
+    return {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
+

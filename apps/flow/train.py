@@ -30,12 +30,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pgraft.core.checkpoint import WEIGHTS_NAME, load_pretrained, save_json
 from pgraft.core.integrity import exclusive
-from pgraft.core.inversion import WARM_STARTS, invert, sampler_flops, train_noise_flow
+from pgraft.core.inversion import (
+    SHARD_DIR,
+    WARM_STARTS,
+    invert,
+    sampler_flops,
+    shard_done,
+    shard_path,
+    train_noise_flow,
+)
+from pgraft.core.inversion import read_shards as read_noise_shards
 from pgraft.core.losses import flow_matching_loss
 from pgraft.core.pretrain import PretrainConfig, is_pretrained, pretrain
 from pgraft.core.progress import progress_bar
@@ -53,7 +61,6 @@ BASE_META = "flow.json"
 INVERT_META = "invert.json"
 CORRECT_META = "correct.json"
 RECONSTRUCTION = "reconstruction.json"
-SHARD_DIR = "shards"
 THROUGHPUT_DIR = "throughput"
 # `pgraft flow pretrain` with its defaults (Fashion-MNIST, "default" preset), see bases/default/SHIPPED.json;
 # `pgraft flow invert shipped` inverts through it
@@ -206,19 +213,9 @@ class ReconstructionReport:
     shards: int
 
 
-def shard_path(invert_dir: Path, index: int) -> Path:
-    return invert_dir / SHARD_DIR / f"noise_{index:05d}.safetensors"
-
-
 def _subset(n_available: int, limit: int, seed: int) -> torch.Tensor:
     """Indices of the images to invert: the first ``limit`` of a seeded permutation (reproducible on resume)."""
     return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[: min(limit, n_available)]
-
-
-def _shard_holds(path: Path, idx: torch.Tensor) -> bool:
-    """Whether the finished shard at ``path`` inverted exactly the images ``idx``."""
-    with safe_open(str(path), "pt") as f:
-        return torch.equal(f.get_tensor("index"), idx)
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -332,7 +329,7 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
         with _full_fp32(), progress_bar(sum(len(shard_idx[i]) for i in mine), label, show_progress) as advance:
             for i in mine:
                 idx = shard_idx[i]
-                if shard_path(out, i).is_file() and _shard_holds(shard_path(out, i), idx):
+                if shard_done(out, i, idx):
                     skipped += len(idx)
                     advance(len(idx))
                     continue
@@ -380,7 +377,7 @@ def _wait_for_shards(out: Path, expected: dict[int, torch.Tensor], poll_seconds:
     missing, told = dict(expected), False
     while missing:
         for i, idx in list(missing.items()):
-            if shard_path(out, i).is_file() and _shard_holds(shard_path(out, i), idx):
+            if shard_done(out, i, idx):
                 del missing[i]
         if missing:
             if not told:
@@ -402,12 +399,7 @@ def _full_fp32():
 
 def read_shards(invert_dir: str | Path) -> dict[str, torch.Tensor]:
     """All shards of an inversion concatenated in shard order (keys as in :func:`invert_dataset`)."""
-    invert_dir = Path(invert_dir)
-    files = sorted((invert_dir / SHARD_DIR).glob("noise_*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no inverted-noise shards in {invert_dir / SHARD_DIR}; run `pgraft flow invert` first")
-    loaded = [load_file(str(f)) for f in files]
-    return {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
+    return read_noise_shards(invert_dir, command="pgraft flow invert")
 
 
 def reconstruction_report(invert_dir: str | Path, shards: list[int] | None = None) -> ReconstructionReport:

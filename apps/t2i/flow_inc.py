@@ -59,13 +59,22 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from pgraft.core.checkpoint import load_pretrained, save_json
 from pgraft.core.errors import UsageError
 from pgraft.core.integrity import exclusive, sha256_file
-from pgraft.core.inversion import InversionResult, count_flops, invert, train_noise_flow
+from pgraft.core.inversion import (
+    SHARD_DIR,
+    InversionResult,
+    count_flops,
+    invert,
+    shard_done,
+    shard_path,
+    train_noise_flow,
+)
+from pgraft.core.inversion import read_shards as read_noise_shards
 from pgraft.core.pretrain import PretrainConfig, is_pretrained
 from pgraft.core.progress import progress_bar
 from pgraft.core.sampling import euler_step, sample
@@ -77,7 +86,6 @@ from .flow_pipeline import FlowT2IPipeline, flow_lacks, local_device, pipeline_k
 INVERT_META = "invert.json"
 CORRECT_META = "correct.json"
 REPORT_NAME = "report.json"
-SHARD_DIR = "shards"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -300,15 +308,6 @@ class InvertReport:
     recon_max_abs: float
 
 
-def shard_path(invert_dir: Path, index: int) -> Path:
-    return Path(invert_dir) / SHARD_DIR / f"noise_{index:05d}.safetensors"
-
-
-def _shard_holds(path: Path, idx: torch.Tensor) -> bool:
-    with safe_open(str(path), "pt") as f:
-        return torch.equal(f.get_tensor("index"), idx)
-
-
 @torch.no_grad()
 def invert_latents(model: nn.Module, latents: torch.Tensor, times: torch.Tensor, cond: Any,
                    max_iter: int = 30, tol: float = 1e-4, patience: int = 5) -> tuple[InversionResult, torch.Tensor]:
@@ -370,7 +369,7 @@ def invert_images(model_dir: str | Path, images: str | Path, out: str | Path, cf
         with full_fp32(), progress_bar(n, f"invert ({cfg.steps} Euler steps)", show_progress) as advance:
             for i in range(n_shards):
                 idx = torch.arange(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), dtype=torch.int64)
-                if shard_path(out, i).is_file() and _shard_holds(shard_path(out, i), idx):
+                if shard_done(out, i, idx):
                     advance(len(idx))
                     continue
                 parts: dict[str, list[torch.Tensor]] = {"noise": [], "residual": [], "recon_max": []}
@@ -396,12 +395,7 @@ def invert_images(model_dir: str | Path, images: str | Path, out: str | Path, cf
 
 def read_shards(invert_dir: str | Path, n_shards: int | None = None) -> dict[str, torch.Tensor]:
     """The shards of an inversion concatenated in order (all of them, or the first ``n_shards``)."""
-    invert_dir = Path(invert_dir)
-    files = sorted((invert_dir / SHARD_DIR).glob("noise_*.safetensors"))[:n_shards]
-    if not files:
-        raise UsageError(f"no inverted-noise shards in {invert_dir / SHARD_DIR}; run `pgraft t2i invert` first")
-    loaded = [load_file(str(f)) for f in files]
-    return {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
+    return read_noise_shards(invert_dir, n_shards, "pgraft t2i invert", UsageError)
 
 
 def inversion_report(invert_dir: str | Path, n_shards: int | None = None, computed: int = 0) -> InvertReport:
