@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from pgraft.core.integrity import exclusive
 from pgraft.core.inversion import (
     SHARD_DIR,
     WARM_STARTS,
+    full_fp32,
     invert,
     sampler_flops,
     shard_done,
@@ -326,7 +327,7 @@ def invert_dataset(base_dir: str | Path, out: str | Path, cfg: InvertConfig, sho
         done = skipped = 0
         iterations: list[float] = []
         started = time.perf_counter()
-        with _full_fp32(), progress_bar(sum(len(shard_idx[i]) for i in mine), label, show_progress) as advance:
+        with full_fp32(), progress_bar(sum(len(shard_idx[i]) for i in mine), label, show_progress) as advance:
             for i in mine:
                 idx = shard_idx[i]
                 if shard_done(out, i, idx):
@@ -384,17 +385,6 @@ def _wait_for_shards(out: Path, expected: dict[int, torch.Tensor], poll_seconds:
                 print(f"rank 0: waiting for {len(missing)} shard(s) of the other ranks", file=sys.stderr, flush=True)
                 told = True
             time.sleep(poll_seconds)
-
-
-@contextmanager
-def _full_fp32():
-    """Switch TF32 off for cuDNN convolutions and CUDA matmuls inside the block (no-op on the CPU)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def read_shards(invert_dir: str | Path) -> dict[str, torch.Tensor]:

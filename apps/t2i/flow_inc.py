@@ -52,7 +52,6 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ from pgraft.core.inversion import (
     SHARD_DIR,
     InversionResult,
     count_flops,
+    full_fp32,
     invert,
     shard_done,
     shard_path,
@@ -163,18 +163,6 @@ def transformer_digest(model_dir: str | Path) -> str:
         if path.is_file() and path.suffix in (".safetensors", ".bin"):
             h.update(path.name.encode() + sha256_file(path).encode())
     return h.hexdigest()
-
-
-@contextmanager
-def full_fp32():
-    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block (no-op on the CPU): their
-    1e-3 relative error would stall the fixed-point iteration far above its tolerance."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # ----------------------------------------------------------------------------- images and captions
