@@ -87,6 +87,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +107,16 @@ from pgraft.apps.flow.train import (  # noqa: E402
     RECONSTRUCTION,
     SHIPPED_BASE,
     SamplerSpec,
-    evaluate,
     flops_per_image,
     load_base,
     load_correction,
     load_training_images,
     read_shards,
+    sample_images,
     weights_digest,
 )
+from pgraft.core.errors import RunDirLocked  # noqa: E402
+from pgraft.core.integrity import exclusive  # noqa: E402
 from pgraft.core.pretrain import is_pretrained, trained_steps  # noqa: E402
 from pgraft.core.sampling import FLOW_STEPS, sample  # noqa: E402
 from pgraft.core.schedules import flow_times  # noqa: E402
@@ -131,7 +134,7 @@ CSV_COLUMNS = ["kind", "sampler", "base_steps", "noise_sampler", "noise_steps", 
                "reference_n", "seed", "n_boot", "device", "seconds"]
 
 # sizes: (CPU dry run, GPU protocol); every one can be overridden on the command line
-TINY = dict(grid="2,4,8", steps=8, corrected="8:8,8:2,4:4", n=12, inception_n=12, inception_reference_n=24,
+TINY = dict(grid="2,4,8", steps=8, corrected="8:8,8:2,4:4", n=12, sweep_n=8, inception_n=12, inception_reference_n=24,
             reference_n=64, classifier_steps=20, bootstrap=10, invert_limit=8, shard_size=4, invert_batch_size=4,
             invert_max_iter=10, invert_tol=1e-4, correct_steps=20, correct_batch_size=8, sample_batch_size=250)
 FULL = dict(grid="5,10,20,50,100,200", steps=200, corrected=None, n=5000, inception_n=5000,
@@ -228,10 +231,18 @@ def run_stoppable(cmd: list[str], budget: Budget, what: str, env: dict[str, str]
 
 # ----------------------------------------------------------------------------- rows
 class Rows:
-    """One JSON per evaluated configuration in ``out/rows``, reused while its fingerprint matches."""
+    """One JSON per evaluated configuration in ``out/rows``, reused while its fingerprint matches.
+
+    Several processes may share a run directory (e.g. one evaluating the base curve while another
+    waits for the corrector): each row is computed under its own writer lock (:meth:`claim`), and a
+    process skips a row another one holds, as the benchmark harness does with its cells."""
 
     def __init__(self, out: Path) -> None:
         self.dir = out / "rows"
+
+    def claim(self, key: str):
+        """Context manager holding ``key``'s writer lock; raises RunDirLocked if another process has it."""
+        return exclusive(self.dir / ".locks" / key)
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
@@ -270,7 +281,16 @@ def csv_row(metrics: dict[str, Any], kind: str, spec: SamplerSpec | None, label:
 
 
 class Context:
-    """What every stage shares: settings, the base, the evaluator (built on first use)."""
+    """What every stage shares: settings, the base, the evaluators (built on first use).
+
+    Two sample sizes: the *headline* rows (the base at S steps and the corrected ``--headline`` pairs)
+    get ``--n`` samples (Inception on ``--inception-n``); every other row (the curve, the other
+    corrected pairs, the references) gets ``--sweep-n`` (default: as many). With ``--sweep-n`` smaller,
+    each headline row also yields a sweep-size row from its first ``--sweep-n`` samples and their
+    Inception features (no second sampling or Inception pass): z is drawn batch by batch from one seeded
+    generator, so those samples are exactly what a ``--sweep-n`` run draws, and every row of the sweep
+    group starts from the same noises.
+    """
 
     def __init__(self, args: argparse.Namespace, device: torch.device, budget: Budget) -> None:
         self.args, self.device, self.budget = args, device, budget
@@ -286,7 +306,12 @@ class Context:
                                    classifier_steps=args.classifier_steps, seed=args.seed,
                                    inception_reference_n=args.inception_reference_n,
                                    inception_batch_size=50 if device.type == "cpu" else 500, bootstrap=args.bootstrap)
+        sweep = min(args.sweep_n or args.n, args.n)
+        self.sweep_cfg = replace(self.eval_cfg, n=sweep, inception_n=min(sweep, self.eval_cfg.inception_n))
+        self.split = self.sweep_cfg != self.eval_cfg  # two sample sizes
+        self.headline = {(args.steps, 0), *parse_corrected(args.headline or f"{args.steps}:{args.steps}", args.steps)}
         self._evaluator: Evaluator | None = None
+        self._sweep_evaluator: Evaluator | None = None
 
     @property
     def evaluator(self) -> Evaluator:
@@ -299,36 +324,75 @@ class Context:
                 f"test accuracy {self._evaluator.classifier_report.get('test_accuracy', float('nan')):.3f}", self.budget)
         return self._evaluator
 
-    def fingerprint(self, **extra: Any) -> dict[str, Any]:
-        c = self.eval_cfg
+    @property
+    def sweep_evaluator(self) -> Evaluator:
+        """The evaluator at the sweep size: the same networks and reference statistics."""
+        if self._sweep_evaluator is None:
+            ev = self.evaluator
+            if self.eval_cfg.bootstrap > 0:
+                ev.prepared_inception_reference()  # computed once, shared
+            self._sweep_evaluator = replace(ev, cfg=self.sweep_cfg) if self.split else ev
+        return self._sweep_evaluator
+
+    def fingerprint(self, cfg: EvalConfig | None = None, **extra: Any) -> dict[str, Any]:
+        c = cfg or self.eval_cfg
         return {"n": c.n, "inception_n": c.inception_n, "inception_reference_n": c.inception_reference_n,
                 "reference_n": c.reference_n, "classifier_steps": c.classifier_steps, "bootstrap": c.bootstrap,
                 "seed": c.seed, "inception_weights": Path(c.inception_weights).name if c.inception_weights else None,
                 "base_weights": self.base_weights, "sample_batch_size": self.args.sample_batch_size, **extra}
 
+    def sweep_key(self, key: str) -> str:
+        """Row key of the sweep-size row (the headline key itself when there is one size)."""
+        return f"{key}-n{self.sweep_cfg.n}" if self.split else key
+
     def sampler_row(self, key: str, spec: SamplerSpec, noise_model=None, noise_weights: str | None = None) -> dict:
-        fp = self.fingerprint(spec=spec.label, noise_weights=noise_weights)
-        row = self.rows.get(key, fp)
-        if row is not None:
-            return row
+        """The row of ``spec``: a headline row (and its sweep-size sub-row) when ``spec`` is the base at
+        S steps or a ``--headline`` pair, else a sweep-size row."""
+        headline = (spec.steps, spec.noise_steps if spec.corrected else 0) in self.headline
+        sweep_fp = self.fingerprint(self.sweep_cfg, spec=spec.label, noise_weights=noise_weights)
+        wanted = [(self.sweep_key(key), self.sweep_cfg, sweep_fp)]
+        if headline and self.split:
+            wanted.insert(0, (key, self.eval_cfg, self.fingerprint(spec=spec.label, noise_weights=noise_weights)))
+        rows = [self.rows.get(k, fp) for k, _, fp in wanted]
+        if all(r is not None for r in rows):
+            return rows[0]
         if self.budget.over():
             raise Stopped(f"budget reached before row {key}")
+        try:
+            with self.rows.claim(key):
+                rows = [self.rows.get(k, fp) for k, _, fp in wanted]  # finished meanwhile by another process?
+                return rows[0] if all(r is not None for r in rows) else self._compute(wanted, spec, noise_model)
+        except RunDirLocked:
+            say(f"{spec.label}: held by another process, skipped (rerun or --stages report collects it)", self.budget)
+            return None
+
+    def _compute(self, wanted: list, spec: SamplerSpec, noise_model) -> dict:
         t0 = time.monotonic()
-        metrics = evaluate([spec], self.base, self.evaluator, noise_model, seed=self.args.seed,
-                           show_progress=not self.args.quiet, batch_size=self.args.sample_batch_size)[0]
-        row = csv_row(metrics, "corrected" if spec.corrected else "base", spec, spec.label, metrics["flops_per_image"],
-                      self.eval_cfg, self.device, time.monotonic() - t0)
-        self.rows.put(key, fp, row)
-        say(f"{spec.label}: Inception FID {row['inception_fid']:.3f} [{row['fid_ci_low']:.3f}, {row['fid_ci_high']:.3f}], "
-            f"KID {row['kid']:.5f}, feature FID {row['feature_fid']:.3f}, {row['gflops']:.3f} GFLOPs/image "
-            f"({row['seconds']:.0f} s)", self.budget)
-        return row
+        n = wanted[0][1].n
+        x = sample_images(spec, self.base, n, noise_model, self.args.seed, batch_size=self.args.sample_batch_size,
+                          show_progress=not self.args.quiet)
+        flops = flops_per_image(spec, self.base, noise_model)
+        evaluator = self.evaluator if wanted[0][1] is self.eval_cfg else self.sweep_evaluator
+        feats = evaluator.inception_features(x, not self.args.quiet)
+        out = []
+        for (k, cfg, fp), ev in zip(wanted, (evaluator, self.sweep_evaluator)):
+            metrics = ev.row(x[: cfg.n], inception_features=feats[: cfg.inception_n])
+            row = csv_row(metrics, "corrected" if spec.corrected else "base", spec, spec.label, flops, cfg,
+                          self.device, time.monotonic() - t0)
+            self.rows.put(k, fp, row)
+            say(f"{spec.label} ({cfg.n} samples, Inception on {row['inception_n']}): Inception FID "
+                f"{row['inception_fid']:.3f} [{row['fid_ci_low']:.3f}, {row['fid_ci_high']:.3f}], KID {row['kid']:.5f}, "
+                f"feature FID {row['feature_fid']:.3f}, {row['gflops']:.3f} GFLOPs/image ({row['seconds']:.0f} s)",
+                self.budget)
+            out.append(row)
+        return out[0]
 
 
 # ----------------------------------------------------------------------------- stages
 def stage_curve(ctx: Context, grid: list[int]) -> None:
-    say(f"stage a: base FID vs Euler steps {grid} ({ctx.eval_cfg.n} samples/row, Inception on "
-        f"{ctx.eval_cfg.inception_n})", ctx.budget)
+    say(f"stage a: base FID vs Euler steps {grid} ({ctx.sweep_cfg.n} samples/row, Inception on "
+        f"{ctx.sweep_cfg.inception_n}" + (f"; the base at {ctx.args.steps} steps: {ctx.eval_cfg.n}, Inception on "
+                                          f"{ctx.eval_cfg.inception_n}" if ctx.split else "") + ")", ctx.budget)
     for k in grid:
         ctx.sampler_row(f"base-euler-{k:04d}", SamplerSpec(k, "euler"))
 
@@ -424,12 +488,12 @@ def stage_evaluate(ctx: Context, corrected: list[tuple[int, int]], references: b
 def reference_rows(ctx: Context) -> None:
     """The inverted training images themselves (Inception's floor for these images) and the base
     decoding their inverted noises through --steps Euler steps (what a perfect corrector reaches)."""
-    a, inv = ctx.args, ctx.out / "invert"
+    inv = ctx.out / "invert"
     shards = read_shards(inv)
-    m = min(ctx.eval_cfg.n, len(shards["index"]))
+    m = min(ctx.sweep_cfg.n, len(shards["index"]))
     meta = json.loads((inv / INVERT_META).read_text())
     steps = int(meta["config"]["steps"])
-    fp = ctx.fingerprint(m=m, invert=json.loads((inv / RECONSTRUCTION).read_text()), steps=steps)
+    fp = ctx.fingerprint(ctx.sweep_cfg, m=m, invert=json.loads((inv / RECONSTRUCTION).read_text()), steps=steps)
     spec = SamplerSpec(steps, "euler")
     for key, label in (("reference-inverted-images", "inverted training images (floor)"),
                        ("reference-decoded-noises", f"base euler-{steps} on the inverted noises (perfect corrector)")):
@@ -437,33 +501,62 @@ def reference_rows(ctx: Context) -> None:
             continue
         if ctx.budget.over():
             raise Stopped(f"budget reached before row {key}")
-        t0 = time.monotonic()
-        if key == "reference-inverted-images":
-            images, flops = load_training_images(ctx.base_cfg)[shards["index"][:m].long()], float("nan")
-        else:
-            noise = shards["noise"][:m]
-            with torch.no_grad():
-                images = torch.cat([sample(ctx.base, noise[i : i + a.sample_batch_size].to(ctx.device), flow_times(steps),
-                                           FLOW_STEPS["euler"]).clamp(-1, 1).cpu()
-                                    for i in range(0, m, a.sample_batch_size)])
-            flops = flops_per_image(spec, ctx.base)
-        metrics = ctx.evaluator.row(images)
-        row = csv_row(metrics, "reference", None if math.isnan(flops) else spec, label, flops, ctx.eval_cfg, ctx.device,
-                      time.monotonic() - t0)
-        ctx.rows.put(key, fp, row)
-        say(f"{label}: Inception FID {row['inception_fid']:.3f} on {row['inception_n']} images, feature FID "
-            f"{row['feature_fid']:.3f}", ctx.budget)
+        try:
+            with ctx.rows.claim(key):
+                if ctx.rows.get(key, fp) is None:
+                    reference_row(ctx, key, label, shards, m, steps, spec, fp)
+        except RunDirLocked:
+            say(f"{label}: held by another process, skipped", ctx.budget)
+
+
+def reference_row(ctx: Context, key: str, label: str, shards: dict, m: int, steps: int, spec: SamplerSpec,
+                  fp: dict) -> None:
+    """One reference row (see :func:`reference_rows`), computed under its lock."""
+    a = ctx.args
+    t0 = time.monotonic()
+    if key == "reference-inverted-images":
+        images, flops = load_training_images(ctx.base_cfg)[shards["index"][:m].long()], float("nan")
+    else:
+        noise = shards["noise"][:m]
+        with torch.no_grad():
+            images = torch.cat([sample(ctx.base, noise[i : i + a.sample_batch_size].to(ctx.device), flow_times(steps),
+                                       FLOW_STEPS["euler"]).clamp(-1, 1).cpu()
+                                for i in range(0, m, a.sample_batch_size)])
+        flops = flops_per_image(spec, ctx.base)
+    metrics = ctx.sweep_evaluator.row(images)
+    row = csv_row(metrics, "reference", None if math.isnan(flops) else spec, label, flops, ctx.sweep_cfg, ctx.device,
+                  time.monotonic() - t0)
+    ctx.rows.put(key, fp, row)
+    say(f"{label}: Inception FID {row['inception_fid']:.3f} on {row['inception_n']} images, feature FID "
+        f"{row['feature_fid']:.3f}", ctx.budget)
 
 
 # ----------------------------------------------------------------------------- report
-def verdict_lines(table: pd.DataFrame, steps: int, metric: str) -> list[str]:
-    """The paper's two claims decided from ``metric`` (NaN rows ignored)."""
+def size_column(metric: str) -> str:
+    """The sample-count column a metric's rows are compared within."""
+    return "inception_n" if metric in ("inception_fid", "kid") else "n"
+
+
+def verdicts(table: pd.DataFrame, steps: int, metric: str) -> list[str]:
+    """:func:`verdict_lines` for each sample size of ``metric`` (largest first): rows are compared only
+    with rows of the same size (FID's small-sample bias depends on it)."""
+    col = size_column(metric)
+    t = table[table.kind != "reference"].dropna(subset=[metric])
+    sizes = sorted({int(v) for v in t[col] if v > 0}, reverse=True)
+    if not sizes:
+        return [f"{metric}: no verdict (no rows)"]
+    return [line for size in sizes for line in verdict_lines(t[t[col] == size], steps, metric, size)]
+
+
+def verdict_lines(table: pd.DataFrame, steps: int, metric: str, size: int | None = None) -> list[str]:
+    """The paper's two claims decided from ``metric`` (NaN rows ignored) among rows of one sample size."""
     lo, hi = ("fid_ci_low", "fid_ci_high") if metric == "inception_fid" else (None, None)
     t = table.dropna(subset=[metric])
     base, corr = t[t.kind == "base"], t[t.kind == "corrected"]
     ref = base[base.base_steps == steps]
+    label = metric if size is None else f"{metric} ({size} samples/row)"
     if ref.empty or corr.empty:
-        return [f"{metric}: no verdict (needs the base row at {steps} steps and corrected rows)"]
+        return [f"{label}: no verdict (needs the base row at {steps} steps and corrected rows)"]
     ref = ref.iloc[0]
 
     def interval(r) -> str:
@@ -474,7 +567,7 @@ def verdict_lines(table: pd.DataFrame, steps: int, metric: str) -> list[str]:
             return ""
         return "; intervals separate" if better[hi] < worse[lo] else "; intervals overlap"
 
-    lines = [f"{metric}: reference base euler-{steps} = {ref[metric]:.3f}{interval(ref)} at {ref.gflops:.3f} GFLOPs/image"]
+    lines = [f"{label}: reference base euler-{steps} = {ref[metric]:.3f}{interval(ref)} at {ref.gflops:.3f} GFLOPs/image"]
     same = corr[corr.base_steps == steps]
     within = same[same.gflops <= FLOPS_BUDGET * ref.gflops * (1 + 1e-9)]
     if len(within):
@@ -511,24 +604,35 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.6 * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         t = table.dropna(subset=[m])
-        base = t[t.kind == "base"].sort_values("gflops")
+        col = size_column(m)
+        sizes = sorted({int(v) for v in t[t.kind != "reference"][col]}, reverse=True)
         err = None
         if m == "inception_fid":
             err = lambda d: np.vstack([(d[m] - d.fid_ci_low).clip(lower=0), (d.fid_ci_high - d[m]).clip(lower=0)])  # noqa: E731
-        ax.errorbar(base.gflops, base[m], yerr=None if err is None else err(base), fmt="o-", capsize=3,
-                    label="base, Euler steps")
-        for _, r in base.iterrows():
-            ax.annotate(str(int(r.base_steps)), (r.gflops, r[m]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        corr = t[t.kind == "corrected"]
-        for j, (b, grp) in enumerate(corr.groupby("base_steps")):
-            grp = grp.sort_values("gflops")
-            ax.errorbar(grp.gflops, grp[m], yerr=None if err is None else err(grp), fmt="s--", capsize=3,
-                        color=f"C{3 + j}", label=f"corrector Euler K + base Euler {b}")
-            for _, r in grp.iterrows():
-                ax.annotate(f"K={int(r.noise_steps)}", (r.gflops, r[m]), fontsize=7, color=f"C{3 + j}",
-                            xytext=(3, -9), textcoords="offset points")
+        colour = 0
+        for g, size in enumerate(sizes):  # the largest size (the headline rows) drawn boldest
+            at = t[t[col] == size]
+            tag = f" (n={size})" if len(sizes) > 1 else ""
+            style = dict(capsize=3, ms=7 if g == 0 and len(sizes) > 1 else 4, alpha=1.0 if g == 0 else 0.75)
+            base = at[at.kind == "base"].sort_values("gflops")
+            if len(base):
+                ax.errorbar(base.gflops, base[m], yerr=None if err is None else err(base), fmt="o-" if len(base) > 1 else "o",
+                            color=f"C{colour}", label="base, Euler steps" + tag, **style)
+                colour += 1
+                for _, r in base.iterrows():
+                    ax.annotate(str(int(r.base_steps)), (r.gflops, r[m]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+            for b, grp in at[at.kind == "corrected"].groupby("base_steps"):
+                grp = grp.sort_values("gflops")
+                ax.errorbar(grp.gflops, grp[m], yerr=None if err is None else err(grp), fmt="s--" if len(grp) > 1 else "s",
+                            color=f"C{colour}", label=f"corrector Euler K + base Euler {b}" + tag, **style)
+                for _, r in grp.iterrows():
+                    ax.annotate(f"K={int(r.noise_steps)}", (r.gflops, r[m]), fontsize=7, color=f"C{colour}",
+                                xytext=(3, -9), textcoords="offset points")
+                colour += 1
         for j, (_, r) in enumerate(t[t.kind == "reference"].iterrows()):
-            ax.axhline(r[m], color="grey", ls=("--", ":")[j % 2], lw=1, label=f"{r.sampler}: {r[m]:.3g}")
+            ax.axhline(r[m], color="grey", ls=("--", ":")[j % 2], lw=1,
+                       label=f"{r.sampler}: {r[m]:.3g} (n={int(r[col])})")
         ax.set_xscale("log")
         ax.set_xlabel("GFLOPs / image (counted)")
         ax.set_ylabel(m.replace("_", " "))
@@ -553,25 +657,27 @@ def report(ctx_args: argparse.Namespace, out: Path, results: Path) -> pd.DataFra
     table = table[CSV_COLUMNS]
     steps = ctx_args.steps
     ref = table[(table.kind == "base") & (table.base_steps == steps)]
-    if len(ref):
+    if len(ref):  # FLOPs/image do not depend on the sample count
         table["flops_ratio"] = table.gflops / float(ref.gflops.iloc[0])
     order = {"base": 0, "corrected": 1, "reference": 2}
-    table = table.sort_values(["kind", "base_steps", "noise_steps"], key=lambda s: s.map(order) if s.name == "kind" else s,
-                              ascending=[True, True, False]).reset_index(drop=True)
+    table = table.sort_values(["inception_n", "kind", "base_steps", "noise_steps"],
+                              key=lambda s: s.map(order) if s.name == "kind" else s,
+                              ascending=[False, True, True, False]).reset_index(drop=True)
     results.mkdir(parents=True, exist_ok=True)
     csv, png = results / "flow_protocol.csv", results / "flow_protocol.png"
     table.to_csv(csv, index=False)
     n_inc = int(table.inception_n.max()) if table.inception_n.notna().any() else 0
     n_ref = int(table.inception_reference_n.max()) if table.inception_reference_n.notna().any() else 0
-    title = (f"Inception FID: {n_inc} samples vs {n_ref} test images, 95% bootstrap intervals; feature FID: "
-             f"{int(table.n.max())} samples; base {ctx_args.base}")
+    sizes = sorted({int(v) for v in table.inception_n if v > 0}, reverse=True)
+    title = (f"Inception FID: {' or '.join(map(str, sizes)) or n_inc} samples/row (n) vs {n_ref} test images, 95% "
+             f"bootstrap intervals; feature FID: {int(table.n.max())} samples; base {ctx_args.base}")
     plot(table, png, title)
     pd.set_option("display.width", 250)
     cols = ["sampler", "gflops", "flops_ratio", "inception_fid", "fid_ci_low", "fid_ci_high", "kid", "feature_fid",
             "precision", "recall", "inception_n"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for metric in ("inception_fid", "feature_fid"):
-        for line in verdict_lines(table, steps, metric):
+        for line in verdicts(table, steps, metric):
             print(line)
     print(f"wrote {csv} and {png}")
     return table
@@ -597,8 +703,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="corrector's sampler (the paper: Euler, as the base)")
     ap.add_argument("--no-references", dest="references", action="store_false",
                     help="skip the floor / perfect-corrector rows of stage d")
-    ap.add_argument("-n", "--n", type=int, default=None, help="samples per row (feature metrics)")
-    ap.add_argument("--inception-n", type=int, default=None, help="samples per row for Inception FID/KID (<= n)")
+    ap.add_argument("-n", "--n", type=int, default=None,
+                    help="samples per headline row (feature metrics): the base at --steps and the --headline pairs")
+    ap.add_argument("--sweep-n", type=int, default=None,
+                    help="samples per other row (curve, other corrected pairs, references; default: --n); each "
+                         "headline row also gets a row of this size from its first samples")
+    ap.add_argument("--headline", default=None,
+                    help="corrected B:K pairs evaluated with --n samples (default S:S)")
+    ap.add_argument("--inception-n", type=int, default=None,
+                    help="samples per headline row for Inception FID/KID (<= n; sweep rows: <= --sweep-n)")
     ap.add_argument("--inception-reference-n", type=int, default=None, help="test images for Inception statistics")
     ap.add_argument("--reference-n", type=int, default=None, help="test images for the classifier statistics")
     ap.add_argument("--classifier-steps", type=int, default=None)

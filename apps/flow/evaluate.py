@@ -130,28 +130,43 @@ class Evaluator:
                                          "inception reference", device))
         return ev
 
-    def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False) -> dict[str, Any]:
-        """Metrics of samples [M, C, H, W]; Inception on the first ``inception_n`` when enabled."""
+    def row(self, samples: torch.Tensor, with_inception: bool = True, show_progress: bool = False,
+            inception_features: torch.Tensor | None = None) -> dict[str, Any]:
+        """Metrics of samples [M, C, H, W]; Inception on the first ``inception_n`` when enabled
+        (``inception_features``: their pool3 features, already computed, e.g. by :meth:`inception_features`)."""
         from .metrics import evaluate_samples
 
         row = evaluate_samples(samples, self.classifier, self.classifier_reference, seed=self.cfg.seed,
                                progress=show_progress)
         row["n_inception"] = 0
         if with_inception and self.inception is not None:
-            row.update(self.inception_metrics(samples, show_progress))
+            row.update(self.inception_metrics(samples, show_progress, inception_features))
         return row
 
-    def inception_metrics(self, samples: torch.Tensor, show_progress: bool = False) -> dict[str, Any]:
-        """Inception FID/KID of the first ``inception_n`` samples against as many reference images."""
-        from .metrics import extract_features, fid_kid
+    def inception_features(self, samples: torch.Tensor, show_progress: bool = False) -> torch.Tensor:
+        """Inception pool3 features [min(M, inception_n), 2048] of the first ``inception_n`` samples."""
+        from .metrics import extract_features
 
         if self.inception is None:
             raise ValueError("Inception metrics were not enabled (EvalConfig.inception=False)")
-        sub = samples[: self.cfg.inception_n]
-        feats = extract_features(self.inception, sub, self.cfg.inception_batch_size, show_progress,
-                                 "inception features", module_device(self.inception))
+        return extract_features(self.inception, samples[: self.cfg.inception_n], self.cfg.inception_batch_size,
+                                show_progress, "inception features", module_device(self.inception))
+
+    def inception_metrics(self, samples: torch.Tensor, show_progress: bool = False,
+                          features: torch.Tensor | None = None) -> dict[str, Any]:
+        """Inception FID/KID of the first ``inception_n`` samples against the reference images.
+        ``features``: their Inception features if already computed (the first ``inception_n`` rows are used)."""
+        from .metrics import fid_kid
+
+        if features is None:
+            feats = self.inception_features(samples, show_progress)
+        else:
+            want = min(len(samples), self.cfg.inception_n)
+            if len(features) < want:
+                raise ValueError(f"{len(features)} Inception feature rows given for {want} samples")
+            feats = features[:want]
         ref = self.inception_reference
-        counts = {"n_reference_inception": ref.count, "n_inception": int(len(sub))}
+        counts = {"n_reference_inception": ref.count, "n_inception": int(len(feats))}
         if self.cfg.bootstrap > 0:
             from .metrics import fid_kid_bootstrap
 
