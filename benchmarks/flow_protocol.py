@@ -20,7 +20,19 @@ command continues a stopped run; ``report`` runs last in any case):
                 steps; default S:S, S:S/2, S:S/4, S:S/10, S/2:S/2, S/4:S/4 for S = --steps) and two
                 reference rows: the inverted training images (the floor) and the base decoding their
                 inverted noises (a perfect corrector)
+    e  fit      the corrector's fit in noise space: rms and Frechet distance to held inverted noises
+                of its output at each K, of N(0, I) and of the other half of the noises (fit.json)
     report      docs/results/flow_protocol.csv and .png (--results; with --tiny: --out), verdict lines
+                (and flow_protocol_fit.json with stage e's numbers)
+
+Sample sizes: the headline rows (the base at S and the corrected --headline pairs, default S:S) get
+--n samples, Inception on --inception-n; every other row gets --sweep-n (default --n), and each
+headline row also yields a --sweep-n row from its first samples (the same noises a --sweep-n run
+draws), so every row has a same-size comparison. Verdicts compare rows of one size only.
+
+Two processes may share a run directory (say one on the curve, one on the corrected rows): each row
+is computed under its own lock, and a process skips the rows another holds (rerun, or ``--stages
+report``, to collect them).
 
 Metrics per row (apps/flow/evaluate.py's Evaluator, reference statistics cached once in --out/cache):
 feature FID/KID, precision and recall (classifier features, --n samples vs --reference-n test
@@ -71,9 +83,18 @@ GPU logistics (the device machine is bare and offline; a call carries at most 64
     (~31 MiB): bring it back only if stage c has not run in the same task.
 
 CPU plan: ``--tiny`` runs every stage at toy sizes in under two minutes (it proves the GPU path:
-same base, same code, same files). The curve at >= 50 steps on a CPU fits with smaller samples,
-e.g. ``--stages a --grid 10,20,50 --n 1000 --inception-n 500 --inception-reference-n 10000``
-(the 10,000 reference images cost ~1 h once on one core; Inception ~0.35 s/image).
+same base, same code, same files). On this 2-core machine (one thread per process; Inception
+~0.32 s/image, the shipped base ~190 evaluations/s, its corrector ~710/s) the protocol at S = 50 ran as
+
+    COMMON="--steps 50 --n 5000 --sweep-n 1000 --inception-n 5000 --corrected 50:50,50:25,50:10 \
+            --correct-steps 3000 --correct-batch-size 64"
+    pgraft flow invert shipped --out runs/flow/protocol/invert --steps 50 --limit 3000 --shard-size 500 \
+        --batch-size 500 --max-iter 30 --tol 1e-5 --warm-start extrapolate --threads 1   # ~1 image/s
+    python benchmarks/flow_protocol.py --stages a,d --grid 20,50,100 $COMMON           # process 1
+    python benchmarks/flow_protocol.py --stages c,d,e $COMMON                          # process 2
+
+(the 10,000 Inception reference images ~55 min once; a 5,000-sample headline row ~50 min; a
+1,000-sample row 6-14 min).
 """
 
 from __future__ import annotations
@@ -531,6 +552,49 @@ def reference_row(ctx: Context, key: str, label: str, shards: dict, m: int, step
         f"{row['feature_fid']:.3f}", ctx.budget)
 
 
+def stage_fit(ctx: Context, corrected: list[tuple[int, int]]) -> None:
+    """How well the corrector fits the inverted-noise law, in noise space (no image metric involved):
+    the rms value and the Frechet distance (Gaussian fit, 784-d pixels of noise) to one half of the
+    inverted noises, for the other half (the sampling floor at this size), N(0, I) (no corrector) and
+    the corrector's output at each K of --corrected. A corrector that lands between N(0, I) and the
+    floor has learnt part of the shift; one near the floor has learnt the Gaussian part of it (the
+    corrector was trained on all the inverted noises, the held half included)."""
+    from pgraft.apps.flow.metrics import frechet_distance, gaussian_statistics
+
+    inv, cor = ctx.out / "invert", ctx.out / "correct"
+    if not is_pretrained(cor):
+        raise SystemExit(f"stage e needs the trained corrector in {cor} (stage c)")
+    noises = read_shards(inv)["noise"].float()
+    m = min(ctx.sweep_cfg.n, len(noises) // 2)
+    if m < 2:
+        raise SystemExit(f"stage e needs at least 4 inverted noises in {inv}, found {len(noises)}")
+    noise_model = load_correction(cor, ctx.base_dir).noise_model.to(ctx.device)
+    z = torch.randn((m, *noises.shape[1:]), generator=torch.Generator().manual_seed(ctx.args.seed + 2))
+    sets = {"inverted noises, other half (floor)": noises[m : 2 * m], "N(0, I) (no corrector)": z}
+    with torch.no_grad():
+        for k in sorted({k for _, k in corrected}, reverse=True):
+            sets[f"corrector {ctx.args.noise_sampler}-{k}"] = sample(noise_model, z.to(ctx.device), flow_times(k),
+                                                                      FLOW_STEPS[ctx.args.noise_sampler]).cpu()
+    mu_ref, cov_ref = gaussian_statistics(noises[:m].flatten(1))
+    rows = []
+    for name, x in sets.items():
+        mu, cov = gaussian_statistics(x.flatten(1))
+        rows.append({"set": name, "rms": float(x.pow(2).mean().sqrt()),
+                     "frechet_to_inverted": frechet_distance(mu, cov, mu_ref, cov_ref)})
+    fit = {"m": m, "n_inverted": len(noises), "inverted_rms": float(noises[:m].pow(2).mean().sqrt()),
+           "corrector_weights": weights_digest(cor), "seed": ctx.args.seed + 2, "rows": rows}
+    atomic_write(ctx.out / "fit.json", lambda tmp: Path(tmp).write_text(json.dumps(fit, indent=2)))
+    for line in fit_lines(fit):
+        say(line, ctx.budget)
+
+
+def fit_lines(fit: dict[str, Any]) -> list[str]:
+    lines = [f"corrector fit in noise space ({fit['m']} noises per set; reference: {fit['m']} of the "
+             f"{fit['n_inverted']} inverted noises, rms {fit['inverted_rms']:.3f}):"]
+    lines += [f"  {r['set']}: Frechet distance {r['frechet_to_inverted']:.2f}, rms {r['rms']:.3f}" for r in fit["rows"]]
+    return lines
+
+
 # ----------------------------------------------------------------------------- report
 def size_column(metric: str) -> str:
     """The sample-count column a metric's rows are compared within."""
@@ -679,6 +743,12 @@ def report(ctx_args: argparse.Namespace, out: Path, results: Path) -> pd.DataFra
     for metric in ("inception_fid", "feature_fid"):
         for line in verdicts(table, steps, metric):
             print(line)
+    fit = out / "fit.json"
+    if fit.is_file():
+        text = fit.read_text()
+        atomic_write(results / "flow_protocol_fit.json", lambda tmp: Path(tmp).write_text(text))
+        for line in fit_lines(json.loads(text)):
+            print(line)
     print(f"wrote {csv} and {png}")
     return table
 
@@ -692,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=None,
                     help="where flow_protocol.csv/.png go (default docs/results; with --tiny: --out)")
     ap.add_argument("--base", default=SHIPPED, help="'shipped' (the Fashion-MNIST base shipped with pgraft) or a base dir")
-    ap.add_argument("--stages", default="a,b,c,d", help="comma-separated subset of a,b,c,d (report always runs)")
+    ap.add_argument("--stages", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e (report always runs)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds after which no new piece of work starts (exit status 3: rerun to continue)")
@@ -749,8 +819,8 @@ def main(argv: list[str] | None = None) -> int:
     args.threads = args.threads or (1 if device.type == "cpu" else os.cpu_count() or 1)
     torch.set_num_threads(args.threads)
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
-    if not stages <= {"a", "b", "c", "d", "report"}:
-        ap.error(f"--stages takes a subset of a,b,c,d,report, got {args.stages!r}")
+    if not stages <= {"a", "b", "c", "d", "e", "report"}:
+        ap.error(f"--stages takes a subset of a,b,c,d,e,report, got {args.stages!r}")
     grid = sorted(set(parse_ints(args.grid)) | {args.steps})
     corrected = parse_corrected(args.corrected, args.steps)
     budget = Budget(args.budget)
@@ -773,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
                 stage_correct(ctx)
             if "d" in stages:
                 stage_evaluate(ctx, corrected, args.references)
+            if "e" in stages:
+                stage_fit(ctx, corrected)
     except Stopped as stop:
         say(f"{stop}: rerun the same command to continue", budget)
         status = MORE_TO_DO
