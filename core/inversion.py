@@ -50,17 +50,48 @@ def invert_step(model: nn.Module, x_next: torch.Tensor, t: float, t_next: float,
 
     For Euler, x = x_next - (t_next - t) v(x, t) is backward Euler; the iteration
     x <- x + (x_next - step(x)) is the same map for any deterministic step and contracts when
-    |t - t_next| Lip(v) < 1. It stops when every sample's residual is below ``tol``, or when the
-    worst residual has not improved for ``patience`` iterations (a few non-contracting pixels would
-    otherwise spend all ``max_iter`` model calls); each sample keeps its best iterate.
+    |t - t_next| Lip(v) < 1. Each sample iterates until its residual is below ``tol``, or until it
+    has not improved for ``patience`` iterations (a few non-contracting pixels would otherwise spend
+    all ``max_iter`` model calls); converged samples leave the batch, so later iterations call the
+    model on the rest only. Each sample keeps its best iterate.
     ``x_init`` is the first iterate (default ``x_next``, a zeroth-order guess; see :func:`invert`'s
     ``warm_start`` for a first-order one). Each iteration costs one ``step`` call.
-    Returns (x, per-sample residual ||step(x) - x_next||_inf, iterations).
+    Returns (x, per-sample residual ||step(x) - x_next||_inf, iterations of the slowest sample).
     """
     x = x_next.clone() if x_init is None else x_init.clone()
     best_x = x.clone()
     best_res = torch.full((x.shape[0],), float("inf"), device=x.device)
+    if cond is not None and not (torch.is_tensor(cond) and cond.shape[:1] == x.shape[:1]):
+        return _invert_step_whole_batch(model, x_next, t, t_next, step, cond, max_iter, tol, patience, x, best_x, best_res)
+    # per sample: a sample leaves the batch once its residual is below ``tol`` or has not improved
+    # by 1% for ``patience`` iterations, so the model calls follow each sample's own convergence (a
+    # batch's slowest image no longer sets every image's cost) and a sample's result does not
+    # depend on the batch it is in
+    active = torch.arange(x.shape[0], device=x.device)
+    stalled = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    it = 0
+    for it in range(1, max_iter + 1):
+        xa = x[active]
+        delta = x_next[active] - step(model, xa, t, t_next, None if cond is None else cond[active], None)
+        residual = delta.flatten(1).abs().amax(1)  # residual of the current x
+        before = best_res[active]
+        better = residual < before
+        best_res[active] = torch.where(better, residual, before)
+        best_x[active[better]] = xa[better]
+        stalled[active] = torch.where(residual < 0.99 * before, 0, stalled[active] + 1)
+        x[active] = xa + delta
+        active = active[(best_res[active] >= tol) & (stalled[active] < patience)]
+        if len(active) == 0:
+            break
+    return best_x, best_res, it
+
+
+def _invert_step_whole_batch(model, x_next, t, t_next, step, cond, max_iter, tol, patience, x, best_x, best_res):
+    """:func:`invert_step` for a ``cond`` that cannot be split by sample (e.g. a pipeline's prompt
+    embeddings object): the whole batch iterates until its worst residual is below ``tol`` or has not
+    improved by 1% for ``patience`` iterations."""
     worst_best, stalled = float("inf"), 0
+    it = 0
     for it in range(1, max_iter + 1):
         delta = x_next - step(model, x, t, t_next, cond, None)
         residual = delta.flatten(1).abs().amax(1)  # residual of the current x

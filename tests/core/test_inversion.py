@@ -111,3 +111,26 @@ def test_invert_step_stops_when_the_iteration_stalls_and_keeps_the_best_iterate(
     x, res, it = invert_step(lambda x, t, c: -5.0 * x, x_next, 0.2, 0.1, max_iter=100, tol=1e-6)
     assert res.max() < 1e-6 and it < 100
     torch.testing.assert_close(1.5 * x, x_next, atol=1e-5, rtol=0)
+
+
+def test_invert_step_drops_converged_samples_and_a_samples_result_does_not_depend_on_its_batch():
+    from pgraft.core.inversion import invert_step
+
+    # per-sample contraction rates: row 0 contracts fast (0.1 a = 0.05), row 1 slowly (0.1 a = 0.8),
+    # so whole-batch iteration would evaluate row 0 as often as row 1
+    rate = torch.tensor([0.5, 8.0]).view(2, 1)
+    rows_seen = []
+
+    def model(x, t, c):
+        rows_seen.append(len(x))
+        return -c * x  # c: each sample's own rate (split with the batch)
+
+    x_next = torch.ones(2, 3)
+    x, res, it = invert_step(model, x_next, 0.2, 0.1, cond=rate, max_iter=200, tol=1e-6)
+    assert res.max() < 1e-6
+    torch.testing.assert_close((1 + 0.1 * rate) * x, x_next, atol=1e-5, rtol=0)
+    assert it == len(rows_seen) and rows_seen[0] == 2 and rows_seen[-1] == 1  # row 0 left, row 1 went on
+    assert sum(rows_seen) < 2 * it
+    alone, res_alone, it_alone = invert_step(model, x_next[:1], 0.2, 0.1, cond=rate[:1], max_iter=200, tol=1e-6)
+    assert torch.equal(alone, x[:1]) and torch.equal(res_alone, res[:1])
+    assert it_alone == rows_seen.count(2) < it  # row 0 left the pair after its own iterations
