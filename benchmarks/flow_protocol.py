@@ -108,6 +108,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -374,17 +375,28 @@ class Context:
         wanted = [(self.sweep_key(key), self.sweep_cfg, sweep_fp)]
         if headline and self.split:
             wanted.insert(0, (key, self.eval_cfg, self.fingerprint(spec=spec.label, noise_weights=noise_weights)))
-        rows = [self.rows.get(k, fp) for k, _, fp in wanted]
-        if all(r is not None for r in rows):
-            return rows[0]
+
+        def done() -> dict | None:
+            rows = [self.rows.get(k, fp) for k, _, fp in wanted]
+            return rows[0] if all(r is not None for r in rows) else None
+
+        return self.claimed(key, spec.label, done, lambda: self._compute(wanted, spec, noise_model))
+
+    def claimed(self, key: str, label: str, done: Callable[[], dict | None], compute: Callable[[], dict]) -> dict | None:
+        """Row ``key``: ``done()`` when it returns one, else ``compute()`` under the row's lock (checking
+        ``done()`` again once held: another process may have finished it); None, with a message, when
+        another process holds the lock."""
+        row = done()
+        if row is not None:
+            return row
         if self.budget.over():
             raise Stopped(f"budget reached before row {key}")
         try:
             with self.rows.claim(key):
-                rows = [self.rows.get(k, fp) for k, _, fp in wanted]  # finished meanwhile by another process?
-                return rows[0] if all(r is not None for r in rows) else self._compute(wanted, spec, noise_model)
+                row = done()
+                return row if row is not None else compute()
         except RunDirLocked:
-            say(f"{spec.label}: held by another process, skipped (rerun or --stages report collects it)", self.budget)
+            say(f"{label}: held by another process, skipped (rerun or --stages report collects it)", self.budget)
             return None
 
     def _compute(self, wanted: list, spec: SamplerSpec, noise_model) -> dict:
@@ -518,20 +530,12 @@ def reference_rows(ctx: Context) -> None:
     spec = SamplerSpec(steps, "euler")
     for key, label in (("reference-inverted-images", "inverted training images (floor)"),
                        ("reference-decoded-noises", f"base euler-{steps} on the inverted noises (perfect corrector)")):
-        if ctx.rows.get(key, fp) is not None:
-            continue
-        if ctx.budget.over():
-            raise Stopped(f"budget reached before row {key}")
-        try:
-            with ctx.rows.claim(key):
-                if ctx.rows.get(key, fp) is None:
-                    reference_row(ctx, key, label, shards, m, steps, spec, fp)
-        except RunDirLocked:
-            say(f"{label}: held by another process, skipped", ctx.budget)
+        ctx.claimed(key, label, lambda key=key: ctx.rows.get(key, fp),
+                    lambda key=key, label=label: reference_row(ctx, key, label, shards, m, steps, spec, fp))
 
 
 def reference_row(ctx: Context, key: str, label: str, shards: dict, m: int, steps: int, spec: SamplerSpec,
-                  fp: dict) -> None:
+                  fp: dict) -> dict:
     """One reference row (see :func:`reference_rows`), computed under its lock."""
     a = ctx.args
     t0 = time.monotonic()
@@ -550,6 +554,7 @@ def reference_row(ctx: Context, key: str, label: str, shards: dict, m: int, step
     ctx.rows.put(key, fp, row)
     say(f"{label}: Inception FID {row['inception_fid']:.3f} on {row['inception_n']} images, feature FID "
         f"{row['feature_fid']:.3f}", ctx.budget)
+    return row
 
 
 def stage_fit(ctx: Context, corrected: list[tuple[int, int]]) -> None:
