@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .sampling import StepFn, euler_step, sample
 
 
@@ -194,11 +195,51 @@ def sampler_flops(model: nn.Module, example: torch.Tensor, n_steps: int, evals_p
     return per_eval * evals_per_step * n_steps
 
 
+COUPLINGS = ("ot", "independent")
+
+
+@dataclass(frozen=True)
+class NoiseFlowConfig:
+    """How a noise-correction flow is trained: ``steps`` AdamW steps of flow matching from N(0, I) to
+    the inverted noises, on batches of ``batch_size`` noises, with a linear warmup and an EMA copy.
+
+    ``coupling``: "ot" pairs each batch's prior draws with its noises by minibatch optimal transport
+    (near-straight paths, so few corrector steps suffice); "independent" is plain conditional flow
+    matching. ``preset`` names the noise model; each app checks it against its own presets (an app's
+    ``CorrectionConfig`` subclasses this one with its defaults).
+    """
+
+    preset: str = ""
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.999
+    coupling: str = "ot"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.coupling not in COUPLINGS:
+            raise UsageError(f"coupling must be one of {', '.join(COUPLINGS)}; got {self.coupling!r}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.warmup < 0 or not 0 <= self.ema < 1:
+            raise UsageError("a noise flow needs steps >= 1, batch size >= 1, lr > 0, warmup >= 0 and ema in [0, 1); "
+                             f"got {self.steps}, {self.batch_size}, {self.lr}, {self.warmup}, {self.ema}")
+
+    def pretrain_config(self):
+        """The :class:`pgraft.core.pretrain.PretrainConfig` for :func:`train_noise_flow` (warmup capped at
+        ``steps``; a log line every 50 steps and a checkpoint every 500, or fewer for short runs)."""
+        from .pretrain import PretrainConfig
+
+        return PretrainConfig(steps=self.steps, lr=self.lr, warmup=min(self.warmup, self.steps), ema=self.ema,
+                              seed=self.seed, log_every=min(50, self.steps), ckpt_every=max(1, min(500, self.steps)))
+
+
 def train_noise_flow(noise_model: nn.Module, noises: torch.Tensor, config, run_dir, model_config: dict,
                      batch_size: int = 128, show_progress: bool = True, coupling: str = "independent") -> nn.Module:
     """Fit the noise-correction flow N(0, I) -> law of the inverted noises (flow matching).
 
-    ``config`` is a :class:`pgraft.core.pretrain.PretrainConfig`; ``coupling="ot"`` trains on
+    ``config`` is a :class:`pgraft.core.pretrain.PretrainConfig` (``NoiseFlowConfig.pretrain_config()``
+    builds one); ``coupling="ot"`` trains on
     minibatch-OT pairs (near-straight paths: one or two noise-flow steps suffice, which keeps the
     added FLOPs small). Returns the EMA noise model.
     """

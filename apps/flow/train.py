@@ -37,6 +37,7 @@ from pgraft.core.integrity import exclusive
 from pgraft.core.inversion import (
     SHARD_DIR,
     WARM_STARTS,
+    NoiseFlowConfig,
     full_fp32,
     invert,
     sampler_flops,
@@ -424,25 +425,16 @@ def load_inversion(invert_dir: str | Path) -> tuple[dict[str, Any], InvertConfig
 
 # ----------------------------------------------------------------------------- noise correction
 @dataclass(frozen=True)
-class CorrectionConfig:
-    """Noise-correction flow: a small FlowUNet trained N(0, I) -> law of the inverted noises.
-
-    ``coupling``: "ot" (minibatch optimal transport, near-straight paths: one or two noise-flow
-    Euler steps suffice) or "independent" (plain conditional flow matching)."""
+class CorrectionConfig(NoiseFlowConfig):
+    """Noise-correction flow (core.inversion.NoiseFlowConfig): a small FlowUNet (``preset``, one of
+    the ``noise-*`` presets) trained N(0, I) -> law of the inverted noises."""
 
     preset: str = "noise-small"
     steps: int = 6000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 100
-    ema: float = 0.999
-    coupling: str = "ot"
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_preset(self.preset)
-        if self.coupling not in ("ot", "independent"):
-            raise ValueError(f"coupling must be 'ot' or 'independent', got {self.coupling!r}")
 
 
 def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionConfig,
@@ -459,9 +451,7 @@ def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionCon
     save_json({"config": asdict(cfg), "invert": str(invert_dir.resolve()), "base": meta["base"],
                "base_steps": inv_cfg.steps, "base_sampler": inv_cfg.sampler, "n_noises": int(len(noises))},
               out / CORRECT_META)
-    core_cfg = PretrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, ema=cfg.ema, seed=cfg.seed,
-                              log_every=min(50, cfg.steps), ckpt_every=max(1, min(500, cfg.steps)))
-    return train_noise_flow(model, noises, core_cfg, out, model.config, batch_size=cfg.batch_size,
+    return train_noise_flow(model, noises, cfg.pretrain_config(), out, model.config, batch_size=cfg.batch_size,
                             show_progress=show_progress, coupling=cfg.coupling).eval()
 
 

@@ -67,6 +67,7 @@ from pgraft.core.integrity import exclusive, sha256_file
 from pgraft.core.inversion import (
     SHARD_DIR,
     InversionResult,
+    NoiseFlowConfig,
     count_flops,
     full_fp32,
     invert,
@@ -75,7 +76,7 @@ from pgraft.core.inversion import (
     train_noise_flow,
 )
 from pgraft.core.inversion import read_shards as read_noise_shards
-from pgraft.core.pretrain import PretrainConfig, is_pretrained
+from pgraft.core.pretrain import is_pretrained
 from pgraft.core.progress import progress_bar
 from pgraft.core.sampling import euler_step, sample
 from pgraft.core.schedules import flow_times
@@ -457,27 +458,17 @@ class LatentNoiseFlow(nn.Module):
 
 
 @dataclass(frozen=True)
-class CorrectionConfig:
-    """Corrector training: ``steps`` AdamW steps of flow matching N(0, I) -> inverted noises.
-    ``coupling``: "ot" (minibatch optimal transport; near-straight paths, few corrector steps) or
-    "independent"."""
+class CorrectionConfig(NoiseFlowConfig):
+    """Corrector training (core.inversion.NoiseFlowConfig) for a ``LatentNoiseFlow`` of ``preset``."""
 
     preset: str = "small"
-    steps: int = 2000
     batch_size: int = 16
     lr: float = 5e-4
-    warmup: int = 100
-    ema: float = 0.999
-    coupling: str = "ot"
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.preset not in PRESETS:
             raise UsageError(f"unknown corrector preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.coupling not in ("ot", "independent"):
-            raise UsageError(f"coupling must be 'ot' or 'independent', got {self.coupling!r}")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise UsageError(f"need steps >= 1, batch size >= 1, lr > 0; got {self.steps}, {self.batch_size}, {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -515,9 +506,7 @@ def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionCon
                                  "or delete it (only --train-steps and --lr may change on a rerun)")
         save_json(meta, meta_path)
         model = model.to(torch.device(device) if device is not None else local_device())
-        core_cfg = PretrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=min(cfg.warmup, cfg.steps), ema=cfg.ema,
-                                  seed=cfg.seed, log_every=min(50, cfg.steps), ckpt_every=max(1, min(500, cfg.steps)))
-        ema = train_noise_flow(model, noises, core_cfg, out, model.config, batch_size=cfg.batch_size,
+        ema = train_noise_flow(model, noises, cfg.pretrain_config(), out, model.config, batch_size=cfg.batch_size,
                                show_progress=show_progress, coupling=cfg.coupling)
     return ema.eval(), report
 

@@ -134,3 +134,27 @@ def test_invert_step_drops_converged_samples_and_a_samples_result_does_not_depen
     alone, res_alone, it_alone = invert_step(model, x_next[:1], 0.2, 0.1, cond=rate[:1], max_iter=200, tol=1e-6)
     assert torch.equal(alone, x[:1]) and torch.equal(res_alone, res[:1])
     assert it_alone == rows_seen.count(2) < it  # row 0 left the pair after its own iterations
+
+
+def test_noise_flow_config_checks_its_settings_and_apps_keep_their_defaults():
+    import pytest
+
+    from pgraft.apps.flow.train import CorrectionConfig as FlowCorrection
+    from pgraft.apps.t2i.flow_inc import CorrectionConfig as T2ICorrection
+    from pgraft.core.errors import UsageError
+    from pgraft.core.inversion import NoiseFlowConfig
+
+    with pytest.raises(UsageError, match="'sinkhorn'"):
+        NoiseFlowConfig(coupling="sinkhorn")
+    for bad in ({"steps": 0}, {"batch_size": 0}, {"lr": 0.0}, {"ema": 1.0}, {"warmup": -1}):
+        with pytest.raises(UsageError, match="noise flow needs"):
+            FlowCorrection(**bad)
+    with pytest.raises(ValueError, match="'noise-huge'"):
+        FlowCorrection(preset="noise-huge")
+    with pytest.raises(UsageError, match="'noise-small'"):
+        T2ICorrection(preset="noise-small")  # a flow-app preset is not a t2i corrector preset
+    short = FlowCorrection(steps=20, warmup=100, lr=3e-3).pretrain_config()
+    assert (short.steps, short.warmup, short.lr, short.log_every, short.ckpt_every) == (20, 20, 3e-3, 20, 20)
+    flow, t2i = FlowCorrection(), T2ICorrection()
+    assert (flow.preset, flow.steps, flow.batch_size, flow.lr) == ("noise-small", 6000, 64, 1e-3)
+    assert (t2i.preset, t2i.steps, t2i.batch_size, t2i.lr) == ("small", 2000, 16, 5e-4)
