@@ -117,6 +117,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -703,6 +704,8 @@ def plot(table: pd.DataFrame, path: Path, title: str) -> None:
             ax.axhline(r[m], color="grey", ls=("--", ":")[j % 2], lw=1,
                        label=f"{r.sampler}: {r[m]:.3g} (n={int(r[col])})")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))  # 3, 10, not 3x10^0
+        ax.xaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
         ax.set_xlabel("GFLOPs / image (counted)")
         ax.set_ylabel(m.replace("_", " "))
         ax.grid(alpha=0.3)
