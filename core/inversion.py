@@ -54,7 +54,8 @@ def invert_step(model: nn.Module, x_next: torch.Tensor, t: float, t_next: float,
     |t - t_next| Lip(v) < 1. Each sample iterates until its residual is below ``tol``, or until it
     has not improved for ``patience`` iterations (a few non-contracting pixels would otherwise spend
     all ``max_iter`` model calls); converged samples leave the batch, so later iterations call the
-    model on the rest only. Each sample keeps its best iterate.
+    model on the rest only (``cond`` follows them: :func:`take_samples`). Each sample keeps its best
+    iterate.
     ``x_init`` is the first iterate (default ``x_next``, a zeroth-order guess; see :func:`invert`'s
     ``warm_start`` for a first-order one). Each iteration costs one ``step`` call.
     Returns (x, per-sample residual ||step(x) - x_next||_inf, iterations of the slowest sample).
@@ -62,8 +63,6 @@ def invert_step(model: nn.Module, x_next: torch.Tensor, t: float, t_next: float,
     x = x_next.clone() if x_init is None else x_init.clone()
     best_x = x.clone()
     best_res = torch.full((x.shape[0],), float("inf"), device=x.device)
-    if cond is not None and not (torch.is_tensor(cond) and cond.shape[:1] == x.shape[:1]):
-        return _invert_step_whole_batch(model, x_next, t, t_next, step, cond, max_iter, tol, patience, x, best_x, best_res)
     # per sample: a sample leaves the batch once its residual is below ``tol`` or has not improved
     # by 1% for ``patience`` iterations, so the model calls follow each sample's own convergence (a
     # batch's slowest image no longer sets every image's cost) and a sample's result does not
@@ -73,7 +72,7 @@ def invert_step(model: nn.Module, x_next: torch.Tensor, t: float, t_next: float,
     it = 0
     for it in range(1, max_iter + 1):
         xa = x[active]
-        delta = x_next[active] - step(model, xa, t, t_next, None if cond is None else cond[active], None)
+        delta = x_next[active] - step(model, xa, t, t_next, take_samples(cond, active, x.shape[0]), None)
         residual = delta.flatten(1).abs().amax(1)  # residual of the current x
         before = best_res[active]
         better = residual < before
@@ -87,27 +86,22 @@ def invert_step(model: nn.Module, x_next: torch.Tensor, t: float, t_next: float,
     return best_x, best_res, it
 
 
-def _invert_step_whole_batch(model, x_next, t, t_next, step, cond, max_iter, tol, patience, x, best_x, best_res):
-    """:func:`invert_step` for a ``cond`` that cannot be split by sample (e.g. a pipeline's prompt
-    embeddings object): the whole batch iterates until its worst residual is below ``tol`` or has not
-    improved by 1% for ``patience`` iterations."""
-    worst_best, stalled = float("inf"), 0
-    it = 0
-    for it in range(1, max_iter + 1):
-        delta = x_next - step(model, x, t, t_next, cond, None)
-        residual = delta.flatten(1).abs().amax(1)  # residual of the current x
-        better = residual < best_res
-        best_res = torch.where(better, residual, best_res)
-        best_x[better] = x[better]
-        worst = float(best_res.max())
-        if worst < tol:
-            break
-        stalled = 0 if worst < 0.99 * worst_best else stalled + 1
-        worst_best = min(worst_best, worst)
-        if stalled >= patience:
-            break
-        x = x + delta
-    return best_x, best_res, it
+def take_samples(cond: Any, index: torch.Tensor, batch: int) -> Any:
+    """The part of a model condition that belongs to the samples ``index`` of a batch of ``batch``.
+
+    None stays None; a tensor whose first dimension is ``batch`` is indexed, any other tensor is shared
+    by all samples and passed whole; an object selects its own samples with ``cond.take_samples(index)``
+    (e.g. a batch of prompt embeddings). Anything else cannot be split by sample: TypeError.
+    """
+    if cond is None:
+        return None
+    if torch.is_tensor(cond):
+        return cond[index.to(cond.device)] if cond.dim() > 0 and cond.shape[0] == batch else cond
+    take = getattr(cond, "take_samples", None)
+    if take is None:
+        raise TypeError(f"a {type(cond).__name__} condition cannot be split by sample: inversion needs a tensor "
+                        "(batch first, or shared) or an object with take_samples(index)")
+    return take(index)
 
 
 WARM_STARTS = ("previous", "extrapolate")

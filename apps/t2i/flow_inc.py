@@ -265,8 +265,8 @@ class InvertConfig:
     """Invert images through ``steps`` Euler steps of the pipeline's sampler (its shifted sigma grid).
 
     ``limit``: the first ``limit`` images in sorted order (0 = all; a rerun with a larger limit extends
-    the inversion). The fixed-point solve of each step stops at ``tol`` (max-abs residual), after
-    ``max_iter`` iterations, or when the worst residual stalls for ``patience`` iterations."""
+    the inversion). Each image's fixed-point solve of each step stops at ``tol`` (its max-abs residual),
+    after ``max_iter`` iterations, or when its residual stalls for ``patience`` iterations."""
 
     steps: int = 28
     limit: int = 0

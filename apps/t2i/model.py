@@ -112,6 +112,15 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def take_samples(self, index: torch.Tensor) -> PromptBatch:
+        """The condition of the samples ``index`` (a 1-d index tensor) only: the per-sample prompts,
+        embeddings and pooled embeddings are selected, the shared unconditional ones kept (what
+        :func:`pgraft.core.inversion.invert_step` calls when samples leave the batch)."""
+        rows = index.tolist()
+        return PromptBatch([self.prompts[i] for i in rows], self.embeds[index.to(self.embeds.device)], self.uncond,
+                           None if self.pooled is None else self.pooled[index.to(self.pooled.device)],
+                           self.uncond_pooled)
+
 
 class PromptEncoder:
     """Frozen text encoder + tokenizer -> :class:`PromptBatch`. Embeddings are memoised per prompt

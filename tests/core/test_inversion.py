@@ -136,6 +136,32 @@ def test_invert_step_drops_converged_samples_and_a_samples_result_does_not_depen
     assert it_alone == rows_seen.count(2) < it  # row 0 left the pair after its own iterations
 
 
+def test_invert_step_splits_a_condition_object_with_take_samples_and_refuses_one_without():
+    import pytest
+
+    from pgraft.core.inversion import invert_step
+
+    class Rates:  # a per-sample condition that is not a tensor (like a batch of prompt embeddings)
+        def __init__(self, rate):
+            self.rate = rate
+
+        def take_samples(self, index):
+            return Rates(self.rate[index])
+
+    rate = torch.tensor([0.5, 8.0]).view(2, 1)
+    model = lambda x, t, c: -c.rate * x  # noqa: E731  (fails on a shape mismatch if c is not split)
+    x_next = torch.ones(2, 3)
+    x, res, _ = invert_step(model, x_next, 0.2, 0.1, cond=Rates(rate), max_iter=200, tol=1e-6)
+    assert res.max() < 1e-6
+    torch.testing.assert_close((1 + 0.1 * rate) * x, x_next, atol=1e-5, rtol=0)
+    # a tensor without the batch dimension is shared by every sample and passed whole
+    shared = torch.tensor(0.5)
+    x, res, _ = invert_step(lambda x, t, c: -c * x, x_next, 0.2, 0.1, cond=shared, max_iter=200, tol=1e-6)
+    torch.testing.assert_close(1.05 * x, x_next, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="dict condition cannot be split by sample"):
+        invert_step(lambda x, t, c: -x, x_next, 0.2, 0.1, cond={"rate": rate})
+
+
 def test_noise_flow_config_checks_its_settings_and_apps_keep_their_defaults():
     import pytest
 

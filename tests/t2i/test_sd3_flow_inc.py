@@ -77,6 +77,27 @@ def test_sd3_inversion_recovers_the_starting_noise_of_an_euler_sample(sd3):
     assert (wrong_sign.noise - z).abs().max() > 100 * tol
 
 
+def test_sd3_inversion_splits_the_prompts_with_the_samples(sd3):
+    """Per-sample inversion under captions: each image's prompt follows it when converged images leave
+    the batch (PromptBatch.take_samples), so a captioned image inverts to the same noise alone as in a
+    batch, and the noise is the one its own caption's sampler started from."""
+    pipe = load_flow_pipeline(sd3)
+    model = Guided(pipe.denoiser, 1.0)
+    times = pipe.times(3)
+    prompts = ["a red square", "a blue circle", "a green triangle"]
+    cond = pipe.prompt_encoder()(prompts, guidance=False)
+    part = cond.take_samples(torch.tensor([2, 0]))
+    assert part.prompts == ["a green triangle", "a red square"] and torch.equal(part.embeds, cond.embeds[[2, 0]])
+    assert torch.equal(part.pooled, cond.pooled[[2, 0]])
+    z = torch.randn(3, *pipe.state_shape, generator=torch.Generator().manual_seed(2))
+    x0 = sample(model, z, times, euler_step, cond)
+    res, _ = invert_latents(model, x0, times, cond, max_iter=50, tol=1e-6)
+    assert (res.noise - z).abs().max() < 1e-4
+    for i in range(3):
+        alone, _ = invert_latents(model, x0[i:i + 1], times, cond.take_samples(torch.tensor([i])), max_iter=50, tol=1e-6)
+        torch.testing.assert_close(alone.noise, res.noise[i:i + 1], atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- (b) resume
 def test_sd3_invert_resumes_finished_shards_and_refuses_other_settings(sd3, image_folder, tmp_path):
     captions = tmp_path / "captions.jsonl"
