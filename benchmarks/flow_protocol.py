@@ -25,7 +25,7 @@ command continues a stopped run; ``report`` runs last in any case):
     report      docs/results/flow_protocol.csv and .png (--results; with --tiny: --out), verdict lines
                 (and flow_protocol_fit.json with stage e's numbers)
 
-Sample sizes: the headline rows (the base at S and the corrected --headline pairs, default S:S) get
+Sample sizes: the headline rows (the base at S, and the corrected --headline pairs: default S:S, "none" for none) get
 --n samples, Inception on --inception-n; every other row gets --sweep-n (default --n), and each
 headline row also yields a --sweep-n row from its first samples (the same noises a --sweep-n run
 draws), so every row has a same-size comparison. Verdicts compare rows of one size only.
@@ -211,6 +211,13 @@ def parse_corrected(text: str | None, steps: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys((b, k) for b, k in pairs if b >= 1 and k >= 1))
 
 
+def parse_headline(text: str | None, steps: int) -> list[tuple[int, int]]:
+    """The corrected pairs of --headline: S:S by default, none for "none", else ``B:K`` pairs."""
+    if text == "none":
+        return []
+    return parse_corrected(text or f"{steps}:{steps}", steps)
+
+
 def pick_corrector(base, base_preset: str, target: float = TARGET_RATIO) -> tuple[str, float]:
     """(preset, parameter ratio) of the smaller FlowUNet preset on the base's image shape whose
     parameter count is closest (in log ratio) to ``target`` times the base's."""
@@ -332,7 +339,7 @@ class Context:
         sweep = min(args.sweep_n or args.n, args.n)
         self.sweep_cfg = replace(self.eval_cfg, n=sweep, inception_n=min(sweep, self.eval_cfg.inception_n))
         self.split = self.sweep_cfg != self.eval_cfg  # two sample sizes
-        self.headline = {(args.steps, 0), *parse_corrected(args.headline or f"{args.steps}:{args.steps}", args.steps)}
+        self.headline = {(args.steps, 0), *parse_headline(args.headline, args.steps)}
         self._evaluator: Evaluator | None = None
         self._sweep_evaluator: Evaluator | None = None
 
@@ -787,7 +794,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="samples per other row (curve, other corrected pairs, references; default: --n); each "
                          "headline row also gets a row of this size from its first samples")
     ap.add_argument("--headline", default=None,
-                    help="corrected B:K pairs evaluated with --n samples (default S:S)")
+                    help="corrected B:K pairs evaluated with --n samples (default S:S; 'none': every corrected "
+                         "row gets --sweep-n)")
     ap.add_argument("--inception-n", type=int, default=None,
                     help="samples per headline row for Inception FID/KID (<= n; sweep rows: <= --sweep-n)")
     ap.add_argument("--inception-reference-n", type=int, default=None, help="test images for Inception statistics")

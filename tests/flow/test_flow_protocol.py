@@ -61,6 +61,13 @@ def test_verdicts_yes_and_no():
     assert "no verdict" in proto.verdict_lines(no[no.kind == "base"], 200, "inception_fid")[0]
 
 
+def test_headline_pairs_default_to_s_s_and_none_means_only_the_base():
+    proto = _load()
+    assert proto.parse_headline(None, 50) == [(50, 50)]
+    assert proto.parse_headline("none", 50) == []
+    assert proto.parse_headline("50:25, 50:25,25:25", 50) == [(50, 25), (25, 25)]
+
+
 def test_verdicts_compare_rows_of_one_sample_size_only():
     """A 5,000-sample base row must not be judged against a 1,000-sample corrected row (FID's
     small-sample bias differs): each size gets its own verdicts, largest first."""
