@@ -503,7 +503,8 @@ def stage_correct(ctx: Context) -> None:
         raise Stopped("budget reached before stage c")
     cmd = pgraft_command("flow", "correct", str(inv), "--out", str(cor), "--preset", preset,
                          "--steps", str(a.correct_steps), "--batch-size", str(a.correct_batch_size),
-                         "--seed", str(a.seed), "--device", str(ctx.device), "--threads", str(a.threads), "--quiet")
+                         "--seed", str(a.seed if a.correct_seed is None else a.correct_seed), "--device", str(ctx.device),
+                         "--threads", str(a.threads), "--quiet")
     rc = run_stoppable(cmd, ctx.budget, "`pgraft flow correct`")
     if rc != 0:
         raise SystemExit(f"`pgraft flow correct` failed (exit status {rc})")
@@ -815,6 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--correct-batch-size", type=int, default=None)
     ap.add_argument("--sample-batch-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--correct-seed", type=int, default=None,
+                    help="the corrector's training seed (default --seed); the rows keep sampling from --seed, so "
+                         "correctors of several training seeds are compared on the same noises")
     ap.add_argument("--threads", type=int, default=None, help="torch threads here (default 1 on a CPU, all with a GPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
