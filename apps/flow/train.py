@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pgraft.core.checkpoint import WEIGHTS_NAME, load_pretrained, save_json
+from pgraft.core.errors import UsageError
 from pgraft.core.integrity import exclusive
 from pgraft.core.inversion import (
     SHARD_DIR,
@@ -448,9 +449,17 @@ def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionCon
     if tuple(noises.shape[1:]) != model.image_shape:
         raise ValueError(f"noise preset {cfg.preset!r} works on {model.image_shape}, the inverted noises are "
                          f"{tuple(noises.shape[1:])}")
+    saved_path = out / CORRECT_META
+    if saved_path.is_file():  # a rerun resumes the saved weights: only the length and the lr may change
+        same = lambda c: {k: v for k, v in c.items() if k not in ("steps", "lr")}  # noqa: E731
+        saved = json.loads(saved_path.read_text())["config"]
+        if same(saved) != same(asdict(cfg)):
+            diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in same(asdict(cfg)).items() if saved.get(k) != v)
+            raise UsageError(f"{out} holds a noise flow trained with other settings ({diff}); it would resume those "
+                             "weights: use another --out or delete it (only --steps and --lr may change on a rerun)")
     save_json({"config": asdict(cfg), "invert": str(invert_dir.resolve()), "base": meta["base"],
                "base_steps": inv_cfg.steps, "base_sampler": inv_cfg.sampler, "n_noises": int(len(noises))},
-              out / CORRECT_META)
+              saved_path)
     return train_noise_flow(model, noises, cfg.pretrain_config(), out, model.config, batch_size=cfg.batch_size,
                             show_progress=show_progress, coupling=cfg.coupling).eval()
 

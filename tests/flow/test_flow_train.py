@@ -24,6 +24,7 @@ from pgraft.apps.flow.train import (
     shard_path,
 )
 from pgraft.core.checkpoint import save_json, save_pretrained
+from pgraft.core.errors import UsageError
 from pgraft.core.inversion import invert
 from pgraft.core.sampling import FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
@@ -270,6 +271,10 @@ def test_noise_correction_learns_known_shift(tmp_path):
     x = sample_noise_corrected(noise_model, base, z, flow_times(8), times)
     plain = sample(base, z, times, FLOW_STEPS["euler"])
     assert float(x.mean(0).abs().mean()) < 0.3 * float(plain.mean(0).abs().mean())
+    # a rerun in the same directory resumes its weights, so it refuses another seed (or batch, preset, ...)
+    with pytest.raises(UsageError, match=r"seed 0 -> 1"):
+        train_correction(inv, tmp_path / "correct", CorrectionConfig(
+            preset="noise-tiny", steps=150, batch_size=64, lr=3e-3, warmup=20, ema=0.99, seed=1), show_progress=False)
 
 
 def test_pretraining_is_reproducible_whatever_the_global_rng_state(tmp_path):
