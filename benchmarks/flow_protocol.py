@@ -496,15 +496,19 @@ def stage_correct(ctx: Context) -> None:
         f"the base's S", ctx.budget)
     if not (inv / RECONSTRUCTION).is_file():
         raise SystemExit(f"stage c needs the inversion in {inv} (stage b)")
+    seed = a.seed if a.correct_seed is None else a.correct_seed
     if is_pretrained(cor) and (cor / CORRECT_META).is_file() and trained_steps(cor) == a.correct_steps:
-        say(f"corrector already trained ({a.correct_steps} steps) in {cor}", ctx.budget)
-        return
+        saved = json.loads((cor / CORRECT_META).read_text())["config"]
+        wanted = {"preset": preset, "batch_size": a.correct_batch_size, "seed": seed}
+        if all(saved.get(k) == v for k, v in wanted.items()):
+            say(f"corrector already trained ({a.correct_steps} steps) in {cor}", ctx.budget)
+            return
+        # trained with other settings: `pgraft flow correct` below refuses it in one line naming them
     if ctx.budget.over():
         raise Stopped("budget reached before stage c")
     cmd = pgraft_command("flow", "correct", str(inv), "--out", str(cor), "--preset", preset,
                          "--steps", str(a.correct_steps), "--batch-size", str(a.correct_batch_size),
-                         "--seed", str(a.seed if a.correct_seed is None else a.correct_seed), "--device", str(ctx.device),
-                         "--threads", str(a.threads), "--quiet")
+                         "--seed", str(seed), "--device", str(ctx.device), "--threads", str(a.threads), "--quiet")
     rc = run_stoppable(cmd, ctx.budget, "`pgraft flow correct`")
     if rc != 0:
         raise SystemExit(f"`pgraft flow correct` failed (exit status {rc})")

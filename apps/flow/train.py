@@ -41,6 +41,7 @@ from pgraft.core.inversion import (
     NoiseFlowConfig,
     full_fp32,
     invert,
+    resume_conflicts,
     sampler_flops,
     shard_done,
     shard_path,
@@ -451,12 +452,11 @@ def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionCon
                          f"{tuple(noises.shape[1:])}")
     saved_path = out / CORRECT_META
     if saved_path.is_file():  # a rerun resumes the saved weights: only the length and the lr may change
-        same = lambda c: {k: v for k, v in c.items() if k not in ("steps", "lr")}  # noqa: E731
-        saved = json.loads(saved_path.read_text())["config"]
-        if same(saved) != same(asdict(cfg)):
-            diff = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in same(asdict(cfg)).items() if saved.get(k) != v)
-            raise UsageError(f"{out} holds a noise flow trained with other settings ({diff}); it would resume those "
-                             "weights: use another --out or delete it (only --steps and --lr may change on a rerun)")
+        conflicts = resume_conflicts({"config": json.loads(saved_path.read_text())["config"]}, {"config": asdict(cfg)})
+        if conflicts:
+            raise UsageError(f"{out} holds a noise flow trained with other settings ({', '.join(conflicts)}); it would "
+                             "resume those weights: use another --out or delete it (only --steps and --lr may change "
+                             "on a rerun)")
     save_json({"config": asdict(cfg), "invert": str(invert_dir.resolve()), "base": meta["base"],
                "base_steps": inv_cfg.steps, "base_sampler": inv_cfg.sampler, "n_noises": int(len(noises))},
               saved_path)

@@ -71,6 +71,7 @@ from pgraft.core.inversion import (
     count_flops,
     full_fp32,
     invert,
+    resume_conflicts,
     shard_done,
     shard_path,
     train_noise_flow,
@@ -500,10 +501,11 @@ def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionCon
     with exclusive(out):
         if meta_path.is_file():
             saved = json.loads(meta_path.read_text())
-            keep = lambda m: {**m, "config": {k: v for k, v in m["config"].items() if k not in ("steps", "lr")}}  # noqa: E731
-            if keep(saved) != keep(json.loads(json.dumps(meta))):
-                raise UsageError(f"{out} holds a corrector trained with other settings or noises; use another --out "
-                                 "or delete it (only --train-steps and --lr may change on a rerun)")
+            conflicts = resume_conflicts(saved, meta)
+            if conflicts:
+                raise UsageError(f"{out} holds a corrector trained with other settings or noises "
+                                 f"({', '.join(conflicts)}); use another --out or delete it (only --train-steps and "
+                                 "--lr may change on a rerun)")
         save_json(meta, meta_path)
         model = model.to(torch.device(device) if device is not None else local_device())
         ema = train_noise_flow(model, noises, cfg.pretrain_config(), out, model.config, batch_size=cfg.batch_size,

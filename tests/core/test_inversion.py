@@ -1,3 +1,6 @@
+import json
+from dataclasses import asdict
+
 import pytest
 import torch
 from torch import nn
@@ -184,3 +187,16 @@ def test_noise_flow_config_checks_its_settings_and_apps_keep_their_defaults():
     flow, t2i = FlowCorrection(), T2ICorrection()
     assert (flow.preset, flow.steps, flow.batch_size, flow.lr) == ("noise-small", 6000, 64, 1e-3)
     assert (t2i.preset, t2i.steps, t2i.batch_size, t2i.lr) == ("small", 2000, 16, 5e-4)
+
+
+def test_resume_conflicts_allow_only_steps_and_lr_to_change():
+    from pgraft.core.inversion import NoiseFlowConfig, resume_conflicts
+
+    saved = {"config": asdict(NoiseFlowConfig(preset="p", seed=0)), "n_noises": 2000, "shape": (1, 28, 28)}
+    assert resume_conflicts(saved, {**saved, "config": asdict(NoiseFlowConfig(preset="p", steps=9000, lr=2e-3))}) == []
+    assert resume_conflicts(json.loads(json.dumps(saved)), saved) == []  # as read back from correct.json
+    assert resume_conflicts(saved, {**saved, "config": asdict(NoiseFlowConfig(preset="p", seed=1))}) == ["seed 0 -> 1"]
+    assert resume_conflicts(saved, {**saved, "n_noises": 6000}) == ["n_noises 2000 -> 6000"]
+    # a top-level entry and a config entry of the same name are told apart
+    assert resume_conflicts({**saved, "seed": 0}, {**saved, "seed": 0, "config": {**saved["config"], "seed": 3}}) \
+        == ["seed 0 -> 3"]

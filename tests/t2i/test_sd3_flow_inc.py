@@ -197,6 +197,12 @@ def test_sd3_correct_then_sample_corrected_counts_the_corrector_flops(sd3, tmp_p
     assert plain["corrected"] == plain["base"] == flops["base"] and plain["noise"] == 0
     torch.testing.assert_close(load_state(tmp_path / "plain" / "images.safetensors"),
                                pipe.decode(sample(base, z, pipe.times(3), euler_step, cond)), atol=1e-5, rtol=1e-5)
+    # a rerun resumes these weights: more steps may follow, another seed may not
+    ok("t2i", "correct", str(inv), "--out", str(cor), "--preset", "tiny", "--train-steps", "4", "--batch-size", "4",
+       "--device", "cpu", "--quiet")
+    result, output = invoke("t2i", "correct", str(inv), "--out", str(cor), "--preset", "tiny", "--train-steps", "4",
+                            "--batch-size", "4", "--seed", "1", "--device", "cpu", "--quiet")
+    assert result.exit_code != 0 and "other settings or noises (seed 0 -> 1)" in output, output
 
 
 # ----------------------------------------------------------------------------- (d) refusals
