@@ -6,6 +6,7 @@ large samples against the whole Fashion-MNIST test split, with KID and intervals
     python benchmarks/flow_protocol.py --tiny                      # every stage at toy sizes on a CPU (< 2 min)
     python benchmarks/flow_protocol.py --device cuda --budget 480  # the protocol on a GPU, one piece per command
     python benchmarks/flow_protocol.py --stages report             # CSV, plot and verdicts from the rows so far
+    python benchmarks/flow_protocol.py --seed-runs D0,D1,D2 --steps 50   # claim 1 over corrector training seeds
 
 Stages (``--stages``, default all; each skips what its files say is done, so rerunning the same
 command continues a stopped run; ``report`` runs last in any case):
@@ -49,6 +50,13 @@ Verdicts, from the CSV: (1) ">= 25% lower Inception FID at <= 1.35x FLOPs": the 
 with base B = S within 1.35x the FLOPs of the base at S against the base at S; (2) "the base's best
 FID reached at fewer FLOPs": some corrected row at or below the lowest base FID of the curve with
 fewer FLOPs/image. Each also says whether the intervals separate the rows.
+
+Training seeds (``--seed-runs``): run directories that differ only in the corrector's training seed
+(``--correct-seed``; same sampling seed, sample counts and base) are compared headline row against base
+row: per-seed differences, their 95% interval over the seeds with the base row's bootstrap sd added
+(one base evaluation is shared by every seed: core.stats.mean_ci's shared_sd), and claim 1 decided on
+the relative change's interval: YES at or below -25%, NO above, else "not separated from the 25%
+line". Writes flow_protocol_seeds.csv, .png and _verdicts.txt in --results; no stage runs.
 
 GPU plan (one H200, 10-minute commands, 15 minutes of device time per task; costs are ESTIMATES
 scaled from the README's GPU session: inversion through 10 Euler steps of the default base ran
@@ -145,6 +153,7 @@ from pgraft.core.sampling import FLOW_STEPS, sample  # noqa: E402
 from pgraft.core.schedules import flow_times  # noqa: E402
 from pgraft.core.shipped import SHIPPED, resolve_base  # noqa: E402
 from pgraft.core.state import atomic_write, resolve_device  # noqa: E402
+from pgraft.core.stats import Interval, format_verdict, mean_ci  # noqa: E402
 
 FLOPS_BUDGET = 1.35   # claim 1: corrected FLOPs/image at most this multiple of the base row's ...
 FID_DROP = 0.25       # ... and Inception FID at least this much lower
@@ -773,6 +782,150 @@ def report(ctx_args: argparse.Namespace, out: Path, results: Path) -> pd.DataFra
     return table
 
 
+# ----------------------------------------------------------------------------- training seeds
+SEED_COLUMNS = ["run", "correct_seed", "correct_steps", "corrector_preset", "sampler", "base_steps", "noise_steps",
+                "flops_ratio", "inception_n", "sampling_seed", "base_fid", "base_fid_boot_std", "inception_fid",
+                "fid_ci_low", "fid_ci_high", "difference", "relative_change", "kid", "base_kid", "feature_fid",
+                "base_feature_fid", "noise_weights"]
+SAMPLING_KEYS = ("n", "inception_n", "inception_reference_n", "reference_n", "classifier_steps", "bootstrap", "seed",
+                 "inception_weights", "base_weights", "sample_batch_size")
+
+
+def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sampler: str = "euler") -> pd.DataFrame:
+    """One row per run directory: its headline corrected row ``pair`` (B:K) against its own base row at
+    ``steps``, with the corrector's training settings (correct/correct.json).
+
+    The runs must differ in the corrector's training seed only: the same sampling settings (sample
+    counts, sampling seed, base weights: the rows' fingerprints) and the same corrector settings but
+    the seed. Anything else is refused in one line naming the run and the difference."""
+    b, k = pair
+    keys = (f"base-euler-{steps:04d}", f"corrected-{noise_sampler}-{k:04d}-euler-{b:04d}")
+    out, first = [], None
+    for run in runs:
+        saved = []
+        for key in keys:
+            path = Rows(run).path(key)
+            if not path.is_file():
+                raise SystemExit(f"{run}: no row {key} (run stage d with --n as the other runs first)")
+            saved.append(json.loads(path.read_text()))
+        meta = run / "correct" / CORRECT_META
+        if not meta.is_file():
+            raise SystemExit(f"{run}: no {CORRECT_META} in correct/ (stage c)")
+        config = json.loads(meta.read_text())["config"]
+        sampling = {key: saved[1]["fingerprint"].get(key) for key in SAMPLING_KEYS}
+        base_sampling = {key: saved[0]["fingerprint"].get(key) for key in SAMPLING_KEYS}
+        if sampling != base_sampling:
+            raise SystemExit(f"{run}: its base and corrected rows were sampled with other settings: "
+                             + ", ".join(f"{key} {base_sampling[key]} -> {sampling[key]}"
+                                         for key in SAMPLING_KEYS if sampling[key] != base_sampling[key]))
+        if first is None:
+            first = (run, sampling, config)
+        else:
+            for name, mine, theirs in (("sampling", sampling, first[1]),
+                                       ("corrector", {**config, "seed": None}, {**first[2], "seed": None})):
+                diff = [f"{key} {theirs.get(key)} -> {mine.get(key)}" for key in sorted(set(mine) | set(theirs))
+                        if mine.get(key) != theirs.get(key)]
+                if diff:
+                    raise SystemExit(f"{run}: {name} settings differ from {first[0]}'s ({', '.join(diff)}); the runs "
+                                     "may differ in the corrector's training seed only")
+        base, corr = saved[0]["row"], saved[1]["row"]
+        out.append({"run": str(run), "correct_seed": config["seed"], "correct_steps": config["steps"],
+                    "corrector_preset": config["preset"], "sampler": corr["sampler"], "base_steps": b,
+                    "noise_steps": k, "flops_ratio": corr["gflops"] / base["gflops"],
+                    "inception_n": corr["inception_n"], "sampling_seed": sampling["seed"],
+                    "base_fid": base["inception_fid"], "base_fid_boot_std": base["fid_boot_std"],
+                    "inception_fid": corr["inception_fid"], "fid_ci_low": corr["fid_ci_low"],
+                    "fid_ci_high": corr["fid_ci_high"], "difference": corr["inception_fid"] - base["inception_fid"],
+                    "relative_change": (corr["inception_fid"] - base["inception_fid"]) / base["inception_fid"],
+                    "kid": corr["kid"], "base_kid": base["kid"], "feature_fid": corr["feature_fid"],
+                    "base_feature_fid": base["feature_fid"], "noise_weights": saved[1]["fingerprint"].get("noise_weights")})
+    table = pd.DataFrame(out, columns=SEED_COLUMNS)
+    for column, what in (("correct_seed", "training seed"), ("noise_weights", "corrector weights")):
+        if table[column].duplicated().any():
+            raise SystemExit(f"two runs share a {what} ({', '.join(map(str, table[column]))}): each run must be "
+                             "another training seed")
+    return table.sort_values("correct_seed").reset_index(drop=True)
+
+
+def seed_intervals(table: pd.DataFrame) -> tuple[Interval, Interval]:
+    """95% intervals of the mean FID difference (corrected - base) and of the mean relative change over
+    the training seeds. Every seed is compared with the same base row (same noises), whose own sampling
+    noise the seeds cannot average away: its bootstrap sd is added in quadrature (core.stats.mean_ci)."""
+    sd = float(table.base_fid_boot_std.mean())
+    base = float(table.base_fid.mean())
+    return (mean_ci(table.difference.tolist(), shared_sd=sd),
+            mean_ci(table.relative_change.tolist(), shared_sd=sd / base))
+
+
+def seed_verdict_lines(table: pd.DataFrame) -> list[str]:
+    """Claim 1 decided over training seeds: YES when the relative change's interval lies at or below -25%,
+    NO when it lies above, else "not separated from the 25% line"."""
+    diff, rel = seed_intervals(table)
+    r = table.iloc[0]
+    pct = lambda v: f"{100 * v:+.1f}%".replace("-", "\N{MINUS SIGN}")  # noqa: E731
+    ratio = float(table.flops_ratio.max())
+    if ratio > FLOPS_BUDGET * (1 + 1e-9):
+        claim = f"NO (over budget: {ratio:.3f}x the FLOPs)"
+    elif diff.n < 2:
+        claim = "one seed only: no interval"
+    elif rel.hi <= -FID_DROP:
+        claim = "YES (the interval lies at or below \N{MINUS SIGN}25%)"
+    elif rel.lo > -FID_DROP:
+        claim = "NO (the interval lies above \N{MINUS SIGN}25%)"
+    else:
+        claim = "not separated from the \N{MINUS SIGN}25% line"
+    seeds = ", ".join(f"{int(s)}: {f:.3f}" for s, f in zip(table.correct_seed, table.inception_fid))
+    return [f"inception_fid over {diff.n} corrector training seeds ({r.sampler}, {r.corrector_preset}, "
+            f"{int(r.correct_steps)} training steps; {int(r.inception_n)} samples/row from sampling seed "
+            f"{int(r.sampling_seed)}; base {r.base_fid:.3f}, bootstrap sd {r.base_fid_boot_std:.3f}):",
+            f"  per seed: {seeds}",
+            "  " + format_verdict(r.sampler, "base", "inception_fid", diff, higher_is_better=False),
+            f"  relative change {pct(rel.mean)} [95% CI {pct(rel.lo)}, {pct(rel.hi)}] at {ratio:.3f}x the FLOPs",
+            f"  claim 1, >= 25% lower inception_fid at <= {FLOPS_BUDGET}x FLOPs, over training seeds: {claim}"]
+
+
+def seed_plot(table: pd.DataFrame, path: Path) -> None:
+    diff, _ = seed_intervals(table)
+    base = float(table.base_fid.mean())
+    half = 1.96 * float(table.base_fid_boot_std.mean())
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    x = np.arange(len(table))
+    ax.axhspan(base - half, base + half, color="C0", alpha=0.15)
+    ax.axhline(base, color="C0", label=f"base: {base:.2f} (band: ±1.96 bootstrap sd)")
+    ax.axhline((1 - FID_DROP) * base, color="grey", ls="--", lw=1, label=f"25% below the base: {(1 - FID_DROP) * base:.2f}")
+    err = np.vstack([table.inception_fid - table.fid_ci_low, table.fid_ci_high - table.inception_fid]).clip(min=0)
+    ax.errorbar(x, table.inception_fid, yerr=err, fmt="s", color="C1", capsize=3, label="corrected, per training seed")
+    ax.errorbar([len(table)], [base + diff.mean], yerr=[[diff.mean - diff.lo], [diff.hi - diff.mean]], fmt="D",
+                color="C3", capsize=4, label="mean over seeds (95% CI, base's noise included)")
+    ax.set_xticks(list(x) + [len(table)], [f"seed {int(s)}" for s in table.correct_seed] + ["mean"])
+    r = table.iloc[0]
+    ax.set_ylabel(f"Inception FID ({int(r.inception_n)} samples)")
+    ax.set_title(f"{r.sampler}: corrector trained {int(r.correct_steps)} steps, {len(table)} seeds", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def seed_report(runs: list[Path], results: Path, steps: int, pairs: list[tuple[int, int]], noise_sampler: str) -> int:
+    """flow_protocol_seeds.csv/.png and the verdict lines (…_seeds_verdicts.txt) for the headline pairs."""
+    tables, lines = [], []
+    for pair in pairs:
+        table = seed_table(runs, steps, pair, noise_sampler)
+        tables.append(table)
+        lines += seed_verdict_lines(table)
+    results.mkdir(parents=True, exist_ok=True)
+    csv, png, txt = (results / f"flow_protocol_seeds{ext}" for ext in (".csv", ".png", "_verdicts.txt"))
+    pd.concat(tables).to_csv(csv, index=False)
+    seed_plot(tables[0], png)
+    atomic_write(txt, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    for line in lines:
+        print(line)
+    print(f"wrote {csv}, {png} and {txt}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -823,6 +976,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--correct-seed", type=int, default=None,
                     help="the corrector's training seed (default --seed); the rows keep sampling from --seed, so "
                          "correctors of several training seeds are compared on the same noises")
+    ap.add_argument("--seed-runs", default=None,
+                    help="comma-separated run directories, one corrector training seed each (same sampling settings): "
+                         "no stage runs; their --headline rows against their base rows go to flow_protocol_seeds.csv, "
+                         ".png and _verdicts.txt in --results, with 95%% intervals over the seeds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads here (default 1 on a CPU, all with a GPU)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -845,6 +1002,12 @@ def main(argv: list[str] | None = None) -> int:
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     if not stages <= {"a", "b", "c", "d", "e", "report"}:
         ap.error(f"--stages takes a subset of a,b,c,d,e,report, got {args.stages!r}")
+    if args.seed_runs:
+        runs = [Path(r.strip()) for r in args.seed_runs.split(",") if r.strip()]
+        pairs = parse_headline(args.headline, args.steps)
+        if len(runs) < 2 or not pairs:
+            ap.error("--seed-runs needs two or more run directories and a --headline pair")
+        return seed_report(runs, results, args.steps, pairs, args.noise_sampler)
     grid = sorted(set(parse_ints(args.grid)) | {args.steps})
     corrected = parse_corrected(args.corrected, args.steps)
     budget = Budget(args.budget)

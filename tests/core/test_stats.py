@@ -22,6 +22,28 @@ def test_mean_ci_covers_the_mean_at_its_level():
     assert abs(covered / 4000 - 0.95) < 0.012
 
 
+def test_a_shared_error_widens_the_interval_in_quadrature_and_covers_at_its_level():
+    # closed form: values 1, 2, 3 (sd 1) and a shared sd of 0.5 -> sqrt(t_{0.975,2}^2 / 3 + z_{0.975}^2 0.25)
+    ci = mean_ci([1.0, 2.0, 3.0], shared_sd=0.5)
+    assert ci.mean == pytest.approx(2.0)
+    assert ci.half_width == pytest.approx(math.sqrt(4.302653 ** 2 / 3 + 1.959964 ** 2 * 0.25), rel=1e-6)
+    assert mean_ci([1.0, 2.0, 3.0], shared_sd=0.0).half_width == pytest.approx(mean_ci([1.0, 2.0, 3.0]).half_width)
+    # identical seeds still carry the shared error, at the normal quantile
+    assert mean_ci([1.0, 1.0, 1.0], shared_sd=0.1).half_width == pytest.approx(1.959964 * 0.1, rel=1e-5)
+    # coverage: 3 seeds of sd 1 around one reference draw of sd sigma (the same for the three), a shared
+    # error smaller than, like and larger than the seeds' standard error
+    gen = torch.Generator().manual_seed(1)
+    for sigma in (0.3, 0.6, 2.0):
+        reference = sigma * torch.randn(4000, 1, generator=gen)
+        d = (torch.randn(4000, 3, generator=gen) + 1.0 - reference).tolist()
+        covered = sum(ci.lo <= 1.0 <= ci.hi for ci in (mean_ci(row, shared_sd=sigma) for row in d)) / 4000
+        assert 0.94 <= covered <= 0.985, (sigma, covered)
+        naive = sum(ci.lo <= 1.0 <= ci.hi for ci in (mean_ci(row) for row in d)) / 4000
+        assert naive < covered                       # the seeds' interval alone misses the shared error
+    with pytest.raises(ValueError, match="shared_sd"):
+        mean_ci([1.0, 2.0], shared_sd=-1.0)
+
+
 def test_one_value_has_no_interval_and_nan_is_refused():
     ci = mean_ci([0.5])
     assert ci.mean == 0.5 and math.isnan(ci.lo) and not ci.excludes_zero

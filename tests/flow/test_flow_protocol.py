@@ -108,3 +108,54 @@ def test_a_headline_rows_sweep_size_row_is_the_row_a_sweep_run_computes(tmp_path
                 "n", "inception_n"):
         assert sub[key] == pytest.approx(one[key], rel=1e-6, abs=1e-9), key
     assert sub["inception_fid"] != pytest.approx(rows["base-euler-0008"]["row"]["inception_fid"])
+
+
+def _seed_run(root: Path, seed: int, fid: float, *, base_fid: float = 40.0, steps: int = 12000, sampling_seed: int = 0):
+    """A fabricated run directory: its base row at 50 steps, its corrected 50:50 row, its correct.json."""
+    run = root / f"s{seed}"
+    (run / "rows").mkdir(parents=True)
+    (run / "correct").mkdir()
+    fp = {"n": 5000, "inception_n": 5000, "inception_reference_n": 10000, "reference_n": 5000, "classifier_steps": 2000,
+          "bootstrap": 50, "seed": sampling_seed, "inception_weights": None, "base_weights": "b", "sample_batch_size": 2500}
+    base = {"sampler": "base euler-50", "gflops": 7.0, "inception_fid": base_fid, "fid_boot_std": 0.5, "kid": 0.03,
+            "feature_fid": 20.0}
+    corr = {"sampler": "corrected(euler-50)+euler-50", "gflops": 8.75, "inception_fid": fid, "fid_ci_low": fid - 1,
+            "fid_ci_high": fid + 1, "inception_n": 5000, "kid": 0.02, "feature_fid": 10.0}
+    (run / "rows" / "base-euler-0050.json").write_text(json.dumps({"fingerprint": {**fp, "spec": "b"}, "row": base}))
+    (run / "rows" / "corrected-euler-0050-euler-0050.json").write_text(json.dumps(
+        {"fingerprint": {**fp, "spec": "c", "noise_weights": f"w{seed}"}, "row": corr}))
+    (run / "correct" / "correct.json").write_text(json.dumps(
+        {"config": {"seed": seed, "steps": steps, "preset": "noise-small", "batch_size": 64, "lr": 1e-3}}))
+    return run
+
+
+def test_seed_report_intervals_and_claim_over_training_seeds(tmp_path, capsys):
+    proto = _load()
+    runs = [_seed_run(tmp_path, s, f) for s, f in ((0, 28.0), (1, 29.0), (2, 30.0))]
+    assert proto.main(["--seed-runs", ",".join(map(str, runs)), "--steps", "50", "--results", str(tmp_path / "r")]) == 0
+    table = pd.read_csv(tmp_path / "r" / "flow_protocol_seeds.csv")
+    assert table.correct_seed.tolist() == [0, 1, 2] and table.difference.tolist() == [-12.0, -11.0, -10.0]
+    diff, rel = proto.seed_intervals(table)
+    # closed form: differences -12, -11, -10 (sd 1), base bootstrap sd 0.5 (core.stats.mean_ci's shared_sd)
+    assert diff.mean == pytest.approx(-11.0)
+    assert diff.half_width == pytest.approx((4.302653 ** 2 / 3 + 1.959964 ** 2 * 0.25) ** 0.5, rel=1e-5)
+    assert rel.mean == pytest.approx(-11.0 / 40.0)
+    text = (tmp_path / "r" / "flow_protocol_seeds_verdicts.txt").read_text()
+    assert "per seed: 0: 28.000, 1: 29.000, 2: 30.000" in text
+    assert "→ separated: ahead" in text                          # [-13.7, -8.3] excludes 0
+    assert "over training seeds: not separated from the −25% line" in text   # -27.5% [-34.3%, -20.7%]
+    assert (tmp_path / "r" / "flow_protocol_seeds.png").stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
+    far = [_seed_run(tmp_path / "far", s, f) for s, f in ((0, 20.0), (1, 20.5), (2, 21.0))]
+    proto.main(["--seed-runs", ",".join(map(str, far)), "--steps", "50", "--results", str(tmp_path / "far")])
+    assert "over training seeds: YES" in (tmp_path / "far" / "flow_protocol_seeds_verdicts.txt").read_text()
+
+
+def test_seed_report_refuses_runs_that_differ_in_more_than_the_training_seed(tmp_path):
+    proto = _load()
+    a = _seed_run(tmp_path, 0, 28.0)
+    for name, other in (("steps 12000 -> 3000", _seed_run(tmp_path / "x", 1, 29.0, steps=3000)),
+                        ("seed 0 -> 1", _seed_run(tmp_path / "y", 1, 29.0, sampling_seed=1)),
+                        ("share a training seed", _seed_run(tmp_path / "z", 0, 29.0))):
+        with pytest.raises(SystemExit, match=name):
+            proto.seed_table([a, other], 50, (50, 50))
