@@ -791,15 +791,33 @@ SAMPLING_KEYS = ("n", "inception_n", "inception_reference_n", "reference_n", "cl
                  "inception_weights", "base_weights", "sample_batch_size")
 
 
-def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sampler: str = "euler") -> pd.DataFrame:
+def seed_row_keys(steps: int, pair: tuple[int, int], noise_sampler: str = "euler", suffix: str = "") -> tuple[str, str]:
+    """Row keys of the base at ``steps`` and the corrected ``pair`` (B:K); ``suffix`` "-nN": their sweep-size rows."""
+    b, k = pair
+    return f"base-euler-{steps:04d}{suffix}", f"corrected-{noise_sampler}-{k:04d}-euler-{b:04d}{suffix}"
+
+
+def seed_sizes(runs: list[Path], steps: int, pair: tuple[int, int], noise_sampler: str = "euler") -> list[str]:
+    """Row-key suffixes to compare: "" (the headline rows) and each sweep size "-nN" that every run has."""
+    found = None
+    for run in runs:
+        corr = seed_row_keys(steps, pair, noise_sampler)[1]
+        mine = {p.stem[len(corr):] for p in Rows(run).dir.glob(f"{corr}-n*.json")}
+        found = mine if found is None else found & mine
+    return [""] + sorted(found or (), key=lambda x: -int(x[2:]))
+
+
+def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sampler: str = "euler",
+               suffix: str = "") -> pd.DataFrame:
     """One row per run directory: its headline corrected row ``pair`` (B:K) against its own base row at
-    ``steps``, with the corrector's training settings (correct/correct.json).
+    ``steps`` (``suffix`` "-nN": their sweep-size rows), with the corrector's training settings
+    (correct/correct.json).
 
     The runs must differ in the corrector's training seed only: the same sampling settings (sample
     counts, sampling seed, base weights: the rows' fingerprints) and the same corrector settings but
     the seed. Anything else is refused in one line naming the run and the difference."""
     b, k = pair
-    keys = (f"base-euler-{steps:04d}", f"corrected-{noise_sampler}-{k:04d}-euler-{b:04d}")
+    keys = seed_row_keys(steps, pair, noise_sampler, suffix)
     out, first = [], None
     for run in runs:
         saved = []
@@ -909,12 +927,15 @@ def seed_plot(table: pd.DataFrame, path: Path) -> None:
 
 
 def seed_report(runs: list[Path], results: Path, steps: int, pairs: list[tuple[int, int]], noise_sampler: str) -> int:
-    """flow_protocol_seeds.csv/.png and the verdict lines (…_seeds_verdicts.txt) for the headline pairs."""
+    """flow_protocol_seeds.csv/.png and the verdict lines (…_seeds_verdicts.txt) for the headline pairs,
+    at the headline size and at each sweep size every run has (FID's bias depends on the size; the plot
+    shows the headline size)."""
     tables, lines = [], []
     for pair in pairs:
-        table = seed_table(runs, steps, pair, noise_sampler)
-        tables.append(table)
-        lines += seed_verdict_lines(table)
+        for suffix in seed_sizes(runs, steps, pair, noise_sampler):
+            table = seed_table(runs, steps, pair, noise_sampler, suffix)
+            tables.append(table)
+            lines += seed_verdict_lines(table)
     results.mkdir(parents=True, exist_ok=True)
     csv, png, txt = (results / f"flow_protocol_seeds{ext}" for ext in (".csv", ".png", "_verdicts.txt"))
     pd.concat(tables).to_csv(csv, index=False)

@@ -124,6 +124,11 @@ def _seed_run(root: Path, seed: int, fid: float, *, base_fid: float = 40.0, step
     (run / "rows" / "base-euler-0050.json").write_text(json.dumps({"fingerprint": {**fp, "spec": "b"}, "row": base}))
     (run / "rows" / "corrected-euler-0050-euler-0050.json").write_text(json.dumps(
         {"fingerprint": {**fp, "spec": "c", "noise_weights": f"w{seed}"}, "row": corr}))
+    small = {**corr, "inception_fid": fid + 10, "fid_ci_low": fid + 9, "fid_ci_high": fid + 11, "inception_n": 1000}
+    (run / "rows" / "base-euler-0050-n1000.json").write_text(json.dumps(
+        {"fingerprint": {**fp, "n": 1000, "spec": "b"}, "row": {**base, "inception_fid": base_fid + 10}}))
+    (run / "rows" / "corrected-euler-0050-euler-0050-n1000.json").write_text(json.dumps(
+        {"fingerprint": {**fp, "n": 1000, "spec": "c", "noise_weights": f"w{seed}"}, "row": small}))
     (run / "correct" / "correct.json").write_text(json.dumps(
         {"config": {"seed": seed, "steps": steps, "preset": "noise-small", "batch_size": 64, "lr": 1e-3}}))
     return run
@@ -133,7 +138,9 @@ def test_seed_report_intervals_and_claim_over_training_seeds(tmp_path, capsys):
     proto = _load()
     runs = [_seed_run(tmp_path, s, f) for s, f in ((0, 28.0), (1, 29.0), (2, 30.0))]
     assert proto.main(["--seed-runs", ",".join(map(str, runs)), "--steps", "50", "--results", str(tmp_path / "r")]) == 0
-    table = pd.read_csv(tmp_path / "r" / "flow_protocol_seeds.csv")
+    both = pd.read_csv(tmp_path / "r" / "flow_protocol_seeds.csv")
+    assert both.inception_n.tolist() == [5000] * 3 + [1000] * 3   # the headline size, then the sweep size
+    table = both[both.inception_n == 5000]
     assert table.correct_seed.tolist() == [0, 1, 2] and table.difference.tolist() == [-12.0, -11.0, -10.0]
     diff, rel = proto.seed_intervals(table)
     # closed form: differences -12, -11, -10 (sd 1), base bootstrap sd 0.5 (core.stats.mean_ci's shared_sd)
@@ -142,6 +149,7 @@ def test_seed_report_intervals_and_claim_over_training_seeds(tmp_path, capsys):
     assert rel.mean == pytest.approx(-11.0 / 40.0)
     text = (tmp_path / "r" / "flow_protocol_seeds_verdicts.txt").read_text()
     assert "per seed: 0: 28.000, 1: 29.000, 2: 30.000" in text
+    assert "1000 samples/row" in text and "per seed: 0: 38.000, 1: 39.000, 2: 40.000" in text
     assert "→ separated: ahead" in text                          # [-13.7, -8.3] excludes 0
     assert "over training seeds: not separated from the −25% line" in text   # -27.5% [-34.3%, -20.7%]
     assert (tmp_path / "r" / "flow_protocol_seeds.png").stat().st_size > 0
