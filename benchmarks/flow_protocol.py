@@ -53,8 +53,9 @@ fewer FLOPs/image. Each also says whether the intervals separate the rows.
 
 Training seeds (``--seed-runs``): run directories that differ only in the corrector's training seed
 (``--correct-seed``; same sampling seed, sample counts and base) are compared headline row against base
-row: per-seed differences, their 95% interval over the seeds with the base row's bootstrap sd added
-(one base evaluation is shared by every seed: core.stats.mean_ci's shared_sd), and claim 1 decided on
+row: per-seed differences, their 95% interval over the seeds with the evaluation error they share
+added (every row samples the same noises: the base's and the corrected rows' bootstrap sds in
+quadrature, an upper bound; core.stats.mean_ci's shared_sd), and claim 1 decided on
 the relative change's interval: YES at or below -25%, NO above, else "not separated from the 25%
 line". Writes flow_protocol_seeds.csv, .png and _verdicts.txt in --results; no stage runs.
 
@@ -785,7 +786,7 @@ def report(ctx_args: argparse.Namespace, out: Path, results: Path) -> pd.DataFra
 # ----------------------------------------------------------------------------- training seeds
 SEED_COLUMNS = ["run", "correct_seed", "correct_steps", "corrector_preset", "sampler", "base_steps", "noise_steps",
                 "flops_ratio", "inception_n", "sampling_seed", "base_fid", "base_fid_boot_std", "inception_fid",
-                "fid_ci_low", "fid_ci_high", "difference", "relative_change", "kid", "base_kid", "feature_fid",
+                "fid_ci_low", "fid_ci_high", "fid_boot_std", "difference", "relative_change", "kid", "base_kid", "feature_fid",
                 "base_feature_fid", "noise_weights"]
 SAMPLING_KEYS = ("n", "inception_n", "inception_reference_n", "reference_n", "classifier_steps", "bootstrap", "seed",
                  "inception_weights", "base_weights", "sample_batch_size")
@@ -853,7 +854,7 @@ def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sample
                     "inception_n": corr["inception_n"], "sampling_seed": sampling["seed"],
                     "base_fid": base["inception_fid"], "base_fid_boot_std": base["fid_boot_std"],
                     "inception_fid": corr["inception_fid"], "fid_ci_low": corr["fid_ci_low"],
-                    "fid_ci_high": corr["fid_ci_high"], "difference": corr["inception_fid"] - base["inception_fid"],
+                    "fid_ci_high": corr["fid_ci_high"], "fid_boot_std": corr["fid_boot_std"], "difference": corr["inception_fid"] - base["inception_fid"],
                     "relative_change": (corr["inception_fid"] - base["inception_fid"]) / base["inception_fid"],
                     "kid": corr["kid"], "base_kid": base["kid"], "feature_fid": corr["feature_fid"],
                     "base_feature_fid": base["feature_fid"], "noise_weights": saved[1]["fingerprint"].get("noise_weights")})
@@ -865,11 +866,23 @@ def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sample
     return table.sort_values("correct_seed").reset_index(drop=True)
 
 
+def shared_sd(table: pd.DataFrame) -> float:
+    """The sd of the evaluation error every seed's difference shares, bounded from above.
+
+    All rows sample the same noises, so each difference d_s = c_s - b carries the base row's sampling
+    error and the part of the corrected rows' sampling error that comes from those shared noises. The
+    seeds' spread averages neither. Their sum has variance Var(b) + Var(c) - 2 Cov(b, c), at most
+    Var(b) + Var(c) when the two rows' errors are not anti-correlated (they come from the same noises).
+    Both variances are the rows' bootstrap ones (c: mean over the seeds); the paired covariance would
+    need the rows' features, which the rows do not keep."""
+    return math.sqrt(float(table.base_fid_boot_std.mean()) ** 2 + float((table.fid_boot_std ** 2).mean()))
+
+
 def seed_intervals(table: pd.DataFrame) -> tuple[Interval, Interval]:
     """95% intervals of the mean FID difference (corrected - base) and of the mean relative change over
-    the training seeds. Every seed is compared with the same base row (same noises), whose own sampling
-    noise the seeds cannot average away: its bootstrap sd is added in quadrature (core.stats.mean_ci)."""
-    sd = float(table.base_fid_boot_std.mean())
+    the training seeds, with the evaluation error the seeds share (:func:`shared_sd`) added in
+    quadrature (core.stats.mean_ci)."""
+    sd = shared_sd(table)
     base = float(table.base_fid.mean())
     return (mean_ci(table.difference.tolist(), shared_sd=sd),
             mean_ci(table.relative_change.tolist(), shared_sd=sd / base))
@@ -880,7 +893,7 @@ def seed_verdict_lines(table: pd.DataFrame) -> list[str]:
     NO when it lies above, else "not separated from the 25% line"."""
     diff, rel = seed_intervals(table)
     r = table.iloc[0]
-    pct = lambda v: f"{100 * v:+.1f}%".replace("-", "\N{MINUS SIGN}")  # noqa: E731
+    pct = lambda v: f"{100 * v:+.2f}%".replace("-", "\N{MINUS SIGN}")  # noqa: E731
     ratio = float(table.flops_ratio.max())
     if ratio > FLOPS_BUDGET * (1 + 1e-9):
         claim = f"NO (over budget: {ratio:.3f}x the FLOPs)"
@@ -895,7 +908,7 @@ def seed_verdict_lines(table: pd.DataFrame) -> list[str]:
     seeds = ", ".join(f"{int(s)}: {f:.3f}" for s, f in zip(table.correct_seed, table.inception_fid))
     return [f"inception_fid over {diff.n} corrector training seeds ({r.sampler}, {r.corrector_preset}, "
             f"{int(r.correct_steps)} training steps; {int(r.inception_n)} samples/row from sampling seed "
-            f"{int(r.sampling_seed)}; base {r.base_fid:.3f}, bootstrap sd {r.base_fid_boot_std:.3f}):",
+            f"{int(r.sampling_seed)}; base {r.base_fid:.3f}; shared evaluation sd {shared_sd(table):.3f}):",
             f"  per seed: {seeds}",
             "  " + format_verdict(r.sampler, "base", "inception_fid", diff, higher_is_better=False),
             f"  relative change {pct(rel.mean)} [95% CI {pct(rel.lo)}, {pct(rel.hi)}] at {ratio:.3f}x the FLOPs",
@@ -914,7 +927,7 @@ def seed_plot(table: pd.DataFrame, path: Path) -> None:
     err = np.vstack([table.inception_fid - table.fid_ci_low, table.fid_ci_high - table.inception_fid]).clip(min=0)
     ax.errorbar(x, table.inception_fid, yerr=err, fmt="s", color="C1", capsize=3, label="corrected, per training seed")
     ax.errorbar([len(table)], [base + diff.mean], yerr=[[diff.mean - diff.lo], [diff.hi - diff.mean]], fmt="D",
-                color="C3", capsize=4, label="mean over seeds (95% CI, base's noise included)")
+                color="C3", capsize=4, label="mean over seeds (95% CI, shared evaluation noise included)")
     ax.set_xticks(list(x) + [len(table)], [f"seed {int(s)}" for s in table.correct_seed] + ["mean"])
     r = table.iloc[0]
     ax.set_ylabel(f"Inception FID ({int(r.inception_n)} samples)")

@@ -56,8 +56,8 @@ class Interval:
 
 def mean_ci(values: Sequence[float], level: float = 0.95, shared_sd: float = 0.0) -> Interval:
     """Mean and Student-t interval of ``values`` (NaN entries are an error: a missing cell is not a zero);
-    ``shared_sd``: the standard deviation of an error common to every value, added in quadrature to the
-    standard error of the mean (module docstring)."""
+    ``shared_sd``: the standard deviation of an error common to every value; its half-width (normal
+    quantile) and the seeds' (Student's) add in quadrature (module docstring)."""
     if not shared_sd >= 0:
         raise ValueError(f"mean_ci needs shared_sd >= 0, got {shared_sd}")
     xs = [float(v) for v in values]

@@ -120,7 +120,7 @@ def _seed_run(root: Path, seed: int, fid: float, *, base_fid: float = 40.0, step
     base = {"sampler": "base euler-50", "gflops": 7.0, "inception_fid": base_fid, "fid_boot_std": 0.5, "kid": 0.03,
             "feature_fid": 20.0}
     corr = {"sampler": "corrected(euler-50)+euler-50", "gflops": 8.75, "inception_fid": fid, "fid_ci_low": fid - 1,
-            "fid_ci_high": fid + 1, "inception_n": 5000, "kid": 0.02, "feature_fid": 10.0}
+            "fid_ci_high": fid + 1, "fid_boot_std": 0.5, "inception_n": 5000, "kid": 0.02, "feature_fid": 10.0}
     (run / "rows" / "base-euler-0050.json").write_text(json.dumps({"fingerprint": {**fp, "spec": "b"}, "row": base}))
     (run / "rows" / "corrected-euler-0050-euler-0050.json").write_text(json.dumps(
         {"fingerprint": {**fp, "spec": "c", "noise_weights": f"w{seed}"}, "row": corr}))
@@ -143,15 +143,17 @@ def test_seed_report_intervals_and_claim_over_training_seeds(tmp_path, capsys):
     table = both[both.inception_n == 5000]
     assert table.correct_seed.tolist() == [0, 1, 2] and table.difference.tolist() == [-12.0, -11.0, -10.0]
     diff, rel = proto.seed_intervals(table)
-    # closed form: differences -12, -11, -10 (sd 1), base bootstrap sd 0.5 (core.stats.mean_ci's shared_sd)
+    # closed form: differences -12, -11, -10 (sd 1); the shared evaluation sd sqrt(0.5^2 + 0.5^2) (base and
+    # corrected bootstrap sds, core.stats.mean_ci's shared_sd)
+    assert proto.shared_sd(table) == pytest.approx(0.5 ** 0.5)
     assert diff.mean == pytest.approx(-11.0)
-    assert diff.half_width == pytest.approx((4.302653 ** 2 / 3 + 1.959964 ** 2 * 0.25) ** 0.5, rel=1e-5)
+    assert diff.half_width == pytest.approx((4.302653 ** 2 / 3 + 1.959964 ** 2 * 0.5) ** 0.5, rel=1e-5)
     assert rel.mean == pytest.approx(-11.0 / 40.0)
     text = (tmp_path / "r" / "flow_protocol_seeds_verdicts.txt").read_text()
     assert "per seed: 0: 28.000, 1: 29.000, 2: 30.000" in text
     assert "1000 samples/row" in text and "per seed: 0: 38.000, 1: 39.000, 2: 40.000" in text
-    assert "→ separated: ahead" in text                          # [-13.7, -8.3] excludes 0
-    assert "over training seeds: not separated from the −25% line" in text   # -27.5% [-34.3%, -20.7%]
+    assert "→ separated: ahead" in text                          # [-13.8, -8.2] excludes 0
+    assert "over training seeds: not separated from the −25% line" in text   # -27.5% [-34.6%, -20.4%]
     assert (tmp_path / "r" / "flow_protocol_seeds.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
     far = [_seed_run(tmp_path / "far", s, f) for s, f in ((0, 20.0), (1, 20.5), (2, 21.0))]
