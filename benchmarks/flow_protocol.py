@@ -118,7 +118,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ from pgraft.apps.flow.train import (  # noqa: E402
     INVERT_META,
     RECONSTRUCTION,
     SHIPPED_BASE,
+    CorrectionConfig,
     SamplerSpec,
     flops_per_image,
     load_base,
@@ -149,6 +150,7 @@ from pgraft.apps.flow.train import (  # noqa: E402
 )
 from pgraft.core.errors import RunDirLocked  # noqa: E402
 from pgraft.core.integrity import exclusive  # noqa: E402
+from pgraft.core.inversion import resume_conflicts  # noqa: E402
 from pgraft.core.pretrain import is_pretrained, trained_steps  # noqa: E402
 from pgraft.core.sampling import FLOW_STEPS, sample  # noqa: E402
 from pgraft.core.schedules import flow_times  # noqa: E402
@@ -302,6 +304,21 @@ class Rows:
         return [json.loads(p.read_text())["row"] for p in sorted(self.dir.glob("*.json"))]
 
 
+def base_key(steps: int) -> str:
+    """Row key of the base sampled with ``steps`` Euler steps."""
+    return f"base-euler-{steps:04d}"
+
+
+def corrected_key(noise_sampler: str, noise_steps: int, base_steps: int) -> str:
+    """Row key of the corrector (``noise_steps`` of ``noise_sampler``) followed by ``base_steps`` base Euler steps."""
+    return f"corrected-{noise_sampler}-{noise_steps:04d}-euler-{base_steps:04d}"
+
+
+def sweep_suffix(n: int | str) -> str:
+    """What a headline row's key gains for its sweep-size row of ``n`` samples."""
+    return f"-n{n}"
+
+
 def csv_row(metrics: dict[str, Any], kind: str, spec: SamplerSpec | None, label: str, flops: float, cfg: EvalConfig,
             device: torch.device, seconds: float) -> dict[str, Any]:
     """A CSV row (:data:`CSV_COLUMNS`) from an Evaluator row."""
@@ -383,7 +400,7 @@ class Context:
 
     def sweep_key(self, key: str) -> str:
         """Row key of the sweep-size row (the headline key itself when there is one size)."""
-        return f"{key}-n{self.sweep_cfg.n}" if self.split else key
+        return key + sweep_suffix(self.sweep_cfg.n) if self.split else key
 
     def sampler_row(self, key: str, spec: SamplerSpec, noise_model=None, noise_weights: str | None = None) -> dict:
         """The row of ``spec``: a headline row (and its sweep-size sub-row) when ``spec`` is the base at
@@ -445,7 +462,7 @@ def stage_curve(ctx: Context, grid: list[int]) -> None:
         f"{ctx.sweep_cfg.inception_n}" + (f"; the base at {ctx.args.steps} steps: {ctx.eval_cfg.n}, Inception on "
                                           f"{ctx.eval_cfg.inception_n}" if ctx.split else "") + ")", ctx.budget)
     for k in grid:
-        ctx.sampler_row(f"base-euler-{k:04d}", SamplerSpec(k, "euler"))
+        ctx.sampler_row(base_key(k), SamplerSpec(k, "euler"))
 
 
 def stage_invert(ctx: Context) -> None:
@@ -508,9 +525,11 @@ def stage_correct(ctx: Context) -> None:
         raise SystemExit(f"stage c needs the inversion in {inv} (stage b)")
     seed = a.seed if a.correct_seed is None else a.correct_seed
     if is_pretrained(cor) and (cor / CORRECT_META).is_file() and trained_steps(cor) == a.correct_steps:
+        # the config `pgraft flow correct` below builds from these options; the saved one must match it
+        # by the rule that command applies (core.inversion.resume_conflicts)
+        wanted = CorrectionConfig(preset=preset, steps=a.correct_steps, batch_size=a.correct_batch_size, seed=seed)
         saved = json.loads((cor / CORRECT_META).read_text())["config"]
-        wanted = {"preset": preset, "batch_size": a.correct_batch_size, "seed": seed}
-        if all(saved.get(k) == v for k, v in wanted.items()):
+        if not resume_conflicts({"config": saved}, {"config": asdict(wanted)}):
             say(f"corrector already trained ({a.correct_steps} steps) in {cor}", ctx.budget)
             return
         # trained with other settings: `pgraft flow correct` below refuses it in one line naming them
@@ -527,7 +546,7 @@ def stage_correct(ctx: Context) -> None:
 def stage_evaluate(ctx: Context, corrected: list[tuple[int, int]], references: bool) -> None:
     a, cor = ctx.args, ctx.out / "correct"
     for b in sorted({a.steps, *(b for b, _ in corrected)}):  # each corrected row's plain twin
-        ctx.sampler_row(f"base-euler-{b:04d}", SamplerSpec(b, "euler"))
+        ctx.sampler_row(base_key(b), SamplerSpec(b, "euler"))
     if not is_pretrained(cor):
         raise SystemExit(f"stage d needs the trained corrector in {cor} (stage c)")
     noise_model = load_correction(cor, ctx.base_dir).noise_model.to(ctx.device)
@@ -535,7 +554,7 @@ def stage_evaluate(ctx: Context, corrected: list[tuple[int, int]], references: b
     say(f"stage d: corrected rows (corrector Euler K -> base Euler B) for B:K in "
         f"{','.join(f'{b}:{k}' for b, k in corrected)}", ctx.budget)
     for b, k in corrected:
-        ctx.sampler_row(f"corrected-{a.noise_sampler}-{k:04d}-euler-{b:04d}",
+        ctx.sampler_row(corrected_key(a.noise_sampler, k, b),
                         SamplerSpec(b, "euler", k, a.noise_sampler), noise_model, noise_weights)
     if references:
         reference_rows(ctx)
@@ -792,20 +811,19 @@ SAMPLING_KEYS = ("n", "inception_n", "inception_reference_n", "reference_n", "cl
                  "inception_weights", "base_weights", "sample_batch_size")
 
 
-def seed_row_keys(steps: int, pair: tuple[int, int], noise_sampler: str = "euler", suffix: str = "") -> tuple[str, str]:
-    """Row keys of the base at ``steps`` and the corrected ``pair`` (B:K); ``suffix`` "-nN": their sweep-size rows."""
-    b, k = pair
-    return f"base-euler-{steps:04d}{suffix}", f"corrected-{noise_sampler}-{k:04d}-euler-{b:04d}{suffix}"
-
-
 def seed_sizes(runs: list[Path], steps: int, pair: tuple[int, int], noise_sampler: str = "euler") -> list[str]:
     """Row-key suffixes to compare: "" (the headline rows) and each sweep size "-nN" that every run has."""
     found = None
+    corr = corrected_key(noise_sampler, pair[1], pair[0])
     for run in runs:
-        corr = seed_row_keys(steps, pair, noise_sampler)[1]
-        mine = {p.stem[len(corr):] for p in Rows(run).dir.glob(f"{corr}-n*.json")}
+        mine = {p.stem[len(corr):] for p in Rows(run).dir.glob(f"{corr}{sweep_suffix('*')}.json")}
         found = mine if found is None else found & mine
     return [""] + sorted(found or (), key=lambda x: -int(x[2:]))
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """"key old -> new" for each key whose value differs between the two dicts (a missing key is None)."""
+    return [f"{key} {old.get(key)} -> {new.get(key)}" for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
 def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sampler: str = "euler",
@@ -818,7 +836,7 @@ def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sample
     counts, sampling seed, base weights: the rows' fingerprints) and the same corrector settings but
     the seed. Anything else is refused in one line naming the run and the difference."""
     b, k = pair
-    keys = seed_row_keys(steps, pair, noise_sampler, suffix)
+    keys = (base_key(steps) + suffix, corrected_key(noise_sampler, k, b) + suffix)
     out, first = [], None
     for run in runs:
         saved = []
@@ -835,15 +853,13 @@ def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sample
         base_sampling = {key: saved[0]["fingerprint"].get(key) for key in SAMPLING_KEYS}
         if sampling != base_sampling:
             raise SystemExit(f"{run}: its base and corrected rows were sampled with other settings: "
-                             + ", ".join(f"{key} {base_sampling[key]} -> {sampling[key]}"
-                                         for key in SAMPLING_KEYS if sampling[key] != base_sampling[key]))
+                             + ", ".join(differences(base_sampling, sampling)))
         if first is None:
             first = (run, sampling, config)
         else:
             for name, mine, theirs in (("sampling", sampling, first[1]),
                                        ("corrector", {**config, "seed": None}, {**first[2], "seed": None})):
-                diff = [f"{key} {theirs.get(key)} -> {mine.get(key)}" for key in sorted(set(mine) | set(theirs))
-                        if mine.get(key) != theirs.get(key)]
+                diff = differences(theirs, mine)
                 if diff:
                     raise SystemExit(f"{run}: {name} settings differ from {first[0]}'s ({', '.join(diff)}); the runs "
                                      "may differ in the corrector's training seed only")
