@@ -18,6 +18,13 @@ def make_console(stderr: bool = False) -> Console:
     return Console(width=None if stream.isatty() else 160, stderr=stderr)
 
 
+def warn(message: str) -> None:
+    """Print ``warning: message`` as one line on stderr (never a ``warnings.warn`` source line):
+    something was recovered from or cannot be checked, and the run goes on."""
+    make_console(stderr=True).print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True,
+                                    markup=True)
+
+
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n=1, **fields)``; shows a rich bar with ETA when ``enabled``.
