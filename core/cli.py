@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, get_type_hints
 
 import typer
+from rich.markup import escape
 
 from .errors import FieldError, RunError, UsageError
 from .grs import RULES, GRSConfig
@@ -68,7 +69,7 @@ FLAGS = {"rounds": "--rounds", "groups": "--groups", "group_size": "--m", "batch
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print ``error: message`` as one line on stderr; returns the ``typer.Exit(code)`` to raise."""
-    make_console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    make_console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
     return typer.Exit(code)
 
 

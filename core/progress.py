@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -21,7 +22,7 @@ def make_console(stderr: bool = False) -> Console:
 def warn(message: str) -> None:
     """Print ``warning: message`` as one line on stderr (never a ``warnings.warn`` source line):
     something was recovered from or cannot be checked, and the run goes on."""
-    make_console(stderr=True).print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True,
+    make_console(stderr=True).print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True,
                                     markup=True)
 
 
