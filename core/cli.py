@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,10 +75,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator for commands: a refusal (:class:`~pgraft.core.errors.RunError`: bad input, a
-    locked or damaged run directory, a non-finite loss) prints one line and exits with its code
-    (2 for usage errors, 1 otherwise); a stop by SIGTERM / Ctrl-C prints how to resume and exits
-    with 128 + the signal number. Anything else keeps its traceback (it is a bug)."""
+    """Decorator for commands, the error boundary of one command: a refusal
+    (:class:`~pgraft.core.errors.RunError`: bad input, a locked or damaged run directory, a
+    non-finite loss) prints one line and exits with its code (2 for usage errors, 1 otherwise); a
+    stop by SIGTERM / Ctrl-C prints how to resume and exits with 128 + the signal number; anything
+    else is unexpected and prints one line too (:func:`unexpected`; the traceback with
+    ``PGRAFT_DEBUG=1``)."""
 
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> Any:
@@ -87,8 +90,59 @@ def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise fail(str(err), err.exit_code) from None
         except TrainingInterrupted as err:
             raise typer.Exit(128 + (err.signum or 2)) from None  # the message is already printed
+        except (typer.Exit, *CLICK_EXITS, *CLICK_ERRORS, *CLICK_ABORTS):
+            raise
+        except Exception as err:  # noqa: BLE001 - the boundary: one line, the traceback on request
+            raise unexpected(err) from None
 
+    command._pgraft_boundary = True
     return command
+
+
+def _click_exception_modules() -> list[Any]:
+    """click's exception modules: typer's own copy of click (typer >= 0.20 vendors it) and click."""
+    modules = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return modules
+
+
+def _click_classes(name: str) -> tuple[type[BaseException], ...]:
+    return tuple(getattr(m, name) for m in _click_exception_modules() if hasattr(m, name))
+
+
+CLICK_ERRORS = _click_classes("ClickException")  # usage errors of the option parser: they name the flag
+CLICK_ABORTS = _click_classes("Abort")
+CLICK_EXITS = _click_classes("Exit")
+
+
+DEBUG_HINT = "rerun with PGRAFT_DEBUG=1 for the traceback"
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` folded to one line (an OSError as ``file: reason``)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        names = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        text = f"{names}: {err.strerror or type(err).__name__}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())[:500]
+
+
+def unexpected(err: BaseException) -> typer.Exit:
+    """An exception no refusal anticipated: one line ``error: <message> (<type>; rerun with
+    PGRAFT_DEBUG=1 for the traceback)`` and exit code 1; with ``PGRAFT_DEBUG`` set in the
+    environment the traceback is printed first. Returns the ``typer.Exit`` to raise."""
+    import os
+    import traceback
+
+    if os.environ.get("PGRAFT_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(err)
+        return fail(f"{one_line(err)} ({type(err).__name__})", 1)
+    return fail(f"{one_line(err)} ({type(err).__name__}; {DEBUG_HINT})", 1)
 
 
 def base_only(app: str, ships: bool = True):
