@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .errors import CheckpointError
 from .state import atomic_write
 
 CONFIG_NAME = "config.json"
@@ -36,17 +38,47 @@ def load_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {directory} (missing {CONFIG_NAME})")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a model config (a JSON object)")
     config.pop("_class", None)
     return config
 
 
 def load_pretrained(cls: type[M], directory: str | Path, **overrides: Any) -> M:
-    """Rebuild ``cls(**config)`` from ``directory`` and load its weights (strict)."""
+    """Rebuild ``cls(**config)`` from ``directory`` and load its weights (strict). A config that
+    does not build ``cls``, or a weights file that cannot be read (truncated, not safetensors) or
+    does not fit the model, raises :class:`CheckpointError` naming the file."""
     config = {**load_config(directory), **overrides}
-    model = cls(**config)
+    try:
+        model = cls(**config)
+    except TypeError as err:
+        raise CheckpointError(f"{Path(directory) / CONFIG_NAME} does not describe a {cls.__name__} ({err})") from None
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint {directory} has a config but no {WEIGHTS_NAME}")
-    load_model(model, str(weights))
+    try:
+        load_model(model, str(weights))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise CheckpointError(f"{weights} cannot be loaded into the model its {CONFIG_NAME} describes "
+                              f"({reason})") from None
     return model
+
+
+HEAD_NAME = "head"
+
+
+def load_run_head(cls: type[M], run_dir: str | Path, **overrides: Any) -> M:
+    """The fine-tuned model of a run, ``run_dir/head`` (:func:`load_pretrained`); a damaged or
+    missing one raises :class:`CheckpointError` naming the file and how to write it again (the
+    run's last checkpoint holds the same weights: resuming a finished run rewrites ``head/``)."""
+    try:
+        return load_pretrained(cls, Path(run_dir) / HEAD_NAME, **overrides)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise CheckpointError(f"{err}; the run's fine-tuned model {Path(run_dir) / HEAD_NAME} is damaged: rerun the "
+                              "run's train command with --resume (same flags) to write it again from its last "
+                              "checkpoint") from None

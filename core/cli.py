@@ -23,7 +23,7 @@ from .errors import FieldError, RunError, UsageError
 from .grs import RULES, GRSConfig
 from .pretrain import TrainingInterrupted
 from .progress import make_console
-from .shipped import ShippedBaseDamaged
+from .shipped import BaseDamaged
 from .targets import Lacks, Target, resolve_target, shipped_outputs
 from .trainer import GraftConfig
 
@@ -86,6 +86,8 @@ def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def command(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except FieldError as err:  # a config's check: name the flag the user typed
+            raise fail(f"Invalid value for {flag_of(err)}: {err.detail}", err.exit_code) from None
         except RunError as err:
             raise fail(str(err), err.exit_code) from None
         except TrainingInterrupted as err:
@@ -97,6 +99,28 @@ def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     command._pgraft_boundary = True
     return command
+
+
+def flag_of(err: FieldError) -> str:
+    """The flag a :class:`~pgraft.core.errors.FieldError` is about: the one the command set
+    (:func:`field_flags`), the shared GRAFT flags' (:data:`FLAGS`), else ``--field-name``."""
+    return err.flag or FLAGS.get(err.field) or "--" + err.field.replace("_", "-")
+
+
+@contextlib.contextmanager
+def field_flags(**flags: str) -> Iterator[None]:
+    """Inside a command whose flags are not named after the config fields they fill: a
+    :class:`~pgraft.core.errors.FieldError` about ``field`` names ``flags[field]``::
+
+        with opts.field_flags(n_steps="--sample-steps"):
+            cfg = MoleculeTrainConfig(n_steps=sample_steps, ...)
+    """
+    try:
+        yield
+    except FieldError as err:
+        if err.field in flags and err.flag is None:
+            err.flag = flags[err.field]
+        raise
 
 
 def _click_exception_modules() -> list[Any]:
@@ -160,7 +184,7 @@ def sample_target(path: Path | None, base: str | None, app: str, *, lacks_run: L
     """:func:`pgraft.core.targets.resolve_target` for a command's ``[DIR] [--base]``; a refusal is a
     usage error naming the argument (one line), as a bad ``--base`` of ``train`` is."""
     hint = "--base" if base is not None and path is None else argument
-    with bad_parameter(ShippedBaseDamaged, UsageError, param_hint=hint):
+    with bad_parameter(BaseDamaged, UsageError, param_hint=hint):
         return resolve_target(path, base, app, lacks_run=lacks_run, lacks_base=lacks_base, shipped=shipped,
                               run_kind=run_kind)
 
@@ -173,10 +197,25 @@ def bad_parameter(*errors: type[BaseException], param_hint: str | None = None) -
         with opts.bad_parameter(param_hint="--base"):
             base = resolve_base(base, SHIPPED_BASE)
     """
+    errors = errors or (ValueError, FileNotFoundError)
     try:
         yield
-    except (errors or (ValueError, FileNotFoundError)) as err:
+    except errors as err:
+        if isinstance(err, RunError) and not any(issubclass(e, RunError) for e in errors):
+            raise  # a refusal with its own message (a reward that failed, a field error naming its flag)
         raise typer.BadParameter(str(err), param_hint=param_hint) from err
+
+
+def output_file(value: Path | None) -> Path | None:
+    """typer callback of an output file flag (``--out x.csv``): refused before any work when it
+    names a directory or sits in a folder that does not exist (None: the command's default)."""
+    if value is None:
+        return None
+    if value.is_dir():
+        raise typer.BadParameter(f"{value} is a directory; give a file path (e.g. {value / 'out.csv'})")
+    if not value.parent.is_dir():
+        raise typer.BadParameter(f"the folder {value.parent} of {value} does not exist; create it first")
+    return value
 
 
 def check_choice(value: str, choices, what: str, param_hint: str) -> None:
@@ -275,7 +314,10 @@ def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int
 
 # ----------------------------------------------------------------------------- diagnose
 # The options every app's ``diagnose`` command shares (see :mod:`pgraft.core.diagnose`).
-def _at_least(minimum: int) -> Callable[[int], int]:
+def at_least(minimum: int) -> Callable[[int], int]:
+    """typer callback of a count flag: a value below ``minimum`` is a usage error naming the flag
+    (``callback=opts.at_least(1)``), not a failure deep inside a sampler."""
+
     def check(value: int) -> int:
         if value < minimum:
             raise typer.BadParameter(f"must be at least {minimum}, got {value}")
@@ -288,10 +330,10 @@ TGrid = Annotated[str, typer.Option("--t", help="Split times to diagnose: a comm
                                                 "the fraction of sampler steps left to the frozen base (train's --t; "
                                                 "1 = X_T).")]
 States = Annotated[int, typer.Option("--states", help="n: states X_t drawn per t with the base (T→t).",
-                                     callback=_at_least(2))]
+                                     callback=at_least(2))]
 Tails = Annotated[int, typer.Option("--tails", help="K: independent base tails t→0 scored from each state.",
-                                    callback=_at_least(2))]
-DiagnoseBatch = Annotated[int, typer.Option("--batch", help="Rows per sampler call.", callback=_at_least(1))]
+                                    callback=at_least(2))]
+DiagnoseBatch = Annotated[int, typer.Option("--batch", help="Rows per sampler call.", callback=at_least(1))]
 DiagnoseOut = Annotated[Path, typer.Option("--out", help="Folder for diagnose.csv (the table) and diagnose.png.")]
 DIAGNOSE_GRID = "0.1,0.25,0.5,0.75,0.9"
 DIAGNOSE_HELP = ("Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's "

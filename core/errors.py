@@ -1,5 +1,6 @@
 """Refusals a user can act on. The CLI prints their message as one line and exits non-zero
-(see :func:`pgraft.core.cli.run_errors`); anything else is a bug and keeps its traceback."""
+(see :func:`pgraft.core.cli.run_errors`); anything else is unexpected (one line too, and the
+traceback with ``PGRAFT_DEBUG=1``)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ class RunExistsError(RunError, FileExistsError):
 
 
 class FieldError(UsageError):
-    """A config field has a bad value; ``field`` names it so a CLI can name its flag instead."""
+    """A config field has a bad value; ``field`` names it so a CLI can name its flag instead
+    (``flag``: set by the command that knows it, else ``--`` + the field with ``-`` for ``_``)."""
 
-    def __init__(self, field: str, detail: str, message: str | None = None) -> None:
+    def __init__(self, field: str, detail: str, message: str | None = None, flag: str | None = None) -> None:
         super().__init__(message or f"{field} {detail}")
-        self.field, self.detail = field, detail
+        self.field, self.detail, self.flag = field, detail, flag
+
+
+class RewardError(RunError, ValueError):
+    """A reward failed (raised, returned non-finite scores, or its server misbehaved); the message
+    names the reward."""

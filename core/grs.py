@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import FieldError
+from .errors import FieldError, RewardError
 
 
 # ----------------------------------------------------------------------------- validation
@@ -43,7 +43,7 @@ def _check_rewards(rewards: torch.Tensor) -> torch.Tensor:
     bad = ~torch.isfinite(rewards)
     if bad.any():
         first = int(bad.nonzero()[0])
-        raise ValueError(f"rewards contain {int(bad.sum())} non-finite value(s), first at index {first}: "
+        raise RewardError(f"rewards contain {int(bad.sum())} non-finite value(s), first at index {first}: "
                          f"{rewards[first].item()} (rewards must map invalid samples to a finite value)")
     return rewards.double()
 
@@ -188,6 +188,8 @@ class GRSConfig:
         _check_alpha(self.alpha)
         if not isinstance(self.k, int) or self.k < 1:
             raise FieldError("k", f"must be a positive integer, got {self.k!r}")
+        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold)):
+            raise FieldError("threshold", f"must be finite, got {self.threshold!r}")
 
 
 RuleFn = Callable[[torch.Tensor, torch.Tensor, GRSConfig, "torch.Generator | None"], torch.Tensor]

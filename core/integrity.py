@@ -139,6 +139,25 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
+def held_by_another(directory: str | Path) -> str | None:
+    """Who holds the writer lock of ``directory`` when another process does ("PID ... on ..."),
+    else None (no lock file, a stale one, or held by this process)."""
+    path = Path(directory) / LOCK_NAME
+    if not path.is_file() or str(path.resolve()) in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it got one
+    return None
+
+
 @contextlib.contextmanager
 def exclusive(directory: str | Path) -> Iterator[None]:
     """Hold the writer lock of ``directory`` (created if needed) for the block.

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config, save_json
-from .errors import CheckpointError, RunError
+from .errors import CheckpointError, FieldError, RunError
 from .integrity import exclusive, load_state_dict_file, replace_files, sha256_file, verify_manifest
 from .progress import progress_bar
 from .state import State, atomic_write, module_device, to_device
@@ -55,21 +55,40 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise FieldError("steps", f"must be >= 1, got {self.steps}", f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise FieldError("lr", f"must be > 0, got {self.lr}", f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+            raise FieldError("ema", f"must be in [0, 1), got {self.ema}", f"ema must be in [0, 1), got {self.ema}")
 
 
 class NonFiniteLossError(RunError, RuntimeError):
     """Raised when a training loss is NaN/inf; the last checkpoint on disk is left intact."""
 
 
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"non-finite loss {loss.item()} at {where}; stopping. "
-                                 "The last good checkpoint is intact: lower the learning rate (--lr) and rerun with --resume.")
+def check_finite(loss: torch.Tensor, where: str,
+                 suspects: Iterable[tuple[str, Callable[[], Iterable[tuple[str, Any]]], str]] = ()) -> None:
+    """Raise :class:`NonFiniteLossError` when ``loss`` is NaN/inf. The usual cause is a learning rate
+    too high, and the message says so, unless what was read is already broken: ``suspects`` are
+    ``(what, tensors, advice)`` triples, ``tensors()`` giving ``(name, tensor)`` pairs (looked at
+    only once the loss is not finite); the first holding a non-finite value, or one larger than
+    1e6 in magnitude (no trained weight or diffusion state is), is named with its ``advice``."""
+    if torch.isfinite(loss):
+        return
+    for what, tensors, advice in suspects:
+        for name, t in tensors():
+            if not torch.is_tensor(t) or not t.is_floating_point() or t.numel() == 0:
+                continue
+            t = t.detach()
+            bad = int((~torch.isfinite(t)).sum())
+            peak = float(t.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())
+            if bad or peak > 1e6:
+                found = f"{bad} non-finite value(s)" if bad else f"a value of magnitude {peak:.3g}"
+                raise NonFiniteLossError(f"non-finite loss {loss.item()} at {where}; stopping: {what} holds "
+                                         f"{found} in {name}, so the fault is in what was read, not the learning "
+                                         f"rate: {advice}")
+    raise NonFiniteLossError(f"non-finite loss {loss.item()} at {where}; stopping. "
+                             "The last good checkpoint is intact: lower the learning rate (--lr) and rerun with --resume.")
 
 
 class TrainingInterrupted(KeyboardInterrupt):

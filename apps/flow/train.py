@@ -53,7 +53,7 @@ from pgraft.core.pretrain import PretrainConfig, is_pretrained, pretrain
 from pgraft.core.progress import progress_bar
 from pgraft.core.sampling import FLOW_STEP_EVALS, FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
-from pgraft.core.shipped import resolve_base, shipped_dir
+from pgraft.core.shipped import open_base_dir, resolve_base, shipped_dir
 from pgraft.core.state import atomic_write, module_device
 from pgraft.core.targets import checkpoint_lacks
 
@@ -140,9 +140,11 @@ def pretrain_flow(cfg: FlowPretrainConfig, out: str | Path, show_progress: bool 
 
 
 def load_base(base_dir: str | Path) -> tuple[FlowUNet, FlowPretrainConfig]:
-    """(EMA base model in eval mode, its pretraining config) from a ``pretrain_flow`` directory."""
+    """(EMA base model in eval mode, its pretraining config) from a ``pretrain_flow`` directory,
+    verified by :func:`~pgraft.core.shipped.open_base_dir` (a damaged or partial base is refused
+    naming the file)."""
     base_dir = Path(base_dir)
-    if not is_pretrained(base_dir):
+    if not open_base_dir(base_dir):
         raise FileNotFoundError(f"no pretrained base flow in {base_dir} (missing config.json or model.safetensors); "
                                 "run `pgraft flow pretrain --out {base_dir}` first".replace("{base_dir}", str(base_dir)))
     meta = base_dir / BASE_META

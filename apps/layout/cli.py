@@ -28,13 +28,6 @@ Preset = Annotated[str, typer.Option(help="Pretraining preset: tiny (tests), def
 Reward = Annotated[str, typer.Option(help=f"Reward: {', '.join(REWARDS)}.")]
 
 
-def _at_least_one(value: int) -> int:
-    """typer callback of sample counts: 0 or a negative -n is a usage error naming the flag, not a
-    failure deep inside the sampler."""
-    if value < 1:
-        raise typer.BadParameter(f"must be at least 1, got {value}")
-    return value
-
 
 @app.command("pretrain")
 def pretrain_cmd(
@@ -112,9 +105,9 @@ BaseOnly = opts.base_only("layout")
 def sample_cmd(
     run_dir: RunOrBase = None,
     base: BaseOnly = None,
-    n: Annotated[int, typer.Option("-n", help="Number of layouts.", callback=_at_least_one)] = 32,
+    n: Annotated[int, typer.Option("-n", help="Number of layouts.", callback=opts.at_least(1))] = 32,
     out: Annotated[Path, typer.Option(help="PNG path (default RUN_DIR/sampled.png; for the shipped base "
-                                           f"{shipped_outputs('layout')}/sampled.png).")] = None,
+                                           f"{shipped_outputs('layout')}/sampled.png).", callback=opts.output_file)] = None,
     cols: Annotated[int, typer.Option(help="Pages per row of the PNG.")] = 8,
     seed: opts.Seed = 1,
     quiet: opts.Quiet = False,
@@ -132,8 +125,8 @@ def sample_cmd(
 
 
 def _count_or_default(value: Optional[int]) -> Optional[int]:
-    """:func:`_at_least_one` for an optional count (None = the protocol's default)."""
-    return None if value is None else _at_least_one(value)
+    """:func:`pgraft.core.cli.at_least` (1) for an optional count (None = the protocol's default)."""
+    return None if value is None else opts.at_least(1)(value)
 
 
 def _protocol(value: str) -> str:
@@ -175,7 +168,7 @@ def evaluate_cmd(
              "layoutdm: LayoutDM's label-conditioned protocol, one layout per test layout with its classes "
              "clamped, every metric against the full test split.", callback=_protocol)] = "unconditional",
     out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/evaluation.csv; for the shipped base "
-                                           f"{shipped_outputs('layout')}/evaluation.csv).")] = None,
+                                           f"{shipped_outputs('layout')}/evaluation.csv).", callback=opts.output_file)] = None,
     seed: opts.Seed = 0,
     quiet: opts.Quiet = False,
 ) -> None:

@@ -40,16 +40,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pgraft.core.checkpoint import load_config, load_pretrained, save_json
+from pgraft.core.checkpoint import load_config, load_pretrained, load_run_head, save_json
 from pgraft.core.plots import plot_rounds
-from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
+from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
 from pgraft.core.progress import make_console
 from pgraft.core.shipped import (
+    base_digests,
     default_base,
+    open_base_dir,
     recorded_base,
+    recorded_section,
     resolve_preset_base,
     shipped_dir,
-    weights_sha256,
 )
 from pgraft.core.targets import checkpoint_lacks, read_run
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
@@ -68,6 +70,7 @@ from .rewards import REWARDS, alignment, overlap
 console = make_console()
 PRESET_NAME = "layout_preset.json"
 FEATURES_DIR = "features"
+BASE_FILES = (PRESET_NAME, f"{FEATURES_DIR}/model.safetensors")  # a finished base's files besides the checkpoint
 SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # the 'default' preset's base, see bases/default/SHIPPED.json
 DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/layout/base")  # "shipped" when the package has it
 
@@ -138,22 +141,17 @@ def load_base(directory: str | Path) -> BaseModel:
     return BaseModel(model, preset, load_feature_net(directory / FEATURES_DIR), directory)
 
 
-def base_is_ready(directory: str | Path) -> bool:
-    """The base finished pretraining (step == preset steps) and has its feature net."""
-    d = Path(directory)
-    return ((d / PRESET_NAME).is_file() and (d / FEATURES_DIR / "model.safetensors").is_file()
-            and is_pretrained(d))
-
-
 def base_lacks(directory: Path) -> str | None:
     """What keeps ``directory`` from being a finished layout base with its FID feature net (None when
     it is one), for a refusal that names it (see :mod:`pgraft.core.targets`)."""
-    return checkpoint_lacks(directory, LayoutDenoiser.__name__, (PRESET_NAME, f"{FEATURES_DIR}/model.safetensors"))
+    return checkpoint_lacks(directory, LayoutDenoiser.__name__, BASE_FILES)
 
 
 def load_or_pretrain(directory: str | Path, preset: str = "default", show_progress: bool = True) -> BaseModel:
-    """Load the base in ``directory``, pretraining (or resuming) the preset first if it is not finished."""
-    if base_is_ready(directory):
+    """Load the base in ``directory`` (verified by :func:`~pgraft.core.shipped.open_base_dir`; a damaged
+    or partial one is refused, never pretrained over), pretraining (or resuming) the preset first if
+    it is not finished."""
+    if open_base_dir(directory, BASE_FILES):
         return load_base(directory)
     console.print(f"[bold yellow]No finished base model in {directory}: pretraining the '{preset}' preset first.")
     return pretrain_layout(get_preset(preset), directory, show_progress)
@@ -229,8 +227,9 @@ class LayoutTrainConfig:
     """App settings of a fine-tuning run (the round-loop settings live in GraftConfig).
 
     ``base`` is ``"shipped"`` (the base shipped with the package, the default when there is one) or a base directory (loaded, or
-    pretrained with ``preset`` when it holds no finished base); ``base_sha256`` is the SHA-256 of
-    the base's weights, filled in by :func:`train_layout` (None in runs recorded before it was).
+    pretrained with ``preset`` when it holds no finished base); ``base_sha256`` and
+    ``base_config_sha256`` are the SHA-256 of the base's weights and config.json, filled in by
+    :func:`train_layout` (None in runs recorded before they were).
     """
 
     reward: str = "combined"
@@ -240,6 +239,7 @@ class LayoutTrainConfig:
     conditional: bool = False
     final_samples: int = 512
     base_sha256: str | None = None
+    base_config_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
@@ -252,14 +252,6 @@ def base_dir_of(cfg: LayoutTrainConfig) -> Path:
     return resolve_preset_base(cfg.base, cfg.preset, SHIPPED_BASE)
 
 
-def _recorded_without_digest(run_dir: Path) -> bool:
-    """A run started before base digests were recorded (resuming it must not change its config)."""
-    try:
-        return "base_sha256" not in json.loads((run_dir / "config.json").read_text())["app"]["layout"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def problem_for(cfg: LayoutTrainConfig, base: BaseModel) -> GraftProblem:
     return make_problem(base, cfg.reward, cfg.sample_steps or None,
                         conditions=reference_conditions(base) if cfg.conditional else None)
@@ -270,8 +262,7 @@ def train_layout(cfg: LayoutTrainConfig, graft: GraftConfig, out: str | Path, re
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
     base_dir = base_dir_of(cfg)
     base = load_or_pretrain(base_dir, cfg.preset, show_progress)
-    if not (resume and _recorded_without_digest(Path(out))):
-        cfg = replace(cfg, base_sha256=weights_sha256(base_dir))
+    cfg = replace(cfg, **base_digests(base_dir, recorded_section(out, "layout") if resume else None))
     problem = problem_for(cfg, base)
     head, table = run_graft(problem, base.model, model_config(base), graft, out,
                             app_config={"layout": asdict(cfg)}, resume=resume, show_progress=show_progress)
@@ -314,8 +305,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], float, LayoutTrainCon
     config, section = read_run(run_dir, "layout")
     app_cfg = LayoutTrainConfig(**section)
     split = float(config.get("graft", {}).get("split", 0.0))
-    head = load_pretrained(LayoutDenoiser, run_dir / "head").eval()
-    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE)
+    head = load_run_head(LayoutDenoiser, run_dir).eval()
+    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE, app_cfg.base_config_sha256)
     return config, split, app_cfg, load_base(base_dir), head
 
 

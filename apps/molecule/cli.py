@@ -33,13 +33,6 @@ Novel = Annotated[bool, typer.Option("--novel/--no-novel", help="Score only nove
                                      "the run's config.")]
 
 
-def _at_least_one(value: int) -> int:
-    """typer callback of sample counts: 0 or a negative -n is a usage error naming the flag, not a
-    failure deep inside the sampler."""
-    if value < 1:
-        raise typer.BadParameter(f"must be at least 1, got {value}")
-    return value
-
 
 @app.command("pretrain")
 def pretrain_cmd(
@@ -74,7 +67,7 @@ def train_cmd(
     base: Base = DEFAULT_BASE,
     preset: Preset = "default",
     reward: Reward = "qed",
-    sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.")] = 100,
+    sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.", callback=opts.at_least(1))] = 100,
     novel: Novel = False,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
@@ -108,9 +101,9 @@ BaseOnly = opts.base_only("molecule")
 def sample_cmd(
     run_dir: RunOrBase = None,
     base: BaseOnly = None,
-    n: Annotated[int, typer.Option("-n", help="Number of molecules.", callback=_at_least_one)] = 1000,
+    n: Annotated[int, typer.Option("-n", help="Number of molecules.", callback=opts.at_least(1))] = 1000,
     out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/sampled.csv; for the shipped base "
-                                           f"{shipped_outputs('molecule')}/sampled.csv).")] = None,
+                                           f"{shipped_outputs('molecule')}/sampled.csv).", callback=opts.output_file)] = None,
     seed: opts.Seed = 1,
     quiet: opts.Quiet = False,
 ) -> None:
@@ -137,11 +130,11 @@ def sample_cmd(
 def evaluate_cmd(
     run_dir: RunOrBase = None,
     base: BaseOnly = None,
-    n: Annotated[int, typer.Option("-n", help="Molecules to sample.", callback=_at_least_one)] = 1000,
+    n: Annotated[int, typer.Option("-n", help="Molecules to sample.", callback=opts.at_least(1))] = 1000,
     fcd: Annotated[bool, typer.Option("--fcd/--no-fcd", help="Also compute FCD (slower; printed with fcd_n, the "
                                       "molecules it used: FCD shrinks with n, compare it at equal n).")] = True,
     out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/evaluation.csv; for the shipped base "
-                                           f"{shipped_outputs('molecule')}/evaluation.csv).")] = None,
+                                           f"{shipped_outputs('molecule')}/evaluation.csv).", callback=opts.output_file)] = None,
     seed: opts.Seed = 0,
     quiet: opts.Quiet = False,
 ) -> None:
@@ -165,7 +158,7 @@ def diagnose_cmd(
     base: Base = DEFAULT_BASE,
     preset: Preset = "default",
     reward: Reward = "qed",
-    sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.")] = 100,
+    sample_steps: Annotated[int, typer.Option(help="Reverse steps of the sampler.", callback=opts.at_least(1))] = 100,
     novel: Novel = False,
     t: opts.TGrid = opts.DIAGNOSE_GRID,
     states: opts.States = 64,

@@ -43,6 +43,8 @@ import pandas as pd
 import torch
 from rdkit import Chem, rdBase
 
+from pgraft.core.errors import FieldError
+from pgraft.core.progress import warn
 from pgraft.core.state import atomic_write
 
 # Bond-type ids. Aromatic bonds never appear: molecules are kekulized first.
@@ -669,7 +671,10 @@ def load_dataset(
     source_str = str(source)
     is_preset = source_str in ("qm9", "moses")
     if not is_preset and not Path(source_str).exists():
-        raise ValueError(f"unknown dataset {source_str!r}: use 'qm9', 'moses' or a path to a .smi/.txt/.csv file")
+        raise FieldError("dataset", f"unknown dataset {source_str!r}: use 'qm9', 'moses' or a path to a "
+                         ".smi/.txt/.csv file")
+    if not is_preset and not Path(source_str).is_file():
+        raise FieldError("dataset", f"{source_str} is not a file: give a .smi/.txt/.csv SMILES file")
     name = source_str if is_preset else Path(source_str).stem
     key_payload: dict[str, Any] = {"v": CACHE_VERSION, "source": source_str, "seed": seed, "fractions": list(fractions),
                                    "spec": spec.to_dict() if spec else None, "limit": limit, "strict": strict}
@@ -678,13 +683,25 @@ def load_dataset(
         key_payload.update(path=str(Path(source_str).resolve()), mtime=st.st_mtime_ns, size=st.st_size)
     cache_path = Path(cache_dir or default_cache_dir()) / f"{name}-{_cache_key(key_payload)}.pt"
     if use_cache and cache_path.is_file():
-        p = torch.load(cache_path, weights_only=True)
-        return MoleculeData(name=p["name"], spec=GraphSpec.from_dict(p["spec"]),
-                            train=GraphStore.from_payload(p["train"]), val=GraphStore.from_payload(p["val"]),
-                            test=GraphStore.from_payload(p["test"]), size_distribution=p["size_distribution"],
-                            n_skipped=int(p["n_skipped"]))
-    spec_, train, val, test, skipped = _build(source_str if is_preset else "file", source_str, spec, seed,
-                                              fractions, limit, strict)
+        try:
+            p = torch.load(cache_path, weights_only=True)
+            return MoleculeData(name=p["name"], spec=GraphSpec.from_dict(p["spec"]),
+                                train=GraphStore.from_payload(p["train"]), val=GraphStore.from_payload(p["val"]),
+                                test=GraphStore.from_payload(p["test"]), size_distribution=p["size_distribution"],
+                                n_skipped=int(p["n_skipped"]))
+        except Exception as err:  # noqa: BLE001 - a cache is only a copy: rebuild it from the source
+            reason = " ".join(str(err).split())[:120] or type(err).__name__
+            warn(f"the dataset cache {cache_path} is damaged ({reason}); rebuilding it from {source_str}")
+            cache_path.unlink(missing_ok=True)
+    try:
+        spec_, train, val, test, skipped = _build(source_str if is_preset else "file", source_str, spec, seed,
+                                                  fractions, limit, strict)
+    except FieldError:
+        raise
+    except ValueError as err:  # what is wrong with a user's file: a usage error naming --dataset
+        if is_preset:
+            raise
+        raise FieldError("dataset", str(err)) from None
     if len(train) == 0:
         raise ValueError(f"dataset {source_str!r} has an empty training split ({len(train) + len(val) + len(test)} molecules)")
     data = MoleculeData(name=name, spec=spec_, train=train, val=val, test=test,

@@ -16,18 +16,19 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pgraft.core.checkpoint import load_pretrained
+from pgraft.core.checkpoint import load_run_head
 from pgraft.core.plots import plot_rounds
-from pgraft.core.pretrain import is_pretrained
 from pgraft.core.progress import make_console
 from pgraft.core.sampling import unmask_log_prob
 from pgraft.core.schedules import masking_times
 from pgraft.core.shipped import (
+    base_digests,
     default_base,
+    open_base_dir,
     recorded_base,
+    recorded_section,
     resolve_preset_base,
     shipped_dir,
-    weights_sha256,
 )
 from pgraft.core.targets import checkpoint_lacks, read_run
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
@@ -51,8 +52,9 @@ class MoleculeTrainConfig:
     """App settings of a fine-tuning run (the round-loop settings live in GraftConfig).
 
     ``base`` is ``"shipped"`` (the base shipped with the package, the default when there is one) or a base directory (loaded, or
-    pretrained with ``preset`` when it holds no finished base); ``base_sha256`` is the SHA-256 of
-    the base's weights, filled in by :func:`train_molecule` (None in runs recorded before it was).
+    pretrained with ``preset`` when it holds no finished base); ``base_sha256`` and
+    ``base_config_sha256`` are the SHA-256 of the base's weights and config.json, filled in by
+    :func:`train_molecule` (None in runs recorded before they were).
     ``novel`` scores only novel molecules: one of the base's training split (canonical SMILES) gets
     reward 0, like an invalid one (:class:`.rewards.NovelReward`; False in runs recorded before it existed).
     """
@@ -64,13 +66,15 @@ class MoleculeTrainConfig:
     preset: str = "default"
     base_sha256: str | None = None
     novel: bool = False
+    base_config_sha256: str | None = None
 
 
 def load_or_pretrain(base_dir: str | Path, preset: str = "default", show_progress: bool = True) -> BaseModel:
-    """Load the base model in ``base_dir``; if there is none (or its pretraining was interrupted),
-    run (or resume) the preset's pretraining first, telling the user so."""
+    """Load the base model in ``base_dir`` (verified by :func:`~pgraft.core.shipped.open_base_dir`; a
+    damaged or partial one is refused, never pretrained over); if there is none (or its pretraining
+    was interrupted), run (or resume) the preset's pretraining first, telling the user so."""
     base_dir = Path(base_dir)
-    if base_is_ready(base_dir):
+    if open_base_dir(base_dir, (META_NAME,)):
         return load_base(base_dir)
     console.print(f"[bold yellow]No finished base model in {base_dir}: pretraining the '{preset}' preset first "
                   "(up to ~30 minutes on 2 CPU cores; interrupted runs resume).")
@@ -82,11 +86,6 @@ def base_dir_of(cfg: MoleculeTrainConfig) -> Path:
     """The directory ``cfg.base`` names: the shipped base (verified against its manifest; only for
     the 'default' preset, which is what it is) or the user's directory."""
     return resolve_preset_base(cfg.base, cfg.preset, SHIPPED_BASE)
-
-
-def base_is_ready(base_dir: Path) -> bool:
-    """A base checkpoint with its molecule metadata exists and its pretraining (if any) finished."""
-    return (base_dir / META_NAME).is_file() and is_pretrained(base_dir)
 
 
 def base_lacks(directory: Path) -> str | None:
@@ -161,8 +160,7 @@ def train_molecule(cfg: MoleculeTrainConfig, graft: GraftConfig, out: str | Path
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
     base_dir = base_dir_of(cfg)
     base = load_or_pretrain(base_dir, cfg.preset, show_progress)
-    if not (resume and _recorded_without_digest(Path(out))):
-        cfg = replace(cfg, base_sha256=weights_sha256(base_dir))
+    cfg = replace(cfg, **base_digests(base_dir, recorded_section(out, "molecule") if resume else None))
     problem = make_problem(base, cfg.reward, cfg.sample_steps, novel=cfg.novel)
     head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out,
                             app_config={"molecule": _app_record(cfg, Path(out), resume)},
@@ -184,14 +182,6 @@ def _app_record(cfg: MoleculeTrainConfig, run_dir: Path, resume: bool) -> dict[s
         if isinstance(section, dict) and "novel" not in section:
             record.pop("novel")
     return record
-
-
-def _recorded_without_digest(run_dir: Path) -> bool:
-    """A run started before base digests were recorded (resuming it must not change its config)."""
-    try:
-        return "base_sha256" not in json.loads((run_dir / "config.json").read_text())["app"]["molecule"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def write_outputs(run_dir: Path, problem: GraftProblem, head, base: BaseModel, split: float, n: int,
@@ -249,8 +239,8 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], GraftConfig, Molecule
     app_cfg = MoleculeTrainConfig(**section)
     key = "graft" if "graft" in config else "pg"
     graft = GraftConfig.from_dict(config[key]) if key == "graft" else GraftConfig(split=0.0)
-    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE)
-    return config, graft, app_cfg, load_base(base_dir), load_pretrained(GraphTransformer, run_dir / "head").eval()
+    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE, app_cfg.base_config_sha256)
+    return config, graft, app_cfg, load_base(base_dir), load_run_head(GraphTransformer, run_dir).eval()
 
 
 def evaluate_run(run_dir: str | Path, n: int = 1000, fcd: bool = True, seed: int = 0,

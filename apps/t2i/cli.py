@@ -4,6 +4,7 @@ Stable Diffusion checkpoint (``--model PATH``)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -59,15 +60,8 @@ Eta = Annotated[Optional[float], typer.Option(
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")]
 
 
-def _at_least_one(value: int) -> int:
-    """typer callback of sample counts: 0 or a negative count is a usage error naming the flag, not a
-    failure deep inside the sampler."""
-    if value < 1:
-        raise typer.BadParameter(f"must be at least 1, got {value}")
-    return value
 
-
-PerPrompt = Annotated[int, typer.Option(help="Images per prompt.", callback=_at_least_one)]
+PerPrompt = Annotated[int, typer.Option(help="Images per prompt.", callback=opts.at_least(1))]
 
 
 @app.command("pretrain")
@@ -126,6 +120,9 @@ def train_cmd(
     cond_dropout: Annotated[float, typer.Option(
         help="Also train the unconditional eps (classifier-free guidance) on this fraction of accepted images.")] = 0.0,
     sample_batch_size: Annotated[int, typer.Option(help="Images per sampler call.")] = 64,
+    nonfinite_reward: Annotated[Optional[float], typer.Option(
+        "--nonfinite-reward", help="What a NaN or infinite reward score counts as (recorded in the run's config); "
+                                   "without it such a score stops the run, naming the reward.")] = None,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
 ) -> None:
@@ -136,7 +133,9 @@ def train_cmd(
     app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
                         reward_weights=None if reward_weights is None else str(reward_weights),
                         n_steps=n_steps, eta=eta, guidance_scale=guidance, cond_dropout=cond_dropout,
-                        reward_norm=reward_norm)
+                        reward_norm=reward_norm, reward_nonfinite=nonfinite_reward)
+    if nonfinite_reward is not None and not math.isfinite(nonfinite_reward):
+        raise typer.BadParameter(f"must be a finite number, got {nonfinite_reward}", param_hint="--nonfinite-reward")
     with opts.bad_parameter(ValueError, FileNotFoundError, FileExistsError):
         train_t2i(app_cfg, cfg, out, resume=resume, show_progress=not quiet)
     if is_main_process():
@@ -173,7 +172,7 @@ def sample_cmd(
     prompts: Annotated[Optional[str], typer.Option(help="Prompt set or file (default: the run's; a base's: "
                                                         "train).")] = None,
     per_prompt: PerPrompt = 4,
-    max_prompts: Annotated[int, typer.Option(help="Use at most this many prompts.", callback=_at_least_one)] = 16,
+    max_prompts: Annotated[int, typer.Option(help="Use at most this many prompts.", callback=opts.at_least(1))] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Folder for grid.png and images.safetensors "
                                                      "(default RUN_DIR/samples).")] = None,
     seed: opts.Seed = 1,
@@ -316,7 +315,7 @@ def serve_reward_cmd(
     reward_norm: RewardNorm = "raw",
     host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 (this machine only) or e.g. 0.0.0.0 "
                                            "(every interface; the server has no authentication).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0: any free port, printed).")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port, printed).", min=0, max=65535)] = 8000,
     device: opts.Device = "cpu",
     quiet: opts.Quiet = False,
 ) -> None:
@@ -332,8 +331,9 @@ def serve_reward_cmd(
         reward_fn = make_reward(reward, reward_weights, opts.device_option(device), norm=reward_norm)
     try:
         server = make_server(reward_fn, host, port, name=reward, quiet=quiet)
-    except OSError as err:
-        raise typer.BadParameter(f"cannot listen on {host}:{port} ({err.strerror or err})", param_hint="--port") from None
+    except (OSError, OverflowError) as err:
+        raise typer.BadParameter(f"cannot listen on {host}:{port} ({getattr(err, 'strerror', None) or err})",
+                                 param_hint="--port") from None
     typer.echo(f"serving reward {reward!r} at {server.url} (use --reward {server.url}); Ctrl-C to stop", err=True)
     try:
         server.serve_forever()
@@ -449,7 +449,7 @@ def sample_corrected_cmd(
                                                                                "targets).")] = None,
     noise_steps: Annotated[int, typer.Option(help="Corrector Euler steps (0 = the base alone).")] = 4,
     guidance: Guidance = None,
-    batch_size: Annotated[int, typer.Option(help="Images per sampler call.", callback=_at_least_one)] = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per sampler call.", callback=opts.at_least(1))] = 8,
     out: Annotated[Optional[Path], typer.Option(help="Folder for grid.png, images.safetensors and flops.json "
                                                      "(default NOISE_MODEL/samples).")] = None,
     seed: opts.Seed = 0,

@@ -67,7 +67,7 @@ from typing import Any, Callable
 
 import torch
 
-from pgraft.core.errors import RunError
+from pgraft.core.errors import RewardError
 
 from .world import to_float, to_uint8
 
@@ -81,7 +81,7 @@ REQUEST_SCHEMA = {"prompts": "[B strings]", "images": "[B base64-encoded 8-bit R
 RESPONSE_SCHEMA = {"scores": "[B finite numbers, in request order]"}
 
 
-class RemoteRewardError(RunError):
+class RemoteRewardError(RewardError):
     """A remote reward call failed; the message is one line naming the URL and the problem."""
 
 

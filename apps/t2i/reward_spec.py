@@ -14,8 +14,9 @@
   with ``images`` float [B, 3, H, W] in **[0, 1]** (RGB, on the device of the decoded samples: the CPU
   in the round loop; the app's own rewards see [-1, 1], a plug-in gets [0, 1] as image libraries
   expect) and ``prompts`` B strings; it returns B scores (a tensor of shape [B], or any sequence of
-  B numbers; higher is better). Load heavy models once at import time or in a module-level object with ``__call__``;
-  non-finite scores count as 0, as for every reward of the app;
+  B numbers; higher is better). Load heavy models once at import time or in a module-level object with ``__call__``.
+  As for every reward (:mod:`pgraft.core.rewards`), a function that raises stops the run in one line
+  naming it, and a non-finite score is refused unless ``--nonfinite-reward VALUE`` says what it counts as;
 - a **weighted sum**: a comma list ``ITEM:WEIGHT,ITEM:WEIGHT`` of any of the above (``WEIGHT`` a
   decimal number, default 1; weights need not sum to 1 and may be negative), e.g.
   ``checker:0.5,clipscore:0.5`` or ``vqa:1,http://host:8000/score:0.5``. The part after the last ``:``
@@ -61,6 +62,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pgraft.core.rewards import call_reward, finite_scores
 
 from .remote import RemoteReward, is_url
 
@@ -256,14 +259,16 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
 
 class CombinedReward:
     """``sum_i weight_i * norm(component_i(images, prompts))``; ``norm`` is ``raw`` (identity) or
-    ``zscore`` (per call; module docstring). Non-finite component scores count as 0."""
+    ``zscore`` (per call; module docstring). A non-finite component score is refused naming the
+    component, or counts as ``nonfinite`` when that is given (:func:`pgraft.core.rewards.finite_scores`)."""
 
-    def __init__(self, components: Sequence[RewardComponent], norm: str = "raw") -> None:
+    def __init__(self, components: Sequence[RewardComponent], norm: str = "raw",
+                 nonfinite: float | None = None) -> None:
         if norm not in NORMS:
             raise ValueError(f"unknown reward normalisation {norm!r}; choose from {list(NORMS)}")
         if not components:
             raise ValueError("a combined reward needs at least one component")
-        self.components, self.norm = list(components), norm
+        self.components, self.norm, self.nonfinite = list(components), norm, nonfinite
 
     def __repr__(self) -> str:
         parts = ",".join(f"{c.item}:{c.weight:g}" for c in self.components)
@@ -275,10 +280,10 @@ class CombinedReward:
         total = torch.zeros(n, dtype=torch.float64)
         metrics = {}
         for c in self.components:
-            values = torch.as_tensor(c.fn(images, prompts), dtype=torch.float64).detach().cpu()
+            values = torch.as_tensor(call_reward(c.fn, c.item, images, prompts), dtype=torch.float64).detach().cpu()
             if tuple(values.shape) != (n,):
                 raise ValueError(f"reward component {c.item!r} returned shape {tuple(values.shape)} for {n} images")
-            values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            values = finite_scores(values, c.item, self.nonfinite)
             metrics[f"reward_{c.label}_mean"] = float(values.mean()) if n else float("nan")
             total += c.weight * (_zscore(values) if self.norm == "zscore" else values)
         return total, metrics
@@ -308,7 +313,7 @@ def build_item(item: str, weights: str | Path | None = None, device: str | torch
 
 
 def build_reward(spec: str, weights: str | Path | None = None, device: str | torch.device = "cpu",
-                 norm: str = "raw") -> RewardFn:
+                 norm: str = "raw", nonfinite: float | None = None) -> RewardFn:
     """The RewardFn of a ``--reward`` specification (module docstring): the item itself when ``spec``
     is one unweighted item and ``norm`` is raw, else a :class:`CombinedReward`."""
     if norm not in NORMS:
@@ -325,7 +330,7 @@ def build_reward(spec: str, weights: str | Path | None = None, device: str | tor
             label = f"{label}_{labels[label]}"
         fn = build_item(p.item, p.weights if p.weights is not None else weights, device)
         components.append(RewardComponent(label, p.item, 1.0 if p.weight is None else p.weight, fn))
-    return CombinedReward(components, norm)
+    return CombinedReward(components, norm, nonfinite)
 
 
 __all__ = ["build_reward", "build_item", "parse_reward_spec", "split_weight", "load_plugin", "PluginReward",

@@ -464,16 +464,17 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
 
 
 def make_reward(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu",
-                norm: str = "raw") -> RewardFn:
+                norm: str = "raw", nonfinite: float | None = None) -> RewardFn:
     """The reward of a ``--reward`` specification: a name of :data:`REWARDS` (``weights``: its weights
     directory), a reward server URL, a user's ``module:function``, a weighted list
     ``name:w,name:w`` or a JSON file of weights, combined by ``norm`` (``raw`` or ``zscore``); see
-    :mod:`.reward_spec`. ValueError (one line) on a bad specification."""
+    :mod:`.reward_spec`. ValueError (one line) on a bad specification. ``nonfinite``: what a
+    non-finite score of a component counts as (None: refused, :mod:`pgraft.core.rewards`)."""
     if name in REWARDS and norm == "raw":
         return REWARDS[name](weights, device)
     from .reward_spec import build_reward
 
-    return build_reward(name, weights, device, norm)
+    return build_reward(name, weights, device, norm, nonfinite)
 
 
 __all__ = ["REWARDS", "make_reward", "checker_reward", "corrupt_prompt", "VQAScorer", "train_scorer",

@@ -23,9 +23,18 @@ from torch import nn
 
 from pgraft.core.losses import eps_matching_loss
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
+from pgraft.core.rewards import call_reward, finite_scores
 from pgraft.core.sampling import ddim_log_prob, ddim_step
 from pgraft.core.schedules import cosine_alpha_bar, vp_times
-from pgraft.core.trainer import GraftConfig, GraftProblem, RoundResult, Scores, run_graft, sample_finetuned
+from pgraft.core.trainer import (
+    GraftConfig,
+    GraftProblem,
+    RoundResult,
+    Scores,
+    is_main_process,
+    run_graft,
+    sample_finetuned,
+)
 
 from .checker import accuracy_table, check
 from .flow_pipeline import (
@@ -157,13 +166,17 @@ class T2IConfig:
     cond_dropout: float = 0.0
     grid_images: int = 16
     reward_norm: str = "raw"  # how a weighted --reward combines its components: raw or zscore (.reward_spec)
+    reward_nonfinite: float | None = None  # None: a non-finite score stops the run (core.rewards); else its value
 
     def record(self) -> dict[str, Any]:
-        """The config as a run's config.json keeps it: ``reward_norm`` only when not ``raw``, so runs
-        written before it existed still ``--resume`` (which refuses any difference)."""
+        """The config as a run's config.json keeps it: ``reward_norm`` only when not ``raw`` and
+        ``reward_nonfinite`` only when set, so runs written before they existed still ``--resume``
+        (which refuses any difference)."""
         out = asdict(self)
         if out["reward_norm"] == "raw":
             del out["reward_norm"]
+        if out["reward_nonfinite"] is None:
+            del out["reward_nonfinite"]
         return out
 
 
@@ -182,18 +195,21 @@ class T2IScorer:
     """
 
     def __init__(self, pipe: T2IPipeline, reward, prompts: Sequence[str], grid_dir: Path | None = None,
-                 grid_images: int = 16) -> None:
+                 grid_images: int = 16, name: str | None = None, nonfinite: float | None = None) -> None:
         self.pipe, self.reward, self.prompts = pipe, reward, list(prompts)
         self.grid_dir, self.grid_images = grid_dir, grid_images
+        self.name, self.nonfinite = name or repr(reward), nonfinite  # the --reward typed; core.rewards' rule
 
     def score(self, x0: torch.Tensor, cond: PromptBatch) -> Scores:
         images = self.pipe.decode(x0)
         prompts = list(cond.prompts)
         # a weighted --reward (.reward_spec.CombinedReward) also reports each component's chunk mean
         with_metrics = getattr(self.reward, "with_metrics", None)
-        r, metrics = with_metrics(images, prompts) if with_metrics is not None else (self.reward(images, prompts), {})
-        r = torch.as_tensor(r, dtype=torch.float64)
-        r = torch.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)  # rewards must be finite
+        if with_metrics is not None:
+            r, metrics = call_reward(with_metrics, self.name, images, prompts)
+        else:
+            r, metrics = call_reward(self.reward, self.name, images, prompts), {}
+        r = finite_scores(r, self.name, self.nonfinite)  # one rule for every reward (core.rewards)
         records, metrics = pd.DataFrame({"prompt": prompts}), dict(metrics)
         if _in_grammar(prompts):
             correct = check(images, prompts)
@@ -317,8 +333,9 @@ def base_lacks(directory: Path) -> str | None:
 def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], out: Path) -> GraftProblem:
     """:func:`make_problem` scored by a :class:`T2IScorer` of ``app.reward`` (checker verdicts in
     the store and metrics, a grid per round in ``out/grids``)."""
-    reward = make_reward(app.reward, app.reward_weights, norm=app.reward_norm)
-    scorer = T2IScorer(pipe, reward, prompts, out / "grids", app.grid_images)
+    reward = make_reward(app.reward, app.reward_weights, norm=app.reward_norm, nonfinite=app.reward_nonfinite)
+    scorer = T2IScorer(pipe, reward, prompts, out / "grids", app.grid_images, name=app.reward,
+                       nonfinite=app.reward_nonfinite)
     return make_problem(pipe, prompts, None, app.n_steps, app.eta, cond_dropout=app.cond_dropout, scorer=scorer)
 
 
@@ -342,7 +359,7 @@ def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = 
         if cfg.lora_rank > 0:
             from pgraft.core.rundir import RunDir
 
-            _, weights, _ = RunDir(out, resume=True).load_checkpoint()
+            _, weights, _ = RunDir(out, resume=True, report=is_main_process()).load_checkpoint()
             export_flow_lora(weights, out / "lora", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         pipe.save(out / "pipeline", head)
     elif cfg.lora_rank > 0:
@@ -362,7 +379,7 @@ def export_lora(run_dir: str | Path, directory: str | Path, cfg: GraftConfig) ->
 
     from pgraft.core.rundir import RunDir
 
-    _, weights, _ = RunDir(run_dir, resume=True).load_checkpoint()
+    _, weights, _ = RunDir(run_dir, resume=True, report=is_main_process()).load_checkpoint()
     state = lora_state_from_checkpoint(weights)
     meta = {"r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha or cfg.lora_rank,
             "target_modules": list(cfg.lora_targets or UNET_ATTENTION)}
@@ -378,21 +395,21 @@ def load_lora_head(base: Denoiser, lora_dir: str | Path) -> Denoiser:
 def load_head(run_dir: str | Path, base: Denoiser) -> Denoiser:
     """The fine-tuned head of a ``pgraft t2i train`` run: its diffusers LoRA if present, else the
     merged ``head/`` save_pretrained directory."""
-    from pgraft.core.checkpoint import load_pretrained
+    from pgraft.core.checkpoint import load_run_head
 
     run_dir = Path(run_dir)
     if isinstance(base, FlowDenoiser):
         if (run_dir / "lora").is_dir():
             return load_flow_lora_head(base, run_dir / "lora")
         if (run_dir / "head").is_dir():
-            head = load_pretrained(FlowDenoiser, run_dir / "head")
+            head = load_run_head(FlowDenoiser, run_dir)
             head.guidance_scale = base.guidance_scale
             return head.to(next(base.parameters()).dtype).eval()
         raise FileNotFoundError(f"{run_dir} holds neither lora/ nor head/: is it a finished `pgraft t2i train` run?")
     if (run_dir / "lora").is_dir():
         return load_lora_head(base, run_dir / "lora")
     if (run_dir / "head").is_dir():
-        head = load_pretrained(Denoiser, run_dir / "head")
+        head = load_run_head(Denoiser, run_dir)
         head.guidance_scale, head.alpha_bar = base.guidance_scale, base.alpha_bar
         return head.eval()
     raise FileNotFoundError(f"{run_dir} holds neither lora/ nor head/: is it a finished `pgraft t2i train` run?")

@@ -10,9 +10,9 @@ import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
-from pgraft.core.checkpoint import load_pretrained
+from pgraft.core.checkpoint import load_pretrained, load_run_head
 from pgraft.core.errors import UsageError
-from pgraft.core.shipped import ShippedBaseDamaged, weights_sha256
+from pgraft.core.shipped import ShippedBaseDamaged, base_digests, recorded_section
 from pgraft.core.targets import run_lacks, shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process, run_graft, sample_finetuned
 
@@ -26,13 +26,6 @@ Mixture = Annotated[str, typer.Option(help=f"Mixture: {', '.join(MIXTURES)}.")]
 Base = Annotated[str, typer.Option(help="'shipped' (the base shipped with pgraft: mixture 1d) or a base "
                                         "directory (pretrained first if it holds none).")]
 
-
-def _at_least_one(value: int) -> int:
-    """typer callback of sample counts: 0 or a negative count is a usage error naming the flag, not a
-    failure deep inside the sampler."""
-    if value < 1:
-        raise typer.BadParameter(f"must be at least 1, got {value}")
-    return value
 
 
 @app.command("pretrain")
@@ -66,8 +59,9 @@ def train_cmd(
     with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
         base_dir = base_dir_of(base, toy)
     model = load_or_pretrain(toy, base_dir, show_progress=not quiet)
+    digests = base_digests(base_dir, recorded_section(out) if resume else None)
     _, table = run_graft(problem, model, toy.model_config(), graft, out,
-                         app_config={"toy": asdict(toy), "base": base, "base_sha256": weights_sha256(base_dir)},
+                         app_config={"toy": asdict(toy), "base": base, **digests},
                          resume=resume, show_progress=not quiet)
     if is_main_process():
         typer.echo(f"metrics: {out / 'metrics.csv'}  fine-tuned model: {out / 'head'}")
@@ -80,9 +74,9 @@ BaseOnly = opts.base_only("toy")
 
 @app.command("sample")
 def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
-               n: Annotated[int, typer.Option("-n", help="Number of samples.", callback=_at_least_one)] = 1000,
+               n: Annotated[int, typer.Option("-n", help="Number of samples.", callback=opts.at_least(1))] = 1000,
                out: Annotated[Path, typer.Option(help="CSV path (default RUN_DIR/samples.csv; for the shipped base "
-                                                      f"{shipped_outputs('toy')}/samples.csv).")] = None,
+                                                      f"{shipped_outputs('toy')}/samples.csv).", callback=opts.output_file)] = None,
                seed: opts.Seed = 1, quiet: opts.Quiet = False) -> None:
     """Sample the fine-tuned model (head T→t, frozen base t→0), or a base alone (40 DDPM-like
     steps, as `train` samples it); writes a CSV with one column per dimension."""
@@ -96,7 +90,7 @@ def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
         config = json.loads((target.directory / "config.json").read_text())
         toy = ToyConfig(**config["app"]["toy"])
         cfg = GraftConfig.from_dict(config["graft"])
-        head = load_pretrained(ToyDenoiser, target.directory / "head").eval()
+        head = load_run_head(ToyDenoiser, target.directory).eval()
         base_model = load_pretrained(ToyDenoiser, run_base_dir(config["app"])).eval()
         _, x0 = sample_finetuned(make_problem(toy), head, base_model, n, cfg.split, seed, show_progress=not quiet)
     else:

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from pgraft.core.checkpoint import load_config, load_pretrained
-from pgraft.core.errors import UsageError
+from pgraft.core.errors import FieldError, UsageError
 from pgraft.core.losses import eps_matching_loss
-from pgraft.core.pretrain import PretrainConfig, infinite_batches, is_pretrained, pretrain
+from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
 from pgraft.core.sampling import ddim_log_prob, ddim_step
 from pgraft.core.schedules import cosine_alpha_bar, vp_times
-from pgraft.core.shipped import SHIPPED, default_base, recorded_base, resolve_base, shipped_dir
+from pgraft.core.shipped import SHIPPED, default_base, open_base_dir, recorded_base, resolve_base, shipped_dir
 from pgraft.core.targets import checkpoint_lacks
 from pgraft.core.trainer import GraftProblem
 
@@ -47,9 +47,9 @@ class ToyConfig:
 
     def __post_init__(self) -> None:
         if self.mixture not in MIXTURES:
-            raise ValueError(f"unknown mixture {self.mixture!r}; choose from {sorted(MIXTURES)}")
+            raise FieldError("mixture", f"unknown mixture {self.mixture!r}; choose from {sorted(MIXTURES)}")
         if self.reward not in REWARDS:
-            raise ValueError(f"unknown reward {self.reward!r}; choose from {sorted(REWARDS)}")
+            raise FieldError("reward", f"unknown reward {self.reward!r}; choose from {sorted(REWARDS)}")
 
     def model_config(self) -> dict:
         return {"dim": MIXTURES[self.mixture].dim, "hidden": self.hidden, "depth": self.depth}
@@ -84,13 +84,16 @@ def base_dir_of(base: str | Path, cfg: ToyConfig) -> Path:
 
 
 def run_base_dir(app_config: dict[str, Any]) -> Path:
-    """The base directory of a run (its config's ``app`` section), checked to hold the weights the
-    run was fine-tuned on."""
-    return recorded_base(app_config["base"], app_config.get("base_sha256"), SHIPPED_BASE)
+    """The base directory of a run (its config's ``app`` section), checked to hold the weights and
+    config the run was fine-tuned on."""
+    return recorded_base(app_config["base"], app_config.get("base_sha256"), SHIPPED_BASE,
+                         app_config.get("base_config_sha256"))
 
 
 def load_or_pretrain(cfg: ToyConfig, base_dir: str | Path, show_progress: bool = True) -> ToyDenoiser:
-    if not is_pretrained(base_dir):
+    """The base in ``base_dir`` (verified by :func:`~pgraft.core.shipped.open_base_dir`; a damaged or
+    partial one is refused, never pretrained over), pretrained into it first when it holds none."""
+    if not open_base_dir(base_dir):
         return pretrain_toy(cfg, base_dir, show_progress).eval()
     return load_pretrained(ToyDenoiser, base_dir).eval()
 

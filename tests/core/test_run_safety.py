@@ -188,14 +188,18 @@ def uninterrupted(tmp_path_factory):
     return path
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, uninterrupted):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, uninterrupted, capsys):
     run_graft(_problem(), _base(), {}, GraftConfig(**{**CFG.__dict__, "rounds": 2}), tmp_path, show_progress=False)
     weights = tmp_path / "checkpoints" / "round_0001" / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[-200:] = bytes(200)  # zero the tail, header intact
     weights.write_bytes(bytes(data))
-    with pytest.warns(UserWarning, match="round_0001/weights.safetensors does not match its checksum"):
-        run_graft(_problem(), _base(), {}, CFG, tmp_path, resume=True, show_progress=False)
+    capsys.readouterr()
+    run_graft(_problem(), _base(), {}, CFG, tmp_path, resume=True, show_progress=False)
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "round_0001/weights.safetensors does not match its checksum" in warning[0]
+    assert "resuming from the checkpoint of round 0 instead" in warning[0], err
     _assert_same_run(uninterrupted, tmp_path)
 
 

