@@ -30,7 +30,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_config, save_json
-from .errors import CheckpointError, FieldError, RunError
+from .errors import CheckpointError, FieldError, RunError, UsageError
 from .integrity import exclusive, load_state_dict_file, replace_files, sha256_file, verify_manifest
 from .progress import progress_bar
 from .state import State, atomic_write, module_device, to_device
@@ -164,6 +164,12 @@ def pretrain(
     exactly reproducible resume (the loop skips batches it already consumed).
     """
     run_dir = Path(run_dir)
+    if not (resume and (run_dir / STATE_NAME).is_file()):
+        found = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (run_dir / n).is_file()]
+        if found:  # a base made elsewhere (shipped, copied, a user's own), maybe damaged: never overwrite it
+            raise UsageError(f"{run_dir} already holds a model ({', '.join(found)}) but no pretraining state "
+                             f"({STATE_NAME}) to resume; refusing to pretrain over it: choose a new or empty "
+                             "directory (nothing was changed)")
     with exclusive(run_dir):
         return _pretrain(model, batches, loss_fn, config, run_dir, model_config, resume, show_progress)
 

@@ -117,6 +117,8 @@ CASES = [
       names="model.safetensors", watch=("run", "toybase", "base-noweights")),
     c("base-config-deleted", "toy", "sample", "--base", "{W}/base-noconfig", "-n", "5", "--out", "{W}/s-nc.csv",
       names="config.json", watch=("run", "toybase", "base-noconfig")),
+    c("pretrain-over-a-base", "toy", "pretrain", "--out", "{W}/toybase", "--steps", "5", "--quiet",
+      names="toybase", code=2),
     # --- molecule
     c("mol-reward", "molecule", "train", "--reward", "bogus", "--out", "{O}", "--quiet", names="--reward", code=2),
     c("mol-preset", "molecule", "pretrain", "--preset", "bogus", "--out", "{O}", "--quiet", names="bogus", code=2),

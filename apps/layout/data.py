@@ -33,6 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from pgraft.core.errors import FieldError
+
 PAD_CLASS = -1
 PUBLAYNET_CLASSES: tuple[str, ...] = ("text", "title", "list", "table", "figure")
 # PubLayNet's COCO category ids 1..5 in the order above.
@@ -310,6 +312,9 @@ def _read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+    except RecursionError:  # nesting deeper than the decoder's stack: no annotation file looks like this
+        raise ValueError(f"{path}: JSON nested too deeply to read (arrays/objects within each other thousands of "
+                         "levels deep); expected a COCO-style annotation file") from None
 
 
 def _number(where: str, field: str, value: Any) -> float:
@@ -551,8 +556,13 @@ def load_layouts(dataset: str = "synthetic", split: Split = "train", n: int | No
         n = n if n is not None else (20000 if split == "train" else 2000)
         return synthetic_layouts(n, split, seed, max_elements or SYNTHETIC_MAX_ELEMENTS)
     if dataset not in REAL_LOADERS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from synthetic, {', '.join(REAL_LOADERS)}")
+        raise FieldError("dataset", f"unknown dataset {dataset!r}; choose from synthetic, {', '.join(REAL_LOADERS)}")
     if path is None:
-        raise ValueError(f"dataset {dataset!r} needs a path to the user's copy of the data")
-    data = REAL_LOADERS[dataset](path, max_elements or 25)
+        raise FieldError("data", f"dataset {dataset!r} needs a path to the user's copy of the data")
+    try:
+        data = REAL_LOADERS[dataset](path, max_elements or 25)
+    except (ValueError, FileNotFoundError) as err:  # what is wrong with the user's copy: name --data
+        if isinstance(err, FieldError):
+            raise
+        raise FieldError("data", " ".join(str(err).split())) from None
     return data if n is None else data.subset(slice(0, n))

@@ -200,6 +200,12 @@ class RemoteReward:
         self._post({"prompts": [], "images": []}, 0)
 
     # ------------------------------------------------------------------ one request, with retries
+    @staticmethod
+    def max_response_bytes(n: int) -> int:
+        """The longest answer read for ``n`` scores: 1 MiB plus 1 KiB a score (a number in JSON is
+        at most a few dozen bytes; a hostile or broken server cannot make the client read more)."""
+        return (1 << 20) + 1024 * n
+
     def _fail(self, problem: str) -> RemoteRewardError:
         return RemoteRewardError(f"remote reward {self.url}: {problem}")
 
@@ -214,7 +220,10 @@ class RemoteReward:
                                                       "Accept": "application/json"})
             try:
                 with self._opener.open(request, timeout=self.timeout) as response:
-                    raw = response.read()
+                    raw = response.read(self.max_response_bytes(n) + 1)  # never more than an answer can need
+                if len(raw) > self.max_response_bytes(n):
+                    raise self._fail(f"the answer is longer than the {self.max_response_bytes(n):,} bytes that "
+                                     f"{n} scores can take; is this a reward server?")
             except urllib.error.HTTPError as err:
                 problem = f"HTTP {err.code} {err.reason}{self._error_detail(err)}"
                 if err.code == 429 or err.code >= 500:

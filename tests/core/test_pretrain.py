@@ -77,3 +77,29 @@ def test_pretraining_on_the_gpu_matches_the_cpu_and_loads_on_the_cpu(tmp_path):
     state = torch.load(tmp_path / "gpu" / "train_state.pt", map_location="cpu", weights_only=True)
     assert state["step"] == CFG.steps
     assert load_file(str(tmp_path / "gpu" / "model.safetensors")).keys() == cpu.state_dict().keys()
+
+
+@pytest.mark.parametrize("present", [("config.json", "model.safetensors"), ("model.safetensors",), ("config.json",)])
+def test_pretraining_never_overwrites_a_model_it_did_not_make(tmp_path, present):
+    """A directory holding a model but no pretraining state of ours (a shipped or copied base, maybe
+    damaged) is refused before anything is written, the lock file included: pretraining into it
+    would replace the user's files."""
+    import hashlib
+
+    from pgraft.core.errors import UsageError
+
+    d = tmp_path / "base"
+    d.mkdir()
+    for name in present:
+        (d / name).write_bytes(b"a model made elsewhere " + name.encode())
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir()}
+    with pytest.raises(UsageError, match=r"already holds a model .* no pretraining state \(train_state\.pt\)"):
+        pretrain(_model(), infinite_batches(_data(), 8, 0), _loss, CFG, d, {}, show_progress=False)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in d.iterdir()} == before
+
+
+def test_pretraining_resumes_its_own_finished_directory_without_refusal(tmp_path):
+    """A directory this pretraining wrote (it keeps train_state.pt) resumes: rerunning is a no-op."""
+    first = pretrain(_model(), infinite_batches(_data(), 8, 0), _loss, CFG, tmp_path / "b", {}, show_progress=False)
+    again = pretrain(_model(), infinite_batches(_data(), 8, 0), _loss, CFG, tmp_path / "b", {}, show_progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))

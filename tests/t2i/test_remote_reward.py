@@ -167,6 +167,23 @@ def test_remote_wrong_number_of_scores_or_non_finite_scores_are_clear_errors():
             RemoteReward(url_of(server), backoff=0)(x, prompts)
 
 
+def test_remote_answer_longer_than_any_scores_is_refused_without_reading_it_all():
+    """A broken or hostile server cannot make the client read an unbounded answer: at most 1 MiB
+    plus 1 KiB a score is read, and a longer answer is one line naming the URL."""
+    x, prompts = images_and_prompts(2, 8)
+    cap = RemoteReward.max_response_bytes(2)
+    padded = '{"scores": [1.0, 2.0]' + " " * (cap + 10) + "}"
+    with serving(fake_server(lambda h, r: reply(h, 200, padded))) as server:
+        with pytest.raises(RemoteRewardError, match=rf"/score: the answer is longer than the {cap:,} bytes that 2 "
+                                                    "scores can take"):
+            RemoteReward(url_of(server), backoff=0)(x, prompts)
+        assert server.calls == 1  # not retried
+    just = '{"scores": [1.0, 2.0]' + " " * (cap - 30) + "}"  # at the cap: still read and parsed
+    assert len(just) <= cap
+    with serving(fake_server(lambda h, r: reply(h, 200, just))) as server:
+        assert RemoteReward(url_of(server), backoff=0)(x, prompts).tolist() == [1.0, 2.0]
+
+
 def test_remote_http_errors_and_refused_connections():
     x, prompts = images_and_prompts(2, 8)
     with serving(fake_server(lambda h, r: reply(h, 503, '{"error": "model loading"}'))) as server:
