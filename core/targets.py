@@ -105,8 +105,12 @@ def resolve_target(path: Path | None, base: str | None, app: str, *, lacks_run: 
     shipped base fails its manifest, :class:`~pgraft.core.shipped.BaseDamaged` when a base directory
     of the user's fails :func:`~pgraft.core.shipped.open_base_dir`. ``shipped`` is the app's shipped
     base directory (None: none); a positional path that is that directory counts as the shipped base
-    too (verified, never written into). ``run_kind`` names a run in messages (default ``"<app> run"``)."""
+    too (verified, never written into), and so does the word ``shipped`` as the positional argument
+    (unless a directory of that name exists), so every command names the shipped base the same way.
+    ``run_kind`` names a run in messages (default ``"<app> run"``)."""
     run_kind = run_kind or f"{app} run"
+    if path is not None and base is None and str(path) == SHIPPED and not Path(path).exists():
+        path, base = None, SHIPPED  # `pgraft <app> sample shipped`: the shipped base, named as --base names it
     if path is not None and base is not None:
         raise UsageError(f"give a directory ({path}) or --base ({base}), not both")
     if path is None and base is None:

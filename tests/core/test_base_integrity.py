@@ -95,12 +95,18 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("damage", list(DAMAGES))
-def test_a_damaged_user_base_is_refused_naming_the_file_and_left_as_it_is(tmp_path, damage):
+def _damaged_copy(tmp_path: Path, damage: str) -> tuple[Path, str, dict[str, str]]:
+    """A copy of the shipped toy base with ``damage`` done to it, the pattern its refusal names, and
+    the hashes of its files (to compare after the refusal)."""
     mine = _copy(tmp_path)
     damage_fn, names = DAMAGES[damage]
     damage_fn(mine)
-    before = _hashes(mine)
+    return mine, names, _hashes(mine)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_user_base_is_refused_naming_the_file_and_left_as_it_is(tmp_path, damage):
+    mine, names, before = _damaged_copy(tmp_path, damage)
     with pytest.raises(BaseDamaged, match=names) as info:
         open_base_dir(mine)
     assert "\n" not in str(info.value) and str(mine) in str(info.value)
@@ -109,10 +115,7 @@ def test_a_damaged_user_base_is_refused_naming_the_file_and_left_as_it_is(tmp_pa
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_toy_train_refuses_a_damaged_base_and_never_pretrains_over_it(tmp_path, damage):
-    mine = _copy(tmp_path)
-    damage_fn, names = DAMAGES[damage]
-    damage_fn(mine)
-    before = _hashes(mine)
+    mine, names, before = _damaged_copy(tmp_path, damage)
     out = tmp_path / "run"
     result, output = invoke("toy", "train", "--base", str(mine), "--out", str(out), *TINY_TRAIN)
     assert result.exit_code == 1, output

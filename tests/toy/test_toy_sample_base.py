@@ -80,3 +80,16 @@ def test_a_directory_that_is_neither_run_nor_base_is_refused_in_one_line(tmp_pat
     result, output = _invoke("sample", str(tmp_path / "missing"), "--quiet")
     assert result.exit_code == 2 and f"{tmp_path / 'missing'} does not exist" in output
     assert not (empty / "samples.csv").exists() and not (other / "samples.csv").exists()
+
+
+def test_the_word_shipped_names_the_shipped_base_as_argument_too(tmp_path, monkeypatch):
+    """One way to name a base in every command: ``sample shipped`` is ``sample --base shipped`` (same
+    samples), unless a directory called ``shipped`` exists where the command runs."""
+    monkeypatch.chdir(tmp_path)
+    as_option = _ok("sample", "--base", "shipped", "-n", "5", "--seed", "3", "--quiet", "--out", str(tmp_path / "a.csv"))
+    as_argument = _ok("sample", "shipped", "-n", "5", "--seed", "3", "--quiet", "--out", str(tmp_path / "b.csv"))
+    assert "5 samples written" in as_option and "5 samples written" in as_argument
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    (tmp_path / "shipped").mkdir()  # a directory of that name is what the argument names then
+    result, output = _invoke("sample", "shipped", "-n", "5", "--quiet")
+    assert result.exit_code == 2 and "shipped is neither a toy run" in output, output
