@@ -121,6 +121,29 @@ def fcd_score(generated: Sequence[str], reference: Sequence[str], device: str = 
     return float(FCD(device=device, n_jobs=1)(list(generated), list(reference)))
 
 
+def valid_unique_novel(smiles: Sequence[str | None],
+                       train_smiles: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
+    """(canonical SMILES of the valid samples, the unique ones in first-occurrence order, the unique
+    ones not in ``train_smiles``): the three sets behind validity, uniqueness, novelty and V.U.N."""
+    valid = [mol_to_smiles(mol) for mol in (_mol(s) for s in smiles) if mol is not None]
+    unique = list(dict.fromkeys(valid))
+    train_set = train_smiles if isinstance(train_smiles, (set, frozenset)) else set(train_smiles)
+    return valid, unique, [s for s in unique if s not in train_set]
+
+
+def novelty_row(smiles: Sequence[str | None], train_smiles: Iterable[str]) -> dict[str, float]:
+    """validity, uniqueness, novelty, V.U.N. and the mean QED of the valid samples and of the
+    V.U.N. ones (the quantities the QED gain is traded against), as in :func:`evaluate_smiles`."""
+    n = len(smiles)
+    valid, unique, novel = valid_unique_novel(smiles, train_smiles)
+    qed_of = {s: qed_score(_mol(s)) for s in unique}
+    nan = float("nan")
+    return {"validity": len(valid) / n if n else nan, "uniqueness": len(unique) / len(valid) if valid else nan,
+            "novelty": len(novel) / len(unique) if unique else nan, "vun": len(novel) / n if n else nan,
+            "qed_valid_mean": float(np.mean([qed_of[s] for s in valid])) if valid else nan,
+            "qed_vun_mean": float(np.mean([qed_of[s] for s in novel])) if novel else nan}
+
+
 def evaluate_smiles(
     smiles: Sequence[str | None],
     train_smiles: Iterable[str],
@@ -142,14 +165,7 @@ def evaluate_smiles(
     n = len(smiles)
     if n == 0:
         raise ValueError("evaluate_smiles needs at least one generated sample")
-    valid: list[str] = []
-    for s in smiles:
-        mol = _mol(s)
-        if mol is not None:
-            valid.append(mol_to_smiles(mol))
-    unique = list(dict.fromkeys(valid))  # first occurrence order, deterministic
-    train_set = train_smiles if isinstance(train_smiles, (set, frozenset)) else set(train_smiles)
-    novel = [s for s in unique if s not in train_set]
+    valid, unique, novel = valid_unique_novel(smiles, train_smiles)  # unique: first occurrence order
     unique_mols = [_mol(s) for s in unique]
     qeds = [qed_score(m) for m in unique_mols]
     qed_of = dict(zip(unique, qeds))

@@ -49,6 +49,7 @@ class BaseModel:
     spec: GraphSpec
     size_distribution: torch.Tensor
     preset: MoleculePretrainPreset
+    dataset: str | None = None  # the name of the data it was trained on (``molecule.json``), None if unrecorded
 
 
 def write_meta(run_dir: str | Path, data: MoleculeData, preset: MoleculePretrainPreset) -> None:
@@ -68,7 +69,7 @@ def load_base(run_dir: str | Path) -> BaseModel:
     model = load_pretrained(GraphTransformer, run_dir)
     return BaseModel(model=model.eval(), spec=GraphSpec.from_dict(meta["spec"]),
                      size_distribution=torch.tensor(meta["size_distribution"]),
-                     preset=MoleculePretrainPreset(**meta["preset"]))
+                     preset=MoleculePretrainPreset(**meta["preset"]), dataset=meta.get("dataset"))
 
 
 def evaluate_base(model: nn.Module, data: MoleculeData, n: int = 1000, n_steps: int = 100, seed: int = 0,

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pgraft.core.checkpoint import load_run_head
+from pgraft.core.checkpoint import load_run_head, save_json
 from pgraft.core.plots import plot_rounds
 from pgraft.core.progress import make_console
 from pgraft.core.sampling import unmask_log_prob
@@ -35,7 +35,7 @@ from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_
 
 from . import diffusion
 from .data import load_dataset, state_to_smiles
-from .metrics import evaluate_smiles
+from .metrics import evaluate_smiles, novelty_row
 from .model import GraphTransformer
 from .presets import get_preset
 from .pretrain import META_NAME, BaseModel, load_base, pretrain_molecule
@@ -110,9 +110,23 @@ class _Describe:
         return pd.DataFrame({"smiles": _smiles(x0, self.atom_types)})
 
 
-def make_problem(base: BaseModel, reward: str, sample_steps: int, novel: bool = False) -> GraftProblem:
+def novelty_reference(base: BaseModel) -> frozenset[str] | None:
+    """The base's training split (canonical SMILES) to measure novelty against, when the base
+    records that it was trained on its preset's dataset (QM9, MOSES or a SMILES file); None for a
+    base trained on data handed to :func:`pretrain_molecule` directly (tests), whose split is not
+    recorded."""
+    recorded, source = base.dataset, str(base.preset.dataset)
+    if recorded is None or recorded not in (source, Path(source).stem):
+        return None
+    return base_training_smiles(base)
+
+
+def make_problem(base: BaseModel, reward: str, sample_steps: int, novel: bool = False,
+                 reference: frozenset[str] | None = None) -> GraftProblem:
     """The molecule world as a GraftProblem: masked prior, reveal step, masking loss, RDKit reward
-    (with ``novel``, 0 for molecules of the base's training split: :func:`base_training_smiles`)."""
+    (with ``novel``, 0 for molecules of the base's training split: :func:`base_training_smiles`).
+    With ``reference`` (:func:`novelty_reference`), every round's metrics also report novelty and
+    V.U.N. against it: what a QED gain is traded against."""
     spec = base.spec
     reward_fn = get_reward(reward, spec)
     if novel:
@@ -127,7 +141,11 @@ def make_problem(base: BaseModel, reward: str, sample_steps: int, novel: bool = 
         mols = to_mols(x0, atom_types)
         valid = [m for m in mols if m is not None]
         qeds = [qed_score(m) for m in valid]
-        return {"validity": len(valid) / len(mols), "qed_valid_mean": sum(qeds) / len(qeds) if qeds else 0.0}
+        row = {"validity": len(valid) / len(mols), "qed_valid_mean": sum(qeds) / len(qeds) if qeds else 0.0}
+        if reference is not None:
+            found = novelty_row(_smiles(x0, atom_types), reference)
+            row.update(novelty=found["novelty"], vun=found["vun"])
+        return row
 
     return GraftProblem(
         prior=prior,
@@ -161,7 +179,7 @@ def train_molecule(cfg: MoleculeTrainConfig, graft: GraftConfig, out: str | Path
     base_dir = base_dir_of(cfg)
     base = load_or_pretrain(base_dir, cfg.preset, show_progress)
     cfg = replace(cfg, **base_digests(base_dir, recorded_section(out, "molecule") if resume else None))
-    problem = make_problem(base, cfg.reward, cfg.sample_steps, novel=cfg.novel)
+    problem = make_problem(base, cfg.reward, cfg.sample_steps, novel=cfg.novel, reference=novelty_reference(base))
     head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out,
                             app_config={"molecule": _app_record(cfg, Path(out), resume)},
                             resume=resume, show_progress=show_progress)
@@ -190,9 +208,19 @@ def write_outputs(run_dir: Path, problem: GraftProblem, head, base: BaseModel, s
     smiles, rewards = sample_smiles(problem, head, base.model, n, split, seed=10_007, show_progress=show_progress)
     samples = pd.DataFrame({"smiles": smiles, "reward": rewards.numpy()})
     samples.to_csv(run_dir / "samples.csv", index=False)
+    reference = novelty_reference(base)
+    if reference is not None:
+        summary = {"n": n, "seed": 10_007, "reward_mean": float(rewards.double().mean()),
+                   **novelty_row(smiles, reference)}
+        save_json(summary, run_dir / "summary.json")
+        console.print(f"final {n:,} samples: QED of valid {summary['qed_valid_mean']:.3f}, validity "
+                      f"{summary['validity']:.3f}, uniqueness {summary['uniqueness']:.3f}, novelty (vs the base's "
+                      f"training split) {summary['novelty']:.3f}, V.U.N. {summary['vun']:.3f} (QED of V.U.N. "
+                      f"{summary['qed_vun_mean']:.3f}); {run_dir / 'summary.json'}")
     draw_top(samples, run_dir / "top_molecules.png")
-    plot_rounds(pd.read_csv(run_dir / "metrics.csv"),
-                ["reward_mean", "validity", "unique_frac", "qed_valid_mean", "accept_rate"],
+    table = pd.read_csv(run_dir / "metrics.csv")
+    plot_rounds(table, [c for c in ["reward_mean", "validity", "unique_frac", "qed_valid_mean", "novelty", "vun",
+                                    "accept_rate"] if c in table],
                 run_dir / "rounds.png", title=str(run_dir))
     console.print(f"wrote {run_dir / 'samples.csv'}, {run_dir / 'top_molecules.png'}, {run_dir / 'rounds.png'}")
 

@@ -142,3 +142,22 @@ def test_cli_help_names_novel_and_sa_scales():
     assert result.exit_code == 0
     assert "--novel" in output and "--no-novel" in output and "training split" in output
     assert "sa_raw_mean" in output
+
+
+def test_novelty_row_counts_valid_unique_novel_as_evaluate_smiles_does():
+    """Five samples, one invalid, one repeated, one in the training split: validity 4/5, uniqueness
+    3/4, novelty 2/3, V.U.N. 2/5, and the same four numbers as the full evaluation row."""
+    from rdkit import Chem
+
+    from pgraft.apps.molecule.metrics import evaluate_smiles, novelty_row, qed_score
+
+    smiles = ["CCO", "OCC", "CCN", None, "c1ccccc1"]  # OCC is CCO written another way
+    row = novelty_row(smiles, frozenset({"CCO"}))
+    assert row["validity"] == 4 / 5 and row["uniqueness"] == 3 / 4
+    assert row["novelty"] == 2 / 3 and row["vun"] == 2 / 5
+    qeds = {s: qed_score(Chem.MolFromSmiles(s)) for s in ("CCO", "CCN", "c1ccccc1")}
+    assert row["qed_vun_mean"] == pytest.approx((qeds["CCN"] + qeds["c1ccccc1"]) / 2)
+    assert row["qed_valid_mean"] == pytest.approx((2 * qeds["CCO"] + qeds["CCN"] + qeds["c1ccccc1"]) / 4)
+    full = evaluate_smiles(smiles, {"CCO"}, ["CCO", "CCN"], fcd=False)
+    assert {k: full[k] for k in ("validity", "uniqueness", "novelty", "vun")} == \
+        {k: row[k] for k in ("validity", "uniqueness", "novelty", "vun")}
