@@ -105,22 +105,6 @@ def sample_split(
     return SplitSample(x_t=x_t, x_0=x_0, t=float(times[index]))
 
 
-@torch.no_grad()
-def sample_trajectory(
-    model: nn.Module,
-    x: State,
-    times: torch.Tensor,
-    step: StepFn,
-    cond: Any = None,
-    generator: torch.Generator | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[State]:
-    """Like :func:`sample` but returns every state on the grid: ``[x_T, ..., x_0]`` (len(times))."""
-    states = [x]
-    sample(model, x, times, step, cond, generator, progress, lambda i, x_next: states.append(x_next))
-    return states
-
-
 # ----------------------------------------------------------------------------- flow steps
 def euler_step(model, x, t, t_next, cond=None, generator=None):
     """Euler step of the flow ODE dx/ds = v(x, s): x + (t_next - t) v(x, t)."""

@@ -34,7 +34,7 @@ from torch import nn
 from .checkpoint import save_pretrained
 from .errors import FieldError, RewardError
 from .grs import GRSConfig
-from .heads import Anchored, _squared_difference, apply_lora, build_head, merged_copy  # noqa: F401  (re-exported)
+from .heads import Anchored, apply_lora, build_head, merged_copy  # noqa: F401  (apply_lora, merged_copy: part of the loop's API)
 from .integrity import exclusive
 from .pretrain import TrainingInterrupted, check_finite, stop_requests
 from .progress import make_console, progress_bar

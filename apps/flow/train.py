@@ -58,7 +58,7 @@ from pgraft.core.state import atomic_write, module_device
 from pgraft.core.targets import checkpoint_lacks
 
 from .data import DATASETS, infinite_batches, load_images
-from .evaluate import EvalConfig, Evaluator  # noqa: F401  (EvalConfig re-exported: it lived here)
+from .evaluate import Evaluator
 from .model import PRESETS, FlowUNet, from_preset
 
 BASE_META = "flow.json"

@@ -119,10 +119,6 @@ class GraphSpec:
     def node_mask_id(self) -> int:
         return self.n_atom_types
 
-    @property
-    def edge_mask_id(self) -> int:
-        return N_BOND_TYPES
-
     def atom_index(self) -> dict[tuple[str, int], int]:
         return _atom_index(self.atom_types)
 

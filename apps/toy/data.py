@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +31,6 @@ class GaussianMixture:
         means = torch.tensor(self.means)[comp]
         stds = torch.tensor(self.stds)[comp][:, None]
         return means + stds * torch.randn(n, self.dim, generator=generator)
-
-    def log_density(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x) for x [B, D]; shape [B]."""
-        x = x.double()
-        means = torch.tensor(self.means, dtype=torch.float64)
-        stds = torch.tensor(self.stds, dtype=torch.float64)
-        d2 = ((x[:, None, :] - means[None]) ** 2).sum(-1)
-        logc = (torch.log(torch.tensor(self.weights, dtype=torch.float64)) - self.dim * torch.log(stds)
-                - 0.5 * self.dim * math.log(2 * math.pi))
-        return torch.logsumexp(logc - 0.5 * d2 / stds**2, dim=1)
 
 
 MIXTURES: dict[str, GaussianMixture] = {
