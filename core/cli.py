@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional, get_type_hints
@@ -37,6 +38,13 @@ M = Annotated[int, typer.Option("--m", "--group-size", help="M: candidates per g
 Groups = Annotated[int, typer.Option(help="Groups sampled per round (candidates per round = groups × M).",
                                      rich_help_panel=PANEL)]
 Threshold = Annotated[float, typer.Option(help="Reward threshold τ for --rule threshold.", rich_help_panel=PANEL)]
+RewardMax = Annotated[Optional[float], typer.Option(
+    "--reward-max", help="Upper bound of the reward, known before sampling, for --rule rs: accept with probability "
+                         "exp((r - bound)/α), exact rejection sampling (a reward above it stops the run). Default: the "
+                         "bound the app declares for the chosen --reward, if any. 'inf' (or no declared bound): the "
+                         "round's best reward is the bound, which always keeps the best candidate and biases the "
+                         "accepted law below exp(r/α) (docs/derivations.md); runs made before this flag used it, so "
+                         "resume one with --reward-max inf.", show_default=False, rich_help_panel=PANEL)]
 Dedup = Annotated[bool, typer.Option("--dedup/--no-dedup", help="Keep one copy of each distinct accepted sample.",
                                      rich_help_panel=PANEL)]
 T = Annotated[float, typer.Option("--t", "--split", help="P-GRAFT split: fraction of sampler steps left to the frozen base "
@@ -65,7 +73,7 @@ Device = Annotated[str, typer.Option(help="Where to run: auto (the GPU when torc
 FLAGS = {"rounds": "--rounds", "groups": "--groups", "group_size": "--m", "batch_size": "--batch-size",
          "train_steps": "--train-steps", "lora_rank": "--lora", "split": "--t", "k": "--k", "lr": "--lr",
          "anchor": "--anchor", "alpha": "--alpha", "threshold": "--threshold", "rule": "--rule", "seed": "--seed",
-         "sample_batch_size": "--sample-batch-size"}
+         "sample_batch_size": "--sample-batch-size", "bound": "--reward-max", "reward_max": "--reward-max"}
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -252,18 +260,38 @@ GRAFT_FLAGS: dict[str, tuple[Any, Any]] = {
     "rule": (Rule, "topk"), "alpha": (Alpha, 1.0), "k": (K, 2), "m": (M, 8), "groups": (Groups, 64),
     "threshold": (Threshold, 0.0), "dedup": (Dedup, False), "t": (T, 0.0), "rounds": (Rounds, 5),
     "train_steps": (TrainSteps, 100), "batch_size": (BatchSize, 64), "lr": (LR, 1e-4), "lora": (Lora, 0),
-    "replay": (Replay, False), "anchor": (Anchor, 0.0), "seed": (Seed, 0),
+    "replay": (Replay, False), "anchor": (Anchor, 0.0), "seed": (Seed, 0), "reward_max": (RewardMax, None),
 }
+
+
+def rs_bound(rule: str, reward_max: float | None) -> float | None:
+    """``GRSConfig.bound`` from ``--reward-max``: the value for ``--rule rs`` (None for every other
+    rule, which ignores it, so their configs stay as before), None for ``inf`` (no bound known: the
+    batch-max approximation); a usage error naming the flag for nan or -inf."""
+    if reward_max is None or rule != "rs":
+        return None
+    if math.isnan(reward_max) or reward_max == -math.inf:
+        raise typer.BadParameter(f"must be a number (or inf for no bound), got {reward_max}", param_hint="--reward-max")
+    return None if reward_max == math.inf else float(reward_max)
 
 
 def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k: int, threshold: float,
                  dedup: bool, t: float, train_steps: int, batch_size: int, lr: float, lora: int,
-                 replay: bool, seed: int, anchor: float = 0.0, sample_batch_size: int = 256) -> GraftConfig:
+                 replay: bool, seed: int, anchor: float = 0.0, sample_batch_size: int = 256,
+                 reward_max: float | None = None) -> GraftConfig:
     """Build the core config from the shared flags, turning ValueErrors into usage errors that name
-    the flag typed (``--m``, not ``group_size``)."""
+    the flag typed (``--m``, not ``group_size``). ``reward_max`` becomes ``GRSConfig.bound`` for
+    ``--rule rs`` (:func:`rs_bound`)."""
     try:
+        bound = rs_bound(rule, reward_max)
+        if rule == "rs" and bound is None:
+            from .progress import warn
+
+            warn("--rule rs without a reward bound: the round's best reward is the bound, an approximation that "
+                 "always keeps the best candidate (biased below accept ∝ exp(r/α)); give --reward-max for exact "
+                 "rejection sampling")
         return GraftConfig(rounds=rounds, groups=groups, group_size=m,
-                           grs=GRSConfig(rule=rule, alpha=alpha, k=k, threshold=threshold), dedup=dedup,
+                           grs=GRSConfig(rule=rule, alpha=alpha, k=k, threshold=threshold, bound=bound), dedup=dedup,
                            split=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora_rank=lora,
                            replay=replay, anchor=anchor, seed=seed, sample_batch_size=sample_batch_size)
     except FieldError as err:  # GraftConfig's and GRSConfig's checks name their field
@@ -273,17 +301,22 @@ def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k
 
 
 def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int = 256,
+                  reward_max: float | Callable[[dict[str, Any]], float | None] | None = None,
                   **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for an app's ``train`` command: appends the shared GRAFT flags (:data:`GRAFT_FLAGS`,
     with this app's ``defaults``) to the command's options and calls it with one ``graft:
     GraftConfig`` argument built from them. ``fixed`` pins flags the app does not expose
-    (e.g. ``{"dedup": False}``)::
+    (e.g. ``{"dedup": False}``); the command may then declare a flag of the same name itself.
+    ``reward_max``: the reward's declared upper bound, used for ``--rule rs`` when ``--reward-max``
+    is not given: a number, or a function of the command's other arguments (e.g. of its
+    ``reward``) returning one or None (no bound known). It must be a true bound of the reward::
 
         @app.command("train")
-        @opts.graft_options(rule="bon", m=16, t=0.1)
+        @opts.graft_options(rule="bon", m=16, t=0.1, reward_max=lambda kw: BOUNDS.get(kw["reward"]))
         def train_cmd(graft: GraftConfig, out: opts.Out = Path("runs/x"), ...) -> None: ...
     """
     fixed = dict(fixed or {})
+    declared = reward_max
     unknown = (set(defaults) | set(fixed)) - set(GRAFT_FLAGS)
     if unknown:
         raise ValueError(f"unknown GRAFT flags {sorted(unknown)}; known: {sorted(GRAFT_FLAGS)}")
@@ -292,7 +325,7 @@ def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int
         hints = get_type_hints(fn, include_extras=True)
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
                for p in inspect.signature(fn).parameters.values() if p.name != "graft"]
-        clash = {p.name for p in own} & set(GRAFT_FLAGS)
+        clash = {p.name for p in own} & (set(GRAFT_FLAGS) - set(fixed))
         if clash:
             raise ValueError(f"{fn.__name__} declares shared GRAFT flags itself: {sorted(clash)}")
         flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=defaults.get(name, d))
@@ -302,6 +335,8 @@ def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int
         @run_errors
         def command(**kwargs: Any) -> Any:
             values = {**fixed, **{name: kwargs.pop(name) for name in GRAFT_FLAGS if name not in fixed}}
+            if values.get("reward_max") is None and declared is not None:
+                values["reward_max"] = declared(kwargs) if callable(declared) else declared
             return fn(graft=graft_config(**values, sample_batch_size=sample_batch_size), **kwargs)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + flags
@@ -336,9 +371,24 @@ Tails = Annotated[int, typer.Option("--tails", help="K: independent base tails t
 DiagnoseBatch = Annotated[int, typer.Option("--batch", help="Rows per sampler call.", callback=at_least(1))]
 DiagnoseOut = Annotated[Path, typer.Option("--out", help="Folder for diagnose.csv (the table) and diagnose.png.")]
 DIAGNOSE_GRID = "0.1,0.25,0.5,0.75,0.9"
-DIAGNOSE_HELP = ("Which P-GRAFT split --t to train with, from the base alone: the share R²(t) of the reward's "
-                 "variance that X_t already decides (n states × K base tails per t, 95% intervals); recommends "
-                 "the largest t whose R² lower bound is >= 0.5.")
+DIAGNOSE_HELP = ("Which P-GRAFT split --t to train with, from the base alone (n states × K base tails per t, 95% "
+                 "intervals): the share R²(t) of the reward's variance that X_t already decides, and the kept share: "
+                 "the share of GRAFT's per-round reward gain that P-GRAFT keeps at t under the GRS rule given by "
+                 "--rule/--m/--k/--alpha/--threshold/--reward-max/--groups (train's defaults), estimated by simulating "
+                 "that rule on the states × tails (assumes perfect learning of the accepted X_t, one round, acceptance "
+                 "decided by the reward alone; R² equals it only where the mean of E(r | X_t) given r is linear in r). Recommends "
+                 "the largest t whose kept-share lower bound is >= 0.5 (R²'s when no kept share can be estimated).")
+# the GRAFT flags a diagnose command does not take (the rule's flags stay: the kept share uses them)
+DIAGNOSE_FIXED = {"dedup": False, "t": 0.0, "rounds": 1, "train_steps": 0, "batch_size": 1, "lr": 1e-4, "lora": 0,
+                  "replay": False, "anchor": 0.0, "seed": 0}
+
+
+def diagnose_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for an app's ``diagnose`` command: :func:`graft_options` with only the GRS rule's
+    flags (``--rule --m --k --alpha --threshold --reward-max --groups``; pass the app's train
+    defaults, ``reward_max`` included); the command gets ``graft: GraftConfig`` and hands it to
+    :func:`diagnose` as ``rule``."""
+    return graft_options(fixed=DIAGNOSE_FIXED, **defaults)
 
 
 def t_grid(text: str) -> list[float]:
@@ -350,8 +400,9 @@ def t_grid(text: str) -> list[float]:
 
 
 def diagnose(problem: Any, base: Any, grid: list[float], *, states: int, tails: int, seed: int, batch: int,
-             out: Path, quiet: bool) -> Any:
-    """The shared body of ``pgraft <app> diagnose``: :func:`pgraft.core.diagnose.run_diagnose`."""
+             out: Path, quiet: bool, rule: GraftConfig | None = None) -> Any:
+    """The shared body of ``pgraft <app> diagnose``: :func:`pgraft.core.diagnose.run_diagnose`;
+    ``rule`` (from :func:`diagnose_options`): the GRS rule of the kept share."""
     from .diagnose import run_diagnose
 
-    return run_diagnose(problem, base, grid, states, tails, seed, batch, out, show_progress=not quiet)
+    return run_diagnose(problem, base, grid, states, tails, seed, batch, out, show_progress=not quiet, rule=rule)

@@ -42,19 +42,38 @@ design is nested, block > state > tail:
   prompts as well; the ``conditions`` column is G. With one condition (or none) this is the one-way
   design above.
 
-Recommendation. Write h(X_t) = E[r | X_t], so r = h + e with e uncorrelated with h, and let GRS
-raise the mean reward of the accepted samples above the candidates' by S (its selection
-differential). P-GRAFT fine-tunes the head on the accepted X_t; at best the head reproduces their
-law, and a fresh sample from head + base then has the expected reward of h over the accepted X_t.
-Regressing h on r gives slope Cov(h, r) / Var(r) = Var(h) / Var(r) = R^2(t), so among the
-accepted samples h rises by about R^2(t) S: the breeder's equation, with R^2 in the role of
-heritability. It is exact when h and r are jointly Gaussian (then E[h | r] = mean + R^2 (r -
-mean)), and the linear approximation otherwise. So R^2(t) is the fraction of GRAFT's per-round
-reward gain (GRAFT is t = 0, R^2 = 1) that P-GRAFT keeps at split t, while a larger t leaves the
-head an easier law to learn and keeps more of the sampler, and so the sample, at the frozen base.
-The rule of :func:`recommend_t`: the largest t on the grid whose R^2 lower 95% bound is at least
-``keep`` = 0.5, i.e. that keeps at least half of the selection's gain with 95% confidence; when no
-t qualifies, the smallest t on the grid, saying so.
+Kept share. Write h(X_t) = E[r | X_t], so r = h + e with e uncorrelated with h, and let A be the
+acceptance of the GRS rule. GRAFT's per-round gain is E[r | A] - E[r] = Cov(r, A) / P(A).
+P-GRAFT fine-tunes the head on the accepted X_t; if the head learns their law perfectly, a fresh
+sample from head + base has the expected reward of h over the accepted X_t, a gain
+E[h | A] - E[h] = Cov(h, A) / P(A). The share of GRAFT's gain that P-GRAFT keeps at t is
+
+    kept(t) = Cov(h, A) / Cov(r, A)        (one round, perfect learning, A decided by r alone).
+
+:func:`kept_share` estimates it from the states x tails table by simulating the rule the user
+trains with (``--rule --m --k --alpha --threshold --reward-max``, and ``--groups`` per round for
+batch-max ``rs``): groups of M candidates, each a state of the sample and one of its tails as
+its reward r, accepted by the rule itself; h of a candidate is the mean of its state's tails that
+no candidate of the group uses (unbiased for h and independent of the group's rewards given the
+states, so Cov(ĥ, A) = Cov(h, A)). With conditions, a group draws its states from one condition's
+block (with replacement, so with s < M states a state serves several candidates, each with a tail
+of its own: a group that would need all K tails of a state is left out), and the gains are
+summed over conditions, each within its condition. The 95% interval is the cluster bootstrap of
+R^2's, each replicate re-simulating the rule.
+
+R^2(t) is the kept share only where E[h | r] is linear in r (then Cov(h, A) = slope Cov(r, A),
+slope = Var(h) / Var(r) = R^2: the breeder's equation; exact when h and r are jointly Gaussian,
+for every rule). Otherwise the two differ, and by a rule-dependent amount: h = ±1 equiprobable,
+e ~ N(0, 0.9^2) gives R^2 = 1/1.81 = 0.55 but a kept share of 0.43 under Best-of-16 and 0.38
+under Best-of-32 (the harder the selection, the more it picks tails of e rather than h). A larger
+t leaves the head an easier law to learn and keeps more of the sampler, and so the sample, at the
+frozen base.
+
+The rule of :func:`recommend_t`: the largest t on the grid whose kept-share lower 95% bound is at
+least ``keep`` = 0.5, i.e. that keeps at least half of GRAFT's per-round gain with 95% confidence
+under the stated assumptions; without a kept share (no rule given, or none estimable: K tails too
+few for the group's uses of a state, or a rule that selects nothing), the same rule on R^2's lower
+bound. When no t qualifies, the smallest t on the grid, saying so.
 
 The grid values are train's ``--t``: the fraction of sampler steps left to the frozen base, rounded
 to the sampler grid in the same way (the ``t_grid`` column is the time of the grid point used);
@@ -74,25 +93,30 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .grs import GRSConfig, accept
 from .progress import make_console, progress_bar
 from .sampling import sample
 from .schedules import split_index
 from .state import cat, index, module_device, repeat_interleave, to_device
-from .trainer import GraftProblem, derive_seed, generator_for
+from .trainer import GraftConfig, GraftProblem, derive_seed, generator_for
 
 COLUMNS = ["t", "t_grid", "n_states", "tails", "conditions", "var_r", "evar", "evar_lo", "evar_hi", "r2", "r2_lo", "r2_hi",
-           "F", "p_value", "seconds"]
+           "kept", "kept_lo", "kept_hi", "F", "p_value", "seconds"]
 DEFAULT_GRID = (0.1, 0.25, 0.5, 0.75, 0.9)
 BOOTSTRAP = 1000
 LEVEL = 0.95
 KEEP = 0.5
 STATES_PER_CONDITION = 4  # s: states drawn per condition in conditional problems (module docstring)
+KEPT_GROUPS = 4096  # simulated GRS groups for the kept share's point estimate
+KEPT_BOOT = 200  # bootstrap replicates of the kept share (each re-simulates the rule)
+KEPT_BOOT_GROUPS = 1024  # simulated groups per bootstrap replicate
 
 # seed streams of this module (the last part of generator_for's key; distinct from trainer.Stream)
 _HEADS = 1 << 26  # X_T and the base over T -> t, per chunk of states: the same X_T for every t
 _TAILS = 1 << 27  # the K tails t -> 0, per t and chunk
 _BOOT = 1 << 28  # bootstrap resampling, per t
 _CONDS = 1 << 29  # the conditions a conditional diagnosis draws its states for
+_KEPT = 1 << 30  # the kept share's simulated groups and its bootstrap, per t
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -185,6 +209,149 @@ def bootstrap_intervals(r: np.ndarray, n_boot: int = BOOTSTRAP, level: float = L
     return {"evar": interval(evar), "r2": interval(r2)}
 
 
+# ----------------------------------------------------------------------------- kept share
+def _block_members(n: int, groups: np.ndarray | None) -> list[torch.Tensor]:
+    """The state ids of each condition block with at least 2 states (a block of one state cannot
+    be selected within: it is left out)."""
+    g = np.zeros(n, dtype=np.int64) if groups is None else _groups(np.empty((n, 0)), groups)
+    members = [torch.from_numpy(np.flatnonzero(g == b)) for b in range(int(g.max()) + 1)]
+    return [m for m in members if len(m) >= 2]
+
+
+def simulate_gains(r: torch.Tensor, members: Sequence[torch.Tensor], grs: GRSConfig, group_size: int,
+                   n_groups: int, generator: torch.Generator, round_groups: int | None = None) -> tuple[float, float]:
+    """(gain of h, gain of r) of one simulation of the GRS rule ``grs`` on groups of ``group_size``
+    candidates drawn from the states x tails table ``r`` [n, K] (module docstring, "Kept share").
+
+    ``members``: the state ids of each condition block (ids may repeat: a bootstrap resample); the
+    ``n_groups`` groups go round-robin over the blocks and draw their states uniformly from the
+    block, with replacement. Each candidate is scored by one tail of its state (the state's uses in
+    a group take distinct tails) and h = E[r | X_t] is estimated by the mean of the state's tails
+    that no candidate of the group uses, which is independent of the group's rewards given the
+    states, so Cov(ĥ, A) = Cov(h, A). A group whose states would need all K tails is redrawn
+    (left out). ``round_groups``: groups per round for ``rs`` without a bound (the round's maximum
+    is its bound; None: one round). Gains per block: E[x | A] - E[x] for x = r and x = ĥ, summed over
+    the blocks with an acceptance; nan, nan when nothing was accepted.
+    """
+    k = r.shape[1]
+    m = group_size
+    sizes = torch.tensor([len(x) for x in members])
+    table = torch.zeros(len(members), int(sizes.max()), dtype=torch.long)
+    for b, ids in enumerate(members):
+        table[b, : len(ids)] = ids
+    batchmax = grs.rule == "rs" and grs.bound is None
+    per_round = (round_groups or n_groups) if batchmax else 1
+    g = math.ceil(n_groups / per_round) * per_round
+    block = torch.arange(g) % len(members)
+    pos = (torch.rand(g, m, generator=generator, dtype=torch.float64) * sizes[block, None]).long()
+    state = table[block[:, None], torch.minimum(pos, sizes[block, None] - 1)]  # [G, M]
+    same = state[:, :, None] == state[:, None, :]  # [G, M, M]
+    uses = same.sum(2)  # how many candidates of the group share this one's state
+    first = same.int().argmax(2)  # the group's first candidate with this state
+    occurrence = (same & torch.ones(m, m, dtype=torch.bool).tril(-1)).sum(2)  # earlier ones with this state
+    tail_order = torch.rand(g, m, k, generator=generator).argsort(2)  # one per candidate; the first's is used
+    tails = r[state].gather(2, tail_order.gather(1, first[..., None].expand(-1, -1, k)))  # [G, M, K], in order
+    score = tails.gather(2, occurrence.clamp_max(k - 1)[..., None]).squeeze(2)  # its tail (groups left out below: any)
+    used = tails.cumsum(2).gather(2, (uses - 1).clamp(0, k - 1)[..., None]).squeeze(2)  # the group's tails of it
+    h = (tails.sum(2) - used) / (k - uses).clamp_min(1)  # the state's unused tails
+    ok = (uses < k).all(1)
+    if batchmax:  # whole rounds only
+        keep = int(ok.sum()) // per_round * per_round
+        ok &= ok.cumsum(0) <= keep
+    if not bool(ok.any()):
+        return math.nan, math.nan
+    score, h, block = score[ok].flatten(), h[ok].flatten(), block[ok].repeat_interleave(m)
+    ids = torch.arange(len(score)) // m
+    if batchmax:
+        size = per_round * m
+        accepted = torch.cat([accept(score[i:i + size], ids[i:i + size], grs, generator)
+                              for i in range(0, len(score), size)])
+    else:
+        accepted = accept(score, ids, grs, generator)
+    a = accepted.double()
+    n_b = torch.bincount(block, minlength=len(members)).double()
+    acc_b = torch.bincount(block, weights=a, minlength=len(members))
+    live = acc_b > 0
+    if not bool(live.any()):
+        return math.nan, math.nan
+
+    def gain(x: torch.Tensor) -> float:
+        mean_acc = torch.bincount(block, weights=x * a, minlength=len(members))[live] / acc_b[live]
+        mean_all = torch.bincount(block, weights=x, minlength=len(members))[live] / n_b[live]
+        return float((mean_acc - mean_all).sum())
+
+    return gain(h), gain(score)
+
+
+def _ratio(gains: tuple[float, float]) -> float:
+    gain_h, gain_r = gains
+    return gain_h / gain_r if gain_r > 0 else math.nan
+
+
+def kept_share(r: np.ndarray, grs: GRSConfig, group_size: int, groups: np.ndarray | None = None,
+               round_groups: int | None = None, n_groups: int = KEPT_GROUPS,
+               generator: torch.Generator | None = None) -> float:
+    """The share of GRAFT's per-round reward gain that P-GRAFT keeps at this t, under the rule
+    ``grs`` on groups of ``group_size``, estimated from the rewards ``r`` [n states, K tails]:
+
+        kept = (E[h | A] - E[h]) / (E[r | A] - E[r]) = Cov(h, A) / Cov(r, A),   h = E[r | X_t],
+
+    A the acceptance of a candidate whose reward r is one tail of its state (:func:`simulate_gains`,
+    ``n_groups`` simulated groups; with ``groups``, the condition of each state, both gains are
+    summed over conditions, each within its condition). Assumes perfect learning of the accepted
+    law of X_t, one round, and acceptance decided by r alone (no dedup). nan when the rule accepts
+    nothing, selects nothing, or K tails cannot serve the group's uses of a state."""
+    r_t = torch.as_tensor(np.asarray(r, dtype=np.float64))
+    if r_t.ndim != 2 or r_t.shape[1] < 2:
+        raise ValueError(f"need rewards of shape [n states, K >= 2 tails], got {tuple(r_t.shape)}")
+    members = _block_members(r_t.shape[0], groups)
+    if not members:
+        return math.nan
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return _ratio(simulate_gains(r_t, members, grs, group_size, n_groups, generator, round_groups))
+
+
+def kept_share_interval(r: np.ndarray, grs: GRSConfig, group_size: int, groups: np.ndarray | None = None,
+                        round_groups: int | None = None, n_boot: int = KEPT_BOOT, n_groups: int = KEPT_BOOT_GROUPS,
+                        level: float = LEVEL, generator: torch.Generator | None = None) -> tuple[float, float]:
+    """Percentile interval of :func:`kept_share` by the cluster bootstrap of
+    :func:`bootstrap_intervals` (states, or condition blocks with their states, resampled with
+    replacement), each replicate re-simulating the rule on ``n_groups`` groups (so the interval
+    also holds the simulation's own noise)."""
+    r_t = torch.as_tensor(np.asarray(r, dtype=np.float64))
+    members = _block_members(r_t.shape[0], groups)
+    if not members:
+        return math.nan, math.nan
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    values = np.empty(n_boot)
+    for b in range(n_boot):
+        if len(members) == 1:  # the states, with replacement (a repeated state keeps its id: tails stay distinct)
+            ids = members[0]
+            picked = [ids[torch.randint(len(ids), (len(ids),), generator=generator)]]
+        else:  # the condition blocks, each with its states
+            picked = [members[i] for i in torch.randint(len(members), (len(members),), generator=generator).tolist()]
+        picked = [p for p in picked if len(torch.unique(p)) >= 2]
+        values[b] = (_ratio(simulate_gains(r_t, picked, grs, group_size, n_groups, generator, round_groups))
+                     if picked else math.nan)
+    if np.isnan(values).all():
+        return math.nan, math.nan
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def describe_rule(rule: GraftConfig) -> str:
+    """The GRS rule of ``rule`` in words, e.g. ``topk K=2 of M=8``."""
+    grs, m = rule.grs, rule.group_size
+    if grs.rule == "rs":
+        bound = f"bound {grs.bound:g}" if grs.bound is not None else f"batch-max bound over rounds of {rule.groups}x{m}"
+        return f"rs α={grs.alpha:g}, {bound}"
+    if grs.rule == "bon":
+        return f"bon N={m}"
+    if grs.rule == "topk":
+        return f"topk K={grs.k} of M={m}"
+    return f"threshold τ={grs.threshold:g}"
+
+
 # ----------------------------------------------------------------------------- sampling
 def grid_index(times: torch.Tensor, t: float) -> int:
     """Index of split ``t`` in the sampler grid: train's ``split_times(times, t).index`` (the
@@ -274,11 +441,15 @@ def _chunks(n: int, batch_size: int) -> int:
 def reward_variance(problem: GraftProblem, base: nn.Module, t_grid: Sequence[float] = DEFAULT_GRID,
                     n_states: int = 64, tails: int = 8, seed: int = 0, batch_size: int = 256,
                     show_progress: bool = True, n_boot: int = BOOTSTRAP,
-                    states_per_condition: int = STATES_PER_CONDITION) -> pd.DataFrame:
+                    states_per_condition: int = STATES_PER_CONDITION,
+                    rule: GraftConfig | None = None) -> pd.DataFrame:
     """The diagnosis table, one row per t of ``t_grid`` (columns :data:`COLUMNS`; see the module
     docstring). Samples with ``base`` on its device, ``batch_size`` rows per sampler call; X_T is
     drawn from the same seeds for every t (common random numbers across the grid). A problem with
-    several conditions is diagnosed within conditions (``states_per_condition`` states each)."""
+    several conditions is diagnosed within conditions (``states_per_condition`` states each).
+    ``rule``: the GRS rule train will use (``grs``, ``group_size``, and ``groups`` per round for
+    batch-max ``rs``): the kept-share columns are estimated under it (:func:`kept_share`); None
+    leaves them nan."""
     grid = check_grid(t_grid)
     if n_states < 2 or tails < 2:
         raise ValueError(f"need at least 2 states and 2 tails per state, got {n_states} and {tails}")
@@ -295,37 +466,58 @@ def reward_variance(problem: GraftProblem, base: nn.Module, t_grid: Sequence[flo
             r, groups = _rewards_at(problem, base, k, n_states, tails, seed, batch_size, advance, states_per_condition)
             est = variance_components(r, groups)
             ci = bootstrap_intervals(r, n_boot, LEVEL, np.random.default_rng(derive_seed(seed, k, _BOOT)), groups)
+            kept, kept_ci = math.nan, (math.nan, math.nan)
+            if rule is not None:
+                gen = generator_for(seed, k, _KEPT)
+                kept = kept_share(r, rule.grs, rule.group_size, groups, rule.groups, generator=gen)
+                kept_ci = kept_share_interval(r, rule.grs, rule.group_size, groups, rule.groups, generator=gen)
             rows.append({"t": t, "t_grid": float(problem.times[k]), "n_states": n_states, "tails": tails,
                          "conditions": int(len(np.unique(groups))),
                          "var_r": est["var_r"], "evar": est["evar"], "evar_lo": ci["evar"][0],
                          "evar_hi": ci["evar"][1], "r2": est["r2"], "r2_lo": ci["r2"][0], "r2_hi": ci["r2"][1],
+                         "kept": kept, "kept_lo": kept_ci[0], "kept_hi": kept_ci[1],
                          "F": est["F"], "p_value": est["p_value"], "seconds": time.time() - t0})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 # ----------------------------------------------------------------------------- decision and outputs
-def recommend_t(table: pd.DataFrame, keep: float = KEEP) -> tuple[float, str]:
-    """(t, reason): the largest t whose R^2 lower bound ``r2_lo`` is >= ``keep`` (see the module
-    docstring); when none qualifies, the smallest t of the table, and the reason says so."""
+KEPT_ASSUMPTIONS = ("estimated by simulating the rule on the base's states x tails; assumes the head learns the "
+                    "accepted law of X_t perfectly, one round, acceptance decided by r alone")
+
+
+def recommend_t(table: pd.DataFrame, keep: float = KEEP, rule: str = "") -> tuple[float, str]:
+    """(t, reason): the largest t whose kept-share lower bound ``kept_lo`` is >= ``keep`` when the
+    table has one (a number somewhere in the column; nan never qualifies), else the largest t whose
+    R^2 lower bound ``r2_lo`` is (see the module docstring); when none qualifies, the smallest t
+    of the table, and the reason says so. ``rule``: the rule in words, for the reason."""
     if table.empty:
         raise ValueError("empty diagnosis table")
-    ok = table[table["r2_lo"] >= keep]  # NaN bounds never qualify
+    kept = "kept_lo" in table and bool(table["kept_lo"].notna().any())
+    column = "kept_lo" if kept else "r2_lo"
+    under = f" under {rule}" if rule else ""
+    ok = table[table[column] >= keep]  # NaN bounds never qualify
     if len(ok):
         row = ok.loc[ok["t"].idxmax()]
+        if kept:
+            return float(row["t"]), (f"largest t whose kept-share lower 95% bound {row['kept_lo']:.3f} >= {keep:g}: "
+                                     f"P-GRAFT at this t keeps >= {keep:.0%} of GRAFT's per-round reward gain{under} "
+                                     f"({KEPT_ASSUMPTIONS}; R^2 = {row['r2']:.3f})")
         return float(row["t"]), (f"largest t with R^2 lower 95% bound {row['r2_lo']:.3f} >= {keep:g}: X_t already "
-                                 f"decides >= {keep:.0%} of the reward's variance, so P-GRAFT keeps at least that "
-                                 "share of the selection's gain")
+                                 f"decides >= {keep:.0%} of the reward's variance; R^2 is the share of the selection's "
+                                 "gain P-GRAFT keeps only where E[E[r|X_t] | r] is linear in r (no kept share "
+                                 "was estimated)")
     row = table.loc[table["t"].idxmin()]
-    best = table.loc[table["r2_lo"].fillna(-math.inf).idxmax()]
-    return float(row["t"]), (f"no t on the grid has an R^2 lower 95% bound >= {keep:g} (best: t={best['t']:g}, "
-                             f"r2_lo={best['r2_lo']:.3f}); smallest t of the grid, consider plain GRAFT (t = 0) or a "
-                             "finer grid below it")
+    best = table.loc[table[column].fillna(-math.inf).idxmax()]
+    what = "kept-share" if kept else "R^2"
+    return float(row["t"]), (f"no t on the grid has a {what} lower 95% bound >= {keep:g} (best: t={best['t']:g}, "
+                             f"{column}={best[column]:.3f}); smallest t of the grid, consider "
+                             "plain GRAFT (t = 0) or a finer grid below it")
 
 
 def plot_diagnosis(table: pd.DataFrame, path: str | Path, keep: float = KEEP, recommended: float | None = None,
                    title: str = "") -> Path:
-    """Two panels against t: E[Var(r | X_t)] (with Var(r)) and R^2(t), each with its 95% interval,
-    the ``keep`` line, and the recommended t when given."""
+    """Two panels against t: E[Var(r | X_t)] (with Var(r)) and R^2(t) with the kept share (when the
+    table has one), each with its 95% interval, the ``keep`` line, and the recommended t when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,9 +533,12 @@ def plot_diagnosis(table: pd.DataFrame, path: str | Path, keep: float = KEEP, re
     ax = axes[1]
     ax.fill_between(table["t"], table["r2_lo"], table["r2_hi"], alpha=0.25, label="95% interval")
     ax.plot(table["t"], table["r2"], "o-", label="R^2 = Var(E[r|X_t]) / Var(r)")
+    if "kept" in table and table["kept"].notna().any():
+        ax.fill_between(table["t"], table["kept_lo"], table["kept_hi"], alpha=0.25, color="tab:orange")
+        ax.plot(table["t"], table["kept"], "s-", color="tab:orange", label="kept share of GRAFT's gain (simulated rule)")
     ax.axhline(keep, color="r", lw=1, ls=":", label=f"keep = {keep:g}")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("R^2 (share of the reward decided at X_t)")
+    ax.set_ylabel("share (R^2; gain kept by P-GRAFT)")
     for ax in axes:
         if recommended is not None:
             ax.axvline(recommended, color="g", lw=1, ls="--", label=f"recommended t = {recommended:g}")
@@ -378,16 +573,17 @@ def run_diagnose(problem: GraftProblem, base: nn.Module, t_grid: Sequence[float]
                  n_states: int = 64, tails: int = 8, seed: int = 0, batch: int = 256,
                  out_dir: str | Path = "runs/diagnose", show_progress: bool = True, keep: float = KEEP,
                  device: torch.device | str | None = None,
-                 states_per_condition: int = STATES_PER_CONDITION) -> pd.DataFrame:
+                 states_per_condition: int = STATES_PER_CONDITION, rule: GraftConfig | None = None) -> pd.DataFrame:
     """The body of every ``pgraft <app> diagnose``: measure (on ``device``, default the GPU when torch
     sees one), print the table and ``recommended t: X (reason)``, write ``diagnose.csv`` and
-    ``diagnose.png`` to ``out_dir``; returns the table."""
+    ``diagnose.png`` to ``out_dir``; returns the table. ``rule``: the GRS rule train will use, for
+    the kept share (:func:`reward_variance`)."""
     from .state import default_device
 
     base = base.eval().requires_grad_(False).to(device if device is not None else default_device())
     table = reward_variance(problem, base, t_grid, n_states, tails, seed, batch, show_progress,
-                            states_per_condition=states_per_condition)
-    t, reason = recommend_t(table, keep)
+                            states_per_condition=states_per_condition, rule=rule)
+    t, reason = recommend_t(table, keep, describe_rule(rule) if rule is not None else "")
     out_dir = Path(out_dir)
     csv = write_table(table, out_dir / "diagnose.csv")
     png = plot_diagnosis(table, out_dir / "diagnose.png", keep, t, title=f"{n_states} states x {tails} tails per t"
@@ -395,6 +591,13 @@ def run_diagnose(problem: GraftProblem, base: nn.Module, t_grid: Sequence[float]
                             f", within {table['conditions'].iloc[0]} conditions"))
     console = make_console()
     console.print(format_table(table), highlight=False, markup=False, soft_wrap=True)
+    if rule is not None:
+        note = (f"kept = share of GRAFT's per-round gain that P-GRAFT keeps at t under {describe_rule(rule)} "
+                f"({KEPT_ASSUMPTIONS})")
+        if table["kept"].isna().all():
+            note += (": not estimable here (a group needs a state's tail that none of its candidates uses: raise "
+                     "--tails or --states; or the rule accepted or selected nothing); falling back to R^2")
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     console.print(f"recommended t: {t:g} ({reason})", highlight=False, markup=False, soft_wrap=True)
     console.print(f"written: {csv}, {png}", highlight=False, markup=False, soft_wrap=True)
     return table

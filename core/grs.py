@@ -7,11 +7,20 @@ p ∝ p̄ exp(r̂/α) with reshaped reward r̂ = α log E[A(x)] + const:
 =============  ===========================================  ================================
 rule           acceptance A                                  reshaped reward r̂
 =============  ===========================================  ================================
-rs             u < exp((r - max r)/α)                        r
+rs, bound B    u < exp((r - B)/α), B known before sampling   r (exact; every r must be <= B)
+rs, no bound   u < exp((r - max r)/α), max over the round    ≈ r (biased near the top: the
+                                                             round's best is always kept;
+                                                             exact r̂: reshaped_reward_rejection_batchmax)
 bon            best of its group of N                         α (N-1) log F(r)
 topk           among the K best of its group of M             α log Σ_{j<K} C(M-1,j)(1-F)^j F^(M-1-j)
 threshold      r >= τ                                         0 above τ, -inf below
 =============  ===========================================  ================================
+
+Rejection sampling is exact only with a bound fixed before sampling (``GRSConfig.bound``, the
+CLI's ``--reward-max``): with the round's own maximum as the bound the best candidate is always
+accepted, so P(accept | x) ∝ e^{r/α} fails at the top of the batch (r ~ N(0, 1), 256 candidates,
+α = 0.5: accepted mean 1.72 where the tilt's is 2.00). A reward above a declared bound is refused
+(:class:`~pgraft.core.errors.FieldError` naming ``bound``), since it would break the exactness.
 
 F is the CDF of r under the current model p̄ (estimated empirically). Ties are broken uniformly
 at random with the explicit generator, so decisions are reproducible and unbiased. The bon/topk
@@ -123,16 +132,46 @@ def block_size(groups: torch.Tensor) -> int | None:
 
 
 # ----------------------------------------------------------------------------- rules
-def accept_rejection(rewards: torch.Tensor, alpha: float, groups: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Plain rejection sampling: accept with prob exp((r - max r)/α).
+def _check_bound(bound: float | None) -> float | None:
+    if bound is None:
+        return None
+    if isinstance(bound, bool) or not (isinstance(bound, (int, float)) and math.isfinite(bound)):
+        raise FieldError("bound", f"must be a finite number (a known upper bound of the reward) or None, got {bound!r}")
+    return float(bound)
 
-    The bound max r is taken over the whole batch (``groups=None``, exact: accepted ∝ p̄ e^{r/α})
-    or per group. Computed in log space, so any reward scale is safe.
+
+def check_below_bound(rewards: torch.Tensor, bound: float) -> None:
+    """Refuse rewards [B] above ``bound``: exact rejection sampling needs every r <= bound. The
+    :class:`~pgraft.core.errors.FieldError` names ``bound`` (the CLI's ``--reward-max``), the
+    largest reward seen and how many exceed it."""
+    top = float(rewards.max())
+    if top > bound:
+        over = int((rewards > bound).sum())
+        detail = (f"the largest reward of this batch, {top:.6g} ({over} of {len(rewards)} above), exceeds the declared "
+                  f"bound {bound:g}: rejection sampling is exact only when every reward is <= the bound; start again "
+                  "with a true upper bound of the reward, or --reward-max inf for the (biased) batch-max bound")
+        raise FieldError("bound", detail, f"reward above its bound: {detail}")
+
+
+def accept_rejection(rewards: torch.Tensor, alpha: float, groups: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None, bound: float | None = None) -> torch.Tensor:
+    """Rejection sampling: accept each candidate with prob exp((r - b)/α). Returns the mask [B].
+
+    ``bound`` given (a float B known before sampling, every r <= B): b = B, the decisions are
+    independent and P(accept | x) = e^{(r(x) - B)/α} ∝ e^{r/α} exactly, whatever the batch;
+    a reward above B raises :class:`~pgraft.core.errors.FieldError` (:func:`check_below_bound`).
+    ``bound=None``: b = max r over the whole batch (``groups=None``) or per group. The best
+    candidate is then always accepted and P(accept | x) = E[min(1, e^{(r - M')/α})], M' the max of
+    the others: below e^{r/α}'s proportion near the top, a biased tilt
+    (:func:`reshaped_reward_rejection_batchmax`; docs/derivations.md). Log space: any reward scale is safe.
     """
     alpha = _check_alpha(alpha)
+    bound = _check_bound(bound)
     r = _check_rewards(rewards).cpu()
     u = torch.rand(len(r), generator=generator, dtype=torch.float64)
+    if bound is not None:  # exact: one bound known before sampling
+        check_below_bound(r, bound)
+        return torch.log(u) < (r - bound) / alpha
     if groups is None:  # one bound for the whole batch
         return torch.log(u) < (r - r.max()) / alpha
     g = _check_groups(groups, len(r))
@@ -174,12 +213,19 @@ def accept_threshold(rewards: torch.Tensor, threshold: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- config + registry
 @dataclass(frozen=True)
 class GRSConfig:
-    """Which GRS rule to apply. ``k`` is used by ``topk``, ``alpha`` by ``rs``, ``threshold`` by ``threshold``."""
+    """Which GRS rule to apply. ``k`` is used by ``topk``, ``alpha`` and ``bound`` by ``rs``,
+    ``threshold`` by ``threshold``.
+
+    ``bound``: an upper bound of the reward known before sampling (``--reward-max``). With it ``rs``
+    is exact (accept with prob exp((r - bound)/α), a reward above it is refused); None (the
+    default, and every config saved before the field existed) bounds by the round's best reward,
+    the biased batch-max approximation (module docstring)."""
 
     rule: str = "topk"
     alpha: float = 1.0
     k: int = 1
     threshold: float = 0.0
+    bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -190,13 +236,15 @@ class GRSConfig:
             raise FieldError("k", f"must be a positive integer, got {self.k!r}")
         if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold)):
             raise FieldError("threshold", f"must be finite, got {self.threshold!r}")
+        object.__setattr__(self, "bound", _check_bound(self.bound))
 
 
 RuleFn = Callable[[torch.Tensor, torch.Tensor, GRSConfig, "torch.Generator | None"], torch.Tensor]
 
 RULES: dict[str, RuleFn] = {
-    # one bound for the whole round keeps RS exact (p ∝ p̄ e^{r/α}) for every condition at once
-    "rs": lambda r, g, c, gen: accept_rejection(r, c.alpha, None, gen),
+    # exact with a bound known before sampling; without one, the round's maximum (one bound for the
+    # whole round, every condition at once): the batch-max approximation
+    "rs": lambda r, g, c, gen: accept_rejection(r, c.alpha, None, gen, c.bound),
     "bon": lambda r, g, c, gen: accept_best_of_n(r, g, gen),
     "topk": lambda r, g, c, gen: accept_top_k(r, c.k, g, gen),
     "threshold": lambda r, g, c, gen: accept_threshold(r, c.threshold),
@@ -248,8 +296,43 @@ def _check_cdfs(cdf: torch.Tensor, cdf_below: torch.Tensor | None) -> tuple[torc
 
 
 def reshaped_reward_rejection(rewards: torch.Tensor) -> torch.Tensor:
-    """Rejection sampling keeps the reward: r̂ = r."""
+    """Rejection sampling with a bound B known before sampling keeps the reward: r̂ = r
+    (P(accept | r) = e^{(r - B)/α}, so α log P = r - B, a constant off r)."""
     return _check_rewards(rewards).clone()
+
+
+def reshaped_reward_rejection_batchmax(rewards: torch.Tensor, alpha: float, n: int,
+                                       reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Batch-max rejection sampling (``rs`` without a bound, a round of ``n`` candidates): the exact
+    r̂ = α log P(accept | r), shape [B] like ``rewards``.
+
+    The bound is max(r, M'), M' the largest of the n - 1 other rewards, P(M' <= v) = F(v)^(n-1):
+
+        P(accept | r) = E[min(1, e^{(r - M')/α})] = F(r)^(n-1) + e^{r/α} Σ_{v_j > r} w_j e^{-v_j/α},
+
+    over the distinct values v_j of ``reference`` (the rewards under p̄; default ``rewards``), with
+    w_j = F(v_j)^(n-1) - F(v_{j-1})^(n-1) the law of M'. For r far below the batch's top this is
+    ∝ e^{r/α} (r̂ = r + const), near the top it is larger (1 for r above every v_j): the bias of
+    the batch-max bound. O(R log R) for R reference rewards (suffix log-sum-exp).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    alpha = _check_alpha(alpha)
+    r = _check_rewards(rewards)
+    if n == 1:
+        return torch.zeros_like(r)  # alone in its batch: always the maximum, always kept
+    values, counts = torch.unique(_check_rewards(r if reference is None else reference), return_counts=True)
+    log_cdf = torch.log(torch.cumsum(counts, 0).double() / counts.sum())  # log F(v_j), increasing
+    log_mass = (n - 1) * log_cdf  # log P(M' <= v_j)
+    below = torch.cat([torch.full((1,), -math.inf, dtype=torch.float64), log_mass[:-1]])
+    log_w = log_mass + torch.log1p(-torch.exp(below - log_mass))  # log P(M' = v_j)
+    terms = log_w - values / alpha
+    suffix = torch.flip(torch.logcumsumexp(torch.flip(terms, [0]), 0), [0])  # log Σ_{j' >= j}
+    suffix = torch.cat([suffix, torch.full((1,), -math.inf, dtype=torch.float64)])
+    above = torch.searchsorted(values, r, right=True)  # first j with v_j > r
+    at_most = torch.where(above > 0, log_mass[(above - 1).clamp_min(0)], torch.full_like(r, -math.inf))
+    log_p = torch.logaddexp(at_most, r / alpha + suffix[above])
+    return alpha * log_p
 
 
 def reshaped_reward_best_of_n(cdf: torch.Tensor, n: int, alpha: float = 1.0,
@@ -323,6 +406,8 @@ def reshaped_reward(rewards: torch.Tensor, config: GRSConfig, group_size: int,
                     reference: torch.Tensor | None = None) -> torch.Tensor:
     """The reshaped reward r̂ of ``config``'s rule for samples with rewards ``rewards``.
 
+    ``rs`` gives r: exact with ``config.bound``; without a bound it is the large-round limit of the
+    batch-max rule, whose exact r̂ depends on the round size (:func:`reshaped_reward_rejection_batchmax`).
     ``reference``: rewards of samples from p̄ used for the CDF (defaults to ``rewards``). Values
     repeated in it are atoms of the reward law and get the tie-exact r̂
     (:func:`empirical_cdf_below`); a tie-free reference gives the continuous formulas.

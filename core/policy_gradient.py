@@ -17,11 +17,18 @@ the right default whatever the size of the state; with a sum the same clip would
 tighter. ``PGConfig(log_prob_reduction="sum")`` keeps the summed log-density (then the clip
 range has to be set for D). Every update logs DDPO's diagnostics next to the loss: the fraction
 of clipped ratios and approx_kl = E[(log rho)^2] / 2.
+
+The run directory is the round loop's (:mod:`pgraft.core.rundir`): locked, checkpointed per round,
+resumable (``resume=True``) and stopped cleanly by SIGTERM / Ctrl-C, see :func:`run_policy_gradient`.
+It runs in one process (trajectories are sampled and kept in one process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,8 +40,10 @@ import torch
 from torch import nn
 
 from .checkpoint import save_pretrained
+from .errors import RewardError, UsageError
 from .heads import seeded
-from .pretrain import check_finite
+from .integrity import exclusive
+from .pretrain import TrainingInterrupted, check_finite, stop_requests
 from .progress import progress_bar
 from .rundir import RunDir
 from .state import State, default_device, index
@@ -42,7 +51,10 @@ from .trainer import (
     GraftConfig,
     GraftProblem,
     RoundResult,
+    RoundStopped,
     Stream,
+    _saved,
+    _stop_check,
     apply_lora,
     derive_seed,
     generator_for,
@@ -53,6 +65,11 @@ from .trainer import (
 )
 
 LogProbFn = Callable[[nn.Module, State, float, float, State, Any], torch.Tensor]
+
+
+# seed stream of torch's global generators during a round (what a model in training mode draws
+# from them, e.g. dropout): key (seed, round, _GLOBAL_RNG), apart from core.trainer.Stream's values
+_GLOBAL_RNG = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,8 @@ class PGConfig:
     ``lora_*``: LoRA adapters instead of full fine-tuning (``lora_rank = 0``: all weights).
     ``sample_batch_size``: chunk size when sampling and scoring; ``final_eval``: sample a last,
     untrained round with the final model; ``seed``: every draw derives from it.
+
+    On ``--resume`` only rounds (upwards), lr, epochs and grad_clip may change (:data:`pgraft.core.rundir.RESUMABLE`).
     """
 
     rounds: int = 4
@@ -165,11 +184,61 @@ def run_policy_gradient(
     run_dir: str | Path,
     app_config: dict[str, Any] | None = None,
     show_progress: bool = True,
+    resume: bool = False,
 ) -> tuple[nn.Module, pd.DataFrame]:
-    """Clipped policy-gradient fine-tuning over all sampler steps; returns (merged model, metrics)."""
-    run = RunDir(run_dir, resume=False)
-    run.save_config({"pg": asdict(cfg), "app": app_config or {}, "model": model_config}, resume=False)
-    run.truncate_after(-1)
+    """Clipped policy-gradient fine-tuning over all sampler steps; returns (merged model, metrics).
+
+    The run directory has the round loop's guarantees (:func:`~pgraft.core.trainer.run_graft`):
+    one writer at a time (a second is refused with ``RunDirLocked``); a metrics row then a
+    checkpoint per round (policy weights, LoRA included, and optimizer state), the checkpoint's
+    ``latest.json`` committing the round; ``resume=True`` rebuilds the policy as a fresh run does,
+    loads the newest intact checkpoint and goes on at the next round, so a run killed at any moment
+    (SIGKILL included) and resumed ends with the rows and head of an uninterrupted one (on the CPU,
+    bit for bit: every draw comes from generators derived from the seed, the round and the batch).
+    On resume only the ``pg.*`` fields of :data:`pgraft.core.rundir.RESUMABLE` may change (``rounds`` only upwards). SIGTERM or Ctrl-C
+    stops the run at the next sampling chunk or update minibatch: the round in flight is dropped
+    and :class:`~pgraft.core.pretrain.TrainingInterrupted` says how to resume. The final
+    evaluation row is written once; ``head/`` (the merged policy) is saved at the end.
+
+    One process only: trajectories are sampled and kept in one process (``trajectory=True``), so a
+    launch with several processes (``accelerate launch`` / ``torchrun``) is refused.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("the policy-gradient baseline runs in one process; start it without accelerate launch / torchrun")
+    run = RunDir(run_dir, resume=resume)
+    with exclusive(run.path), stop_requests() as stop:
+        try:
+            return _run_policy_gradient(problem, log_prob, base, model_config, cfg, run, app_config, resume,
+                                        show_progress, _stop_check(stop, None))
+        except RewardError as err:  # a reward that failed: say what is kept and how to go on
+            done = run.latest_round()
+            raise type(err)(f"{err}; stopped in round {done + 1}: {_saved(done)} in {run.path} (rerun the same "
+                            "command with --resume once the reward is fixed)") from None
+        except RoundStopped as err:
+            done = run.latest_round()
+            message = (f"stopped by a signal during round {done + 1} ({err.phase}); {_saved(done)} in {run.path}; "
+                       "rerun the same command with --resume to continue")
+            print(message, file=sys.stderr)
+            raise TrainingInterrupted(None, run.path, message, signum=stop["signal"]) from None
+
+
+@contextlib.contextmanager
+def _global_rng(seed: int, device: torch.device):
+    """Run the block with torch's global generators (CPU, and the GPU's) seeded, restored afterwards:
+    what a model draws from them in training mode (dropout) then depends on (seed, round) only, so a
+    resumed run draws what an uninterrupted one does."""
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, run: RunDir, app_config, resume,
+                         show_progress, should_stop) -> tuple[nn.Module, pd.DataFrame]:
+    checkpoint = None
+    if resume and run.latest_round() >= 0:
+        checkpoint = run.load_checkpoint()  # before anything is written: a refusal changes nothing
+    run.save_config({"pg": asdict(cfg), "app": app_config or {}, "model": model_config}, resume)
     if cfg.log_prob_reduction == "mean":
         log_prob = per_dimension(log_prob)
     # on the GPU when one is visible, as run_graft; rewards, keys and metrics see CPU samples
@@ -181,6 +250,17 @@ def run_policy_gradient(
             policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
+    start = 0
+    if checkpoint is not None:
+        last, weights, state = checkpoint
+        policy.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # a resumable knob may have changed
+            group["lr"] = cfg.lr
+        start = last + 1
+    if resume:
+        run.remove_temp_files()  # of writes killed before their rename
+    run.truncate_after(start - 1)
     times = problem.times
     n = cfg.groups * cfg.group_size
     groups = torch.arange(n) // cfg.group_size
@@ -188,67 +268,87 @@ def run_policy_gradient(
     sample_cfg = GraftConfig(rounds=cfg.rounds, groups=cfg.groups, group_size=cfg.group_size,
                              sample_batch_size=cfg.sample_batch_size, seed=cfg.seed)
 
-    for round_ in range(cfg.rounds):
-        t0 = time.time()
-        policy.eval()
-        cands = sample_candidates(problem, policy, policy, sample_cfg, round_, None, show_progress, trajectory=True)
-        states, rewards, cond_index = cands.states, cands.rewards, cands.cond_index
-        steps = len(times) - 1
-        row = {"round": round_, "phase": "train", **round_metrics(cands, None)}
-        adv = group_advantages(rewards, groups, cfg.adv_clip)
-        with torch.no_grad():
-            old = torch.stack([
-                torch.cat([log_prob(policy, index(states[k], slice(lo, min(n, lo + cfg.sample_batch_size))),
-                                    float(times[k]), float(times[k + 1]),
-                                    index(states[k + 1], slice(lo, min(n, lo + cfg.sample_batch_size))),
-                                    problem.cond_batch(cond_index[lo:lo + cfg.sample_batch_size]))
-                           for lo in range(0, n, cfg.sample_batch_size)])
-                for k in range(steps)])  # [steps, n]
-        policy.train()
-        losses, clip_fractions, approx_kls = [], [], []
-        n_batches = max(1, n // cfg.batch_size)
-        with progress_bar(cfg.epochs * n_batches, f"PG round {round_}: updates", show_progress) as advance:
-            for epoch in range(cfg.epochs):
-                perm = torch.randperm(n, generator=generator_for(cfg.seed, round_, epoch, Stream.PG_EPOCH))
-                for b in range(n_batches):
-                    idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    cond = problem.cond_batch(cond_index[idx])
-                    opt.zero_grad(set_to_none=True)
-                    total = 0.0
-                    # DDPO's timestep_fraction: train on a random subset of the sampler's steps
-                    n_train = max(1, round(cfg.timestep_fraction * steps))
-                    chosen = torch.randperm(steps, generator=generator_for(cfg.seed, round_, epoch, b, Stream.PG_STEPS))
-                    for k in sorted(chosen[:n_train].tolist()):
-                        lp = log_prob(policy, index(states[k], idx), float(times[k]), float(times[k + 1]),
-                                      index(states[k + 1], idx), cond)
-                        pg = clipped_surrogate(lp, old[k, idx], adv[idx], cfg.clip)
-                        clip_fractions.append(pg.clip_fraction)
-                        approx_kls.append(pg.approx_kl)
-                        loss = pg.loss / n_train
-                        check_finite(loss, f"PG round {round_}, step {k}")
-                        if loss.requires_grad:
-                            loss.backward()
-                        total += loss.item()
-                    if cfg.grad_clip > 0:
-                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    opt.step()
-                    losses.append(total)
-                    advance(1, loss=total)
-        row["train_loss"] = sum(losses) / len(losses)
-        row["clip_fraction"] = sum(clip_fractions) / len(clip_fractions)
-        row["approx_kl"] = sum(approx_kls) / len(approx_kls)
-        row["seconds"] = time.time() - t0
-        run.append_metrics(row)
-        print_round_row(row)
-        if problem.on_round is not None:
-            problem.on_round(round_, RoundResult(round_, "train", cands, row))
+    for round_ in range(start, cfg.rounds):
+        with _global_rng(derive_seed(cfg.seed, round_, _GLOBAL_RNG), device):
+            t0 = time.time()
+            policy.eval()
+            cands = sample_candidates(problem, policy, policy, sample_cfg, round_, None, show_progress, should_stop,
+                                      trajectory=True)
+            if should_stop():
+                raise RoundStopped("sampling")
+            states, rewards, cond_index = cands.states, cands.rewards, cands.cond_index
+            steps = len(times) - 1
+            row = {"round": round_, "phase": "train", **round_metrics(cands, None)}
+            adv = group_advantages(rewards, groups, cfg.adv_clip)
+            chunks = []
+            with torch.no_grad():
+                for lo in range(0, n, cfg.sample_batch_size):
+                    part = slice(lo, min(n, lo + cfg.sample_batch_size))
+                    cond = problem.cond_batch(cond_index[part])
+                    chunks.append(torch.stack([log_prob(policy, index(states[k], part), float(times[k]),
+                                                        float(times[k + 1]), index(states[k + 1], part), cond)
+                                               for k in range(steps)]))
+                    if should_stop():
+                        raise RoundStopped("log-probabilities of the sampled steps")
+            old = torch.cat(chunks, dim=1)  # [steps, n]
+            policy.train()
+            losses, clip_fractions, approx_kls = [], [], []
+            n_batches = max(1, n // cfg.batch_size)
+            updates = cfg.epochs * n_batches
+            with progress_bar(updates, f"PG round {round_}: updates", show_progress) as advance:
+                for epoch in range(cfg.epochs):
+                    perm = torch.randperm(n, generator=generator_for(cfg.seed, round_, epoch, Stream.PG_EPOCH))
+                    for b in range(n_batches):
+                        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                        cond = problem.cond_batch(cond_index[idx])
+                        opt.zero_grad(set_to_none=True)
+                        total = 0.0
+                        # DDPO's timestep_fraction: train on a random subset of the sampler's steps
+                        n_train = max(1, round(cfg.timestep_fraction * steps))
+                        chosen = torch.randperm(steps, generator=generator_for(cfg.seed, round_, epoch, b,
+                                                                               Stream.PG_STEPS))
+                        for k in sorted(chosen[:n_train].tolist()):
+                            lp = log_prob(policy, index(states[k], idx), float(times[k]), float(times[k + 1]),
+                                          index(states[k + 1], idx), cond)
+                            pg = clipped_surrogate(lp, old[k, idx], adv[idx], cfg.clip)
+                            clip_fractions.append(pg.clip_fraction)
+                            approx_kls.append(pg.approx_kl)
+                            loss = pg.loss / n_train
+                            check_finite(loss, f"PG round {round_}, step {k}")
+                            if loss.requires_grad:
+                                loss.backward()
+                            total += loss.item()
+                        if cfg.grad_clip > 0:
+                            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        opt.step()
+                        losses.append(total)
+                        advance(1, loss=total)
+                        if len(losses) < updates and should_stop():
+                            raise RoundStopped(f"policy update, after minibatch {len(losses)} of {updates}")
+            row["train_loss"] = sum(losses) / len(losses)
+            row["clip_fraction"] = sum(clip_fractions) / len(clip_fractions)
+            row["approx_kl"] = sum(approx_kls) / len(approx_kls)
+            row["seconds"] = time.time() - t0
+            # metrics row first, checkpoint last: latest.json is the commit point of the whole round
+            # (a row of a round whose checkpoint did not commit is dropped on resume)
+            run.append_metrics(row)
+            run.save_checkpoint(round_, policy.state_dict(), {"optimizer": opt.state_dict(), "round": round_})
+            print_round_row(row)
+            if problem.on_round is not None:
+                problem.on_round(round_, RoundResult(round_, "train", cands, row))
 
     merged = merged_copy(policy).eval()
     if cfg.final_eval:
-        cands = sample_candidates(problem, merged, base, sample_cfg, cfg.rounds, None, show_progress)
+        try:
+            cands = sample_candidates(problem, merged, base, sample_cfg, cfg.rounds, None, show_progress, should_stop)
+        except RoundStopped:
+            raise RoundStopped("final evaluation") from None
+        if should_stop():
+            raise RoundStopped("final evaluation")
         row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
-        run.append_metrics(row)
-        print_round_row(row)
+        if cfg.rounds not in set(run.read_metrics().get("round", pd.Series([], dtype=int)).tolist()):
+            run.append_metrics(row)  # once: a resumed finished run does not write it again
+            print_round_row(row)
         if problem.on_round is not None:
             problem.on_round(cfg.rounds, RoundResult(cfg.rounds, "eval", cands, row))
     save_pretrained(merged, model_config, run.path / "head")

@@ -52,7 +52,9 @@ from .state import State, atomic_write
 
 # config fields (dotted paths) that may change on --resume: they steer later rounds only and
 # leave the files already written valid. ``graft.rounds`` may only grow.
-RESUMABLE = ("graft.rounds", "graft.lr", "graft.train_steps", "graft.grad_clip", "graft.weight_decay")
+RESUMABLE = ("graft.rounds", "graft.lr", "graft.train_steps", "graft.grad_clip", "graft.weight_decay",
+             "pg.rounds", "pg.lr", "pg.epochs", "pg.grad_clip")
+GROWING = ("graft.rounds", "pg.rounds")  # resumable fields that may only grow
 
 _X_PREFIX = "x/"
 _TENSOR = "x/__tensor__"
@@ -105,8 +107,9 @@ class RunDir:
     def save_config(self, config: dict[str, Any], resume: bool) -> dict[str, Any]:
         """Write the resolved config; when resuming, refuse a config that changes the run.
 
-        Only the :data:`RESUMABLE` fields may differ (``graft.rounds`` only upwards); each change
-        is recorded under ``"resumed"`` in the saved config. Returns the config in force.
+        Only the :data:`RESUMABLE` fields of the run's section (``graft`` or ``pg``) may differ
+        (:data:`GROWING` ones only upwards); each change is recorded under ``"resumed"`` in the
+        saved config. Returns the config in force.
         """
         path = self.path / "config.json"
         normalized = json.loads(json.dumps(config, default=str))
@@ -115,12 +118,16 @@ class RunDir:
             history = saved.pop("resumed", [])
             diffs = _diff(saved, normalized, ignore=set(RESUMABLE))
             if diffs:
+                may = [f.split(".")[-1] for f in RESUMABLE if f.split(".")[0] in normalized]
+                hint = (" (a run from before --reward-max: resume it with --reward-max inf)"
+                        if any(d.startswith("graft.grs.bound: saved None") for d in diffs) else "")
                 raise UsageError(f"--resume with a config that differs from {path}: " + "; ".join(diffs)
-                                 + f" (only {', '.join(f.split('.')[-1] for f in RESUMABLE)} may change on --resume)")
-            old_rounds, new_rounds = _get(saved, "graft.rounds"), _get(normalized, "graft.rounds")
-            if old_rounds is not None and new_rounds is not None and new_rounds < old_rounds:
-                raise UsageError(f"--resume with rounds {new_rounds}, fewer than the saved run's {old_rounds}: "
-                                 "rounds may only grow on --resume (nothing was changed)")
+                                 + f" (only {', '.join(may)} may change on --resume){hint}")
+            for field in GROWING:
+                old, new = _get(saved, field), _get(normalized, field)
+                if isinstance(old, int) and isinstance(new, int) and new < old:
+                    raise UsageError(f"--resume with rounds {new}, fewer than the saved run's {old}: "
+                                     "rounds may only grow on --resume (nothing was changed)")
             changed = {f: [_get(saved, f), _get(normalized, f)] for f in RESUMABLE
                        if _get(saved, f) != _get(normalized, f)}
             if changed:

@@ -15,7 +15,7 @@ from pgraft.core.shipped import ShippedBaseDamaged
 from pgraft.core.targets import Target, run_lacks, shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
-from .rewards import REWARDS
+from .rewards import REWARD_MAX, REWARDS
 from .train import DEFAULT_BASE
 
 app = typer.Typer(help="Document layouts: box flow + class masking diffusion, alignment/overlap rewards.",
@@ -61,7 +61,8 @@ def pretrain_cmd(
 
 
 @app.command("train")
-@opts.graft_options(alpha=0.1, groups=32, t=0.25, rounds=4, replay=True)
+@opts.graft_options(alpha=0.1, groups=32, t=0.25, rounds=4, replay=True,
+                    reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/layout/train"),
@@ -185,7 +186,9 @@ def evaluate_cmd(
 
 
 @app.command("diagnose", help=opts.DIAGNOSE_HELP)
+@opts.diagnose_options(alpha=0.1, groups=32, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
 def diagnose_cmd(
+    graft: GraftConfig,
     base: Base = DEFAULT_BASE,
     preset: Preset = "default",
     reward: Reward = "combined",
@@ -214,4 +217,4 @@ def diagnose_cmd(
     with opts.bad_parameter(ValueError):
         problem = problem_for(cfg, model)
     opts.diagnose(problem, model.model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
-                  quiet=quiet)
+                  quiet=quiet, rule=graft)

@@ -166,3 +166,8 @@ REWARDS: dict[str, Reward] = {
     "out_of_page": out_of_page_reward,
     "combined": combined_reward(),
 }
+
+# A true upper bound of each reward, known before sampling (``--rule rs``'s default --reward-max):
+# every score is >= 0 (alignment's -log(1 - d) with d in [0, 1), overlap's area ratios, out-of-page's
+# relus) and the combined weights are >= 0, so every reward, a negated score, is <= 0.
+REWARD_MAX: dict[str, float] = {name: 0.0 for name in REWARDS}

@@ -16,7 +16,7 @@ from pgraft.core.trainer import GraftConfig, is_main_process
 
 from .presets import PRESETS, get_preset
 from .pretrain import load_base, pretrain_molecule
-from .rewards import MOL_SCORES
+from .rewards import MOL_SCORES, REWARD_MAX
 from .train import DEFAULT_BASE
 
 app = typer.Typer(help="Molecule generation: masking graph diffusion, RDKit rewards, dedup GRS.",
@@ -60,7 +60,8 @@ def pretrain_cmd(
 
 
 @app.command("train")
-@opts.graft_options(rule="bon", alpha=0.1, m=16, groups=32, t=0.1, rounds=10, lr=2e-4, replay=True)
+@opts.graft_options(rule="bon", alpha=0.1, m=16, groups=32, t=0.1, rounds=10, lr=2e-4, replay=True,
+                    reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/molecule/train"),
@@ -154,7 +155,9 @@ def evaluate_cmd(
 
 
 @app.command("diagnose", help=opts.DIAGNOSE_HELP)
+@opts.diagnose_options(rule="bon", alpha=0.1, m=16, groups=32, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
 def diagnose_cmd(
+    graft: GraftConfig,
     base: Base = DEFAULT_BASE,
     preset: Preset = "default",
     reward: Reward = "qed",
@@ -179,4 +182,4 @@ def diagnose_cmd(
     with opts.bad_parameter(ValueError):
         problem = make_problem(model, reward, sample_steps, novel=novel)
     opts.diagnose(problem, model.model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
-                  quiet=quiet)
+                  quiet=quiet, rule=graft)

@@ -79,6 +79,12 @@ MOL_SCORES: dict[str, MolScore] = {
     "qed+valid": qed_plus_valid_score,
 }
 
+# A true upper bound of each reward, known before sampling: ``--rule rs`` uses it as its default
+# ``--reward-max`` (exact rejection sampling). QED is a weighted geometric mean of desirability
+# functions each normalised to max 1, so QED <= 1; sa is clipped to [0, 1]; validity is 0 or 1.
+# NovelReward only lowers a reward to 0, so the bounds hold with --novel too.
+REWARD_MAX: dict[str, float] = {"valid": 1.0, "qed": 1.0, "sa": 1.0, "qed+valid": 2.0}
+
 
 # ----------------------------------------------------------------------------- state-level helpers
 def to_mols(state: dict[str, torch.Tensor], atom_types: Sequence[str] = QM9_SPEC.atom_types) -> list[Chem.Mol | None]:

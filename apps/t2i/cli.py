@@ -103,9 +103,16 @@ def train_scorer_cmd(
     typer.echo(f"scorer saved to {out}: {json.dumps(metrics)}")
 
 
+def _reward_max(kw: dict) -> float | None:
+    """The declared upper bound of the command's --reward (``rewards.declared_max``; None when unknown)."""
+    from .rewards import declared_max
+
+    return declared_max(kw["reward"], kw["reward_norm"])
+
+
 @app.command("train")
 @opts.graft_options(fixed={"dedup": False}, groups=16, t=0.25, rounds=4, batch_size=32, lora=8,
-                    anchor=DEFAULT_ANCHOR)
+                    anchor=DEFAULT_ANCHOR, reward_max=_reward_max)
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/t2i/graft"),
@@ -268,7 +275,9 @@ def evaluate_cmd(
 
 
 @app.command("diagnose")
+@opts.diagnose_options(groups=16, reward_max=_reward_max)
 def diagnose_cmd(
+    graft: GraftConfig,
     model: Model = Path("runs/t2i/base"),
     prompts: Prompts = "train",
     reward: Reward = "vqa",
@@ -287,8 +296,11 @@ def diagnose_cmd(
 ) -> None:
     """Which P-GRAFT split --t to train with, from the base pipeline (--model) alone: the share R²(t) of the
     reward's variance within a prompt that X_t already decides (n states × K base tails per t, 4 states per
-    prompt: GRS selects among images of one prompt; 95% intervals); recommends the largest t whose R² lower
-    bound is >= 0.5."""
+    prompt: GRS selects among images of one prompt; 95% intervals), and the kept share: the share of GRAFT's
+    per-round gain that P-GRAFT keeps at t under the GRS rule of --rule/--m/--k/--alpha/--threshold/--reward-max
+    (train's defaults), simulated within prompts on the states × tails (assumes perfect learning of the accepted
+    X_t, one round, acceptance by the reward alone). Recommends the largest t whose kept-share lower bound is
+    >= 0.5 (R²'s when no kept share can be estimated)."""
     from .prompts import load_prompts
     from .train import T2IConfig, base_lacks, load_pipeline, recorded_problem
 
@@ -304,7 +316,7 @@ def diagnose_cmd(
         pipe = load_pipeline(app_cfg.model, app_cfg.guidance_scale)
         problem = recorded_problem(pipe, app_cfg, load_prompts(prompts).prompts, out)
     opts.diagnose(problem, pipe.denoiser, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
-                  quiet=quiet)
+                  quiet=quiet, rule=graft)
 
 
 @app.command("serve-reward")

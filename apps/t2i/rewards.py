@@ -463,6 +463,18 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
 }
 
 
+# A true upper bound of each named reward, known before sampling (``--rule rs``'s default
+# --reward-max): vqa is a sigmoid, itm and vqascore softmax probabilities, checker 0 or 1, and
+# clipscore 2.5 * max(cos, 0) with cos <= 1.
+REWARD_MAX: dict[str, float] = {"vqa": 1.0, "checker": 1.0, "itm": 1.0, "vqascore": 1.0, "clipscore": 2.5}
+
+
+def declared_max(name: str, norm: str = "raw") -> float | None:
+    """The upper bound of the ``--reward`` specification ``name`` when it is one named reward
+    taken raw (:data:`REWARD_MAX`), else None (servers, user functions, weighted sums: unknown)."""
+    return REWARD_MAX.get(name) if norm == "raw" else None
+
+
 def make_reward(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu",
                 norm: str = "raw", nonfinite: float | None = None) -> RewardFn:
     """The reward of a ``--reward`` specification: a name of :data:`REWARDS` (``weights``: its weights
@@ -477,5 +489,5 @@ def make_reward(name: str, weights: str | Path | None = None, device: str | torc
     return build_reward(name, weights, device, norm, nonfinite)
 
 
-__all__ = ["REWARDS", "make_reward", "checker_reward", "corrupt_prompt", "VQAScorer", "train_scorer",
+__all__ = ["REWARDS", "REWARD_MAX", "declared_max", "make_reward", "checker_reward", "corrupt_prompt", "VQAScorer", "train_scorer",
            "LearnedVQAReward", "CLIPScoreReward", "ITMReward", "VQAScoreReward", "ScorerTrainConfig"]

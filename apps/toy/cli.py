@@ -18,6 +18,7 @@ from pgraft.core.trainer import GraftConfig, is_main_process, run_graft, sample_
 
 from .data import MIXTURES
 from .model import ToyDenoiser
+from .rewards import REWARD_MAX
 from .train import DEFAULT_BASE, ToyConfig, base_dir_of, load_or_pretrain, make_problem, pretrain_toy, run_base_dir
 
 app = typer.Typer(help="Closed-form toy: Gaussian mixtures, exact GRS targets.", no_args_is_help=True)
@@ -39,7 +40,7 @@ def pretrain_cmd(out: opts.Out = Path("runs/toy/base"), mixture: Mixture = "1d",
 
 @app.command("train")
 @opts.graft_options(rule="rs", k=1, groups=256, rounds=1, train_steps=500, batch_size=256, lr=1e-3,
-                    sample_batch_size=512)
+                    sample_batch_size=512, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/toy/graft"),
@@ -103,7 +104,9 @@ def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
 
 
 @app.command("diagnose", help=opts.DIAGNOSE_HELP)
+@opts.diagnose_options(rule="rs", k=1, groups=256, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
 def diagnose_cmd(
+    graft: GraftConfig,
     base: Base = DEFAULT_BASE,
     mixture: Mixture = "1d",
     reward: Annotated[str, typer.Option(help="Reward: x (linear) or ring.")] = "x",
@@ -122,4 +125,4 @@ def diagnose_cmd(
         base_dir = base_dir_of(base, toy)
     model = load_or_pretrain(toy, base_dir, show_progress=not quiet)
     opts.diagnose(make_problem(toy), model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
-                  quiet=quiet)
+                  quiet=quiet, rule=graft)

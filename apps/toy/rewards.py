@@ -16,3 +16,7 @@ def ring_reward(x: torch.Tensor, cond=None) -> torch.Tensor:
 
 
 REWARDS = {"x": linear_reward, "ring": ring_reward}
+
+# A true upper bound of a reward, known before sampling (``--rule rs``'s default --reward-max):
+# ring is -(distance to the circle)^2 <= 0; x is unbounded (no entry: rs bounds by the batch maximum).
+REWARD_MAX = {"ring": 0.0}
