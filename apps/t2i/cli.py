@@ -13,10 +13,11 @@ import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
-from pgraft.core.targets import Target, run_lacks
+from pgraft.core.targets import Target, run_lacks, shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
 from . import DEFAULT_ANCHOR
+from .presets import DEFAULT_MODEL, DEFAULT_SCORER, SHIPPED_BASE, resolve_model
 
 app = typer.Typer(help="Text-to-image: compositional shapes world (CPU) or a local Stable Diffusion pipeline.",
                   no_args_is_help=True)
@@ -29,7 +30,8 @@ def _reward_norm(value: str) -> str:
     return value
 
 
-Model = Annotated[Path, typer.Option("--model", help="Pipeline directory: `pgraft t2i pretrain` output or a local "
+Model = Annotated[str, typer.Option("--model", help="'shipped' (the shapes-world base shipped with pgraft), a "
+                                                     "pipeline directory: `pgraft t2i pretrain` output or a local "
                                                       "diffusers Stable Diffusion checkpoint (UNet + DDIM, or a "
                                                       "flow-matching StableDiffusion3Pipeline: SD3 / SD3.5).")]
 Prompts = Annotated[str, typer.Option(help="Prompt set: train, heldout, all, geneval, or a .txt/.csv/.jsonl file.")]
@@ -47,8 +49,8 @@ RewardNorm = Annotated[str, typer.Option(help=(
     "z-scored over the images of each scoring call, then weighted: per chunk of --sample-batch-size candidates "
     "in train, not per round)."),
     callback=_reward_norm)]
-RewardWeights = Annotated[Optional[Path], typer.Option(help="Weights directory of the reward (vqa: "
-                                                            "`pgraft t2i train-scorer` output; clipscore/itm/vqascore: "
+RewardWeights = Annotated[Optional[str], typer.Option(help="Weights directory of the reward (vqa: 'shipped', the "
+                                                            "scorer shipped with pgraft, or `pgraft t2i train-scorer` output; clipscore/itm/vqascore: "
                                                             "a local transformers model: CLIP, BLIP ITM, a VQA model "
                                                             "such as LLaVA); shared by the components of a weighted "
                                                             "--reward (a .json file can give each its own).")]
@@ -116,10 +118,10 @@ def _reward_max(kw: dict) -> float | None:
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/t2i/graft"),
-    model: Model = Path("runs/t2i/base"),
+    model: Model = DEFAULT_MODEL,
     prompts: Prompts = "train",
     reward: Reward = "vqa",
-    reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    reward_weights: RewardWeights = DEFAULT_SCORER,
     reward_norm: RewardNorm = "raw",
     n_steps: Steps = 20,
     eta: Eta = None,
@@ -164,12 +166,12 @@ def _target(run_dir: Path | None, base: str | None) -> Target:
     from .train import base_lacks
 
     return opts.sample_target(run_dir, base, "t2i", lacks_run=lambda d: run_lacks(d, "t2i"), lacks_base=base_lacks,
-                              shipped=None)
+                              shipped=SHIPPED_BASE if SHIPPED_BASE.is_dir() else None)
 
 
 RunOrBase = Annotated[Optional[Path], typer.Argument(
     help="A `pgraft t2i train` run directory, or a base pipeline directory (sampled alone).", show_default=False)]
-BaseOnly = opts.base_only("t2i", ships=False)
+BaseOnly = opts.base_only("t2i", ships=SHIPPED_BASE.is_dir())
 
 
 @app.command("sample")
@@ -214,13 +216,13 @@ def sample_cmd(
 def evaluate_cmd(
     run_dir: RunOrBase = None,
     base: BaseOnly = None,
-    model: Model = Path("runs/t2i/base"),
+    model: Model = DEFAULT_MODEL,
     run: Annotated[Optional[Path], typer.Option(help="A `pgraft t2i train` run to evaluate (default: the base; "
                                                      "the same as RUN_DIR).")] = None,
     prompts: Prompts = "heldout",
     per_prompt: PerPrompt = 4,
     reward: Reward = "vqa",
-    reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    reward_weights: RewardWeights = DEFAULT_SCORER,
     reward_norm: RewardNorm = "raw",
     n_steps: Steps = 20,
     eta: Eta = None,
@@ -250,7 +252,7 @@ def evaluate_cmd(
     split = 0.0
     if run is not None:
         app_cfg, cfg = _run_config(run)
-        model, split = Path(app_cfg["model"]), cfg.split
+        model, split = app_cfg["model"], cfg.split
         n_steps, eta = app_cfg["n_steps"], app_cfg["eta"]
         guidance = guidance if guidance is not None else app_cfg.get("guidance_scale")
     with opts.bad_parameter():
@@ -261,7 +263,10 @@ def evaluate_cmd(
     images, plist = sample_images(pipe, head, names, per_prompt, split, n_steps, eta, seed, show_progress=not quiet)
     name = "finetuned" if run is not None else "base"
     samples, table = evaluate_images(images, plist, {reward: reward_fn}, name)
-    out = out or ((run or model) / "eval")
+    if out is None:  # beside the run, or the base (the shipped one's outside the package)
+        model_dir = resolve_model(model)
+        shipped = SHIPPED_BASE.is_dir() and model_dir.resolve() == SHIPPED_BASE.resolve()
+        out = run / "eval" if run is not None else (shipped_outputs("t2i") if shipped else model_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     samples.to_csv(out / f"samples_{prompts if '/' not in prompts else 'file'}.csv", index=False)
     save_grid(images[: 8 * per_prompt], out / "grid.png", plist[: 8 * per_prompt], ncol=per_prompt)
@@ -278,10 +283,10 @@ def evaluate_cmd(
 @opts.diagnose_options(groups=16, reward_max=_reward_max)
 def diagnose_cmd(
     graft: GraftConfig,
-    model: Model = Path("runs/t2i/base"),
+    model: Model = DEFAULT_MODEL,
     prompts: Prompts = "train",
     reward: Reward = "vqa",
-    reward_weights: RewardWeights = Path("runs/t2i/scorer"),
+    reward_weights: RewardWeights = DEFAULT_SCORER,
     reward_norm: RewardNorm = "raw",
     n_steps: Steps = 20,
     eta: Eta = None,

@@ -5,6 +5,10 @@ pretraining steps. ``tiny`` trains in seconds for tests; ``default`` is the CPU 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from pgraft.core.errors import UsageError
+from pgraft.core.shipped import default_base, resolve_base, shipped_dir
 
 
 @dataclass(frozen=True)
@@ -38,3 +42,32 @@ PRESETS: dict[str, ModelPreset] = {
 
 # optimizer steps of `pgraft t2i pretrain` per preset (the command's --steps overrides)
 PRETRAIN_STEPS: dict[str, int] = {"tiny": 200, "default": 3600}
+
+
+# ----------------------------------------------------------------------------- the shipped base and scorer
+# `pgraft t2i pretrain` and `pgraft t2i train-scorer` with their defaults, shipped with the package (see
+# each SHIPPED.json): train / sample / evaluate / diagnose start from them with no pretraining.
+_APP_DIR = Path(__file__).parent
+SHIPPED_BASE = shipped_dir(_APP_DIR)
+SHIPPED_SCORER = shipped_dir(_APP_DIR, "scorer")
+DEFAULT_MODEL = default_base(SHIPPED_BASE, "runs/t2i/base")
+DEFAULT_SCORER = default_base(SHIPPED_SCORER, "runs/t2i/scorer")
+
+
+def resolve_model(value: str | Path) -> Path:
+    """The pipeline directory a ``--model`` value names: ``shipped`` is the shipped base (verified
+    against its manifest); a directory that does not exist is refused naming the commands that make
+    one (nothing is pretrained on its own: that takes ~45 minutes)."""
+    directory = resolve_base(value, SHIPPED_BASE if SHIPPED_BASE.is_dir() else None)
+    if not directory.exists():
+        shipped = " or use the shipped one (--model shipped)" if SHIPPED_BASE.is_dir() else ""
+        raise UsageError(f"--model {directory} does not exist: make a base with `pgraft t2i pretrain --out "
+                         f"{directory}` (~45 min on 2 cores; then `pgraft t2i train-scorer` for the vqa reward)"
+                         f"{shipped}")
+    return directory
+
+
+def resolve_scorer(value: str | Path) -> Path:
+    """The weights directory a ``--reward-weights`` value names: ``shipped`` is the shipped learned
+    scorer of the vqa reward (verified against its manifest); anything else that path."""
+    return resolve_base(value, SHIPPED_SCORER if SHIPPED_SCORER.is_dir() else None)

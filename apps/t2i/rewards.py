@@ -31,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgraft.core.shipped import SHIPPED
+
 from .checker import check
+from .presets import resolve_scorer
 from .world import (
     COLORS,
     NUMBERS,
@@ -482,6 +485,8 @@ def make_reward(name: str, weights: str | Path | None = None, device: str | torc
     ``name:w,name:w`` or a JSON file of weights, combined by ``norm`` (``raw`` or ``zscore``); see
     :mod:`.reward_spec`. ValueError (one line) on a bad specification. ``nonfinite``: what a
     non-finite score of a component counts as (None: refused, :mod:`pgraft.core.rewards`)."""
+    if weights is not None and str(weights) == SHIPPED:  # the shipped learned scorer (verified)
+        weights = resolve_scorer(weights)
     if name in REWARDS and norm == "raw":
         return REWARDS[name](weights, device)
     from .reward_spec import build_reward

@@ -63,7 +63,7 @@ from .model import (
     tokenize,
     unet_config,
 )
-from .presets import PRETRAIN_STEPS  # noqa: F401 (the pretraining API)
+from .presets import PRETRAIN_STEPS, resolve_model  # noqa: F401 (PRETRAIN_STEPS: the pretraining API)
 from .prompts import load_prompts
 from .rewards import make_reward
 from .world import all_prompts, parse_prompt, render_dataset, to_float, to_uint8
@@ -304,7 +304,9 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
 def load_pipeline(path: str | Path, guidance_scale: float | None = None) -> T2IPipeline | FlowT2IPipeline:
     """The pipeline in ``path``: a flow-matching ``StableDiffusion3Pipeline`` directory (detected from its
     model_index.json / scheduler config, :func:`~.flow_pipeline.pipeline_kind`) as a
-    :class:`~.flow_pipeline.FlowT2IPipeline`, anything else as a :class:`~.model.T2IPipeline`."""
+    :class:`~.flow_pipeline.FlowT2IPipeline`, anything else as a :class:`~.model.T2IPipeline`.
+    ``shipped`` is the shipped base (:func:`~.presets.resolve_model`)."""
+    path = resolve_model(path)
     if Path(path).is_dir() and pipeline_kind(path) == "sd3":
         return FlowT2IPipeline.load(path, guidance_scale)
     return T2IPipeline.load(path, guidance_scale)
