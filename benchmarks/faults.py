@@ -157,68 +157,42 @@ def main() -> int:
         _child(args.out, args.fault, args.resume, args.method)
         return 0
     if args.method == "pg":
-        return _main_pg(args.out or Path("runs/bench/faults-pg"))
-    args.out = args.out or Path("runs/bench/faults")
-
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
-    if _run_child(args.out / "uninterrupted", None, False) != 0:
-        raise SystemExit("the uninterrupted reference run failed")
-    reference = _snapshot(args.out / "uninterrupted")
-    rows, good = [], 0
-    print(f"{'moment':50s} {'killed':>7s} {'resumed':>8s} {'store':>6s} {'metrics':>8s} {'head':>6s}")
-    for i, (name, fault) in enumerate(MOMENTS):
-        run = args.out / f"moment_{i:02d}"
-        rc_kill = _run_child(run, fault, False)
-        rc_resume = _run_child(run, None, True)
-        try:
-            got = _snapshot(run)
-            same = {part: got[part] == reference[part] for part in ("store", "metrics", "head")}
-        except (OSError, ValueError, KeyError) as err:
-            same = {part: False for part in ("store", "metrics", "head")}
-            print(f"  could not read the resumed run: {err}")
-        killed = "SIGKILL" if rc_kill == -signal.SIGKILL else f"rc {rc_kill}"
-        ok = rc_kill == -signal.SIGKILL and rc_resume == 0 and all(same.values())
-        good += ok
-        rows.append({"moment": name, "fault": fault, "kill_rc": rc_kill, "resume_rc": rc_resume, **same, "ok": ok})
-        print(f"{name:50s} {killed:>7s} {rc_resume:>8d} " + " ".join(
-            f"{'equal' if same[p] else 'DIFF':>{w}s}" for p, w in (("store", 6), ("metrics", 8), ("head", 6))))
-    (args.out / "faults.json").write_text(json.dumps(rows, indent=2))
-    print(f"{good}/{len(MOMENTS)} moments: killed by SIGKILL, resumed, and store, metrics rows and head equal an "
-          "uninterrupted run")
-    return 0 if good == len(MOMENTS) else 1
+        return _kill_and_resume(args.out or Path("runs/bench/faults-pg"), "pg", PG_MOMENTS, ("metrics", "head"))
+    return _kill_and_resume(args.out or Path("runs/bench/faults"), "graft", MOMENTS, ("store", "metrics", "head"))
 
 
-def _main_pg(out: Path) -> int:
-    """The policy-gradient run's moments: metrics rows (without wall times) and head compared."""
+def _kill_and_resume(out: Path, method: str, moments: list[tuple[str, str]], parts: tuple[str, ...]) -> int:
+    """Per moment: a child run SIGKILLed there, resumed in a fresh process, and ``parts`` of its
+    files (store, metrics rows without wall times, head) compared with an uninterrupted run."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    if _run_child(out / "uninterrupted", None, False, "pg") != 0:
+    if _run_child(out / "uninterrupted", None, False, method) != 0:
         raise SystemExit("the uninterrupted reference run failed")
-    reference = _snapshot(out / "uninterrupted", "pg")
+    reference = _snapshot(out / "uninterrupted", method)
+    widths = {"store": 6, "metrics": 8, "head": 6}
     rows, good = [], 0
-    print(f"{'moment':50s} {'killed':>7s} {'resumed':>8s} {'metrics':>8s} {'head':>6s}")
-    for i, (name, fault) in enumerate(PG_MOMENTS):
+    print(f"{'moment':50s} {'killed':>7s} {'resumed':>8s} " + " ".join(f"{p:>{widths[p]}s}" for p in parts))
+    for i, (name, fault) in enumerate(moments):
         run = out / f"moment_{i:02d}"
-        rc_kill = _run_child(run, fault, False, "pg")
-        rc_resume = _run_child(run, None, True, "pg")
+        rc_kill = _run_child(run, fault, False, method)
+        rc_resume = _run_child(run, None, True, method)
         try:
-            got = _snapshot(run, "pg")
-            same = {part: got[part] == reference[part] for part in ("metrics", "head")}
+            got = _snapshot(run, method)
+            same = {part: got[part] == reference[part] for part in parts}
         except (OSError, ValueError, KeyError) as err:
-            same = {part: False for part in ("metrics", "head")}
+            same = {part: False for part in parts}
             print(f"  could not read the resumed run: {err}")
         killed = "SIGKILL" if rc_kill == -signal.SIGKILL else f"rc {rc_kill}"
         ok = rc_kill == -signal.SIGKILL and rc_resume == 0 and all(same.values())
         good += ok
         rows.append({"moment": name, "fault": fault, "kill_rc": rc_kill, "resume_rc": rc_resume, **same, "ok": ok})
         print(f"{name:50s} {killed:>7s} {rc_resume:>8d} " + " ".join(
-            f"{'equal' if same[p] else 'DIFF':>{w}s}" for p, w in (("metrics", 8), ("head", 6))))
+            f"{'equal' if same[p] else 'DIFF':>{widths[p]}s}" for p in parts))
     (out / "faults.json").write_text(json.dumps(rows, indent=2))
-    print(f"{good}/{len(PG_MOMENTS)} moments: killed by SIGKILL, resumed, and metrics rows and head equal an "
-          "uninterrupted run")
-    return 0 if good == len(PG_MOMENTS) else 1
-
+    labels = [{"metrics": "metrics rows"}.get(p, p) for p in parts]
+    compared = ", ".join(labels[:-1]) + f" and {labels[-1]}"
+    print(f"{good}/{len(moments)} moments: killed by SIGKILL, resumed, and {compared} equal an uninterrupted run")
+    return 0 if good == len(moments) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

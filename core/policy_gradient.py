@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,10 +39,10 @@ import torch
 from torch import nn
 
 from .checkpoint import save_pretrained
-from .errors import RewardError, UsageError
+from .errors import UsageError
 from .heads import seeded
 from .integrity import exclusive
-from .pretrain import TrainingInterrupted, check_finite, stop_requests
+from .pretrain import check_finite, stop_requests
 from .progress import progress_bar
 from .rundir import RunDir
 from .state import State, default_device, index
@@ -53,15 +52,15 @@ from .trainer import (
     RoundResult,
     RoundStopped,
     Stream,
-    _saved,
-    _stop_check,
     apply_lora,
     derive_seed,
+    early_stops,
     generator_for,
     merged_copy,
     print_round_row,
     round_metrics,
     sample_candidates,
+    stop_check,
 )
 
 LogProbFn = Callable[[nn.Module, State, float, float, State, Any], torch.Tensor]
@@ -206,20 +205,9 @@ def run_policy_gradient(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("the policy-gradient baseline runs in one process; start it without accelerate launch / torchrun")
     run = RunDir(run_dir, resume=resume)
-    with exclusive(run.path), stop_requests() as stop:
-        try:
-            return _run_policy_gradient(problem, log_prob, base, model_config, cfg, run, app_config, resume,
-                                        show_progress, _stop_check(stop, None))
-        except RewardError as err:  # a reward that failed: say what is kept and how to go on
-            done = run.latest_round()
-            raise type(err)(f"{err}; stopped in round {done + 1}: {_saved(done)} in {run.path} (rerun the same "
-                            "command with --resume once the reward is fixed)") from None
-        except RoundStopped as err:
-            done = run.latest_round()
-            message = (f"stopped by a signal during round {done + 1} ({err.phase}); {_saved(done)} in {run.path}; "
-                       "rerun the same command with --resume to continue")
-            print(message, file=sys.stderr)
-            raise TrainingInterrupted(None, run.path, message, signum=stop["signal"]) from None
+    with exclusive(run.path), stop_requests() as stop, early_stops(run, stop):
+        return _run_policy_gradient(problem, log_prob, base, model_config, cfg, run, app_config, resume,
+                                    show_progress, stop_check(stop, None))
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import enum
 import math
 import sys
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -365,7 +365,7 @@ class RoundStopped(Exception):
         self.phase = phase
 
 
-def _stop_check(stop: dict[str, int | None], accelerator) -> Callable[[], bool]:
+def stop_check(stop: dict[str, int | None], accelerator) -> Callable[[], bool]:
     """``() -> bool``: has any process been asked to stop? (one tiny all-reduce per call when
     several processes run, so they all stop at the same step)."""
     def check() -> bool:
@@ -402,24 +402,33 @@ def run_graft(
         accelerator = _accelerator()
     run = RunDir(run_dir, resume=resume, report=accelerator.is_main_process)
     lock = exclusive(run.path) if accelerator.is_main_process else contextlib.nullcontext()
-    with lock, stop_requests() as stop:
-        try:
-            return _run_graft(problem, base, model_config, cfg, run, app_config, resume, show_progress, accelerator,
-                              _stop_check(stop, accelerator))
-        except RewardError as err:  # a reward that failed: say what is kept and how to go on
-            done = run.latest_round()
-            raise type(err)(f"{err}; stopped in round {done + 1}: {_saved(done)} in {run.path} (rerun the same "
-                            "command with --resume once the reward is fixed)") from None
-        except RoundStopped as err:
-            done = run.latest_round()
-            message = (f"stopped by a signal during round {done + 1} ({err.phase}); {_saved(done)} in {run.path}; "
-                       "rerun the same command with --resume to continue")
-            if accelerator.is_main_process:
-                print(message, file=sys.stderr)
-            raise TrainingInterrupted(None, run.path, message, signum=stop["signal"]) from None
+    with lock, stop_requests() as stop, early_stops(run, stop, accelerator.is_main_process):
+        return _run_graft(problem, base, model_config, cfg, run, app_config, resume, show_progress, accelerator,
+                          stop_check(stop, accelerator))
 
 
-def _saved(done: int) -> str:
+@contextlib.contextmanager
+def early_stops(run: RunDir, stop: dict[str, int | None], main: bool = True) -> Iterator[None]:
+    """What ends a round loop (GRAFT's or the policy gradient's) before its last round, said the same
+    way: a reward that failed (:class:`~pgraft.core.errors.RewardError`) gains what is kept and how
+    to go on; a stop request (:class:`RoundStopped`) prints that (on the main process) and becomes
+    :class:`~pgraft.core.pretrain.TrainingInterrupted` with the signal."""
+    try:
+        yield
+    except RewardError as err:
+        done = run.latest_round()
+        raise type(err)(f"{err}; stopped in round {done + 1}: {saved_rounds(done)} in {run.path} (rerun the same "
+                        "command with --resume once the reward is fixed)") from None
+    except RoundStopped as err:
+        done = run.latest_round()
+        message = (f"stopped by a signal during round {done + 1} ({err.phase}); {saved_rounds(done)} in {run.path}; "
+                   "rerun the same command with --resume to continue")
+        if main:
+            print(message, file=sys.stderr)
+        raise TrainingInterrupted(None, run.path, message, signum=stop["signal"]) from None
+
+
+def saved_rounds(done: int) -> str:
     """What a stopped run keeps, given its last committed round."""
     return ("round 0 is saved" if done == 0 else f"rounds 0-{done} are saved") if done >= 0 else "no round had finished"
 
