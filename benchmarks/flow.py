@@ -40,10 +40,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pgraft.apps.flow.data import load_fashion_mnist  # noqa: E402
+from pgraft.apps.flow.evaluate import EvalConfig, Evaluator  # noqa: E402
 from pgraft.apps.flow.train import (  # noqa: E402
     CorrectionConfig,
-    EvalConfig,
-    Evaluator,
     FlowPretrainConfig,
     InvertConfig,
     SamplerSpec,
