@@ -69,6 +69,7 @@ def test_ot_pairing_is_the_monotone_coupling_in_1d(gen):
     assert torch.equal(paired[x.view(-1).argsort()].view(-1), z.view(-1).sort().values)  # ranks matched
 
 
+@pytest.mark.slow  # over 5 s here
 @pytest.mark.parametrize("coupling", ["independent", "ot"])
 def test_one_step_noise_flow_keeps_the_spread_only_with_ot_coupling(tmp_path, gen, coupling):
     # target noise law N(0.7, 1): the OT map from N(0, 1) is a shift, a straight path that one Euler

@@ -231,6 +231,7 @@ class ShiftBase(torch.nn.Module):
         return self.c.expand_as(x)
 
 
+@pytest.mark.slow  # over 5 s here
 def test_noise_correction_learns_known_shift(tmp_path):
     """Inverting N(0, I) data through a base that samples z - c gives N(c, I); the trained noise
     flow must move its samples from N(0, I) toward c, and composed sampling back toward the data.

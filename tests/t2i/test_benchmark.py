@@ -77,6 +77,7 @@ def tiny_bench(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # over 5 s here
 def test_harness_benchmark_shares_seeds_budget_and_report(tiny_bench, tmp_path):
     bench = _load_benchmark()
     out = tmp_path / "out"
