@@ -14,6 +14,7 @@ token logits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,13 +204,24 @@ def ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta, clip: float | None 
     a_t = float(alpha_bar(t))
     a_n = float(alpha_bar(t_next))
     eps = model(x, time_vector(t, x), cond)
-    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-        eps = (x - a_t**0.5 * x0) / max(1 - a_t, 1e-12) ** 0.5
     sigma = eta * ((1 - a_n) / (1 - a_t)) ** 0.5 * max(1 - a_t / a_n, 0.0) ** 0.5 if a_t < 1 else 0.0
-    mean = a_n**0.5 * x0 + max(1 - a_n - sigma**2, 0.0) ** 0.5 * eps
-    return mean, sigma
+    direction = max(1 - a_n - sigma**2, 0.0) ** 0.5
+    if clip is None:  # mean = (sqrt(a_n)/sqrt(a_t)) x + (direction - sqrt(a_n (1-a_t)/a_t)) eps: two tensor ops
+        return torch.add(x * (a_n / a_t) ** 0.5, eps, alpha=direction - (a_n * (1 - a_t) / a_t) ** 0.5), sigma
+    x0 = ((x - (1 - a_t) ** 0.5 * eps) / a_t**0.5).clamp(-clip, clip)
+    eps = (x - a_t**0.5 * x0) / max(1 - a_t, 1e-12) ** 0.5
+    return a_n**0.5 * x0 + direction * eps, sigma
+
+
+def _memo(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor]) -> Callable[[float], float]:
+    """``alpha_bar`` as a float of a float, remembered per t: a sampler visits the same grid points
+    in every chunk and round, and evaluating a schedule is several small tensor ops (the same values,
+    so results are unchanged)."""
+    @functools.lru_cache(maxsize=4096)
+    def value(t: float) -> float:
+        return float(alpha_bar(t))
+
+    return value
 
 
 def _check_ddim(eta: float, clip: float | None) -> None:
@@ -222,10 +234,11 @@ def ddim_step(alpha_bar: Callable[[torch.Tensor | float], torch.Tensor], eta: fl
     """DDIM step for an eps-prediction model; ``eta=0`` deterministic, ``eta=1`` DDPM-like;
     ``clip`` bounds x0_hat (see :func:`ddim_mean_std`)."""
     _check_ddim(eta, clip)
+    alpha_bar = _memo(alpha_bar)
 
     def step(model, x, t, t_next, cond=None, generator=None):
         mean, sigma = ddim_mean_std(model, x, t, t_next, cond, alpha_bar, eta, clip)
-        return mean + sigma * randn_like(x, generator) if sigma > 0 else mean
+        return mean.add_(randn_like(x, generator), alpha=sigma) if sigma > 0 else mean
 
     return step
 
