@@ -274,7 +274,8 @@ def ship_base(source: str | Path, dest: str | Path, files: list[str], record: di
     for name in files:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / name, dest / name)
-    record = {**record, "files": sorted(files), "weights_sha256": weights_sha256(dest)}
+    weights = {"weights_sha256": weights_sha256(dest)} if (dest / WEIGHTS_NAME).is_file() else {}  # a pipeline
+    record = {**record, "files": sorted(files), **weights}  # directory keeps its weights in parts (the manifest has them)
     (dest / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     write_manifest(dest, [*sorted(files), RECORD_NAME])
     return dest
