@@ -480,9 +480,11 @@ def shipped_bases() -> str:
         "flow": lambda e: "feature FID " + " / ".join(
             f"{v['feature_fid']:.1f} ({k.replace('euler', 'Euler ')})" for k, v in e.items()
             if isinstance(v, dict) and "feature_fid" in v),
+        "t2i": lambda e: f"held-out checker accuracy {e['overall']:.3f}, mean learned reward {e['mean_vqa']:.3f} "
+                         f"({int(e['n']):,} images)",
     }
     body = []
-    for app in ("molecule", "toy", "layout", "flow"):
+    for app in ("molecule", "toy", "layout", "flow", "t2i"):
         base = REPO / "apps" / app / "bases" / "default"
         record = json.loads((base / "SHIPPED.json").read_text(encoding="utf-8"))
         size = sum((base / f).stat().st_size for f in record["files"] if (base / f).exists())
