@@ -42,7 +42,7 @@ import torch
 from pgraft.core.errors import RunDirLocked
 from pgraft.core.integrity import exclusive
 from pgraft.core.state import atomic_write
-from pgraft.core.stats import format_verdict, mean_ci, paired_difference
+from pgraft.core.stats import family_line, format_verdict, mean_ci, paired_difference
 
 EVAL_SEED_OFFSET = 1000
 TRAIN_ROW_FLOPS = 3  # forward + backward ≈ 3 forward passes
@@ -379,7 +379,8 @@ def summary_table(long: pd.DataFrame) -> pd.DataFrame:
 
 
 def verdict_lines(bench: Benchmark, long: pd.DataFrame) -> list[str]:
-    lines = []
+    """One paired-difference line per comparison of ``bench``, then the family-wise line (Holm)."""
+    lines, labels, diffs = [], [], []
     for comp in bench.comparisons:
         per = {}
         for key in (comp.a, comp.b):
@@ -389,8 +390,12 @@ def verdict_lines(bench: Benchmark, long: pd.DataFrame) -> list[str]:
             continue
         metric = bench.metrics.get(comp.metric, Metric(comp.metric))
         diff = paired_difference(per[comp.a], per[comp.b])
-        lines.append(format_verdict(bench.methods[comp.a].label, bench.methods[comp.b].label, metric.label, diff,
-                                    metric.higher_is_better, metric.digits))
+        a, b = bench.methods[comp.a].label, bench.methods[comp.b].label
+        lines.append(format_verdict(a, b, metric.label, diff, metric.higher_is_better, metric.digits))
+        labels.append(f"{a} − {b} ({metric.label})")
+        diffs.append(diff)
+    if len(diffs) > 1:
+        lines.append(family_line(labels, diffs))
     return lines
 
 

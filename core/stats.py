@@ -24,6 +24,14 @@ samples: the normal quantile). This reduces to Student's interval at sigma = 0 a
 as sigma dominates. Simulated with 3 or 5 seeds and sigma from 0 to 5 times the seeds' sd, it covers
 the mean 95-98% of the time; the Welch-Satterthwaite alternative dips to ~92% with 3 seeds (a small
 sd(d) by chance inflates its degrees of freedom).
+
+Two guards on the verdicts. Identical per-seed differences (sd(d) = 0, e.g. a deterministic
+metric that ignores the training seed) give a zero-width interval that would read "separated"
+however small the difference: such a comparison is reported as having no spread to judge. And a
+verdict file holds many comparisons at once: :func:`holm` adjusts their two-sided p-values
+(Student's test of mean(d) = 0, the same t the interval inverts) for the family, and
+:func:`family_line` says which separated differences survive it (Holm's step-down: the j-th
+smallest of m p-values is compared with alpha / (m - j + 1), stopping at the first that fails).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ class Interval:
     hi: float
     n: int
     level: float = 0.95
+    p: float = math.nan  # two-sided p-value of mean = 0 (Student's t); NaN where no test applies
+    spread: float = math.nan  # sd of the values (0: every value equal, a degenerate interval)
 
     @property
     def half_width(self) -> float:
@@ -73,7 +83,10 @@ def mean_ci(values: Sequence[float], level: float = 0.95, shared_sd: float = 0.0
     t = float(_scipy_stats.t.ppf(0.5 + level / 2, n - 1))
     z = float(_scipy_stats.norm.ppf(0.5 + level / 2))
     half = math.sqrt(t * t * sd * sd / n + z * z * shared_sd * shared_sd)
-    return Interval(mean, mean - half, mean + half, n, level)
+    p = math.nan
+    if shared_sd == 0 and sd > 0:
+        p = float(2 * _scipy_stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return Interval(mean, mean - half, mean + half, n, level, p, sd)
 
 
 def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> Interval:
@@ -86,6 +99,8 @@ def verdict(diff: Interval, higher_is_better: bool = True) -> str:
     """``separated: ahead`` / ``separated: behind`` when the interval excludes zero, else ``not separated``."""
     if diff.n < 2:
         return f"one seed only (n = {diff.n}): no interval"
+    if diff.spread == 0 and diff.half_width == 0:  # every seed gave the same difference
+        return "no spread across seeds (identical differences): not judged"
     if not diff.excludes_zero:
         return "not separated"
     ahead = (diff.mean > 0) == higher_is_better
@@ -101,3 +116,28 @@ def format_verdict(a_label: str, b_label: str, metric: str, diff: Interval, high
     pct = round(100 * diff.level)
     return (f"{a_label} − {b_label}: {metric} {f(diff.mean)} [{pct}% CI {f(diff.lo)}, {f(diff.hi)}] "
             f"(n = {diff.n} seeds) → {verdict(diff, higher_is_better)}")
+
+
+def holm(p_values: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's step-down over a family of two-sided p-values: which hypotheses are rejected at
+    family-wise error ``alpha`` (in the order given). NaN p-values (no test) are never rejected
+    and do not count in the family."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    rejected = [False] * len(p_values)
+    for j, (p, i) in enumerate(tested):
+        if p > alpha / (len(tested) - j):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def family_line(labels: Sequence[str], diffs: Sequence[Interval], alpha: float = 0.05) -> str:
+    """One line for a verdict file: of its comparisons that are separated one by one, which stay
+    separated once the whole family is accounted for (:func:`holm` at ``alpha``)."""
+    kept = holm([d.p for d in diffs], alpha)
+    separated = [i for i, d in enumerate(diffs) if d.excludes_zero and not (d.spread == 0 and d.half_width == 0)]
+    tested = sum(not math.isnan(d.p) for d in diffs)
+    stay = [labels[i] for i in separated if kept[i]]
+    head = (f"family-wise (Holm over the {tested} tested comparisons above, {round(100 * alpha)}%): "
+            f"{len(stay)} of the {len(separated)} separated one by one stay separated")
+    return head + (": " + "; ".join(stay) if stay else "")

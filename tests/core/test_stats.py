@@ -72,3 +72,38 @@ def test_verdict_lines():
     line = format_verdict("P-GRAFT t=0.25", "GRAFT BoN", "QED", ahead)
     assert line.startswith("P-GRAFT t=0.25 − GRAFT BoN: QED +0.110 [95% CI +0.085, +0.135] (n = 3 seeds)")
     assert line.endswith("→ separated: ahead")
+
+
+def test_p_value_is_students_one_sample_test():
+    from scipy import stats as sp
+
+    from pgraft.core.stats import mean_ci
+
+    values = [0.31, -0.05, 0.22, 0.4, 0.18]
+    assert mean_ci(values).p == pytest.approx(sp.ttest_1samp(values, 0.0).pvalue, rel=1e-12)
+    assert math.isnan(mean_ci(values, shared_sd=0.1).p)  # no plain t-test with a shared error
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure():
+    from pgraft.core.stats import holm
+
+    # sorted: 0.005 <= 0.05/4, 0.01 <= 0.05/3, 0.03 > 0.05/2: stop (0.04 is not rejected either)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
+    assert holm([0.01, math.nan, 0.02]) == [True, False, True]  # NaN: untested, outside the family
+    assert holm([0.2, 0.3]) == [False, False]
+
+
+def test_identical_differences_are_not_judged_and_the_family_line_counts_survivors():
+    from pgraft.core.stats import family_line, mean_ci, verdict
+
+    flat = mean_ci([0.5, 0.5, 0.5])
+    assert flat.half_width == 0 and verdict(flat) == "no spread across seeds (identical differences): not judged"
+    # n = 3 values a ± d and a: t = a sqrt(3) / d, so t = 5 and t = 6 (p 0.038 and 0.027, each separated
+    # alone); Holm over three: 0.00016 <= 0.05/3 passes, 0.027 > 0.05/2 stops, so only the strong one stays
+    strong = mean_ci([1.0, 1.1, 0.9, 1.05])
+    t5 = mean_ci([1 + 3**0.5 / 5, 1 - 3**0.5 / 5, 1.0])
+    t6 = mean_ci([1 + 3**0.5 / 6, 1 - 3**0.5 / 6, 1.0])
+    assert all(d.excludes_zero for d in (strong, t5, t6)) and 0.025 < t6.p < t5.p < 0.05
+    line = family_line(["A − B (x)", "C − D (x)", "E − F (x)", "G − H (x)"], [strong, t5, t6, flat])
+    assert line == ("family-wise (Holm over the 3 tested comparisons above, 5%): 1 of the 3 separated one by one "
+                    "stay separated: A − B (x)")
