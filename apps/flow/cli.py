@@ -63,7 +63,7 @@ def pretrain_cmd(
     data: Annotated[str, typer.Option(help=f"Dataset: {', '.join(DATASETS)}.")] = "fashion-mnist",
     path: Annotated[Path, typer.Option(help="Dataset folder (Fashion-MNIST default: the Debian package's).")] = None,
     preset: Annotated[str, typer.Option(help=f"Model preset: {', '.join(PRESETS)}.")] = "default",
-    steps: Annotated[int, typer.Option(help="Training steps (default preset: ~26 min on one CPU thread).")] = 2500,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 2500,
     batch_size: opts.BatchSize = 64,
     lr: opts.LR = 7e-4,
     limit: Annotated[int, typer.Option(help="Use only the first N training images (0 = all).")] = 0,

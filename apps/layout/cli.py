@@ -24,7 +24,7 @@ console = opts.make_console()
 
 Base = Annotated[str, typer.Option(help="'shipped' (the base shipped with pgraft, the 'default' preset) or a "
                                         "base directory (pretrained with --preset first if it holds none).")]
-Preset = Annotated[str, typer.Option(help="Pretraining preset: tiny (tests), default (<= 30 min on 2 cores).")]
+Preset = Annotated[str, typer.Option(help="Pretraining preset: tiny (tests) or default (the shipped base).")]
 Reward = Annotated[str, typer.Option(help=f"Reward: {', '.join(REWARDS)}.")]
 
 

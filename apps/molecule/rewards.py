@@ -36,7 +36,7 @@ from rdkit import Chem, rdBase
 from rdkit.Chem import QED
 from rdkit.Contrib.SA_Score import sascorer
 
-from .data import QM9_SPEC, GraphSpec, canonical_smiles, graph_to_mol, load_dataset, state_to_graphs, state_to_smiles
+from .data import QM9_SPEC, GraphSpec, graph_to_mol, load_dataset, state_to_graphs, state_to_smiles
 
 MolScore = Callable[[Chem.Mol | None], float]
 
@@ -95,19 +95,6 @@ def to_mols(state: dict[str, torch.Tensor], atom_types: Sequence[str] = QM9_SPEC
 def to_smiles(state: dict[str, torch.Tensor], atom_types: Sequence[str] = QM9_SPEC.atom_types) -> list[str | None]:
     """Canonical SMILES per sample (None if invalid) — also the dedup key (``data.state_to_smiles``)."""
     return state_to_smiles(state, atom_types)
-
-
-def dedup_key(state: dict[str, torch.Tensor], atom_types: Sequence[str] = QM9_SPEC.atom_types) -> list[str | None]:
-    """Canonical SMILES per sample; ``None`` for invalid graphs (``core.dedup`` never merges ``None``)."""
-    return to_smiles(state, atom_types)
-
-
-def smiles_key(smiles: str) -> str | None:
-    """Canonical-SMILES dedup key of a SMILES string (same molecule, same key); None if unparsable.
-
-    Stereo is dropped, as generated graphs carry none (``data.canonical_smiles``).
-    """
-    return canonical_smiles(smiles)
 
 
 @dataclass(frozen=True)

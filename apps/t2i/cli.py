@@ -69,7 +69,7 @@ PerPrompt = Annotated[int, typer.Option(help="Images per prompt.", callback=opts
 @app.command("pretrain")
 def pretrain_cmd(
     out: opts.Out = Path("runs/t2i/base"),
-    preset: Annotated[str, typer.Option(help="Model size: tiny (tests) or default (CPU, <= 45 min on 2 cores).")] = "default",
+    preset: Annotated[str, typer.Option(help="Model size: tiny (tests) or default (the shipped base).")] = "default",
     prompts: Prompts = "train",
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the preset's budget).")] = None,
     batch_size: opts.BatchSize = 32,
@@ -92,12 +92,12 @@ def pretrain_cmd(
 def train_scorer_cmd(
     out: opts.Out = Path("runs/t2i/scorer"),
     prompts: Prompts = "all",
-    steps: Annotated[int, typer.Option(help="Optimizer steps (~3 min for 3000 on one idle core).")] = 3000,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 3000,
     image_size: Annotated[int, typer.Option(help="Render size (match the base model's).")] = 32,
     seed: opts.Seed = 0,
     quiet: opts.Quiet = False,
 ) -> None:
-    """Train the learned VQA-style reward P(yes | image, prompt) on rendered images (~3 min)."""
+    """Train the learned VQA-style reward P(yes | image, prompt) on rendered images."""
     from .rewards import ScorerTrainConfig, train_scorer
 
     _, metrics = train_scorer(ScorerTrainConfig(prompts=prompts, steps=steps,

@@ -33,7 +33,7 @@ Base = Annotated[str, typer.Option(help="'shipped' (the base shipped with pgraft
 def pretrain_cmd(out: opts.Out = Path("runs/toy/base"), mixture: Mixture = "1d",
                  steps: Annotated[int, typer.Option(help="Training steps.")] = 3000,
                  seed: opts.Seed = 0, quiet: opts.Quiet = False) -> None:
-    """Train the tiny base diffusion model on the mixture (seconds)."""
+    """Train the tiny base diffusion model on the mixture."""
     pretrain_toy(ToyConfig(mixture=mixture, pretrain_steps=steps, seed=seed), out, show_progress=not quiet)
     typer.echo(f"base model saved to {out}")
 

@@ -14,6 +14,7 @@ from pgraft.apps.molecule.data import (
     QM9_SPEC,
     GraphSpec,
     batches,
+    canonical_smiles,
     graph_to_smiles,
     graphs_to_state,
     load_dataset,
@@ -26,7 +27,7 @@ from pgraft.apps.molecule.metrics import evaluate_smiles
 from pgraft.apps.molecule.model import GraphTransformer
 from pgraft.apps.molecule.presets import get_preset
 from pgraft.apps.molecule.pretrain import load_base, pretrain_molecule
-from pgraft.apps.molecule.rewards import REWARDS, dedup_key, get_reward, make_rewards, smiles_key, to_smiles
+from pgraft.apps.molecule.rewards import REWARDS, get_reward, make_rewards, to_smiles
 
 torch.set_num_threads(1)
 
@@ -188,12 +189,12 @@ def test_rewards_known_molecules():
 
 
 def test_dedup_keys_canonical():
-    assert smiles_key("OCC") == smiles_key("C(O)C") == smiles_key("[CH3][CH2][OH]")
-    assert smiles_key("c1ccccc1") == smiles_key("C1=CC=CC=C1")
-    assert smiles_key("CCO") != smiles_key("COC")
+    assert canonical_smiles("OCC") == canonical_smiles("C(O)C") == canonical_smiles("[CH3][CH2][OH]")
+    assert canonical_smiles("c1ccccc1") == canonical_smiles("C1=CC=CC=C1")
+    assert canonical_smiles("CCO") != canonical_smiles("COC")
     # graphs of the same molecule with permuted atoms share a key
     x = state_of(["OCC", "CCO", "C(C)O", "COC"], QM9_SPEC)
-    keys = dedup_key(x, QM9_SPEC.atom_types)
+    keys = to_smiles(x, QM9_SPEC.atom_types)
     assert keys[0] == keys[1] == keys[2] != keys[3]
 
 
@@ -208,9 +209,9 @@ def test_one_smiles_convention_for_keys_records_and_metrics():
     expected = [canonical_smiles(s) for s in given]
     assert all("@" not in s and "/" not in s for s in expected)
     assert state_to_smiles(x, BROAD_SPEC.atom_types) == expected
-    assert to_smiles(x, BROAD_SPEC.atom_types) == expected == dedup_key(x, BROAD_SPEC.atom_types)
+    assert to_smiles(x, BROAD_SPEC.atom_types) == expected
     assert _smiles(x, BROAD_SPEC.atom_types) == expected
-    assert [smiles_key(s) for s in given] == expected
+    assert [canonical_smiles(s) for s in given] == expected
     row = evaluate_smiles(state_to_smiles(x, BROAD_SPEC.atom_types), set(expected[:2]), expected, fcd=False)
     assert row["novelty"] == pytest.approx(0.5)  # the two stereo-annotated training molecules are not novel
 
@@ -346,8 +347,8 @@ def test_tiny_pretrain_sample_and_reload(tmp_path):
 
 
 def test_evaluate_smiles_row():
-    train = [smiles_key(s) for s in ["CCO", "CC"]]
-    test = [smiles_key(s) for s in ["CCN", "CCO", "c1ccccc1"]]
+    train = [canonical_smiles(s) for s in ["CCO", "CC"]]
+    test = [canonical_smiles(s) for s in ["CCN", "CCO", "c1ccccc1"]]
     row = evaluate_smiles(["OCC", "CCO", None, "c1ccccc1", "C1CC", "CC.O"], train, test, fcd=False)
     assert row["n_samples"] == 6 and row["n_valid"] == 3
     assert row["validity"] == pytest.approx(0.5)

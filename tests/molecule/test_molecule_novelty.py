@@ -14,13 +14,14 @@ from rdkit import Chem
 from pgraft.apps.molecule.data import (
     QM9_SPEC,
     GraphSpec,
+    canonical_smiles,
     graphs_to_state,
     load_dataset,
     smiles_to_graph,
     state_to_smiles,
 )
 from pgraft.apps.molecule.metrics import evaluate_smiles
-from pgraft.apps.molecule.rewards import NovelReward, get_reward, novel_reward, qed_score, smiles_key
+from pgraft.apps.molecule.rewards import NovelReward, get_reward, novel_reward, qed_score
 
 torch.set_num_threads(1)
 
@@ -32,8 +33,8 @@ def qed_of(smiles: str) -> float:
 
 
 def test_vun_and_novel_qed_hand_count():
-    train = {smiles_key(s) for s in ["CCO", "CC"]}
-    test = [smiles_key(s) for s in ["CCN", "CCO", "c1ccccc1"]]
+    train = {canonical_smiles(s) for s in ["CCO", "CC"]}
+    test = [canonical_smiles(s) for s in ["CCN", "CCO", "c1ccccc1"]]
     generated = [
         "OCC",        # valid, unique, in train (ethanol)
         "CCO",        # duplicate of the above
@@ -90,14 +91,14 @@ def state_of(smiles: list[str]):
 def test_novel_reward_zero_for_training_molecules():
     x = state_of(["OCC", "c1ccoc1", "CC#N"])
     plain = get_reward("qed")(x, None)
-    reward = novel_reward(get_reward("qed"), {smiles_key("CCO"), smiles_key("CC#N")})
+    reward = novel_reward(get_reward("qed"), {canonical_smiles("CCO"), canonical_smiles("CC#N")})
     assert isinstance(reward, NovelReward)
     got = reward(x, None)
     assert got.dtype == torch.float32 and got.shape == (3,)
     assert got[0].item() == 0.0 and got[2].item() == 0.0  # ethanol, acetonitrile: in the training set
     assert got[1].item() == pytest.approx(plain[1].item()) and got[1].item() > 0  # furan: novel, plain QED
     # generic: wraps any molecule reward (qed+valid is in [0, 2])
-    both = novel_reward(get_reward("qed+valid"), {smiles_key("CCO")})(x, None)
+    both = novel_reward(get_reward("qed+valid"), {canonical_smiles("CCO")})(x, None)
     assert both[0].item() == 0.0 and both[1].item() == pytest.approx(1 + plain[1].item())
 
 
