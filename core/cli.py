@@ -283,13 +283,7 @@ def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k
     the flag typed (``--m``, not ``group_size``). ``reward_max`` becomes ``GRSConfig.bound`` for
     ``--rule rs`` (:func:`rs_bound`)."""
     try:
-        bound = rs_bound(rule, reward_max)
-        if rule == "rs" and bound is None:
-            from .progress import warn
-
-            warn("--rule rs without a reward bound: the round's best reward is the bound, an approximation that "
-                 "always keeps the best candidate (biased below accept ∝ exp(r/α)); give --reward-max for exact "
-                 "rejection sampling")
+        bound = rs_bound(rule, reward_max)  # None for rs: the round loop says it approximates (when it starts)
         return GraftConfig(rounds=rounds, groups=groups, group_size=m,
                            grs=GRSConfig(rule=rule, alpha=alpha, k=k, threshold=threshold, bound=bound), dedup=dedup,
                            split=t, train_steps=train_steps, batch_size=batch_size, lr=lr, lora_rank=lora,

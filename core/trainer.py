@@ -37,7 +37,7 @@ from .grs import GRSConfig
 from .heads import Anchored, apply_lora, build_head, merged_copy  # noqa: F401  (apply_lora, merged_copy: part of the loop's API)
 from .integrity import exclusive
 from .pretrain import TrainingInterrupted, check_finite, stop_requests
-from .progress import make_console, progress_bar
+from .progress import make_console, progress_bar, warn
 from .rundir import RunDir
 from .sampling import SplitSample, StepFn, sample_split
 from .schedules import split_times
@@ -462,6 +462,10 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
                should_stop) -> tuple[nn.Module, pd.DataFrame]:
     main = accelerator.is_main_process
     t_split = split_times(problem.times, cfg.split).t
+    if main and cfg.grs.rule == "rs" and cfg.grs.bound is None:
+        warn("--rule rs without a reward bound: the round's best reward is the bound, an approximation that always "
+             "keeps the best candidate (biased below accept ∝ exp(r/α)); give --reward-max for exact rejection "
+             "sampling")
     checkpoint = None
     if resume and run.latest_round() >= 0:
         # before anything is written or truncated: a refusal leaves the run directory as it was.

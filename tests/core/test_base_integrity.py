@@ -119,7 +119,7 @@ def test_toy_train_refuses_a_damaged_base_and_never_pretrains_over_it(tmp_path, 
     out = tmp_path / "run"
     result, output = invoke("toy", "train", "--base", str(mine), "--out", str(out), *TINY_TRAIN)
     assert result.exit_code == 1, output
-    assert output.count("error: ") == 1 and "Traceback" not in output  # (after the rs no-bound warning)
+    assert output.count("error: ") == 1 and "Traceback" not in output  # one error line, no traceback
     assert re.search(names, output), output
     assert _hashes(mine) == before  # nothing pretrained, no config or manifest rewritten
     assert not (out / "config.json").exists()
