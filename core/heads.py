@@ -52,10 +52,11 @@ class Anchored(nn.Module):
     difference of their outputs in ``penalty``: the fine-tuning loss plus ``anchor * penalty`` is a
     trust region around the base at exactly the states the loss visits.
 
-    For Gaussian denoising steps the KL between the head's and the base's sampling paths is a
-    time-weighted sum of squared prediction differences, so this is the usual KL-to-base regulariser
-    of RL fine-tuning (Fan et al. 2023, DPOK) evaluated at the accepted samples' noised states,
-    without its time weights. For logits (masking diffusion) it is a squared-logit proxy.
+    It is a trust region, not a KL. For Gaussian denoising steps the KL between the head's and the
+    base's sampling paths (the regulariser of DPOK, Fan et al. 2023) is a sum of squared prediction
+    differences *with time weights* (which vary over the schedule)
+    along the model's own paths; this penalty weighs every time alike and is taken at forward-noised
+    accepted samples instead. For logits (masking diffusion) it is a squared-logit proxy.
     """
 
     def __init__(self, head: nn.Module, base: nn.Module) -> None:
