@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pandas as pd
 import pytest
 import torch
+from clitools import lock_held_by_another_process
 from safetensors.torch import load_file
 
 from pgraft.apps.toy.model import ToyDenoiser
@@ -182,27 +182,12 @@ def test_rounds_may_grow_on_resume_and_other_changes_are_refused(tmp_path, unint
     _assert_same_run(tmp_path, uninterrupted)
 
 
-_HOLDER = textwrap.dedent("""
-    import sys
-    from pgraft.core.integrity import exclusive
-    with exclusive(sys.argv[1]):
-        print("locked", flush=True)
-        sys.stdin.read()  # holds the lock until killed
-""")
-
-
 def test_a_second_writer_is_refused(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunDirLocked, match=f"in use by PID {holder.pid}"):
+    with lock_held_by_another_process(run) as pid:
+        with pytest.raises(RunDirLocked, match=f"in use by PID {pid}"):
             _run(run)
         assert not (run / "config.json").exists()  # nothing was written
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_the_run_directory_is_locked_while_the_policy_gradient_runs(tmp_path):

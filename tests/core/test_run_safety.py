@@ -5,13 +5,11 @@ commit point of a round, clean stops on SIGTERM, refused resumes, one-line CLI e
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pandas as pd
 import pytest
 import torch
+from clitools import lock_held_by_another_process
 from safetensors.torch import load_file
 from test_trainer import CFG, _base, _problem  # the round-loop tests' small toy run
 from torch import nn
@@ -140,35 +138,22 @@ def test_a_tampered_pretraining_state_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- item 6
-_HOLDER = textwrap.dedent("""
-    import sys
-    from pgraft.core.integrity import exclusive
-    with exclusive(sys.argv[1]):
-        print("locked", flush=True)
-        sys.stdin.read()  # holds the lock until killed (a fixed sleep ran out on a loaded machine)
-""")
 
 
 @pytest.mark.slow
 def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunDirLocked, match=f"in use by PID {holder.pid}"):
+    with lock_held_by_another_process(run) as pid:
+        with pytest.raises(RunDirLocked, match=f"in use by PID {pid}"):
             run_graft(_problem(), _base(), {}, CFG, run, show_progress=False)
         assert not (run / "config.json").exists()  # nothing was written
         from pgraft.cli import app
 
         res = CliRunner().invoke(app, ["toy", "train", "--out", str(run), "--base", str(tmp_path / "b"), "--quiet"])
-        assert res.exit_code == 1 and f"PID {holder.pid}" in res.output and "Traceback" not in res.output
+        assert res.exit_code == 1 and f"PID {pid}" in res.output and "Traceback" not in res.output
         assert len(res.output.strip().splitlines()) == 1
-    finally:
-        holder.kill()
-        holder.wait()
     # the holder died without releasing anything: its lock file is stale and the next run proceeds
-    assert json.loads((run / ".lock").read_text())["pid"] == holder.pid
+    assert json.loads((run / ".lock").read_text())["pid"] == pid
     run_graft(_problem(), _base(), {}, GraftConfig(**{**CFG.__dict__, "rounds": 1}), run, show_progress=False)
 
 
