@@ -110,25 +110,9 @@ def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def flag_of(err: FieldError) -> str:
-    """The flag a :class:`~pgraft.core.errors.FieldError` is about: the one the command set
-    (:func:`field_flags`), the shared GRAFT flags' (:data:`FLAGS`), else ``--field-name``."""
+    """The flag a :class:`~pgraft.core.errors.FieldError` is about: the one it names (``flag``), the
+    shared GRAFT flags' (:data:`FLAGS`), else ``--field-name``."""
     return err.flag or FLAGS.get(err.field) or "--" + err.field.replace("_", "-")
-
-
-@contextlib.contextmanager
-def field_flags(**flags: str) -> Iterator[None]:
-    """Inside a command whose flags are not named after the config fields they fill: a
-    :class:`~pgraft.core.errors.FieldError` about ``field`` names ``flags[field]``::
-
-        with opts.field_flags(n_steps="--sample-steps"):
-            cfg = MoleculeTrainConfig(n_steps=sample_steps, ...)
-    """
-    try:
-        yield
-    except FieldError as err:
-        if err.field in flags and err.flag is None:
-            err.flag = flags[err.field]
-        raise
 
 
 def _click_exception_modules() -> list[Any]:
