@@ -13,7 +13,7 @@ import functools
 import importlib
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Optional, get_type_hints
 
@@ -279,18 +279,19 @@ def graft_config(*, rounds: int, groups: int, m: int, rule: str, alpha: float, k
 
 
 def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int = 256,
-                  reward_max: float | Callable[[dict[str, Any]], float | None] | None = None,
+                  reward_max: float | Mapping[str, float] | Callable[[dict[str, Any]], float | None] | None = None,
                   **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for an app's ``train`` command: appends the shared GRAFT flags (:data:`GRAFT_FLAGS`,
     with this app's ``defaults``) to the command's options and calls it with one ``graft:
     GraftConfig`` argument built from them. ``fixed`` pins flags the app does not expose
     (e.g. ``{"dedup": False}``); the command may then declare a flag of the same name itself.
     ``reward_max``: the reward's declared upper bound, used for ``--rule rs`` when ``--reward-max``
-    is not given: a number, or a function of the command's other arguments (e.g. of its
-    ``reward``) returning one or None (no bound known). It must be a true bound of the reward::
+    is not given: a number, a table ``{reward name: bound}`` looked up by the command's
+    ``--reward`` (a name not in it: no bound known), or a function of the command's other arguments
+    returning a bound or None. It must be a true bound of the reward::
 
         @app.command("train")
-        @opts.graft_options(rule="bon", m=16, t=0.1, reward_max=lambda kw: BOUNDS.get(kw["reward"]))
+        @opts.graft_options(rule="bon", m=16, t=0.1, reward_max=REWARD_MAX)  # {"qed": 1.0, ...}
         def train_cmd(graft: GraftConfig, out: opts.Out = Path("runs/x"), ...) -> None: ...
     """
     fixed = dict(fixed or {})
@@ -314,7 +315,8 @@ def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int
         def command(**kwargs: Any) -> Any:
             values = {**fixed, **{name: kwargs.pop(name) for name in GRAFT_FLAGS if name not in fixed}}
             if values.get("reward_max") is None and declared is not None:
-                values["reward_max"] = declared(kwargs) if callable(declared) else declared
+                values["reward_max"] = (declared.get(kwargs["reward"]) if isinstance(declared, Mapping)
+                                        else declared(kwargs) if callable(declared) else declared)
             return fn(graft=graft_config(**values, sample_batch_size=sample_batch_size), **kwargs)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + flags

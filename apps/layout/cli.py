@@ -62,7 +62,7 @@ def pretrain_cmd(
 
 @app.command("train")
 @opts.graft_options(alpha=0.1, groups=32, t=0.25, rounds=4, replay=True,
-                    reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
+                    reward_max=REWARD_MAX)
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/layout/train"),
@@ -186,7 +186,7 @@ def evaluate_cmd(
 
 
 @app.command("diagnose", help=opts.DIAGNOSE_HELP)
-@opts.diagnose_options(alpha=0.1, groups=32, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
+@opts.diagnose_options(alpha=0.1, groups=32, reward_max=REWARD_MAX)
 def diagnose_cmd(
     graft: GraftConfig,
     base: Base = DEFAULT_BASE,

@@ -61,7 +61,7 @@ def pretrain_cmd(
 
 @app.command("train")
 @opts.graft_options(rule="bon", alpha=0.1, m=16, groups=32, t=0.1, rounds=10, lr=2e-4, replay=True,
-                    reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
+                    reward_max=REWARD_MAX)
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/molecule/train"),
@@ -155,7 +155,7 @@ def evaluate_cmd(
 
 
 @app.command("diagnose", help=opts.DIAGNOSE_HELP)
-@opts.diagnose_options(rule="bon", alpha=0.1, m=16, groups=32, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
+@opts.diagnose_options(rule="bon", alpha=0.1, m=16, groups=32, reward_max=REWARD_MAX)
 def diagnose_cmd(
     graft: GraftConfig,
     base: Base = DEFAULT_BASE,

@@ -40,7 +40,7 @@ def pretrain_cmd(out: opts.Out = Path("runs/toy/base"), mixture: Mixture = "1d",
 
 @app.command("train")
 @opts.graft_options(rule="rs", k=1, groups=256, rounds=1, train_steps=500, batch_size=256, lr=1e-3,
-                    sample_batch_size=512, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
+                    sample_batch_size=512, reward_max=REWARD_MAX)
 def train_cmd(
     graft: GraftConfig,
     out: opts.Out = Path("runs/toy/graft"),
@@ -104,7 +104,7 @@ def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
 
 
 @app.command("diagnose", help=opts.DIAGNOSE_HELP)
-@opts.diagnose_options(rule="rs", k=1, groups=256, reward_max=lambda kw: REWARD_MAX.get(kw["reward"]))
+@opts.diagnose_options(rule="rs", k=1, groups=256, reward_max=REWARD_MAX)
 def diagnose_cmd(
     graft: GraftConfig,
     base: Base = DEFAULT_BASE,
