@@ -304,7 +304,8 @@ class RunDir:
         except FileNotFoundError:
             data = None
         if expected is not None and (data is None or hashlib.sha256(data).hexdigest() != expected):
-            raise CheckpointError(self._store_refusal([self._store_problem(name, None if data is None else len(data))]))
+            size = None if data is None else len(data)
+            raise CheckpointError(self._store_refusal({name: self._store_problem(name, size)}))
         if data is None:
             raise CheckpointError(f"{path} is missing")
         return data
@@ -314,23 +315,24 @@ class RunDir:
         return (f"{self.store_dir / name} does not match the digest recorded at round {_store_round(name)} "
                 f"(deleted or changed since; {now})")
 
-    def _store_refusal(self, problems: list[str]) -> str:
-        rounds = sorted({int(m) for p in problems for m in re.findall(r"recorded at round (\d+)", p)})
+    def _store_refusal(self, problems: dict[str, str]) -> str:
+        """The refusal of a replay run whose store files ``problems`` (name -> problem) are damaged."""
+        rounds = sorted({_store_round(name) for name in problems})
         which = ", ".join(map(str, rounds))
-        return ("; ".join(problems) + f": this run trains on the store of every round so far (--replay) and cannot "
-                f"replay round{'s' if len(rounds) > 1 else ''} {which}; start over in a new --out (the finished "
+        return ("; ".join(problems.values()) + ": this run trains on the store of every round so far (--replay) and "
+                f"cannot replay round{'s' if len(rounds) > 1 else ''} {which}; start over in a new --out (the finished "
                 f"rounds and checkpoints in {self.path} are left as they are)")
 
-    def verify_store(self) -> list[str]:
-        """One line per store file that does not match its recorded digest (deleted or changed),
-        [] when every recorded file is intact."""
-        problems = []
+    def verify_store(self) -> dict[str, str]:
+        """Store file name -> one line saying how it does not match its recorded digest (deleted or
+        changed), for each such file; {} when every recorded file is intact."""
+        problems = {}
         for name in sorted(self.store_digests or {}):
             path = self.store_dir / name
             if not path.is_file():
-                problems.append(self._store_problem(name, None))
+                problems[name] = self._store_problem(name, None)
             elif sha256_file(path) != self.store_digests[name]:
-                problems.append(self._store_problem(name, path.stat().st_size))
+                problems[name] = self._store_problem(name, path.stat().st_size)
         return problems
 
     def check_store(self, replay: bool) -> None:
@@ -340,7 +342,7 @@ class RunDir:
         problems = self.verify_store()
         if problems and replay:
             raise CheckpointError(self._store_refusal(problems))
-        for problem in problems:
+        for problem in problems.values():
             self._warn_once(f"{problem}; nothing left to run trains on it (no --replay, or no round left), so "
                             "the run goes on")
 
@@ -377,7 +379,7 @@ class RunDir:
             if p.name.startswith("."):  # a temporary file of a write that was killed
                 p.unlink()
                 continue
-            if int(p.name.split("_")[1].split(".")[0]) > round_:
+            if _store_round(p.name) > round_:
                 p.unlink()
         table = self.read_metrics()
         if len(table):
