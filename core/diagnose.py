@@ -198,15 +198,16 @@ def bootstrap_intervals(r: np.ndarray, n_boot: int = BOOTSTRAP, level: float = L
             sigma_b2 = max(msb - msw, 0.0) / k
             evar[b] = msw
             r2[b] = sigma_b2 / (sigma_b2 + msw) if sigma_b2 + msw > 0 else math.nan
-    q = [(1 - level) / 2, (1 + level) / 2]
+    return {"evar": _percentile_interval(evar, level), "r2": _percentile_interval(r2, level)}
 
-    def interval(values: np.ndarray) -> tuple[float, float]:
-        if np.isnan(values).all():
-            return math.nan, math.nan
-        lo_, hi_ = np.nanquantile(values, q)
-        return float(lo_), float(hi_)
 
-    return {"evar": interval(evar), "r2": interval(r2)}
+def _percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap replicates, NaN ones left out (nan, nan
+    when every replicate is NaN)."""
+    if np.isnan(values).all():
+        return math.nan, math.nan
+    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------- kept share
@@ -288,6 +289,18 @@ def _ratio(gains: tuple[float, float]) -> float:
     return gain_h / gain_r if gain_r > 0 else math.nan
 
 
+def _kept_inputs(r: np.ndarray, groups: np.ndarray | None,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Generator]:
+    """The states x tails table as a tensor (checked), the condition blocks' state ids
+    (:func:`_block_members`) and the generator (seed 0 when none), for :func:`kept_share` and its
+    interval."""
+    r_t = torch.as_tensor(np.asarray(r, dtype=np.float64))
+    if r_t.ndim != 2 or r_t.shape[1] < 2:
+        raise ValueError(f"need rewards of shape [n states, K >= 2 tails], got {tuple(r_t.shape)}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    return r_t, _block_members(r_t.shape[0], groups), generator
+
+
 def kept_share(r: np.ndarray, grs: GRSConfig, group_size: int, groups: np.ndarray | None = None,
                round_groups: int | None = None, n_groups: int = KEPT_GROUPS,
                generator: torch.Generator | None = None) -> float:
@@ -301,13 +314,9 @@ def kept_share(r: np.ndarray, grs: GRSConfig, group_size: int, groups: np.ndarra
     summed over conditions, each within its condition). Assumes perfect learning of the accepted
     law of X_t, one round, and acceptance decided by r alone (no dedup). nan when the rule accepts
     nothing, selects nothing, or K tails cannot serve the group's uses of a state."""
-    r_t = torch.as_tensor(np.asarray(r, dtype=np.float64))
-    if r_t.ndim != 2 or r_t.shape[1] < 2:
-        raise ValueError(f"need rewards of shape [n states, K >= 2 tails], got {tuple(r_t.shape)}")
-    members = _block_members(r_t.shape[0], groups)
+    r_t, members, generator = _kept_inputs(r, groups, generator)
     if not members:
         return math.nan
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     return _ratio(simulate_gains(r_t, members, grs, group_size, n_groups, generator, round_groups))
 
 
@@ -318,11 +327,9 @@ def kept_share_interval(r: np.ndarray, grs: GRSConfig, group_size: int, groups: 
     :func:`bootstrap_intervals` (states, or condition blocks with their states, resampled with
     replacement), each replicate re-simulating the rule on ``n_groups`` groups (so the interval
     also holds the simulation's own noise)."""
-    r_t = torch.as_tensor(np.asarray(r, dtype=np.float64))
-    members = _block_members(r_t.shape[0], groups)
+    r_t, members, generator = _kept_inputs(r, groups, generator)
     if not members:
         return math.nan, math.nan
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
     values = np.empty(n_boot)
     for b in range(n_boot):
         if len(members) == 1:  # the states, with replacement (a repeated state keeps its id: tails stay distinct)
@@ -333,10 +340,7 @@ def kept_share_interval(r: np.ndarray, grs: GRSConfig, group_size: int, groups: 
         picked = [p for p in picked if len(torch.unique(p)) >= 2]
         values[b] = (_ratio(simulate_gains(r_t, picked, grs, group_size, n_groups, generator, round_groups))
                      if picked else math.nan)
-    if np.isnan(values).all():
-        return math.nan, math.nan
-    lo, hi = np.nanquantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    return _percentile_interval(values, level)
 
 
 def describe_rule(rule: GraftConfig) -> str:
