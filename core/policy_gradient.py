@@ -58,6 +58,7 @@ from .trainer import (
     generator_for,
     merged_copy,
     print_round_row,
+    restore,
     round_metrics,
     sample_candidates,
     stop_check,
@@ -238,14 +239,7 @@ def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, r
             policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
-    start = 0
-    if checkpoint is not None:
-        last, weights, state = checkpoint
-        policy.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:  # a resumable knob may have changed
-            group["lr"] = cfg.lr
-        start = last + 1
+    start = restore(checkpoint, policy, opt, lr=cfg.lr)  # a resumable knob may have changed
     if resume:
         run.remove_temp_files()  # of writes killed before their rename
     run.truncate_after(start - 1)

@@ -428,6 +428,21 @@ def early_stops(run: RunDir, stop: dict[str, int | None], main: bool = True) -> 
         raise TrainingInterrupted(None, run.path, message, signum=stop["signal"]) from None
 
 
+def restore(checkpoint: tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None, model: nn.Module,
+            opt: torch.optim.Optimizer, **knobs: float) -> int:
+    """Load a checkpoint of :meth:`~pgraft.core.rundir.RunDir.load_checkpoint` (round, weights,
+    trainer state) into ``model`` and ``opt``, with the resumable ``knobs`` (lr, ...) of the run in
+    force set on every parameter group; returns the round to go on at (0 without a checkpoint)."""
+    if checkpoint is None:
+        return 0
+    last, weights, state = checkpoint
+    model.load_state_dict(weights)
+    opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:
+        group.update(knobs)
+    return last + 1
+
+
 def saved_rounds(done: int) -> str:
     """What a stopped run keeps, given its last committed round."""
     return ("round 0 is saved" if done == 0 else f"rounds 0-{done} are saved") if done >= 0 else "no round had finished"
@@ -483,14 +498,8 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
     head = build_head(base, cfg, init_seed=derive_seed(cfg.seed, Stream.LORA_INIT))
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    if checkpoint is not None:
-        last, weights, state = checkpoint
-        head.load_state_dict(weights)
-        opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:  # a resumable knob may have changed (cosine rescales it per step)
-            group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
-        start = last + 1
+    # a resumable knob may have changed (cosine rescales lr per step)
+    start = restore(checkpoint, head, opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if main:
         if resume:
             run.remove_temp_files()  # of writes killed before their rename
