@@ -131,15 +131,25 @@ def valid_unique_novel(smiles: Sequence[str | None],
     return valid, unique, [s for s in unique if s not in train_set]
 
 
+def _rates(n: int, valid: list[str], unique: list[str], novel: list[str]) -> dict[str, float]:
+    nan = float("nan")
+    return {"validity": len(valid) / n if n else nan, "uniqueness": len(unique) / len(valid) if valid else nan,
+            "novelty": len(novel) / len(unique) if unique else nan, "vun": len(novel) / n if n else nan}
+
+
+def novelty_rates(smiles: Sequence[str | None], train_smiles: Iterable[str]) -> dict[str, float]:
+    """validity, uniqueness, novelty and V.U.N., as in :func:`evaluate_smiles` (no RDKit scoring:
+    cheap enough for every round's candidates)."""
+    return _rates(len(smiles), *valid_unique_novel(smiles, train_smiles))
+
+
 def novelty_row(smiles: Sequence[str | None], train_smiles: Iterable[str]) -> dict[str, float]:
-    """validity, uniqueness, novelty, V.U.N. and the mean QED of the valid samples and of the
-    V.U.N. ones (the quantities the QED gain is traded against), as in :func:`evaluate_smiles`."""
-    n = len(smiles)
+    """:func:`novelty_rates` and the mean QED of the valid samples and of the V.U.N. ones (the
+    quantities the QED gain is traded against)."""
     valid, unique, novel = valid_unique_novel(smiles, train_smiles)
     qed_of = {s: qed_score(_mol(s)) for s in unique}
     nan = float("nan")
-    return {"validity": len(valid) / n if n else nan, "uniqueness": len(unique) / len(valid) if valid else nan,
-            "novelty": len(novel) / len(unique) if unique else nan, "vun": len(novel) / n if n else nan,
+    return {**_rates(len(smiles), valid, unique, novel),
             "qed_valid_mean": float(np.mean([qed_of[s] for s in valid])) if valid else nan,
             "qed_vun_mean": float(np.mean([qed_of[s] for s in novel])) if novel else nan}
 

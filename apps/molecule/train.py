@@ -35,7 +35,7 @@ from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_
 
 from . import diffusion
 from .data import load_dataset, state_to_smiles
-from .metrics import evaluate_smiles, novelty_row
+from .metrics import evaluate_smiles, novelty_rates, novelty_row
 from .model import GraphTransformer
 from .presets import get_preset
 from .pretrain import META_NAME, BaseModel, load_base, pretrain_molecule
@@ -143,7 +143,7 @@ def make_problem(base: BaseModel, reward: str, sample_steps: int, novel: bool = 
         qeds = [qed_score(m) for m in valid]
         row = {"validity": len(valid) / len(mols), "qed_valid_mean": sum(qeds) / len(qeds) if qeds else 0.0}
         if reference is not None:
-            found = novelty_row(_smiles(x0, atom_types), reference)
+            found = novelty_rates(_smiles(x0, atom_types), reference)
             row.update(novelty=found["novelty"], vun=found["vun"])
         return row
 
