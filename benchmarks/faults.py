@@ -108,13 +108,13 @@ def _child(out: Path, fault: str | None, resume: bool, method: str = "graft") ->
             else:
                 setattr(problem, kind, call_then_maybe_die)
     if method == "pg":
-        from pgraft.apps.toy.train import SHIPPED_BASE
+        from pgraft.apps.toy.train import APP
         from pgraft.core.checkpoint import load_pretrained
         from pgraft.core.policy_gradient import PGConfig, run_policy_gradient
 
         cfg = PGConfig(rounds=3, groups=4, group_size=4, epochs=2, batch_size=8, lr=1e-4, clip=0.2,
                        sample_batch_size=8, timestep_fraction=0.5, seed=3)
-        run_policy_gradient(problem, calls["log_prob"], load_pretrained(ToyDenoiser, SHIPPED_BASE),
+        run_policy_gradient(problem, calls["log_prob"], load_pretrained(ToyDenoiser, APP.shipped),
                             toy.model_config(), cfg, out, show_progress=False, resume=resume)
         return
     torch.manual_seed(0)

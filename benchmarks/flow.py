@@ -39,24 +39,19 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from pgraft.apps.flow.correct import NOISE_MODELS, InvertConfig, correction_config, invert_dataset  # noqa: E402
 from pgraft.apps.flow.data import load_fashion_mnist  # noqa: E402
-from pgraft.apps.flow.evaluate import EvalConfig, Evaluator  # noqa: E402
-from pgraft.apps.flow.train import (  # noqa: E402
-    CorrectionConfig,
+from pgraft.apps.flow.evaluate import EvalConfig, Evaluator, evaluate  # noqa: E402
+from pgraft.apps.flow.pretrain import (  # noqa: E402
     FlowPretrainConfig,
-    InvertConfig,
-    SamplerSpec,
-    evaluate,
-    images_to_grid,
-    invert_dataset,
     load_base,
-    load_correction,
     load_training_images,
     pretrain_flow,
     pretraining_finished,
-    sample_images,
-    train_correction,
 )
+from pgraft.apps.flow.sample import SamplerSpec, images_to_grid, sample_images  # noqa: E402
+from pgraft.core.inversion import read_shards  # noqa: E402
+from pgraft.core.noise_correction import load_correction, train_correction  # noqa: E402
 from pgraft.core.pretrain import trained_steps
 from pgraft.core.sampling import FLOW_STEPS  # noqa: E402
 from pgraft.core.state import module_device, resolve_device  # noqa: E402
@@ -83,7 +78,6 @@ def noise_fit(base, noise_model, invert_dir: Path, invert_steps: int, noise_step
 
     Returns (that dict, the reconstructions, the training-set indices of the images they reconstruct).
     """
-    from pgraft.apps.flow.train import read_shards
     from pgraft.core.sampling import sample
     from pgraft.core.schedules import flow_times
 
@@ -336,11 +330,11 @@ def main() -> None:
     print(f"inverted {report.n_images} training images through {invert_steps} Euler steps: reconstruction "
           f"mean |err| {report.mean_abs:.2e}, max {report.max_abs:.2e}, worst residual {report.max_residual:.2e} "
           f"[{time.time() - t0:.0f}s]")
-    corr_cfg = CorrectionConfig(preset="noise-tiny" if q else "noise-small",
-                                steps=args.correct_steps or (300 if q else 6000), coupling=args.coupling,
-                                seed=args.seed)
-    train_correction(out / "invert", out / "correct", corr_cfg, show_progress=not q, device=device)
-    noise_model = load_correction(out / "correct", base_dir).noise_model.to(device)
+    corr_cfg = correction_config(preset="noise-tiny" if q else "noise-small",
+                                 steps=args.correct_steps or (300 if q else 6000), coupling=args.coupling,
+                                 seed=args.seed)
+    train_correction(out / "invert", out / "correct", corr_cfg, NOISE_MODELS, show_progress=not q, device=device)
+    noise_model = load_correction(out / "correct", NOISE_MODELS).noise_model.to(device)
     print(f"noise flow {corr_cfg.preset}: {noise_model.num_parameters():,} parameters "
           f"({noise_model.num_parameters() / base.num_parameters():.2f}x the base)  [{time.time() - t0:.0f}s]")
 

@@ -6,6 +6,7 @@ every method trained once per training seed at the same budget of sampled molecu
     python benchmarks/molecule.py --seeds 0,1,2           # all default methods, 3 training seeds
     python benchmarks/molecule.py --seeds 0,1,2 &  python benchmarks/molecule.py --seeds 0,1,2   # two processes share the cells
     python benchmarks/molecule.py --report                # aggregate the finished cells
+    python benchmarks/molecule.py --budget-sweep --seeds 0,1,2   # t × optimizer steps (benchmarks/budget.py)
 
 Cells (method × seed) are resumable (benchmarks/harness.py). Writes seeds.csv (long format),
 summary.csv (mean, 95% CI), verdicts.txt and molecule_seeds.png in --out.
@@ -20,16 +21,16 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import budget  # noqa: E402
 import harness  # noqa: E402
 from harness import Benchmark, Cell, Comparison, Method, Metric  # noqa: E402
 
 from pgraft.apps.molecule.model import GraphTransformer  # noqa: E402
 from pgraft.apps.molecule.train import (  # noqa: E402
+    APP,
     DEFAULT_BASE,
     MoleculeTrainConfig,
-    base_dir_of,
     evaluate_base_row,
-    load_or_pretrain,
     log_prob,
     make_problem,
     sample_smiles,
@@ -113,8 +114,8 @@ def describe(args) -> dict:
 class Context:
     def __init__(self, args):
         self.args = args
-        base_dir = base_dir_of(MoleculeTrainConfig(base=args.base))
-        self.base = load_or_pretrain(base_dir, "default", show_progress=not args.quiet)
+        base_dir = APP.resolve_base(args.base, "default")
+        self.base = APP.load_or_pretrain(base_dir, "default", show_progress=not args.quiet)
         self.base_sha256 = weights_sha256(base_dir)
         self.problems = {}
 
@@ -168,5 +169,23 @@ BENCH = Benchmark(
     comparisons=COMPARISONS, headline=["qed_mean", "vun", "qed_novel_mean", "fcd"], reward_metric="qed_mean",
     add_args=add_args, quick=quick, describe=describe)
 
+# `--budget-sweep` (benchmarks/budget.py): GRAFT / P-GRAFT Best-of-8 at t ∈ {0, 0.1, 0.25, 0.5} × optimizer
+# steps per round, at equal sampled molecules (rounds × groups × 8), smaller scales than the table above
+SWEEP = budget.Sweep(
+    t_values=(0.0, 0.1, 0.25, 0.5), budgets=(3, 10, 30, 100), reward="reward_mean",
+    quality=("validity", "vun", "qed_mean"), distance="accepted_minus_model",
+    distance_note="accepted_minus_model: the last round's accepted-set mean reward minus the fine-tuned model's "
+                  "evaluated mean reward (the head's target is the accepted set's law; exact in reward units at "
+                  "t = 0, an upper bound on the gap at t > 0, whose target's reward is E[h | A] < E[r | A])")
+SWEEP_DEFAULTS = {"rounds": 2, "groups": 24, "sample_steps": 50, "eval_samples": 256, "fcd": False}
+
+
+def sweep_method(t: float, capacity: dict) -> Method:
+    return _graft(f"bon_{t}", f"BoN t={t}", t=t)
+
+
 if __name__ == "__main__":
-    harness.main(BENCH, __doc__)
+    if budget.wants_sweep():
+        budget.main(BENCH, SWEEP, sweep_method, __doc__, SWEEP_DEFAULTS)
+    else:
+        harness.main(BENCH, __doc__)

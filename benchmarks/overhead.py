@@ -79,16 +79,12 @@ def toy_setup():
 
 
 def molecule_setup():
-    import pgraft.apps.molecule as molecule
     from pgraft.apps.molecule.presets import get_preset
-    from pgraft.apps.molecule.pretrain import load_base
-    from pgraft.apps.molecule.train import make_problem
-    from pgraft.core.shipped import shipped_dir
+    from pgraft.apps.molecule.train import APP, make_problem
 
-    directory = shipped_dir(os.path.dirname(molecule.__file__))
-    if not directory.is_dir():
-        raise SystemExit(f"no shipped molecule base in {directory}")
-    base = load_base(directory)
+    if not APP.ships:
+        raise SystemExit(f"no shipped molecule base in {APP.shipped}")
+    base = APP.load(APP.shipped)
     return make_problem(base, "qed", get_preset("default").sample_steps), base.model
 
 

@@ -71,8 +71,8 @@ from pgraft.apps.t2i.model import UNET_ATTENTION  # noqa: E402
 from pgraft.apps.t2i.prompts import load_prompts  # noqa: E402
 from pgraft.apps.t2i.rewards import make_reward  # noqa: E402
 from pgraft.apps.t2i.train import (  # noqa: E402
+    APP,
     T2IConfig,
-    base_lacks,
     evaluate_images,
     load_pipeline,
     log_prob,
@@ -168,7 +168,7 @@ def _sha256(path: Path) -> str | None:
 
 def require_inputs(args) -> None:
     """Refuse in one line when --base or --scorer does not hold what the benchmark needs."""
-    lack = base_lacks(args.base) if args.base.is_dir() else "it does not exist"
+    lack = APP.lacks(args.base) if args.base.is_dir() else "it does not exist"
     if lack is not None:
         raise SystemExit(f"error: --base {args.base} holds no pretrained pipeline ({lack}); run "
                          f"`pgraft t2i pretrain --out {args.base}` first (or pass --base DIR)")

@@ -1,6 +1,12 @@
 """Toy benchmark: distance to the exact GRS target for base, GRAFT (RS/BoN/Top-K), P-GRAFT at
-several t and the DDPO-style policy-gradient baseline, at an equal budget of sampled candidates,
-once per training seed (benchmarks/harness.py: paired evaluation seeds, 95% CIs, resumable cells).
+several t and three baselines (the DDPO-style policy gradient, GRPO with a KL term to the base,
+DiffusionNFT), at an equal budget of sampled candidates, once per training seed
+(benchmarks/harness.py: paired evaluation seeds, 95% CIs, resumable cells).
+
+Policy-gradient convention (docs/derivations.md, section 4): per-dimension log-density
+(``log_prob_reduction="mean"``; the toy's state has D = 1 entry, so it equals the summed one) and
+PPO clip range 0.2, the toy's setting of eps (DDPO's 1e-4 is for D ~ 10^4 latents); every PG row's
+label says so.
 
 The exact target of GRS with rule R is p ∝ p̄ · E[A_R(x)] (Lemma 2.3). p̄ (the shipped base MLP) is
 represented by a pool of base samples, so the target is that pool weighted by E[A_R]. For
@@ -14,6 +20,7 @@ are scored against, and prints it beside every W1 ("at the noise floor" when the
 it). Lemma 4.3's Var(r | X_t) table moved to ``pgraft toy diagnose``.
 
     python benchmarks/toy.py --seeds 0,1,2 [--out runs/bench/toy] [--quick]
+    python benchmarks/toy.py --budget-sweep --seeds 0,1,2   # t × steps × capacity (benchmarks/budget.py)
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import budget  # noqa: E402
 import harness  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -31,17 +39,18 @@ from harness import Benchmark, Cell, Comparison, Method, Metric  # noqa: E402
 from pgraft.apps.toy.metrics import acceptance_weights, conditional_weights, wasserstein_1d  # noqa: E402
 from pgraft.apps.toy.model import ToyDenoiser  # noqa: E402
 from pgraft.apps.toy.train import (  # noqa: E402
+    APP,
     DEFAULT_BASE,
     ToyConfig,
-    base_dir_of,
-    load_or_pretrain,
     log_prob_fn,
     make_problem,
 )
+from pgraft.core.bridges import VPPath  # noqa: E402
 from pgraft.core.grs import GRSConfig  # noqa: E402
+from pgraft.core.nft import NFTConfig, run_nft  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
 from pgraft.core.sampling import sample  # noqa: E402
-from pgraft.core.schedules import split_times  # noqa: E402
+from pgraft.core.schedules import cosine_alpha_bar, split_times  # noqa: E402
 from pgraft.core.shipped import weights_sha256  # noqa: E402
 from pgraft.core.stats import mean_ci  # noqa: E402
 from pgraft.core.trainer import GraftConfig, generator_for, run_graft, sample_finetuned  # noqa: E402
@@ -58,7 +67,12 @@ def _methods() -> dict[str, Method]:
             key = f"graft_{rule}" if t == 0 else f"pgraft_{rule}_{t}"
             name = f"GRAFT {label}" if t == 0 else f"P-GRAFT {label} t={t}"
             out[key] = Method(key, name, "graft", {"rule": rule, "t": t})
-    out["pg"] = Method("pg", "policy gradient (no KL)", "pg")
+    pg = "mean log-density, clip 0.2"  # the PG convention of these rows (module docstring)
+    out["pg"] = Method("pg", f"policy gradient (no KL; {pg})", "pg")
+    out["grpo"] = Method("grpo", f"GRPO (group advantages, KL 0.04; {pg})", "pg", {"kl": 0.04})
+    out["nft"] = Method("nft", "DiffusionNFT (β=1)", "nft")
+    # 32 epochs x 16 minibatches x 4 rounds = 2,048 updates of 256: GRAFT's 2,000 fine-tuning steps
+    out["nft_long"] = Method("nft_long", "DiffusionNFT (β=1, 2,048 updates)", "nft", {"epochs": 32})
     return out
 
 
@@ -73,7 +87,9 @@ COMPARISONS = [Comparison(a, b, "W1_to_own_target") for a, b in [
     ("pgraft_rs_0.25", "graft_rs"), ("pgraft_rs_0.5", "graft_rs"), ("pgraft_rs_0.75", "graft_rs"),
     ("pgraft_bon_0.25", "graft_bon"), ("pgraft_bon_0.5", "graft_bon"), ("pgraft_bon_0.75", "graft_bon"),
     ("pgraft_rs_0.75", "pgraft_rs_0.25"), ("pgraft_bon_0.75", "pgraft_bon_0.25")]] + [
-    Comparison("pg", "graft_rs", "W1_to_RS_target")]
+    Comparison("pg", "graft_rs", "W1_to_RS_target")] + [
+    Comparison(a, "pgraft_rs_0.25", metric) for a in ("grpo", "nft", "nft_long")
+    for metric in ("W1_to_RS_target", "mean_reward")]
 
 
 def add_args(ap) -> None:
@@ -101,8 +117,8 @@ class Context:
         self.args = args
         self.toy = ToyConfig()
         self.problem = make_problem(self.toy)
-        base_dir = base_dir_of(args.base, self.toy)
-        self.base = load_or_pretrain(self.toy, base_dir, show_progress=False)
+        base_dir = APP.resolve_base(args.base, self.toy)
+        self.base = APP.load_or_pretrain(base_dir, self.toy, show_progress=False)
         self.base_sha256 = weights_sha256(base_dir)
         estimates = [self._targets(seed) for seed in (123, 456)]
         self.targets = estimates[0]
@@ -146,7 +162,7 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
         _, grs, m = RULES[rule]
         cfg = GraftConfig(rounds=1, groups=args.budget // m, group_size=m, grs=GRSConfig(**grs), split=t,
                           train_steps=args.train_steps, batch_size=256, lr=1e-3, sample_batch_size=4096,
-                          final_eval=False, seed=seed)
+                          lora_rank=method.params.get("lora_rank", 0), final_eval=False, seed=seed)
         resume = harness.resumable(method, run_dir)
         with harness.count_compute(ToyDenoiser, ledger=cell_dir / "compute.json", resume=resume) as compute:
             head, _ = run_graft(compute.metered(problem), base, toy.model_config(), cfg, run_dir, resume=resume,
@@ -154,16 +170,29 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
         _, x0 = sample_finetuned(problem, head, base, args.eval_samples, t, seed=harness.eval_seed(seed), batch=4096,
                                  show_progress=False)
         sampled = cfg.groups * m
-    else:
+    elif method.kind == "pg":
         rounds = 4
-        # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
+        # per-dimension log-density (D = 1: the same as the summed one), clip 0.2 (module docstring)
         cfg = PGConfig(rounds=rounds, groups=args.budget // (8 * rounds), group_size=8, epochs=2, batch_size=256,
-                       lr=3e-4, log_prob_reduction="sum", clip=0.2, sample_batch_size=4096, final_eval=False,
-                       seed=seed)
+                       lr=3e-4, log_prob_reduction="mean", clip=0.2, kl=method.params.get("kl", 0.0),
+                       sample_batch_size=4096, final_eval=False, seed=seed)
         harness.resumable(method, run_dir)  # clears a killed policy-gradient run
         with harness.count_compute(ToyDenoiser, ledger=cell_dir / "compute.json") as compute:
             head, _ = run_policy_gradient(compute.metered(problem), log_prob_fn(toy), base, toy.model_config(), cfg, run_dir,
                                           show_progress=False)
+        _, x0 = sample_finetuned(problem, head, base, args.eval_samples, 0.0, seed=harness.eval_seed(seed),
+                                 batch=4096, show_progress=False)
+        sampled = rounds * cfg.groups * 8
+    else:
+        rounds = 4
+        # DiffusionNFT on the eps-model's own forward process; the PG rows' rounds, epochs, batch and lr
+        cfg = NFTConfig(rounds=rounds, groups=args.budget // (8 * rounds), group_size=8,
+                        epochs=method.params.get("epochs", 2), batch_size=256,
+                        lr=3e-4, beta=1.0, sample_batch_size=4096, final_eval=False, seed=seed)
+        harness.resumable(method, run_dir)  # clears a killed run
+        with harness.count_compute(ToyDenoiser, ledger=cell_dir / "compute.json") as compute:
+            head, _ = run_nft(compute.metered(problem), VPPath(cosine_alpha_bar), base, toy.model_config(), cfg,
+                              run_dir, show_progress=False)
         _, x0 = sample_finetuned(problem, head, base, args.eval_samples, 0.0, seed=harness.eval_seed(seed),
                                  batch=4096, show_progress=False)
         sampled = rounds * cfg.groups * 8
@@ -200,5 +229,22 @@ BENCH = Benchmark(
     headline=["W1_to_own_target", "mean_reward"], reward_metric="mean_reward", add_args=add_args, quick=quick,
     describe=describe, notes=notes)
 
+# `--budget-sweep` (benchmarks/budget.py): RS (α=1) at t ∈ {0, 0.25, 0.5, 0.75} × optimizer steps × head
+# capacity (full fine-tune, LoRA rank 1), at equal sampled candidates; the distance is W1 to the exact target
+SWEEP = budget.Sweep(
+    t_values=(0.0,) + T_VALUES, budgets=(3, 10, 30, 100, 1000), reward="mean_reward",
+    capacities={"full": {}, "lora1": {"lora_rank": 1}}, distance="W1_to_own_target",
+    distance_note="W1_to_own_target: W1 between the fine-tuned sampler and the exact GRS target of its own t "
+                  "(the base pool weighted by E[A | x_t]; its Monte-Carlo floor is W1_floor)")
+SWEEP_DEFAULTS = {"budget": 8192, "eval_samples": 10000, "pool": 10000, "tails": 8}
+
+
+def sweep_method(t: float, capacity: dict) -> Method:
+    return Method(f"rs_{t}", f"RS t={t}", "graft", {"rule": "rs", "t": t})
+
+
 if __name__ == "__main__":
-    harness.main(BENCH, __doc__)
+    if budget.wants_sweep():
+        budget.main(BENCH, SWEEP, sweep_method, __doc__, SWEEP_DEFAULTS)
+    else:
+        harness.main(BENCH, __doc__)

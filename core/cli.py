@@ -94,12 +94,15 @@ def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def command(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except FieldError as err:  # a config's check: name the flag the user typed
-            raise fail(f"Invalid value for {flag_of(err)}: {err.detail}", err.exit_code) from None
+        except FieldError as err:  # a config's check: name the flag the user typed (or the --config key)
+            raise fail(f"Invalid value for {file_hint(flag_of(err))}: {err.detail}", err.exit_code) from None
         except RunError as err:
             raise fail(str(err), err.exit_code) from None
         except TrainingInterrupted as err:
             raise typer.Exit(128 + (err.signum or 2)) from None  # the message is already printed
+        except typer.BadParameter as err:  # raised in the body: name the --config key if the value came from it
+            err.param_hint = file_hint(err.param_hint)
+            raise
         except (typer.Exit, *CLICK_EXITS, *CLICK_ERRORS, *CLICK_ABORTS):
             raise
         except Exception as err:  # noqa: BLE001 - the boundary: one line, the traceback on request
@@ -172,13 +175,22 @@ def base_only(app: str, ships: bool = True):
 
 
 def sample_target(path: Path | None, base: str | None, app: str, *, lacks_run: Lacks, lacks_base: Lacks,
-                  shipped: Path | None, argument: str = "RUN_DIR", run_kind: str | None = None) -> Target:
+                  shipped: Path | None, argument: str = "RUN_DIR", run_kind: str | None = None,
+                  make_hint: str | None = None) -> Target:
     """:func:`pgraft.core.targets.resolve_target` for a command's ``[DIR] [--base]``; a refusal is a
-    usage error naming the argument (one line), as a bad ``--base`` of ``train`` is."""
+    usage error naming the argument (one line), as a bad ``--base`` of ``train`` is. An app calls it
+    through its contract, :meth:`pgraft.core.app.App.sample_target`."""
     hint = "--base" if base is not None and path is None else argument
     with bad_parameter(BaseDamaged, UsageError, param_hint=hint):
         return resolve_target(path, base, app, lacks_run=lacks_run, lacks_base=lacks_base, shipped=shipped,
-                              run_kind=run_kind)
+                              run_kind=run_kind, make_hint=make_hint)
+
+
+def app_base(app: Any, value: str | Path, preset: Any = None) -> Path:
+    """``app.resolve_base(value, preset)`` (:class:`pgraft.core.app.App`) inside a command: a refusal
+    is a usage error naming the app's base flag (one line)."""
+    with bad_parameter(BaseDamaged, UsageError, param_hint=app.flag):
+        return app.resolve_base(value, preset)
 
 
 @contextlib.contextmanager
@@ -327,6 +339,90 @@ def graft_options(*, fixed: dict[str, Any] | None = None, sample_batch_size: int
     return decorate
 
 
+# ----------------------------------------------------------------------------- config file, trackers
+def _config_callback(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """Eager callback of ``--config``: the file's keys become the command's defaults
+    (:func:`pgraft.core.config_file.apply_config_file`)."""
+    from .config_file import apply_config_file
+
+    apply_config_file(ctx, value)
+    return value
+
+
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", is_eager=True, callback=_config_callback, show_default=False,
+    help="YAML file of this command's flags (keys: the flag names with _ for -, e.g. rounds: 4, train_steps: 50, "
+         "m: 8; a mapping value is a section of such keys); flags typed on the command line override it.")]
+
+
+def _log_with_callback(value: str) -> str:
+    from .trackers import check_backend
+
+    with bad_parameter(UsageError):
+        return check_backend(value)
+
+
+LogWith = Annotated[str, typer.Option(
+    "--log-with", callback=_log_with_callback,
+    help="Experiment tracker of the metrics rows (and the image grids the app writes): none, tensorboard "
+         "(RUN/trackers/tensorboard) or wandb (RUN/trackers/wandb; WANDB_MODE=offline works without network); "
+         "needs pip install -e '.[trackers]'.")]
+
+
+def _with_option(fn: Callable[..., Any], name: str, annotation: Any, default: Any,
+                 body: Callable[[Callable[..., Any], Any, dict[str, Any]], Any]) -> Callable[..., Any]:
+    """``fn`` (a typer command, possibly from :func:`graft_options`) with one more keyword option
+    ``name``; the new command calls ``body(fn, value, kwargs)``."""
+    hints = get_type_hints(fn, include_extras=True)
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+              for p in inspect.signature(fn).parameters.values()]
+    params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default))
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        return body(fn, kwargs.pop(name), kwargs)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return run_errors(command) if not getattr(fn, "_pgraft_boundary", False) else command
+
+
+def config_file(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator giving a command ``--config FILE`` (:mod:`pgraft.core.config_file`): every flag of
+    the command may be given in the YAML file, checked as the flag is; the command line wins::
+
+        @app.command("train")
+        @opts.config_file
+        @opts.graft_options(...)
+        def train_cmd(graft: GraftConfig, ...) -> None: ...
+    """
+    return _with_option(fn, "config", ConfigFile, None, lambda inner, _, kwargs: inner(**kwargs))
+
+
+def trackers(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator giving a round-loop command (one with ``out`` and ``resume``) ``--log-with``: the
+    body runs inside :func:`pgraft.core.trackers.tracking` for ``--out``, so the round loop logs
+    every metrics row (and the app's image grids) to the tracker, on the main process."""
+    from .trainer import is_main_process
+
+    def body(inner: Callable[..., Any], log_with: str, kwargs: dict[str, Any]) -> Any:
+        from .trackers import tracking
+
+        with tracking(log_with, kwargs["out"], main=is_main_process()):
+            return inner(**kwargs)
+
+    return _with_option(fn, "log_with", LogWith, "none", body)
+
+
+def file_hint(hint: Any) -> Any:
+    """A flag name (``param_hint``) with `` (key 'k' of run.yaml)`` appended when its value came
+    from the command's ``--config`` file; unchanged otherwise."""
+    from .config_file import file_source
+
+    where = file_source(hint) if isinstance(hint, str) else None
+    return hint + where if where else hint
+
+
 # ----------------------------------------------------------------------------- diagnose
 # The options every app's ``diagnose`` command shares (see :mod:`pgraft.core.diagnose`).
 def at_least(minimum: int) -> Callable[[int], int]:
@@ -350,6 +446,14 @@ Tails = Annotated[int, typer.Option("--tails", help="K: independent base tails t
                                     callback=at_least(2))]
 DiagnoseBatch = Annotated[int, typer.Option("--batch", help="Rows per sampler call.", callback=at_least(1))]
 DiagnoseOut = Annotated[Path, typer.Option("--out", help="Folder for diagnose.csv (the table) and diagnose.png.")]
+ProbeSteps = Annotated[int, typer.Option(
+    "--train-steps", callback=at_least(0),
+    help="Budget-aware recommendation: the optimizer steps per round you will train with (0 = off). A learning probe "
+         "then runs, at t = 0 and each --t: one round of candidates from the base (--groups × --m), accepted by the "
+         "rule, a head fine-tuned N steps on the accepted X_t with train's batch size and lr, and the head's paired "
+         "reward shift over the base divided by its target's (a fresh base tail per X_t): the progress. Predicted "
+         "one-round gain = G0 × kept(t) × progress(t, N) (G0: GRAFT's ideal gain); prints that table (probe.csv) and "
+         "the t of largest predicted gain.")]
 DIAGNOSE_GRID = "0.1,0.25,0.5,0.75,0.9"
 DIAGNOSE_HELP = ("Which P-GRAFT split --t to train with, from the base alone (n states × K base tails per t, 95% "
                  "intervals): the share R²(t) of the reward's variance that X_t already decides, and the kept share: "
@@ -357,7 +461,10 @@ DIAGNOSE_HELP = ("Which P-GRAFT split --t to train with, from the base alone (n 
                  "--rule/--m/--k/--alpha/--threshold/--reward-max/--groups (train's defaults), estimated by simulating "
                  "that rule on the states × tails (assumes perfect learning of the accepted X_t, one round, acceptance "
                  "decided by the reward alone; R² equals it only where the mean of E(r | X_t) given r is linear in r). Recommends "
-                 "the largest t whose kept-share lower bound is >= 0.5 (R²'s when no kept share can be estimated).")
+                 "the largest t whose kept-share lower bound is >= 0.5 (R²'s when no kept share can be estimated). With "
+                 "--train-steps N the recommendation is budget-aware: a learning probe measures how far N fine-tuning "
+                 "steps take the head toward its target at each t, and the t of largest predicted gain G0 × kept × "
+                 "progress is recommended.")
 # the GRAFT flags a diagnose command does not take (the rule's flags stay: the kept share uses them)
 DIAGNOSE_FIXED = {"dedup": False, "t": 0.0, "rounds": 1, "train_steps": 0, "batch_size": 1, "lr": 1e-4, "lora": 0,
                   "replay": False, "anchor": 0.0, "seed": 0}
@@ -380,9 +487,19 @@ def t_grid(text: str) -> list[float]:
 
 
 def diagnose(problem: Any, base: Any, grid: list[float], *, states: int, tails: int, seed: int, batch: int,
-             out: Path, quiet: bool, rule: GraftConfig | None = None) -> Any:
+             out: Path, quiet: bool, rule: GraftConfig | None = None, train_steps: int = 0,
+             probe: dict[str, Any] | None = None) -> Any:
     """The shared body of ``pgraft <app> diagnose``: :func:`pgraft.core.diagnose.run_diagnose`;
-    ``rule`` (from :func:`diagnose_options`): the GRS rule of the kept share."""
+    ``rule`` (from :func:`diagnose_options`): the GRS rule of the kept share. ``train_steps`` > 0
+    (``--train-steps``) adds the budget-aware recommendation: the learning probe fine-tunes with
+    the rule and the app's train settings ``probe`` (``batch_size``, ``lr``, ...: GraftConfig fields)."""
+    import dataclasses
+
     from .diagnose import run_diagnose
 
-    return run_diagnose(problem, base, grid, states, tails, seed, batch, out, show_progress=not quiet, rule=rule)
+    train = None
+    if train_steps > 0:
+        train = dataclasses.replace(rule if rule is not None else GraftConfig(), train_steps=train_steps,
+                                    **(probe or {}))
+    return run_diagnose(problem, base, grid, states, tails, seed, batch, out, show_progress=not quiet, rule=rule,
+                        train=train)

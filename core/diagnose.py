@@ -75,6 +75,25 @@ under the stated assumptions; without a kept share (no rule given, or none estim
 few for the group's uses of a state, or a rule that selects nothing), the same rule on R^2's lower
 bound. When no t qualifies, the smallest t on the grid, saying so.
 
+Budget-aware recommendation (``diagnose --train-steps N``). The kept share assumes the head learns
+its target perfectly; with a fine-tuning budget of N optimizer steps per round it may not, and how
+far it gets can depend on t (the head of a larger t has fewer steps of the sampler to change and an
+easier law to learn: the variance side). :func:`learning_probe` measures it: at t = 0 and each t of
+the grid it samples one round of candidates from the base (``--groups`` x ``--m``), accepts them by
+the rule, fine-tunes a head for N steps on the accepted X_t with train's settings (the training
+loop's own step), and compares the reward of head + base with the base's, on the same X_T and noises
+(so 0 steps give exactly 0), to the reward shift of its target (the accepted X_t's fresh base tails
+against all candidates'): progress(t, N) = realized / target. :func:`predict_gains` combines it with
+the kept share:
+
+    gain(t, N) = G0 x kept(t) x progress(t, N),  G0 = GRAFT's one-round ideal gain E[r | A] - E[r],
+
+and :func:`recommend_budget_t` picks the t of largest predicted gain (ties to the smaller t; t = 0
+when nothing is predicted to gain). One round, one seed: the printed interval carries the kept
+share's uncertainty only, not the probe's. benchmarks/budget.py measures the same trade-off with
+full runs (docs/results/<app>_budget*.txt) and compares its best t with this recommendation
+(``<app>_budget_validation.txt``).
+
 The grid values are train's ``--t``: the fraction of sampler steps left to the frozen base, rounded
 to the sampler grid in the same way (the ``t_grid`` column is the time of the grid point used);
 t = 1 is X_T itself. Generic: apps hand in a :class:`~pgraft.core.trainer.GraftProblem` and a base.
@@ -518,6 +537,186 @@ def recommend_t(table: pd.DataFrame, keep: float = KEEP, rule: str = "") -> tupl
                              "plain GRAFT (t = 0) or a finer grid below it")
 
 
+# ----------------------------------------------------------------------------- budget-aware: the learning probe
+PROBE_COLUMNS = ["t", "train_steps", "candidates", "accepted", "kept", "kept_lo", "kept_hi", "target_shift",
+                 "realized_shift", "progress", "predicted_gain", "predicted_lo", "predicted_hi", "seconds"]
+_PROBE_TAILS = 1 << 31  # the fresh base tail scored from each probe candidate's X_t
+_PROBE_EVAL = (1 << 31) + 1  # the paired head / base evaluation samples
+
+
+@dataclasses.dataclass
+class _OneProcess:
+    """The few accelerator members ``trainer._train`` uses, for one process on ``device``."""
+
+    device: torch.device
+    process_index: int = 0
+    num_processes: int = 1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm: float):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _tail_rewards(problem: GraftProblem, base: nn.Module, x_t, cond_index: torch.Tensor, k: int, seed: int,
+                  batch_size: int) -> torch.Tensor:
+    """One fresh base tail t -> 0 from every state (its own condition), scored: r' with E[r' | X_t] = h(X_t)."""
+    device, n = module_device(base), len(cond_index)
+    lean = dataclasses.replace(problem, key=None, describe=None, metrics=None, on_round=None)
+    out = []
+    for c, lo in enumerate(range(0, n, batch_size)):
+        hi = min(n, lo + batch_size)
+        gen = generator_for(seed, k, c, _PROBE_TAILS)
+        cond = problem.cond_batch(cond_index[lo:hi])
+        x0 = sample(base, to_device(index(x_t, slice(lo, hi)), device), problem.times[k:], problem.step, cond, gen)
+        out.append(lean.scores(to_device(x0, "cpu"), cond).rewards)
+    return torch.cat(out).double()
+
+
+def _paired_reward(problem: GraftProblem, head: nn.Module, base: nn.Module, n: int, split: float, seed: int,
+                   batch_size: int) -> float:
+    """Mean reward of ``n`` samples of head (T -> t) + base (t -> 0), conditions cycled; with the
+    same ``seed`` two heads see the same X_T and noises (common random numbers)."""
+    from .trainer import sample_finetuned
+
+    n_cond = 1 if problem.conditions is None else len(problem.conditions)
+    cond_index = torch.arange(n) % n_cond
+    lean = dataclasses.replace(problem, key=None, describe=None, metrics=None, on_round=None)
+    _, x0 = sample_finetuned(lean, head, base, n, split, seed=seed, batch=batch_size, cond_index=cond_index,
+                             show_progress=False)
+    rewards = []
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        rewards.append(lean.scores(index(x0, slice(lo, hi)), problem.cond_batch(cond_index[lo:hi])).rewards)
+    return float(torch.cat(rewards).double().mean())
+
+
+def learning_probe(problem: GraftProblem, base: nn.Module, cfg: GraftConfig, t: float, n_eval: int = 512,
+                   seed: int = 0, batch_size: int = 256) -> dict[str, float]:
+    """How far ``cfg.train_steps`` optimizer steps take the head toward its target at split ``t``,
+    in reward units (one round of GRAFT / P-GRAFT on a probe of the base):
+
+    1. sample one round's candidates with the base (``cfg.groups`` groups of ``cfg.group_size``) and
+       accept them with ``cfg.grs``; the accepted X_t are the head's training set, their law its target;
+    2. ``target_shift`` = mean over the accepted of r' minus its mean over all candidates, where r'
+       is the reward of one FRESH base tail t -> 0 from each X_t (unbiased for E[h | A] - E[h], the
+       reward gain of a head that learned the target exactly; at t = 0, r' = r and it is GRAFT's
+       one-round gain E[r | A] - E[r]);
+    3. fine-tune a head (``build_head``: the base, or LoRA with ``cfg.lora_rank``) for
+       ``cfg.train_steps`` steps on the accepted X_t with the app's loss (the training loop's own
+       ``_train``: batch size, lr, cosine decay, clipping, anchor from ``cfg``);
+    4. ``realized_shift`` = mean reward of head + base minus that of the base alone, both on
+       ``n_eval`` samples from the same X_T and noises (paired: 0 exactly at 0 steps);
+    5. ``progress`` = realized_shift / target_shift (nan when the target shift is not > 0).
+
+    Seeded by ``seed`` (candidates, acceptance, training batches, evaluation)."""
+    from .heads import build_head, merged_copy
+    from .schedules import split_times
+    from .selection import select
+    from .trainer import FineTuning, Stream, _train, sample_candidates
+
+    t0 = time.time()
+    cfg = dataclasses.replace(cfg, split=t, rounds=1, seed=seed, sample_batch_size=batch_size, final_eval=False)
+    split = split_times(problem.times, t)
+    lean = dataclasses.replace(problem, key=None, describe=None, metrics=None, on_round=None)
+    base = base.eval().requires_grad_(False)
+    cands = sample_candidates(lean, base, base, cfg, 0, None, show_progress=False)
+    chosen = select(cands.rewards, cands.groups, cfg.grs, generator_for(seed, 0, Stream.ACCEPT), 0)
+    accepted = chosen.accepted
+    fresh = _tail_rewards(problem, base, cands.x_t, cands.cond_index, split.index, seed, batch_size)
+    target = float(fresh[accepted].mean() - fresh.mean()) if accepted.any() else math.nan
+    idx = chosen.index
+    head = build_head(base, cfg, init_seed=derive_seed(seed, Stream.LORA_INIT))
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    fit = FineTuning(lean, head, opt, base, cfg, split.t, _OneProcess(module_device(base)), show_progress=False)
+    if len(idx):
+        _train(fit, index(cands.x_t, idx), cands.cond_index[idx], 0)
+    head = merged_copy(head).eval().requires_grad_(False)
+    eval_seed = derive_seed(seed, _PROBE_EVAL)
+    realized = (_paired_reward(problem, head, base, n_eval, t, eval_seed, batch_size)
+                - _paired_reward(problem, base, base, n_eval, t, eval_seed, batch_size))
+    progress = realized / target if target > 0 else math.nan
+    return {"t": t, "train_steps": cfg.train_steps, "candidates": len(cands.rewards), "accepted": int(accepted.sum()),
+            "target_shift": target, "realized_shift": realized, "progress": progress, "seconds": time.time() - t0}
+
+
+PROBE_NOTE = ("predicted_gain = G0 x kept x progress, G0 = GRAFT's one-round ideal gain, progress = the head's "
+              "paired reward shift over the base / its target's; one round; the interval carries kept's only")
+
+
+def predict_gains(probe: pd.DataFrame, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The predicted one-round reward gain of P-GRAFT at each t of ``probe`` after its training
+    budget:
+
+        gain(t, N) = G0 * kept(t) * progress(t, N)
+
+    G0 = GRAFT's one-round ideal gain (the probe's ``target_shift`` at t = 0, which the probe table
+    must hold), kept(t) = the share of it P-GRAFT keeps at t with a perfect head (the diagnosis
+    table's ``kept`` with its 95% interval, else its ``r2``; 1 at t = 0; without a table, the probe's
+    own ``target_shift`` / G0), progress(t, N) = the share of its own target the head reached in N
+    steps (:func:`learning_probe`). ``predicted_lo`` / ``predicted_hi`` carry kept's interval only.
+    Returns the probe table with the columns :data:`PROBE_COLUMNS`."""
+    if not (probe["t"] == 0).any():
+        raise ValueError("the probe table needs a t = 0 row (GRAFT's gain G0)")
+    g0 = float(probe.loc[probe["t"] == 0, "target_shift"].iloc[0])
+    out = probe.copy()
+    kept, lo, hi = [], [], []
+    for t, shift in zip(out["t"], out["target_shift"]):
+        if t == 0:
+            kept.append(1.0), lo.append(1.0), hi.append(1.0)
+            continue
+        row = None if table is None else table[np.isclose(table["t"], t)]
+        if row is not None and len(row):
+            r = row.iloc[0]
+            has_kept = "kept" in r and not math.isnan(r["kept"])
+            cols = ("kept", "kept_lo", "kept_hi") if has_kept else ("r2", "r2_lo", "r2_hi")
+            kept.append(float(r[cols[0]])), lo.append(float(r[cols[1]])), hi.append(float(r[cols[2]]))
+        else:
+            share = shift / g0 if g0 > 0 else math.nan
+            kept.append(share), lo.append(math.nan), hi.append(math.nan)
+    out["kept"], out["kept_lo"], out["kept_hi"] = kept, lo, hi
+    progress = out["progress"].clip(lower=0.0)
+    out["predicted_gain"] = g0 * out["kept"] * progress
+    out["predicted_lo"] = g0 * out["kept_lo"] * progress
+    out["predicted_hi"] = g0 * out["kept_hi"] * progress
+    return out[PROBE_COLUMNS]
+
+
+def recommend_budget_t(pred: pd.DataFrame) -> tuple[float, str]:
+    """(t, reason): the t of largest predicted gain (:func:`predict_gains`); ties go to the smaller
+    t (less of the sampler left to the frozen base); t = 0 when no gain is predicted anywhere."""
+    if pred.empty:
+        raise ValueError("empty probe table")
+    gains = pred["predicted_gain"].fillna(-math.inf)
+    best = pred.loc[gains[gains == gains.max()].index].sort_values("t").iloc[0]
+    steps = int(best["train_steps"])
+    if not math.isfinite(best["predicted_gain"]) or best["predicted_gain"] <= 0:
+        return 0.0, f"no t is predicted to gain reward in {steps} steps; plain GRAFT (t = 0)"
+    ref = pred[pred["t"] == 0]
+    vs = ""
+    if len(ref) and best["t"] != 0:
+        r = ref.iloc[0]
+        vs = (f"; t = 0 predicts {r['predicted_gain']:.4g} (progress {r['progress']:.2f}), "
+              f"t = {best['t']:g} keeps {best['kept']:.2f} of G0 but reaches {best['progress']:.2f} of its target")
+    return float(best["t"]), (f"largest predicted one-round reward gain after {steps} steps: "
+                              f"{best['predicted_gain']:.4g} = G0 x kept x progress{vs}")
+
+
+def run_probe(problem: GraftProblem, base: nn.Module, cfg: GraftConfig, t_grid: Sequence[float],
+              table: pd.DataFrame | None = None, n_eval: int = 512, seed: int = 0, batch_size: int = 256,
+              show_progress: bool = True) -> pd.DataFrame:
+    """:func:`learning_probe` at t = 0 and every t of ``t_grid``, combined by :func:`predict_gains`."""
+    rows = []
+    grid = [0.0] + [t for t in t_grid if t > 0]
+    with progress_bar(len(grid), f"learning probe: {cfg.train_steps} steps per t", show_progress) as advance:
+        for t in grid:
+            rows.append(learning_probe(problem, base, cfg, t, n_eval, seed, batch_size))
+            advance(1)
+    return predict_gains(pd.DataFrame(rows), table)
+
+
 def plot_diagnosis(table: pd.DataFrame, path: str | Path, keep: float = KEEP, recommended: float | None = None,
                    title: str = "") -> Path:
     """Two panels against t: E[Var(r | X_t)] (with Var(r)) and R^2(t) with the kept share (when the
@@ -577,11 +776,15 @@ def run_diagnose(problem: GraftProblem, base: nn.Module, t_grid: Sequence[float]
                  n_states: int = 64, tails: int = 8, seed: int = 0, batch: int = 256,
                  out_dir: str | Path = "runs/diagnose", show_progress: bool = True, keep: float = KEEP,
                  device: torch.device | str | None = None,
-                 states_per_condition: int = STATES_PER_CONDITION, rule: GraftConfig | None = None) -> pd.DataFrame:
+                 states_per_condition: int = STATES_PER_CONDITION, rule: GraftConfig | None = None,
+                 train: GraftConfig | None = None) -> pd.DataFrame:
     """The body of every ``pgraft <app> diagnose``: measure (on ``device``, default the GPU when torch
     sees one), print the table and ``recommended t: X (reason)``, write ``diagnose.csv`` and
     ``diagnose.png`` to ``out_dir``; returns the table. ``rule``: the GRS rule train will use, for
-    the kept share (:func:`reward_variance`)."""
+    the kept share (:func:`reward_variance`). ``train``: the rule with train's fine-tuning settings
+    and ``train_steps`` > 0: then the learning probe runs too (:func:`run_probe`, one round's
+    candidates evaluated with as many samples), its table is printed and written to ``probe.csv``,
+    and ``recommended t at N steps: X (reason)`` follows."""
     from .state import default_device
 
     base = base.eval().requires_grad_(False).to(device if device is not None else default_device())
@@ -604,4 +807,16 @@ def run_diagnose(problem: GraftProblem, base: nn.Module, t_grid: Sequence[float]
         console.print(note, highlight=False, markup=False, soft_wrap=True)
     console.print(f"recommended t: {t:g} ({reason})", highlight=False, markup=False, soft_wrap=True)
     console.print(f"written: {csv}, {png}", highlight=False, markup=False, soft_wrap=True)
+    if train is not None and train.train_steps > 0:
+        pred = run_probe(problem, base, train, table["t"].tolist(), table, n_eval=train.groups * train.group_size,
+                         seed=seed, batch_size=batch, show_progress=show_progress)
+        probe_csv = write_table(pred, out_dir / "probe.csv")
+        bt, breason = recommend_budget_t(pred)
+        console.print(f"\nlearning probe, {train.train_steps} steps ({PROBE_NOTE}):", highlight=False, markup=False,
+                      soft_wrap=True)
+        console.print(pred.drop(columns=["seconds"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"),
+                      highlight=False, markup=False, soft_wrap=True)
+        console.print(f"recommended t at {train.train_steps} steps: {bt:g} ({breason})", highlight=False,
+                      markup=False, soft_wrap=True)
+        console.print(f"written: {probe_csv}", highlight=False, markup=False, soft_wrap=True)
     return table

@@ -4,12 +4,14 @@ A pretrained flow's discrete sampler maps noise z to x = Phi(z). Inverting Phi o
 the noises the *sampler* (not the ideal ODE) would need to produce the data; learning errors make
 their law differ from N(0, I). A small second flow trained from N(0, I) to that law, followed by
 the frozen base, samples closer to the data (CelebA-HQ FID 13.39 -> 8.02 at 1.31x FLOPs).
+
+This module holds the math and the shard files; :mod:`pgraft.core.noise_correction` is the workflow
+(directories, locks, resume, refusals) that the apps drive.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,67 +192,12 @@ def sampler_flops(model: nn.Module, example: torch.Tensor, n_steps: int, evals_p
     return per_eval * evals_per_step * n_steps
 
 
-COUPLINGS = ("ot", "independent")
-
-
-@dataclass(frozen=True)
-class NoiseFlowConfig:
-    """How a noise-correction flow is trained: ``steps`` AdamW steps of flow matching from N(0, I) to
-    the inverted noises, on batches of ``batch_size`` noises, with a linear warmup and an EMA copy.
-
-    ``coupling``: "ot" pairs each batch's prior draws with its noises by minibatch optimal transport
-    (near-straight paths, so few corrector steps suffice); "independent" is plain conditional flow
-    matching. ``preset`` names the noise model; each app checks it against its own presets (an app's
-    ``CorrectionConfig`` subclasses this one with its defaults).
-    """
-
-    preset: str = ""
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup: int = 100
-    ema: float = 0.999
-    coupling: str = "ot"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.coupling not in COUPLINGS:
-            raise UsageError(f"coupling must be one of {', '.join(COUPLINGS)}; got {self.coupling!r}")
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.warmup < 0 or not 0 <= self.ema < 1:
-            raise UsageError("a noise flow needs steps >= 1, batch size >= 1, lr > 0, warmup >= 0 and ema in [0, 1); "
-                             f"got {self.steps}, {self.batch_size}, {self.lr}, {self.warmup}, {self.ema}")
-
-    def pretrain_config(self):
-        """The :class:`pgraft.core.pretrain.PretrainConfig` for :func:`train_noise_flow` (warmup capped at
-        ``steps``; a log line every 50 steps and a checkpoint every 500, or fewer for short runs)."""
-        from .pretrain import PretrainConfig
-
-        return PretrainConfig(steps=self.steps, lr=self.lr, warmup=min(self.warmup, self.steps), ema=self.ema,
-                              seed=self.seed, log_every=min(50, self.steps), ckpt_every=max(1, min(500, self.steps)))
-
-
-RESUMABLE = ("steps", "lr")  # the settings a rerun may change while it resumes a noise flow's weights
-
-
-def resume_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What a rerun would change about a saved noise flow (``correct.json``-style dicts, whose "config"
-    is a :class:`NoiseFlowConfig` as a dict) other than :data:`RESUMABLE`: "key old -> new" for each
-    differing entry (config entries by their own names). Empty: the rerun may resume the weights."""
-    def entries(meta: dict[str, Any]) -> dict[tuple[str, ...], Any]:
-        meta = json.loads(json.dumps(meta))  # as saved: tuples become lists
-        config = {("config", k): v for k, v in meta.get("config", {}).items() if k not in RESUMABLE}
-        return {**{(k,): v for k, v in meta.items() if k != "config"}, **config}
-
-    old, now = entries(saved), entries(new)
-    return [f"{k[-1]} {old.get(k)!r} -> {now.get(k)!r}" for k in dict.fromkeys([*now, *old]) if old.get(k) != now.get(k)]
-
-
 def train_noise_flow(noise_model: nn.Module, noises: torch.Tensor, config, run_dir, model_config: dict,
                      batch_size: int = 128, show_progress: bool = True, coupling: str = "independent") -> nn.Module:
     """Fit the noise-correction flow N(0, I) -> law of the inverted noises (flow matching).
 
-    ``config`` is a :class:`pgraft.core.pretrain.PretrainConfig` (``NoiseFlowConfig.pretrain_config()``
-    builds one); ``coupling="ot"`` trains on
+    ``config`` is a :class:`pgraft.core.pretrain.PretrainConfig`
+    (:meth:`pgraft.core.noise_correction.CorrectionConfig.pretrain_config` builds one); ``coupling="ot"`` trains on
     minibatch-OT pairs (near-straight paths: one or two noise-flow steps suffice, which keeps the
     added FLOPs small). Returns the EMA noise model.
     """
@@ -282,16 +229,16 @@ def shard_done(directory: str | Path, index: int, idx: torch.Tensor) -> bool:
         return torch.equal(f.get_tensor("index"), idx)
 
 
-def read_shards(directory: str | Path, n_shards: int | None = None, command: str = "the inversion",
-                error: type[Exception] = FileNotFoundError) -> dict[str, torch.Tensor]:
+def read_shards(directory: str | Path, n_shards: int | None = None,
+                command: str = "the inversion") -> dict[str, torch.Tensor]:
     """The shards of an inversion concatenated in shard order (all of them, or the first ``n_shards``);
-    ``error`` naming the folder and ``command`` (what writes the shards) when there are none."""
+    a :class:`UsageError` naming the folder and ``command`` (what writes the shards) when there are none."""
     from safetensors.torch import load_file
 
     folder = Path(directory) / SHARD_DIR
     files = sorted(folder.glob("noise_*.safetensors"))[:n_shards]
     if not files:
-        raise error(f"no inverted-noise shards in {folder}; run `{command}` first")
+        raise UsageError(f"no inverted-noise shards in {folder}; run `{command}` first")
     loaded = [load_file(str(f)) for f in files]
     return {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
 

@@ -1,22 +1,32 @@
 """DDPO-style policy-gradient baseline (Black et al. 2023), for comparison with GRAFT / P-GRAFT.
 
 The sampler is viewed as a policy over its steps: per-step log-probabilities
-log p_theta(x_{k+1} | x_k) of a *stochastic* sampler, a per-group standardised advantage
-A = (r - mean_g r) / (std_g r + 1e-8) (per prompt, as DDPO/GRPO), and the clipped importance
-ratio objective  -E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = p_theta / p_theta_old,
-averaged over (a random ``timestep_fraction`` of) the steps. It uses the same reward interface,
+log p_theta(x_{k+1} | x_k) of a *stochastic* sampler, a standardised advantage
+A = (r - mean_g r) / (std_g r + 1e-8) and the clipped importance ratio objective
+-E[min(rho A, clip(rho, 1-eps, 1+eps) A)],  rho = p_theta / p_theta_old, averaged over (a random
+``timestep_fraction`` of) the steps. ``PGConfig.advantage`` picks the groups g the reward is
+standardised in: ``"grpo"`` (the default), each group of ``group_size`` samples drawn for one
+condition (Flow-GRPO's group-relative advantage; for an unconditional app, ``group_size``
+consecutive samples); ``"batch"``, the whole round (DDPO's batch normalisation). ``PGConfig.kl``
+adds a trust term beta * KL(p_theta || p_base) per step (Flow-GRPO's beta), as the loss
+(l - l_ref)^2 / 2 at the sampled steps (l: per-step log-densities, reduced as rho's): its gradient
+(l - l_ref) grad l is, on the policy's own samples, exactly the gradient of the reverse KL, and it
+stays finite where GRPO's k3 form exp(l_ref - l) - (l_ref - l) - 1 overflows (:func:`kl_penalty`). It uses the same reward interface,
 problem description, run directory and sample budget (rounds x groups x group_size) as
 :func:`pgraft.core.trainer.run_graft`.
 
 Log-density convention (docs/derivations.md, "Policy-gradient log-density convention"): an
 app's ``log_prob`` returns the step's log-density *summed* over the state's entries; the core
 divides it by the number of entries D of one sample's state (:func:`state_dims`), so rho is the
-per-dimension ratio (p_theta / p_theta_old)^(1/D). That is DDPO's and trl's convention (they
-average the Gaussian log-density over the latent's dimensions), so their clip range 1e-4 is
-the right default whatever the size of the state; with a sum the same clip would be D times
-tighter. ``PGConfig(log_prob_reduction="sum")`` keeps the summed log-density (then the clip
-range has to be set for D). Every update logs DDPO's diagnostics next to the loss: the fraction
-of clipped ratios and approx_kl = E[(log rho)^2] / 2.
+per-dimension ratio (p_theta / p_theta_old)^(1/D). That is DDPO's, trl's and Flow-GRPO's
+convention (they average the Gaussian log-density over the latent's dimensions), so a clip range
+means what it means there. It does not make the clip range independent of D: a step moving the
+mean by delta sigma per entry moves log rho of a sample by about delta / sqrt(D) (mean) or
+delta sqrt(D) (sum), so eps bounds delta at about eps sqrt(D) (mean) or eps / sqrt(D) (sum).
+DDPO's 1e-4 (the default) suits latents of D ~ 10^4; a small state needs a larger eps (the toy,
+D = 1, uses 0.2). ``PGConfig(log_prob_reduction="sum")`` keeps the summed log-density. Every
+update logs DDPO's diagnostics next to the loss: the fraction of clipped ratios and
+approx_kl = E[(log rho)^2] / 2.
 
 The run directory is the round loop's (:mod:`pgraft.core.rundir`): locked, checkpointed per round,
 resumable (``resume=True``) and stopped cleanly by SIGTERM / Ctrl-C, see :func:`run_policy_gradient`.
@@ -46,6 +56,7 @@ from .pretrain import check_finite, stop_requests
 from .progress import progress_bar
 from .rundir import RunDir
 from .state import State, default_device, index
+from .trackers import current_tracker
 from .trainer import (
     GraftConfig,
     GraftProblem,
@@ -79,12 +90,15 @@ class PGConfig:
     ``rounds`` x ``groups`` x ``group_size`` samples, as GRAFT; ``epochs`` passes over each round's
     samples in minibatches of ``batch_size``, AdamW at ``lr``; ``grad_clip`` bounds the gradient
     norm (0: off); ``adv_clip`` bounds the standardised advantages.
-    ``clip``: PPO clip range eps of rho. Its default 1e-4 is DDPO's, right for
-    ``log_prob_reduction="mean"`` (rho per state entry, see the module docstring); with ``"sum"``
-    rho is the ratio of whole-step densities and eps must grow with the state's size D.
+    ``clip``: PPO clip range eps of rho. Its default 1e-4 is DDPO's, for ``"mean"`` on latents of
+    D ~ 10^4 entries; eps has to be set for the state's size D either way (module docstring).
     ``log_prob_reduction``: ``"mean"`` divides the app's summed log-density by
     :func:`state_dims` of the state; ``"sum"`` uses it as returned.
     ``timestep_fraction``: share of the sampler's steps trained on per minibatch (DDPO).
+    ``advantage``: ``"grpo"`` standardises rewards within each group of ``group_size`` (the samples
+    of one condition), ``"batch"`` over the whole round (:data:`ADVANTAGE_GROUPS`).
+    ``kl``: coefficient beta of :func:`kl_penalty`, KL(policy || base) per step (0: no trust term
+    but the clip; > 0 costs one base forward per step and sample per round).
     ``lora_*``: LoRA adapters instead of full fine-tuning (``lora_rank = 0``: all weights).
     ``sample_batch_size``: chunk size when sampling and scoring; ``final_eval``: sample a last,
     untrained round with the final model; ``seed``: every draw derives from it.
@@ -109,6 +123,8 @@ class PGConfig:
     final_eval: bool = True
     seed: int = 0
     log_prob_reduction: str = "mean"
+    advantage: str = "grpo"
+    kl: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
@@ -118,6 +134,10 @@ class PGConfig:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.log_prob_reduction not in ("mean", "sum"):
             raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {self.log_prob_reduction!r}")
+        if self.advantage not in ADVANTAGE_GROUPS:
+            raise ValueError(f"advantage must be one of {sorted(ADVANTAGE_GROUPS)}, got {self.advantage!r}")
+        if not self.kl >= 0:
+            raise ValueError(f"kl must be >= 0, got {self.kl}")
 
 
 def state_dims(x: State) -> int:
@@ -166,13 +186,36 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
 
 
 def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, clip: float) -> torch.Tensor:
-    """(r - mean_g) / (std_g + 1e-8) within each group, clipped to [-clip, clip]."""
+    """(r - mean_g) / (std_g + 1e-8) within each group, clipped to [-clip, clip].
+
+    A group of equal rewards gets advantage 0 (0 / 1e-8), never NaN: it carries no signal."""
     adv = torch.zeros_like(rewards, dtype=torch.float64)
     for g in groups.unique():
         m = groups == g
         r = rewards[m].double()
         adv[m] = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)
     return adv.clamp(-clip, clip).float()
+
+
+# which samples share the statistics of an advantage: sampling groups [n] -> advantage groups [n]
+ADVANTAGE_GROUPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "grpo": lambda groups: groups,  # group-relative: the group_size samples of one condition
+    "batch": torch.zeros_like,  # the whole round
+}
+
+
+def round_advantages(rewards: torch.Tensor, groups: torch.Tensor, mode: str, clip: float) -> torch.Tensor:
+    """A round's advantages [n]: :func:`group_advantages` over the groups ``ADVANTAGE_GROUPS[mode]``."""
+    return group_advantages(rewards, ADVANTAGE_GROUPS[mode](groups), clip)
+
+
+def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+    """Mean of (log_prob - ref_log_prob)^2 / 2 over samples drawn from the policy (inputs [B]).
+
+    Schulman's k2 estimate of KL(policy || ref): for Gaussian steps of equal sigma its expectation is
+    KL + KL^2 / 2, and its gradient with the samples held fixed, E[(l - l_ref) grad l], is exactly
+    grad KL (E[grad l] = 0 under the policy). Used as the loss it never overflows, unlike k3."""
+    return (0.5 * (log_prob - ref_log_prob.to(log_prob.device)) ** 2).mean()
 
 
 def run_policy_gradient(
@@ -185,6 +228,7 @@ def run_policy_gradient(
     app_config: dict[str, Any] | None = None,
     show_progress: bool = True,
     resume: bool = False,
+    tracker=None,
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Clipped policy-gradient fine-tuning over all sampler steps; returns (merged model, metrics).
 
@@ -201,14 +245,15 @@ def run_policy_gradient(
     evaluation row is written once; ``head/`` (the merged policy) is saved at the end.
 
     One process only: trajectories are sampled and kept in one process (``trajectory=True``), so a
-    launch with several processes (``accelerate launch`` / ``torchrun``) is refused.
+    launch with several processes (``accelerate launch`` / ``torchrun``) is refused. ``tracker``
+    (default: :func:`~pgraft.core.trackers.current_tracker`) gets every metrics row appended.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("the policy-gradient baseline runs in one process; start it without accelerate launch / torchrun")
     run = RunDir(run_dir, resume=resume)
     with exclusive(run.path), stop_requests() as stop, early_stops(run, stop):
         return _run_policy_gradient(problem, log_prob, base, model_config, cfg, run, app_config, resume,
-                                    show_progress, stop_check(stop, None))
+                                    show_progress, stop_check(stop, None), tracker=tracker)
 
 
 @contextlib.contextmanager
@@ -223,7 +268,8 @@ def _global_rng(seed: int, device: torch.device):
 
 
 def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, run: RunDir, app_config, resume,
-                         show_progress, should_stop) -> tuple[nn.Module, pd.DataFrame]:
+                         show_progress, should_stop, tracker=None) -> tuple[nn.Module, pd.DataFrame]:
+    tracker = tracker if tracker is not None else current_tracker()
     checkpoint = None
     if resume and run.latest_round() >= 0:
         checkpoint = run.load_checkpoint()  # before anything is written: a refusal changes nothing
@@ -261,20 +307,22 @@ def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, r
             states, rewards, cond_index = cands.states, cands.rewards, cands.cond_index
             steps = len(times) - 1
             row = {"round": round_, "phase": "train", **round_metrics(cands, None)}
-            adv = group_advantages(rewards, groups, cfg.adv_clip)
-            chunks = []
+            adv = round_advantages(rewards, groups, cfg.advantage, cfg.adv_clip)
+            chunks, ref_chunks = [], []
             with torch.no_grad():
                 for lo in range(0, n, cfg.sample_batch_size):
                     part = slice(lo, min(n, lo + cfg.sample_batch_size))
                     cond = problem.cond_batch(cond_index[part])
-                    chunks.append(torch.stack([log_prob(policy, index(states[k], part), float(times[k]),
-                                                        float(times[k + 1]), index(states[k + 1], part), cond)
-                                               for k in range(steps)]))
+                    for model, out in [(policy, chunks)] + ([(base, ref_chunks)] if cfg.kl > 0 else []):
+                        out.append(torch.stack([log_prob(model, index(states[k], part), float(times[k]),
+                                                         float(times[k + 1]), index(states[k + 1], part), cond)
+                                                for k in range(steps)]))
                     if should_stop():
                         raise RoundStopped("log-probabilities of the sampled steps")
             old = torch.cat(chunks, dim=1)  # [steps, n]
+            ref = torch.cat(ref_chunks, dim=1) if cfg.kl > 0 else None  # the base's, for the KL term
             policy.train()
-            losses, clip_fractions, approx_kls = [], [], []
+            losses, clip_fractions, approx_kls, kls = [], [], [], []
             n_batches = max(1, n // cfg.batch_size)
             updates = cfg.epochs * n_batches
             with progress_bar(updates, f"PG round {round_}: updates", show_progress) as advance:
@@ -293,9 +341,18 @@ def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, r
                             lp = log_prob(policy, index(states[k], idx), float(times[k]), float(times[k + 1]),
                                           index(states[k + 1], idx), cond)
                             pg = clipped_surrogate(lp, old[k, idx], adv[idx], cfg.clip)
+                            if "first_ratio_error" not in row:  # no update yet: rho = 1 up to the precision's numerics
+                                row["first_ratio_error"] = float((lp.detach().double()
+                                                                  - old[k, idx].to(lp.device).double()).exp().sub(1)
+                                                                 .abs().max())
                             clip_fractions.append(pg.clip_fraction)
                             approx_kls.append(pg.approx_kl)
-                            loss = pg.loss / n_train
+                            loss = pg.loss
+                            if ref is not None:
+                                kl = kl_penalty(lp, ref[k, idx])
+                                kls.append(kl.item())
+                                loss = loss + cfg.kl * kl
+                            loss = loss / n_train
                             check_finite(loss, f"PG round {round_}, step {k}")
                             if loss.requires_grad:
                                 loss.backward()
@@ -310,6 +367,8 @@ def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, r
             row["train_loss"] = sum(losses) / len(losses)
             row["clip_fraction"] = sum(clip_fractions) / len(clip_fractions)
             row["approx_kl"] = sum(approx_kls) / len(approx_kls)
+            if kls:
+                row["kl_to_base"] = sum(kls) / len(kls)
             row["seconds"] = time.time() - t0
             # metrics row first, checkpoint last: latest.json is the commit point of the whole round
             # (a row of a round whose checkpoint did not commit is dropped on resume)
@@ -318,20 +377,36 @@ def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, r
             print_round_row(row)
             if problem.on_round is not None:
                 problem.on_round(round_, RoundResult(round_, "train", cands, row))
+            if tracker is not None:  # after on_round: the app's grid of the round is written
+                tracker.log(row, round_)
 
     merged = merged_copy(policy).eval()
     if cfg.final_eval:
-        try:
-            cands = sample_candidates(problem, merged, base, sample_cfg, cfg.rounds, None, show_progress, should_stop)
-        except RoundStopped:
-            raise RoundStopped("final evaluation") from None
-        if should_stop():
-            raise RoundStopped("final evaluation")
-        row = {"round": cfg.rounds, "phase": "eval", **round_metrics(cands, None)}
-        if cfg.rounds not in set(run.read_metrics().get("round", pd.Series([], dtype=int)).tolist()):
-            run.append_metrics(row)  # once: a resumed finished run does not write it again
-            print_round_row(row)
-        if problem.on_round is not None:
-            problem.on_round(cfg.rounds, RoundResult(cfg.rounds, "eval", cands, row))
+        final_evaluation(problem, merged, base, sample_cfg, run, show_progress, should_stop, tracker)
     save_pretrained(merged, model_config, run.path / "head")
     return merged, run.read_metrics()
+
+
+def final_evaluation(problem: GraftProblem, model: nn.Module, base: nn.Module, sample_cfg: GraftConfig, run: RunDir,
+                     show_progress: bool, should_stop: Callable[[], bool], tracker=None) -> dict[str, Any]:
+    """The evaluation row after the last round (round ``sample_cfg.rounds``, phase ``eval``) of a
+    likelihood-based loop (policy gradient, DiffusionNFT): a fresh round of candidates from ``model``
+    (``base`` finishing a split sampler), written to metrics.csv once (a resumed finished run does not
+    write it again), then the app's ``on_round`` and the tracker. A stop request ends it with
+    :class:`~pgraft.core.trainer.RoundStopped`."""
+    rounds = sample_cfg.rounds
+    try:
+        cands = sample_candidates(problem, model, base, sample_cfg, rounds, None, show_progress, should_stop)
+    except RoundStopped:
+        raise RoundStopped("final evaluation") from None
+    if should_stop():
+        raise RoundStopped("final evaluation")
+    row = {"round": rounds, "phase": "eval", **round_metrics(cands, None)}
+    if rounds not in set(run.read_metrics().get("round", pd.Series([], dtype=int)).tolist()):
+        run.append_metrics(row)
+        print_round_row(row)
+    if problem.on_round is not None:
+        problem.on_round(rounds, RoundResult(rounds, "eval", cands, row))
+    if tracker is not None:
+        tracker.log(row, rounds)
+    return row

@@ -99,7 +99,7 @@ def checkpoint_lacks(directory: Path, model_class: str | None = None, files: tup
 
 
 def resolve_target(path: Path | None, base: str | None, app: str, *, lacks_run: Lacks, lacks_base: Lacks,
-                   shipped: Path | None, run_kind: str | None = None) -> Target:
+                   shipped: Path | None, run_kind: str | None = None, make_hint: str | None = None) -> Target:
     """The run or base that ``[DIR] [--base VALUE]`` name; a :class:`UsageError` naming the argument
     when they name neither (or both), :class:`~pgraft.core.shipped.ShippedBaseDamaged` when the
     shipped base fails its manifest, :class:`~pgraft.core.shipped.BaseDamaged` when a base directory
@@ -107,7 +107,8 @@ def resolve_target(path: Path | None, base: str | None, app: str, *, lacks_run: 
     base directory (None: none); a positional path that is that directory counts as the shipped base
     too (verified, never written into), and so does the word ``shipped`` as the positional argument
     (unless a directory of that name exists), so every command names the shipped base the same way.
-    ``run_kind`` names a run in messages (default ``"<app> run"``)."""
+    ``run_kind`` names a run in messages (default ``"<app> run"``); ``make_hint`` (``DIR`` standing
+    for the directory) says how to make a base, after the refusal of a ``--base`` that does not exist."""
     run_kind = run_kind or f"{app} run"
     if path is not None and base is None and str(path) == SHIPPED and not Path(path).exists():
         path, base = None, SHIPPED  # `pgraft <app> sample shipped`: the shipped base, named as --base names it
@@ -124,7 +125,8 @@ def resolve_target(path: Path | None, base: str | None, app: str, *, lacks_run: 
         if str(base) != SHIPPED:
             lacks = lacks_base(directory)
             if lacks is not None:
-                state = "does not exist" if not directory.exists() else f"is not a {app} base model ({lacks})"
+                hint = f"; {make_hint.replace('DIR', str(directory))}" if make_hint else ""
+                state = f"does not exist{hint}" if not directory.exists() else f"is not a {app} base model ({lacks})"
                 raise UsageError(f"--base {directory} {state}")
         return _base_target(directory, app, shipped)
     path = Path(path)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoint import save_pretrained
-from .errors import FieldError, RewardError
+from .errors import FieldError, RewardError, UsageError
 from .grs import GRSConfig
 from .heads import Anchored, apply_lora, build_head, merged_copy  # noqa: F401  (apply_lora, merged_copy: part of the loop's API)
 from .integrity import exclusive
@@ -43,6 +43,7 @@ from .sampling import SplitSample, StepFn, sample_split
 from .schedules import split_times
 from .selection import select
 from .state import State, batch_size, cat, default_device, index, to_device
+from .trackers import current_tracker
 
 RewardFn = Callable[[State, Any], torch.Tensor]
 LossFn = Callable[[nn.Module, State, float, Any, "torch.Generator | None"], torch.Tensor]
@@ -70,6 +71,10 @@ class GraftProblem:
     - ``conditions``: one entry per prompt/condition (None: unconditional); group g of round r
       uses condition ``(r * groups + g) % len(conditions)``.
     - ``collate(list_of_conditions) -> cond batch`` for the model and reward (default: the list).
+    - ``combine(components, groups) -> Tensor[N]``: a round-level reward from the raw component
+      scores of the whole round (``Scores.components`` of every chunk, concatenated in global
+      order) and the group of each candidate, e.g. a z-score over the round or a rank sum within
+      groups; it replaces the chunks' rewards before selection (None: the chunks' rewards stand).
     """
 
     prior: Callable[[int, torch.Generator], State]
@@ -84,6 +89,7 @@ class GraftProblem:
     metrics: Callable[[State, torch.Tensor, Any], dict[str, float]] | None = None
     score: Callable[[State, Any], "Scores"] | None = None
     on_round: Callable[[int, "RoundResult"], None] | None = None
+    combine: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None
 
     def cond_batch(self, cond_index: torch.Tensor) -> Any:
         if self.conditions is None:
@@ -108,7 +114,7 @@ class GraftProblem:
         if rewards.shape != (n,):
             raise ValueError(f"reward returned shape {tuple(rewards.shape)}, expected ({n},)")
         return Scores(rewards, out.keys, out.records if out.records is not None else pd.DataFrame(index=range(n)),
-                      out.metrics or {})
+                      out.metrics or {}, out.components)
 
 
 @dataclass
@@ -119,6 +125,7 @@ class Scores:
     keys: list[Hashable] | None = None  # dedup keys (None: no dedup possible)
     records: pd.DataFrame | None = None  # B rows of app columns kept with accepted samples
     metrics: dict[str, float] | None = None  # chunk means, e.g. {"validity": 0.86}
+    components: dict[str, torch.Tensor] | None = None  # raw component scores [B] each, for GraftProblem.combine
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,7 @@ class Candidates:
     records: pd.DataFrame
     extra_metrics: dict[str, float]
     states: list[State] | None = None  # with trajectory=True: [X_T, ..., X_0] on the model's device
+    components: dict[str, torch.Tensor] | None = None  # raw component scores of the round (GraftProblem.combine)
 
 
 @dataclass
@@ -268,6 +276,61 @@ def _accelerator(cpu: bool | None = None):
     from accelerate import Accelerator
 
     return Accelerator(cpu=default_device().type == "cpu" if cpu is None else cpu)
+
+
+def sharded_engine(accelerator) -> str | None:
+    """``"deepspeed-<stage>"`` or ``"fsdp"`` when ``accelerator`` (from ``accelerate launch
+    --config_file configs/accelerate/...``) shards the training state over processes, else None
+    (one process, or DDP: every process holds the whole head and its optimizer)."""
+    kind = getattr(getattr(accelerator, "distributed_type", None), "name", "")
+    if kind == "DEEPSPEED":
+        plugin = accelerator.state.deepspeed_plugin
+        return f"deepspeed-{getattr(plugin, 'zero_stage', None) or plugin.deepspeed_config.get('zero_optimization', {}).get('stage', 0)}"
+    return "fsdp" if kind == "FSDP" else None
+
+
+def configure_engine(accelerator, cfg: GraftConfig) -> None:
+    """Before ``accelerator.prepare``: DeepSpeed needs the per-process micro batch (the round loop
+    feeds no dataloader to infer it from) and does the gradient clipping itself; fill both from
+    ``cfg`` where its config leaves them to ``auto``."""
+    if (sharded_engine(accelerator) or "").startswith("deepspeed"):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = max(1, cfg.batch_size // accelerator.num_processes)
+        if ds.get("train_batch_size", "auto") == "auto":
+            ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * accelerator.num_processes
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = float(cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+
+
+@contextlib.contextmanager
+def full_weights(accelerator, model: nn.Module) -> Iterator[None]:
+    """The block sees every weight of the prepared ``model`` whole in
+    ``accelerator.unwrap_model(model)`` (for sampling, or a merged copy): under FSDP its full
+    parameters are summoned (read only), under DeepSpeed ZeRO-3 gathered; otherwise nothing to do.
+    Every process must enter it (a collective under those engines)."""
+    engine = sharded_engine(accelerator)
+    if engine == "fsdp" and not getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model, writeback=False):
+            yield
+    elif engine == "deepspeed-3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def head_weights(accelerator, model: nn.Module, main: bool) -> dict[str, torch.Tensor]:
+    """The state dict of the prepared ``model`` for a checkpoint, called on every process: gathered
+    whole (``accelerator.get_state_dict``, a collective) under FSDP / ZeRO-3, else the unwrapped
+    model's own on the main process ({} on the others, which save nothing)."""
+    if sharded_engine(accelerator) in ("fsdp", "deepspeed-3"):
+        return accelerator.get_state_dict(model)
+    return accelerator.unwrap_model(model).state_dict() if main else {}
 
 
 def _gather(obj: list[Any], accelerator) -> list[Any]:
@@ -320,7 +383,7 @@ def sample_candidates(
             out = SplitSample(to_device(out.x_t, "cpu"), to_device(out.x_0, "cpu"), out.t)
             scored = problem.scores(out.x_0, cond)
             rewards, keys, records, extra = scored.rewards, scored.keys, scored.records, scored.metrics
-            payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo, states))
+            payload.append((c, out.x_t, out.x_0, rewards, keys, records, extra, hi - lo, states, scored.components))
             if should_stop is not None and should_stop():
                 raise RoundStopped("sampling")
     gathered = sorted(_gather(payload, accelerator), key=lambda p: p[0])
@@ -329,16 +392,23 @@ def sample_candidates(
     for p in gathered:  # size-weighted mean of per-chunk extra metrics
         for name, value in p[6].items():
             extra[name] = extra.get(name, 0.0) + value * p[7] / n
+    components = None
+    if gathered and all(p[9] is not None for p in gathered):  # the round's raw component scores, global order
+        components = {k: torch.cat([p[9][k] for p in gathered]) for k in gathered[0][9]}
+    rewards = torch.cat([p[3] for p in gathered])
+    if problem.combine is not None and components is not None:
+        rewards = torch.as_tensor(problem.combine(components, groups[: len(rewards)]), dtype=torch.float64).cpu()
     return Candidates(
         x_t=cat([p[1] for p in gathered]),
         x_0=cat([p[2] for p in gathered]),
-        rewards=torch.cat([p[3] for p in gathered]),
+        rewards=rewards,
         groups=groups[: sum(sizes)],
         cond_index=cond_index,
         keys=None if any(p[4] is None for p in gathered) else [k for p in gathered for k in p[4]],
         records=pd.concat([p[5] for p in gathered], ignore_index=True),
         extra_metrics=extra,
         states=[cat([p[8][i] for p in gathered]) for i in range(len(problem.times))] if trajectory else None,
+        components=components,
     )
 
 
@@ -387,6 +457,7 @@ def run_graft(
     resume: bool = False,
     show_progress: bool = True,
     accelerator=None,
+    tracker=None,
 ) -> tuple[nn.Module, pd.DataFrame]:
     """Run ``cfg.rounds`` GRAFT (``cfg.split == 0``) or P-GRAFT rounds; returns (merged head, metrics).
 
@@ -396,6 +467,8 @@ def run_graft(
     SIGTERM or Ctrl-C stops the loop at the next sampling chunk or fine-tuning step: the round in
     flight is dropped (resuming regenerates it with the same seeds, so the finished run is the
     same) and :class:`~pgraft.core.pretrain.TrainingInterrupted` says how to resume.
+    ``tracker`` (default: :func:`~pgraft.core.trackers.current_tracker`) gets every metrics row
+    appended, on the main process (:class:`~pgraft.core.trackers.RoundTracker`).
     """
     check_round_memory(problem, cfg)
     if accelerator is None:
@@ -404,7 +477,7 @@ def run_graft(
     lock = exclusive(run.path) if accelerator.is_main_process else contextlib.nullcontext()
     with lock, stop_requests() as stop, early_stops(run, stop, accelerator.is_main_process):
         return _run_graft(problem, base, model_config, cfg, run, app_config, resume, show_progress, accelerator,
-                          stop_check(stop, accelerator))
+                          stop_check(stop, accelerator), tracker=tracker)
 
 
 @contextlib.contextmanager
@@ -474,14 +547,19 @@ def check_round_memory(problem: GraftProblem, cfg: GraftConfig) -> None:
 
 
 def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume, show_progress, accelerator,
-               should_stop) -> tuple[nn.Module, pd.DataFrame]:
+               should_stop, tracker=None) -> tuple[nn.Module, pd.DataFrame]:
     main = accelerator.is_main_process
+    tracker = tracker if tracker is not None else current_tracker()
     t_split = split_times(problem.times, cfg.split).t
     if main and cfg.grs.rule == "rs" and cfg.grs.bound is None:
         warn("--rule rs without a reward bound: the round's best reward is the bound, an approximation that always "
              "keeps the best candidate (biased below accept ∝ exp(r/α)); give --reward-max for exact rejection "
              "sampling")
     checkpoint = None
+    if resume and run.latest_round() >= 0 and sharded_engine(accelerator):  # refused before anything is written
+        raise UsageError(f"--resume under {sharded_engine(accelerator)}: its checkpoints keep the whole head but one "
+                         "process's optimizer shard; resume a run started with one process, torchrun or "
+                         "configs/accelerate/ddp.yaml, or start a new --out")
     if resume and run.latest_round() >= 0:
         # before anything is written or truncated: a refusal leaves the run directory as it was.
         # Every process loads the checkpoint (and so the store digests of its rounds) and, with
@@ -507,6 +585,7 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
     else:
         run.forget_store_after(start - 1)
     accelerator.wait_for_everyone()
+    configure_engine(accelerator, cfg)
     head, opt = accelerator.prepare(head, opt)
     plain_head = accelerator.unwrap_model(head)
     fit = FineTuning(problem, head, opt, base, cfg, t_split, accelerator, show_progress, should_stop)
@@ -514,8 +593,9 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
     for round_ in range(start, cfg.rounds):
         t0 = time.time()
         plain_head.eval()
-        cands = sample_candidates(problem, plain_head, base, cfg, round_, accelerator, show_progress,
-                                  should_stop if accelerator.num_processes == 1 else None)
+        with full_weights(accelerator, head):  # ZeRO-3 / FSDP: the sharded weights gathered for sampling
+            cands = sample_candidates(problem, plain_head, base, cfg, round_, accelerator, show_progress,
+                                      should_stop if accelerator.num_processes == 1 else None)
         if should_stop():
             raise RoundStopped("sampling")
         seen = run.read_records().get("key", pd.Series([], dtype=str)) if cfg.dedup and cfg.replay else ()
@@ -540,18 +620,21 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
         train_x, train_c = cat(xs), torch.cat(conds)
         row.update(_train(fit, train_x, train_c, round_))
         row["seconds"] = time.time() - t0
+        weights = head_weights(accelerator, head, main)  # every process: a collective under ZeRO-3 / FSDP
         if main:
             # metrics row first, checkpoint last: latest.json is the commit point of the whole round
             # (a row of a round whose checkpoint did not commit is dropped on resume)
             run.append_metrics(row)
-            unwrapped = accelerator.unwrap_model(head)
-            run.save_checkpoint(round_, unwrapped.state_dict(), {"optimizer": opt.state_dict(), "round": round_})
+            run.save_checkpoint(round_, weights, {"optimizer": opt.state_dict(), "round": round_})
             print_round_row(row)
             if problem.on_round is not None:
                 problem.on_round(round_, RoundResult(round_, "train", cands, row))
+            if tracker is not None:  # after on_round: the app's grid of the round is written
+                tracker.log(row, round_)
         accelerator.wait_for_everyone()
 
-    merged = merged_copy(accelerator.unwrap_model(head)).eval()
+    with full_weights(accelerator, head):
+        merged = merged_copy(accelerator.unwrap_model(head)).eval()
     if cfg.final_eval and start <= cfg.rounds:
         cands = sample_candidates(problem, merged, base, cfg, cfg.rounds, accelerator, show_progress,
                                   should_stop if accelerator.num_processes == 1 else None)
@@ -563,6 +646,8 @@ def _run_graft(problem, base, model_config, cfg, run: RunDir, app_config, resume
             print_round_row(row)
         if main and problem.on_round is not None:
             problem.on_round(cfg.rounds, RoundResult(cfg.rounds, "eval", cands, row))
+        if main and tracker is not None:
+            tracker.log(row, cfg.rounds)
     if main:
         save_pretrained(merged, model_config, run.path / "head")
     accelerator.wait_for_everyone()

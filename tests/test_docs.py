@@ -18,8 +18,8 @@ numbers in the results files it may draw on, as printed or rounded to fewer deci
 - **Where they may come from.** A page docs/apps/APP.md may draw on the files docs/results/APP_*
   and on the tables its ``<!-- table: NAME -->`` markers generate from them (docs/gen_results.py
   prints the files' values at a fixed precision and computes relative changes, FLOPs ratios and CI
-  half-widths at build time). README.md may draw on every file under docs/results/ and every
-  generated table.
+  half-widths at build time). README.md may draw on the files under docs/results/ it links to and
+  every generated table.
 - **Which values of a file count.** Every number in a ``.txt`` file (verdict lines: printed for
   people, at a fixed precision). In a ``.csv`` or ``.json`` file, every number written with at most
   six significant digits (``0.6828``, ``0.847``, ``1000``). A value written at full float precision
@@ -33,8 +33,9 @@ numbers in the results files it may draw on, as printed or rounded to fewer deci
   ``x`` (e.g. ``relative_change −0.2864`` → ``−28.64%``). The values of a results file are every
   number in it as text (CSV cells, JSON values, the numbers inside verdict lines).
 
-Quoted verdict lines (code-block lines holding ``[95% CI``) must appear verbatim in a results file
-the page may draw on. ``test_a_wrong_number_is_caught`` checks that the rule rejects retyped numbers
+Quoted verdict lines (code-block lines holding ``[95% CI``, and the budget sweep's answer lines)
+must appear verbatim in a results file the page may draw on. The budget sweep's verdict and
+validation files are quoted that way only: their per-cell values are no source of prose numbers. ``test_a_wrong_number_is_caught`` checks that the rule rejects retyped numbers
 (``0.5279`` among them), and ``test_rule_rejects_most_one_digit_typos`` measures how many one-digit
 changes of the pages' real numbers it still lets through (a value-only rule cannot know which metric
 a number belongs to: a typo that lands on another value the page may quote passes).
@@ -197,13 +198,22 @@ def scope(page: Path) -> list[str]:
     names = sorted(p.name for p in RESULTS.iterdir() if p.is_file())
     if page.parent.name == "apps":
         return [n for n in names if n.startswith(page.stem + "_")]
-    return names
+    linked = set(re.findall(r"docs/results/([\w.\-]+)", page.read_text(encoding="utf-8")))
+    return [n for n in names if n in linked]
+
+
+# The budget sweep's verdict and validation files print hundreds of per-cell values; pages quote
+# their lines whole, in code blocks (checked verbatim below), so their numbers are no source of prose
+# (they would let most one-digit typos through).
+QUOTED_ONLY = re.compile(r"_budget_(verdicts|validation)\.txt$")
+QUOTED_LINE = re.compile(r"^\w+: (is there a budget|recommended t)")
 
 
 @lru_cache(maxsize=None)
 def pool_for(page: Path) -> Pool:
     text = page.read_text(encoding="utf-8")
-    values = [v for name, t in text_files(scope(page)).items() for v in file_values(t, name)]
+    values = [v for name, t in text_files(scope(page)).items() if not QUOTED_ONLY.search(name)
+              for v in file_values(t, name)]
     gr = gen_results()
     tables = gr.TABLE_MARKER.findall(text) if page.parent.name == "apps" else list(gr.TABLES)
     for name in tables:
@@ -288,7 +298,7 @@ def test_quoted_verdict_lines_are_verbatim(page):
     _, code = split_code(page.read_text(encoding="utf-8"))
     files = text_files(scope(page))
     lines = {line.strip() for text in files.values() for line in text.splitlines()}
-    quoted = [line.strip() for line in code if "[95% CI" in line]
+    quoted = [line.strip() for line in code if "[95% CI" in line or QUOTED_LINE.match(line.strip())]
     missing = [line for line in quoted if line not in lines]
     assert not missing, f"{page.name}: verdict lines not in any of its results files: {missing}"
 

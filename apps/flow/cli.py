@@ -5,6 +5,7 @@
     pgraft flow correct runs/flow/invert --out runs/flow/correct --preset noise-small
     pgraft flow sample runs/flow/correct --noise-steps 5          (or a base dir, with --steps)
     pgraft flow evaluate runs/flow/base --correction runs/flow/correct --steps 10,20 --noise-steps 5
+    pgraft flow protocol --tiny                     (the paper's INC protocol in resumable stages)
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _int_list(text: str, name: str) -> list[int]:
 
 
 @app.command("pretrain")
+@opts.config_file
 def pretrain_cmd(
     out: opts.Out = Path("runs/flow/base"),
     data: Annotated[str, typer.Option(help=f"Dataset: {', '.join(DATASETS)}.")] = "fashion-mnist",
@@ -74,7 +76,7 @@ def pretrain_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Train the base velocity model by flow matching (resumes an interrupted run in --out)."""
-    from .train import FlowPretrainConfig, pretrain_flow
+    from .pretrain import FlowPretrainConfig, pretrain_flow
 
     dev = _runtime(threads, device)
     if path is not None:
@@ -87,6 +89,7 @@ def pretrain_cmd(
 
 
 @app.command("invert")
+@opts.config_file
 def invert_cmd(
     base_dir: Annotated[Path, typer.Argument(help="A `pgraft flow pretrain` directory, or 'shipped' (the "
                                                   "package's Fashion-MNIST base).")],
@@ -114,7 +117,7 @@ def invert_cmd(
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 --no-python pgraft flow invert ...
     """
-    from .train import InvertConfig, distributed_env, invert_dataset
+    from .correct import InvertConfig, distributed_env, invert_dataset
 
     dev = _runtime(threads, device)
     with opts.bad_parameter(ValueError):
@@ -143,6 +146,7 @@ def invert_cmd(
 
 
 @app.command("correct")
+@opts.config_file
 def correct_cmd(
     invert_dir: Annotated[Path, typer.Argument(help="A `pgraft flow invert` directory.")],
     out: opts.Out = Path("runs/flow/correct"),
@@ -159,28 +163,33 @@ def correct_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Train the small noise-correction flow N(0, I) -> inverted-noise law (resumes in --out)."""
-    from .train import CorrectionConfig, train_correction
+    from pgraft.core.noise_correction import train_correction
+
+    from .correct import NOISE_MODELS, correction_config
 
     dev = _runtime(threads, device)
     _need_dir(invert_dir, "inversion directory")
     with opts.bad_parameter(ValueError, FileNotFoundError):
-        model = train_correction(invert_dir, out, CorrectionConfig(preset=preset, steps=steps, batch_size=batch_size,
-                                                                   lr=lr, coupling=coupling, seed=seed),
-                                 show_progress=not quiet, device=dev)
-    console.print(f"noise-correction flow ({model.num_parameters():,} parameters) saved to {out}")
+        cfg = correction_config(preset=preset, steps=steps, batch_size=batch_size, lr=lr, coupling=coupling, seed=seed)
+        correction = train_correction(invert_dir, out, cfg, NOISE_MODELS, show_progress=not quiet, device=dev)
+    console.print(f"noise-correction flow ({correction.noise_model.num_parameters():,} parameters) saved to {out}")
 
 
 def _load_models(model_dir: Path, base: Path | None, device: torch.device):
-    """(base, base config, base dir, noise model or None, correction or None) from a base or correct
-    dir, the models moved to ``device``."""
-    from .train import CORRECT_META, load_base, load_correction
+    """(base, base config, noise model or None, (inverted step count, base sampler) or None) from a base
+    or correct dir, the models moved to ``device``."""
+    from pgraft.core.noise_correction import CORRECT_META, load_correction
+
+    from .correct import NOISE_MODELS, corrected_base
+    from .pretrain import load_base
 
     _need_dir(model_dir, "model directory")
     if (model_dir / CORRECT_META).is_file():
-        c = load_correction(model_dir, base)
-        return c.base.to(device), c.base_cfg, c.base_dir, c.noise_model.to(device), c
+        c = load_correction(model_dir, NOISE_MODELS)
+        model, cfg, _, sampler = corrected_base(c, base)
+        return model.to(device), cfg, c.noise_model.to(device), (c.base_steps, sampler)
     model, cfg = load_base(model_dir)
-    return model.to(device), cfg, model_dir, None, None
+    return model.to(device), cfg, None, None
 
 
 ModelDir = Annotated[Optional[Path], typer.Argument(help="A base directory, or a `pgraft flow correct` directory.",
@@ -191,17 +200,16 @@ BaseDir = Annotated[Optional[str], typer.Option(
                    "`pgraft flow correct` MODEL_DIR, it replaces the base recorded by `correct`.")]
 
 
-def _target(model_dir: Path | None, base: str | None) -> tuple[Path, Path | None, Path]:
-    """(directory to sample, base override) that ``[MODEL_DIR] [--base]`` name: MODEL_DIR alone (a
-    base or a correct dir), ``--base`` alone (a base), or a correct dir whose recorded base ``--base``
-    replaces. Anything else is refused in one line naming the argument. The third element is where
-    outputs go by default (runs/flow/shipped-base for the shipped base, never the package)."""
-    from .train import SHIPPED_BASE, base_lacks, correct_lacks
+def _model_and_base(model_dir: Path | None, base: str | None) -> tuple[Path, Path | None, Path]:
+    """(directory to sample, base override) that ``[MODEL_DIR] [--base]`` name (the app contract's
+    :meth:`~pgraft.core.app.App.sample_target`): MODEL_DIR alone (a base or a correct dir, ``shipped``
+    included), ``--base`` alone (a base), or a correct dir whose recorded base ``--base`` replaces.
+    Anything else is refused in one line naming the argument. The third element is where outputs go
+    by default (runs/flow/shipped-base for the shipped base, never the package)."""
+    from .pretrain import APP
 
     def resolve(path: Path | None, value: str | None):
-        return opts.sample_target(path, value, "flow", lacks_run=correct_lacks, lacks_base=base_lacks,
-                                  shipped=SHIPPED_BASE,
-                                  argument="MODEL_DIR", run_kind="`pgraft flow correct` directory")
+        return APP.sample_target(path, value, argument="MODEL_DIR")
 
     if model_dir is None:
         target = resolve(None, base)
@@ -231,14 +239,15 @@ def sample_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Sample images (a base alone, or noise flow -> frozen base) and write an image grid PNG."""
-    from .train import SamplerSpec, flops_per_image, images_to_grid, sample_images
+    from .sample import SamplerSpec, flops_per_image, images_to_grid, sample_images
 
     dev = _runtime(threads, device)
-    model_dir, base_dir, outputs = _target(model_dir, base)
+    model_dir, base_dir, outputs = _model_and_base(model_dir, base)
     with opts.bad_parameter(ValueError, FileNotFoundError):
-        model, _, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
-        if corr is not None:
-            spec = SamplerSpec(corr.base_steps if steps is None else steps, corr.base_sampler, max(noise_steps, 0),
+        model, _, noise_model, inverted = _load_models(model_dir, base_dir, dev)
+        if inverted is not None:
+            inverted_steps, inverted_sampler = inverted
+            spec = SamplerSpec(inverted_steps if steps is None else steps, inverted_sampler, max(noise_steps, 0),
                                noise_sampler)
         else:
             spec = SamplerSpec(10 if steps is None else steps, sampler)
@@ -302,19 +311,20 @@ def evaluate_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """One row per sampler configuration: FLOPs/image, feature FID/KID, precision, recall [, Inception FID/KID]."""
-    from .evaluate import EvalConfig, Evaluator
-    from .train import SamplerSpec, evaluate
+    from .evaluate import EvalConfig, Evaluator, evaluate
+    from .sample import SamplerSpec
 
     dev = _runtime(threads, device)
     if inception_weights is not None and not inception_weights.is_file():
         raise typer.BadParameter(f"Inception weights file {inception_weights} does not exist")
-    model_dir, base_dir, outputs = _target(model_dir, base)
+    model_dir, base_dir, outputs = _model_and_base(model_dir, base)
     with opts.bad_parameter(ValueError, FileNotFoundError):
-        model, base_cfg, _, noise_model, corr = _load_models(model_dir, base_dir, dev)
+        model, base_cfg, noise_model, inverted = _load_models(model_dir, base_dir, dev)
         specs = [SamplerSpec(s, sampler) for s in _int_list(steps, "--steps")]
-        if corr is not None:
-            after = _int_list(corrected_steps, "--corrected-steps") if corrected_steps else [corr.base_steps]
-            specs += [SamplerSpec(b, corr.base_sampler, k, noise_sampler)
+        if inverted is not None:
+            inverted_steps, inverted_sampler = inverted
+            after = _int_list(corrected_steps, "--corrected-steps") if corrected_steps else [inverted_steps]
+            specs += [SamplerSpec(b, inverted_sampler, k, noise_sampler)
                       for b in after for k in _int_list(noise_steps, "--noise-steps") if k > 0]
         if not specs:
             raise ValueError("no sampler configuration to evaluate (empty --steps and --noise-steps)")
@@ -331,6 +341,15 @@ def evaluate_cmd(
                 + (f", Inception on {cfg.inception_n} vs {evaluator.inception_reference.count} reference"
                    if inception else ""))
     console.print(f"written to {path}")
+
+
+@app.command("protocol", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                           "help_option_names": []}, add_help_option=False)
+def protocol_cmd(ctx: typer.Context) -> None:
+    """The paper's inverse-noise-correction protocol in resumable stages (`pgraft flow protocol --help`)."""
+    from .protocol import main
+
+    raise typer.Exit(main(list(ctx.args), prog="pgraft flow protocol"))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,24 @@
-"""Sample-quality metrics of the image-flow experiment: the :class:`Evaluator` (feature networks and
-cached reference statistics of one base's data) and its settings, :class:`EvalConfig`.
-
-:func:`pgraft.apps.flow.train.evaluate` samples each sampler configuration and scores it here; both
-names are re-exported from :mod:`pgraft.apps.flow.train`.
+"""Evaluation of the image-flow experiment: the :class:`Evaluator` (feature networks and cached
+reference statistics of one base's data), its settings :class:`EvalConfig`, and :func:`evaluate`, one
+metrics row per sampler configuration (FLOPs/image counted, not estimated).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from pgraft.core.checkpoint import save_json
 from pgraft.core.state import module_device
 
-from .model import PRESETS
-
-if TYPE_CHECKING:
-    from .train import FlowPretrainConfig
+from .model import PRESETS, FlowUNet
+from .pretrain import FlowPretrainConfig, load_training_images
+from .sample import SamplerSpec, flops_per_image, sample_images
 
 
 @dataclass(frozen=True)
@@ -192,7 +190,6 @@ class Evaluator:
 def _reference_data(base_cfg: FlowPretrainConfig, reference_n: int):
     """(reference images, their labels, classifier training images, labels) for the base's dataset."""
     from .data import load_fashion_mnist
-    from .train import load_training_images
 
     size = PRESETS[base_cfg.preset]["image_size"]
     if base_cfg.data == "fashion-mnist":
@@ -209,3 +206,28 @@ def _reference_data(base_cfg: FlowPretrainConfig, reference_n: int):
     # folders have no labels: the classifier cannot be trained here
     images = load_training_images(base_cfg, limit=reference_n)
     return images, None, images, None
+
+
+def evaluate(specs: list[SamplerSpec], base: FlowUNet, evaluator: Evaluator, noise_model: FlowUNet | None = None,
+             inception_for: Callable[[SamplerSpec], bool] = lambda spec: True, seed: int = 0,
+             show_progress: bool = True, keep_samples: dict[str, torch.Tensor] | None = None,
+             batch_size: int = 250) -> list[dict[str, Any]]:
+    """One row per sampler configuration: sampler, steps, noise steps, FLOPs/image, feature-FID/KID,
+    precision, recall and (where ``inception_for(spec)`` and Inception is on) FID/KID with its sample count.
+
+    Every configuration starts from the same z seed, so rows differ only by the sampler.
+    ``keep_samples``, if given, receives each configuration's samples under its label. ``batch_size``:
+    images sampled at once (z is drawn batch by batch: keep it fixed between runs that must match).
+    """
+    rows = []
+    for spec in specs:
+        x = sample_images(spec, base, evaluator.cfg.n, noise_model, seed, batch_size=batch_size,
+                          show_progress=show_progress)
+        flops = flops_per_image(spec, base, noise_model)
+        if keep_samples is not None:
+            keep_samples[spec.label] = x
+        metrics = evaluator.row(x, inception_for(spec), show_progress=False)
+        rows.append({"config": spec.label, "sampler": spec.sampler, "steps": spec.steps,
+                     "noise_sampler": spec.noise_sampler if spec.corrected else "", "noise_steps": spec.noise_steps,
+                     "flops_per_image": flops, **metrics})
+    return rows

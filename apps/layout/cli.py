@@ -10,9 +10,7 @@ import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
-from pgraft.core.errors import UsageError
-from pgraft.core.shipped import ShippedBaseDamaged
-from pgraft.core.targets import Target, run_lacks, shipped_outputs
+from pgraft.core.targets import shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
 from .rewards import REWARD_MAX, REWARDS
@@ -61,6 +59,8 @@ def pretrain_cmd(
 
 
 @app.command("train")
+@opts.config_file
+@opts.trackers
 @opts.graft_options(alpha=0.1, groups=32, t=0.25, rounds=4, replay=True,
                     reward_max=REWARD_MAX)
 def train_cmd(
@@ -77,24 +77,15 @@ def train_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """GRAFT (--t 0) or P-GRAFT rounds with a GRS rule on a layout reward."""
-    from .train import LayoutTrainConfig, base_dir_of, train_layout
+    from .train import APP, LayoutTrainConfig, train_layout
 
     opts.check_choice(reward, REWARDS, "reward", "--reward")
     cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset,
                             conditional=conditional, final_samples=final_samples)
-    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
-        base_dir_of(cfg)
+    opts.app_base(APP, base, preset)  # a bad --base is refused before anything else
     train_layout(cfg, graft, out, resume=resume, show_progress=not quiet)
     if is_main_process():
         console.print(f"run directory: {out} (metrics.csv, store/, evaluation.csv, samples.png, rounds.png)")
-
-
-def _target(run_dir: Path | None, base: str | None) -> Target:
-    """The run or base that ``[RUN_DIR] [--base]`` name (refused in one line when neither)."""
-    from . import train
-
-    return opts.sample_target(run_dir, base, "layout", lacks_run=lambda d: run_lacks(d, "layout"),
-                              lacks_base=train.base_lacks, shipped=train.SHIPPED_BASE)
 
 
 RunOrBase = Annotated[Optional[Path], typer.Argument(
@@ -114,10 +105,11 @@ def sample_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Sample layouts (fine-tuned head T→t, frozen base t→0; or a base alone) and render them as PNG pages."""
+    from . import train
     from .render import render_grid
     from .train import sample_run
 
-    target = _target(run_dir, base)
+    target = train.APP.sample_target(run_dir, base)
     with opts.bad_parameter():
         layouts, rewards, _ = sample_run(target.directory, n, seed, not quiet)
     path = render_grid(layouts, out or target.output("sampled.png"), n_cols=cols,
@@ -174,9 +166,10 @@ def evaluate_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Sample layouts; write the metric row (FID, alignment, overlap, max-IoU, class TV, reward) as CSV."""
+    from . import train
     from .train import evaluate_run
 
-    target = _target(run_dir, base)
+    target = train.APP.sample_target(run_dir, base)
     with opts.bad_parameter():
         row = evaluate_run(target.directory, n, seed, not quiet, protocol=protocol)
     path = out or target.output("evaluation.csv")
@@ -203,18 +196,17 @@ def diagnose_cmd(
     seed: opts.Seed = 0,
     batch: opts.DiagnoseBatch = 256,
     out: opts.DiagnoseOut = Path("runs/layout/diagnose"),
+    train_steps: opts.ProbeSteps = 0,
     quiet: opts.Quiet = False,
 ) -> None:
-    from .train import LayoutTrainConfig, base_dir_of, load_or_pretrain, problem_for
+    from .train import APP, LayoutTrainConfig, problem_for
 
     grid = opts.t_grid(t)
     opts.check_choice(reward, REWARDS, "reward", "--reward")
     cfg = LayoutTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset,
                             conditional=conditional)
-    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
-        base_dir = base_dir_of(cfg)
-    model = load_or_pretrain(base_dir, preset, show_progress=not quiet)
+    model = APP.load_or_pretrain(opts.app_base(APP, base, preset), preset, show_progress=not quiet)
     with opts.bad_parameter(ValueError):
         problem = problem_for(cfg, model)
     opts.diagnose(problem, model.model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
-                  quiet=quiet, rule=graft)
+                  quiet=quiet, rule=graft, train_steps=train_steps, probe=dict(batch_size=64, lr=1e-4))  # probe: train's defaults

@@ -40,20 +40,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pgraft.core.app import App
 from pgraft.core.checkpoint import load_config, load_pretrained, load_run_head, save_json
 from pgraft.core.plots import plot_rounds
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
 from pgraft.core.progress import make_console
-from pgraft.core.shipped import (
-    base_digests,
-    default_base,
-    open_base_dir,
-    recorded_base,
-    recorded_section,
-    resolve_preset_base,
-    shipped_dir,
-)
-from pgraft.core.targets import checkpoint_lacks, read_run
+from pgraft.core.shipped import base_digests, default_base, recorded_section, shipped_dir
+from pgraft.core.targets import read_run
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
 from . import diffusion
@@ -71,8 +64,7 @@ console = make_console()
 PRESET_NAME = "layout_preset.json"
 FEATURES_DIR = "features"
 BASE_FILES = (PRESET_NAME, f"{FEATURES_DIR}/model.safetensors")  # a finished base's files besides the checkpoint
-SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # the 'default' preset's base, see bases/default/SHIPPED.json
-DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/layout/base")  # "shipped" when the package has it
+DEFAULT_BASE = default_base(shipped_dir(Path(__file__).parent), "runs/layout/base")  # "shipped" when shipped
 
 
 def load_split(preset: LayoutPreset, split: str) -> Layouts:
@@ -139,22 +131,6 @@ def load_base(directory: str | Path) -> BaseModel:
     preset = LayoutPreset(**json.loads(path.read_text())["preset"])
     model = load_pretrained(LayoutDenoiser, directory).eval().requires_grad_(False)
     return BaseModel(model, preset, load_feature_net(directory / FEATURES_DIR), directory)
-
-
-def base_lacks(directory: Path) -> str | None:
-    """What keeps ``directory`` from being a finished layout base with its FID feature net (None when
-    it is one), for a refusal that names it (see :mod:`pgraft.core.targets`)."""
-    return checkpoint_lacks(directory, LayoutDenoiser.__name__, BASE_FILES)
-
-
-def load_or_pretrain(directory: str | Path, preset: str = "default", show_progress: bool = True) -> BaseModel:
-    """Load the base in ``directory`` (verified by :func:`~pgraft.core.shipped.open_base_dir`; a damaged
-    or partial one is refused, never pretrained over), pretraining (or resuming) the preset first if
-    it is not finished."""
-    if open_base_dir(directory, BASE_FILES):
-        return load_base(directory)
-    console.print(f"[bold yellow]No finished base model in {directory}: pretraining the '{preset}' preset first.")
-    return pretrain_layout(get_preset(preset), directory, show_progress)
 
 
 # ----------------------------------------------------------------------------- the GRAFT problem
@@ -246,12 +222,6 @@ class LayoutTrainConfig:
             raise ValueError(f"unknown reward {self.reward!r}; choose from {sorted(REWARDS)}")
 
 
-def base_dir_of(cfg: LayoutTrainConfig) -> Path:
-    """The directory ``cfg.base`` names: the shipped base (verified against its manifest; only for
-    the 'default' preset, which is what it is) or the user's directory."""
-    return resolve_preset_base(cfg.base, cfg.preset, SHIPPED_BASE)
-
-
 def problem_for(cfg: LayoutTrainConfig, base: BaseModel) -> GraftProblem:
     return make_problem(base, cfg.reward, cfg.sample_steps or None,
                         conditions=reference_conditions(base) if cfg.conditional else None)
@@ -260,8 +230,8 @@ def problem_for(cfg: LayoutTrainConfig, base: BaseModel) -> GraftProblem:
 def train_layout(cfg: LayoutTrainConfig, graft: GraftConfig, out: str | Path, resume: bool = False,
                  show_progress: bool = True) -> pd.DataFrame:
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
-    base_dir = base_dir_of(cfg)
-    base = load_or_pretrain(base_dir, cfg.preset, show_progress)
+    base_dir = APP.resolve_base(cfg.base, cfg.preset)
+    base = APP.load_or_pretrain(base_dir, cfg.preset, show_progress)
     cfg = replace(cfg, **base_digests(base_dir, recorded_section(out, "layout") if resume else None))
     problem = problem_for(cfg, base)
     head, table = run_graft(problem, base.model, model_config(base), graft, out,
@@ -306,7 +276,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], float, LayoutTrainCon
     app_cfg = LayoutTrainConfig(**section)
     split = float(config.get("graft", {}).get("split", 0.0))
     head = load_run_head(LayoutDenoiser, run_dir).eval()
-    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE, app_cfg.base_config_sha256)
+    base_dir = APP.run_base(section)
     return config, split, app_cfg, load_base(base_dir), head
 
 
@@ -367,6 +337,20 @@ def evaluate_run(run_dir: str | Path, n: int | None = None, seed: int = 0, show_
     return {"protocol": protocol, **metrics, "reward_mean": float(rewards.mean())}
 
 
-__all__ = ["PRESETS", "LayoutPreset", "BaseModel", "LayoutTrainConfig", "PAD_CLASS", "get_preset", "pretrain_layout",
-           "load_base", "load_or_pretrain", "make_problem", "log_prob_fn", "train_layout", "sample_layouts",
+
+APP = App(
+    name="layout",
+    shipped=shipped_dir(Path(__file__).parent),  # the 'default' preset's base, see bases/default/SHIPPED.json
+    load=load_base,
+    model_class=LayoutDenoiser.__name__,
+    files=BASE_FILES,
+    pretrain=lambda directory, preset, show_progress: pretrain_layout(get_preset(preset), directory, show_progress),
+    pretrain_note="about 25 minutes on 2 CPU cores with the 'default' preset; an interrupted one resumes",
+    make_problem=make_problem,
+    evaluate=evaluate_run,
+    presets=PRESETS,
+)
+
+__all__ = ["APP", "PRESETS", "LayoutPreset", "BaseModel", "LayoutTrainConfig", "PAD_CLASS", "get_preset",
+           "pretrain_layout", "load_base", "make_problem", "log_prob_fn", "train_layout", "sample_layouts",
            "evaluate_layouts", "evaluate_run", "sample_run", "model_config", "PROTOCOLS"]

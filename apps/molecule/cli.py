@@ -9,9 +9,7 @@ import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
-from pgraft.core.errors import UsageError
-from pgraft.core.shipped import ShippedBaseDamaged
-from pgraft.core.targets import Target, run_lacks, shipped_outputs
+from pgraft.core.targets import shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
 from .presets import PRESETS, get_preset
@@ -60,6 +58,8 @@ def pretrain_cmd(
 
 
 @app.command("train")
+@opts.config_file
+@opts.trackers
 @opts.graft_options(rule="bon", alpha=0.1, m=16, groups=32, t=0.1, rounds=10, lr=2e-4, replay=True,
                     reward_max=REWARD_MAX)
 def train_cmd(
@@ -74,23 +74,14 @@ def train_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """GRAFT (--t 0) or P-GRAFT rounds with a GRS rule; --dedup keys on canonical SMILES."""
-    from .train import MoleculeTrainConfig, base_dir_of, train_molecule
+    from .train import APP, MoleculeTrainConfig, train_molecule
 
     opts.check_choice(reward, MOL_SCORES, "reward", "--reward")
     cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset, novel=novel)
-    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
-        base_dir_of(cfg)
+    opts.app_base(APP, base, preset)  # a bad --base is refused before anything else
     train_molecule(cfg, graft, out, resume=resume, show_progress=not quiet)
     if is_main_process():
         console.print(f"run directory: {out} (metrics.csv, store/, samples.csv, top_molecules.png, rounds.png)")
-
-
-def _target(run_dir: Path | None, base: str | None) -> Target:
-    """The run or base that ``[RUN_DIR] [--base]`` name (refused in one line when neither)."""
-    from . import train
-
-    return opts.sample_target(run_dir, base, "molecule", lacks_run=lambda d: run_lacks(d, "molecule"),
-                              lacks_base=train.base_lacks, shipped=train.SHIPPED_BASE)
 
 
 RunOrBase = Annotated[Optional[Path], typer.Argument(
@@ -110,10 +101,11 @@ def sample_cmd(
 ) -> None:
     """Sample molecules with the fine-tuned head (T→t) and the frozen base (t→0), or with a base alone
     (its preset's sampler steps, QED as reward); writes a SMILES CSV."""
+    from . import train
     from .data import is_valid_smiles
     from .train import load_run, make_problem, sample_base, sample_smiles
 
-    target = _target(run_dir, base)
+    target = train.APP.sample_target(run_dir, base)
     with opts.bad_parameter():
         if target.is_run:
             _, graft, app_cfg, base_model, head = load_run(target.directory)
@@ -140,9 +132,10 @@ def evaluate_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Sample n molecules (run: head then base; base: alone) and print/write the metric row."""
+    from . import train
     from .train import evaluate_base, evaluate_run
 
-    target = _target(run_dir, base)
+    target = train.APP.sample_target(run_dir, base)
     with opts.bad_parameter():
         if target.is_run:
             row = evaluate_run(target.directory, n, fcd, seed, not quiet)
@@ -169,17 +162,15 @@ def diagnose_cmd(
     seed: opts.Seed = 0,
     batch: opts.DiagnoseBatch = 256,
     out: opts.DiagnoseOut = Path("runs/molecule/diagnose"),
+    train_steps: opts.ProbeSteps = 0,
     quiet: opts.Quiet = False,
 ) -> None:
-    from .train import MoleculeTrainConfig, base_dir_of, load_or_pretrain, make_problem
+    from .train import APP, make_problem
 
     grid = opts.t_grid(t)
     opts.check_choice(reward, MOL_SCORES, "reward", "--reward")
-    cfg = MoleculeTrainConfig(reward=reward, sample_steps=sample_steps, base=base, preset=preset, novel=novel)
-    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
-        base_dir = base_dir_of(cfg)
-    model = load_or_pretrain(base_dir, preset, show_progress=not quiet)
+    model = APP.load_or_pretrain(opts.app_base(APP, base, preset), preset, show_progress=not quiet)
     with opts.bad_parameter(ValueError):
         problem = make_problem(model, reward, sample_steps, novel=novel)
     opts.diagnose(problem, model.model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
-                  quiet=quiet, rule=graft)
+                  quiet=quiet, rule=graft, train_steps=train_steps, probe=dict(batch_size=64, lr=2e-4))  # probe: train's defaults

@@ -16,35 +16,27 @@ from typing import Any
 import pandas as pd
 import torch
 
+from pgraft.core.app import App
 from pgraft.core.checkpoint import load_run_head, save_json
 from pgraft.core.plots import plot_rounds
 from pgraft.core.progress import make_console
 from pgraft.core.sampling import unmask_log_prob
 from pgraft.core.schedules import masking_times
-from pgraft.core.shipped import (
-    base_digests,
-    default_base,
-    open_base_dir,
-    recorded_base,
-    recorded_section,
-    resolve_preset_base,
-    shipped_dir,
-)
-from pgraft.core.targets import checkpoint_lacks, read_run
+from pgraft.core.shipped import base_digests, default_base, recorded_section, shipped_dir
+from pgraft.core.targets import read_run
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
 from . import diffusion
 from .data import load_dataset, state_to_smiles
 from .metrics import evaluate_smiles, novelty_rates, novelty_row
 from .model import GraphTransformer
-from .presets import get_preset
+from .presets import PRESETS, get_preset
 from .pretrain import META_NAME, BaseModel, load_base, pretrain_molecule
 from .rewards import get_reward, novel_reward, qed_score, to_mols, training_smiles
 
 console = make_console()
 
-SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # the default preset's base, see bases/default/SHIPPED.json
-DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/molecule/base")  # "shipped" when the package has it
+DEFAULT_BASE = default_base(shipped_dir(Path(__file__).parent), "runs/molecule/base")  # "shipped" when shipped
 
 
 @dataclass(frozen=True)
@@ -67,31 +59,6 @@ class MoleculeTrainConfig:
     base_sha256: str | None = None
     novel: bool = False
     base_config_sha256: str | None = None
-
-
-def load_or_pretrain(base_dir: str | Path, preset: str = "default", show_progress: bool = True) -> BaseModel:
-    """Load the base model in ``base_dir`` (verified by :func:`~pgraft.core.shipped.open_base_dir`; a
-    damaged or partial one is refused, never pretrained over); if there is none (or its pretraining
-    was interrupted), run (or resume) the preset's pretraining first, telling the user so."""
-    base_dir = Path(base_dir)
-    if open_base_dir(base_dir, (META_NAME,)):
-        return load_base(base_dir)
-    console.print(f"[bold yellow]No finished base model in {base_dir}: pretraining the '{preset}' preset first "
-                  "(up to ~30 minutes on 2 CPU cores; interrupted runs resume).")
-    pretrain_molecule(get_preset(preset), base_dir, show_progress=show_progress)
-    return load_base(base_dir)
-
-
-def base_dir_of(cfg: MoleculeTrainConfig) -> Path:
-    """The directory ``cfg.base`` names: the shipped base (verified against its manifest; only for
-    the 'default' preset, which is what it is) or the user's directory."""
-    return resolve_preset_base(cfg.base, cfg.preset, SHIPPED_BASE)
-
-
-def base_lacks(directory: Path) -> str | None:
-    """What keeps ``directory`` from being a finished molecule base (None when it is one), for a
-    refusal that names it (see :mod:`pgraft.core.targets`)."""
-    return checkpoint_lacks(directory, GraphTransformer.__name__, (META_NAME,))
 
 
 def base_training_smiles(base: BaseModel) -> frozenset[str]:
@@ -176,8 +143,8 @@ def log_prob(model, x, t, t_next, x_next, cond=None) -> torch.Tensor:
 def train_molecule(cfg: MoleculeTrainConfig, graft: GraftConfig, out: str | Path, resume: bool = False,
                    show_progress: bool = True) -> pd.DataFrame:
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
-    base_dir = base_dir_of(cfg)
-    base = load_or_pretrain(base_dir, cfg.preset, show_progress)
+    base_dir = APP.resolve_base(cfg.base, cfg.preset)
+    base = APP.load_or_pretrain(base_dir, cfg.preset, show_progress)
     cfg = replace(cfg, **base_digests(base_dir, recorded_section(out, "molecule") if resume else None))
     problem = make_problem(base, cfg.reward, cfg.sample_steps, novel=cfg.novel, reference=novelty_reference(base))
     head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out,
@@ -267,7 +234,7 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], GraftConfig, Molecule
     app_cfg = MoleculeTrainConfig(**section)
     key = "graft" if "graft" in config else "pg"
     graft = GraftConfig.from_dict(config[key]) if key == "graft" else GraftConfig(split=0.0)
-    base_dir = recorded_base(app_cfg.base, app_cfg.base_sha256, SHIPPED_BASE, app_cfg.base_config_sha256)
+    base_dir = APP.run_base(asdict(app_cfg))
     return config, graft, app_cfg, load_base(base_dir), load_run_head(GraphTransformer, run_dir).eval()
 
 
@@ -308,3 +275,18 @@ def evaluate_base_row(smiles, rewards, base: BaseModel, fcd: bool, seed: int) ->
     generated = getattr(smiles, "fragments", smiles)
     return {**evaluate_smiles(generated, data.train.smiles, data.test.smiles, fcd=fcd, seed=seed),
             "reward_mean": float(rewards.double().mean())}
+
+
+APP = App(
+    name="molecule",
+    shipped=shipped_dir(Path(__file__).parent),  # the 'default' preset's base, see bases/default/SHIPPED.json
+    load=load_base,
+    model_class=GraphTransformer.__name__,
+    files=(META_NAME,),
+    pretrain=lambda directory, preset, show_progress: pretrain_molecule(get_preset(preset), directory,
+                                                                         show_progress=show_progress),
+    pretrain_note="up to ~30 minutes on 2 CPU cores; an interrupted one resumes",
+    make_problem=make_problem,
+    evaluate=evaluate_run,
+    presets=PRESETS,
+)

@@ -13,7 +13,7 @@ import pandas as pd
 import typer
 
 from pgraft.core import cli as opts
-from pgraft.core.targets import Target, run_lacks, shipped_outputs
+from pgraft.core.targets import shipped_outputs
 from pgraft.core.trainer import GraftConfig, is_main_process
 
 from . import DEFAULT_ANCHOR
@@ -25,18 +25,24 @@ app = typer.Typer(help="Text-to-image: compositional shapes world (CPU) or a loc
 
 def _reward_norm(value: str) -> str:
     """typer callback of --reward-norm."""
-    if value not in ("raw", "zscore"):
-        raise typer.BadParameter(f"must be raw or zscore, got {value!r}")
+    from .reward_spec import NORMS
+
+    if value not in NORMS:
+        raise typer.BadParameter(f"must be raw or zscore (per scoring call), zscore-round or rank (per round), "
+                                 f"got {value!r}")
     return value
 
 
 Model = Annotated[str, typer.Option("--model", help="'shipped' (the shapes-world base shipped with pgraft), a "
                                                      "pipeline directory: `pgraft t2i pretrain` output or a local "
                                                       "diffusers Stable Diffusion checkpoint (UNet + DDIM, or a "
-                                                      "flow-matching StableDiffusion3Pipeline: SD3 / SD3.5).")]
+                                                      "flow-matching pipeline: SD3 / SD3.5, FLUX.1, Qwen-Image, "
+                                                      "SANA), or a hub id ORG/NAME already in the local Hugging "
+                                                      "Face cache (never downloaded).")]
 Prompts = Annotated[str, typer.Option(help="Prompt set: train, heldout, all, geneval, or a .txt/.csv/.jsonl file.")]
 Reward = Annotated[str, typer.Option(help=(
-    "Reward: a name: vqa (learned scorer), checker (exact), clipscore, itm (BLIP image-text matching), vqascore; "
+    "Reward: a name: vqa (learned scorer), checker (exact), clipscore, itm (BLIP image-text matching), vqascore, "
+    "pickscore, hpsv2, imagereward, aesthetic, clipflant5 (local weights via --reward-weights; docs: Rewards); "
     "a reward server http(s)://HOST:PORT/PATH (POST {\"prompts\": [B strings], \"images\": [B base64 PNGs]} -> "
     "{\"scores\": [B numbers]}; options after #: timeout=S&attempts=N, default 60 s, 3 attempts; "
     "see `pgraft t2i serve-reward`); your own MODULE:FUNCTION or path/to/file.py:FUNCTION, called as "
@@ -45,9 +51,11 @@ Reward = Annotated[str, typer.Option(help=(
     "default 1; need not sum to 1); or a .json file {\"checker\": 0.5, \"clipscore\": 0.5}. "
     "Each component's mean is logged as reward_<name>_mean."))]
 RewardNorm = Annotated[str, typer.Option(help=(
-    "How a weighted --reward combines its components: raw (sum of weight x score) or zscore (each component "
+    "How a weighted --reward combines its components: raw (sum of weight x score); zscore (each component "
     "z-scored over the images of each scoring call, then weighted: per chunk of --sample-batch-size candidates "
-    "in train, not per round)."),
+    "in train); zscore-round (each component z-scored over the whole round's candidates, then weighted); rank "
+    "(weighted sum of each component's rank within its group, in [0, 1]: GRS accepts on the rank sum). "
+    "zscore-round and rank treat one evaluate / serve-reward call as one round of one group."),
     callback=_reward_norm)]
 RewardWeights = Annotated[Optional[str], typer.Option(help="Weights directory of the reward (vqa: 'shipped', the "
                                                             "scorer shipped with pgraft, or `pgraft t2i train-scorer` output; clipscore/itm/vqascore: "
@@ -59,6 +67,13 @@ Steps = Annotated[int, typer.Option("--n-steps", help="Sampler steps (DDIM; Eule
 Eta = Annotated[Optional[float], typer.Option(
     help="Sampler noise. DDIM eta for UNet pipelines (default 1: DDPM-like; 0 deterministic); for flow-matching (SD3) "
          "pipelines Flow-GRPO's SDE noise level (default 0: deterministic Euler; e.g. 0.7 as Flow-GRPO).")]
+Precision = Annotated[str, typer.Option(
+    help="Dtype of the frozen parts of a flow pipeline (SD3 / FLUX / Qwen-Image / SANA): fp32, bf16 or fp16; LoRA "
+         "parameters and optimizer state stay fp32. UNet pipelines: fp32 only.")]
+GradientCheckpointing = Annotated[bool, typer.Option(
+    "--gradient-checkpointing", help="Recompute the transformer's (UNet's) activations in the backward pass.")]
+ImageSize = Annotated[Optional[int], typer.Option(
+    help="Resolution a flow pipeline samples (default: the family's, e.g. 1024 for FLUX.1).")]
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")]
 
 
@@ -113,6 +128,8 @@ def _reward_max(kw: dict) -> float | None:
 
 
 @app.command("train")
+@opts.config_file
+@opts.trackers
 @opts.graft_options(fixed={"dedup": False}, groups=16, t=0.25, rounds=4, batch_size=32, lora=8,
                     anchor=DEFAULT_ANCHOR, reward_max=_reward_max)
 def train_cmd(
@@ -132,6 +149,9 @@ def train_cmd(
     nonfinite_reward: Annotated[Optional[float], typer.Option(
         "--nonfinite-reward", help="What a NaN or infinite reward score counts as (recorded in the run's config); "
                                    "without it such a score stops the run, naming the reward.")] = None,
+    precision: Precision = "fp32",
+    gradient_checkpointing: GradientCheckpointing = False,
+    image_size: ImageSize = None,
     resume: opts.Resume = False,
     quiet: opts.Quiet = False,
 ) -> None:
@@ -142,7 +162,8 @@ def train_cmd(
     app_cfg = T2IConfig(model=str(model), prompts=prompts, reward=reward,
                         reward_weights=None if reward_weights is None else str(reward_weights),
                         n_steps=n_steps, eta=eta, guidance_scale=guidance, cond_dropout=cond_dropout,
-                        reward_norm=reward_norm, reward_nonfinite=nonfinite_reward)
+                        reward_norm=reward_norm, reward_nonfinite=nonfinite_reward, precision=precision,
+                        gradient_checkpointing=gradient_checkpointing, image_size=image_size)
     if nonfinite_reward is not None and not math.isfinite(nonfinite_reward):
         raise typer.BadParameter(f"must be a finite number, got {nonfinite_reward}", param_hint="--nonfinite-reward")
     with opts.bad_parameter(ValueError, FileNotFoundError, FileExistsError):
@@ -159,14 +180,6 @@ def _run_config(run_dir: Path) -> tuple[dict, GraftConfig]:
     if "t2i" not in config.get("app", {}):
         raise typer.BadParameter(f"{run_dir} is a run of another app, not `pgraft t2i train`")
     return config["app"]["t2i"], GraftConfig.from_dict(config["graft"])
-
-
-def _target(run_dir: Path | None, base: str | None) -> Target:
-    """The run or base pipeline that ``[RUN_DIR] [--base]`` name (refused in one line when neither)."""
-    from .train import base_lacks
-
-    return opts.sample_target(run_dir, base, "t2i", lacks_run=lambda d: run_lacks(d, "t2i"), lacks_base=base_lacks,
-                              shipped=SHIPPED_BASE if SHIPPED_BASE.is_dir() else None)
 
 
 RunOrBase = Annotated[Optional[Path], typer.Argument(
@@ -192,13 +205,14 @@ def sample_cmd(
     from pgraft.core.state import save_state
 
     from .prompts import load_prompts
-    from .train import T2IConfig, load_head, load_pipeline, sample_images, save_grid
+    from .train import APP, T2IConfig, load_head, load_pipeline, sample_images, save_grid
 
-    target = _target(run_dir, base)
+    target = APP.sample_target(run_dir, base)
     with opts.bad_parameter():
         if target.is_run:
             app_cfg, cfg = _run_config(target.directory)
-            pipe = load_pipeline(app_cfg["model"], app_cfg.get("guidance_scale"))
+            pipe = load_pipeline(app_cfg["model"], app_cfg.get("guidance_scale"), app_cfg.get("precision", "fp32"),
+                                 app_cfg.get("image_size"))
             head = load_head(target.directory, pipe.denoiser)
             split, n_steps, eta, default_prompts = cfg.split, app_cfg["n_steps"], app_cfg["eta"], app_cfg["prompts"]
         else:
@@ -214,11 +228,25 @@ def sample_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
+    ctx: typer.Context,
     run_dir: RunOrBase = None,
     base: BaseOnly = None,
     model: Model = DEFAULT_MODEL,
     run: Annotated[Optional[Path], typer.Option(help="A `pgraft t2i train` run to evaluate (default: the base; "
                                                      "the same as RUN_DIR).")] = None,
+    suite: Annotated[Optional[str], typer.Option(help=(
+        "Evaluation suite: geneval, drawbench, genai-bench, ocr or shapes. Sets the benchmark's prompts (drawbench, "
+        "genai-bench, ocr: your copy, --prompts PATH), images per prompt and seed (flags override); writes "
+        "per-category means of every reward (categories.csv/.png), grid.png and the reward-hacking panel "
+        "(panel.csv: the training reward beside every other; a run is compared with its base, same seeds). "
+        "The training reward: --reward, else the run's."), show_default=False)] = None,
+    panel: Annotated[Optional[str], typer.Option(help=(
+        "With --suite: more rewards scored on the same images, comma-separated: NAME=WEIGHTS_DIR (a reward of "
+        "--reward with local weights, e.g. clipscore=DIR), LABEL=http://HOST:PORT/ (a reward server, e.g. "
+        "geneval=... of servers/geneval) or a weight-free NAME. The exact checker and the shipped scorer join "
+        "on prompts of the shapes world."), show_default=False)] = None,
+    compare_base: Annotated[bool, typer.Option("--compare-base/--no-compare-base", help=(
+        "With --suite and a run: also sample its base with the same seeds and report each reward's change."))] = True,
     prompts: Prompts = "heldout",
     per_prompt: PerPrompt = 4,
     reward: Reward = "vqa",
@@ -233,17 +261,18 @@ def evaluate_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """Per-category GenEval-style accuracy (exact checker) and mean reward on a prompt set, of a run (RUN_DIR or
-    --run) or of a base alone (RUN_DIR, --base or --model)."""
+    --run) or of a base alone (RUN_DIR, --base or --model). With --suite: a benchmark's protocol, every reward's
+    per-category means and the reward-hacking panel (RUN/eval/suite_NAME)."""
     from .prompts import load_prompts
     from .rewards import make_reward
-    from .train import evaluate_images, load_head, load_pipeline, sample_images, save_grid
+    from .train import APP, evaluate_images, load_head, load_pipeline, sample_images, save_grid
 
     if run_dir is not None or base is not None:
         if run is not None:
             given = str(run_dir) if run_dir is not None else f"--base {base}"
             raise typer.BadParameter(f"give one of RUN_DIR, --base and --run, not {given} and --run {run}",
                                      param_hint="--run")
-        target = _target(run_dir, base)
+        target = APP.sample_target(run_dir, base)
         if target.is_run:
             run = target.directory
         else:
@@ -255,6 +284,62 @@ def evaluate_cmd(
         model, split = app_cfg["model"], cfg.split
         n_steps, eta = app_cfg["n_steps"], app_cfg["eta"]
         guidance = guidance if guidance is not None else app_cfg.get("guidance_scale")
+    if suite is not None:  # the benchmark protocol and the reward-hacking panel (suites.py)
+        from .presets import SHIPPED_SCORER
+        from .suites import PanelEntry, build_panel, get_suite, run_suite
+
+        def given(name: str) -> bool:
+            source = ctx.get_parameter_source(name)
+            return source is not None and source.name != "DEFAULT"
+
+        the_suite = get_suite(suite)
+        if run is not None and not given("reward"):
+            reward, reward_weights = app_cfg["reward"], app_cfg.get("reward_weights")
+            reward_norm = app_cfg.get("reward_norm", "raw")
+        with opts.bad_parameter():
+            prompt_set = the_suite.load(prompts if given("prompts") else None)
+            pipe = load_pipeline(model, guidance)
+            training = PanelEntry(reward, "training", make_reward(reward, reward_weights, norm=reward_norm))
+            entries = build_panel(training, panel, prompt_set.in_grammar(),
+                                  shipped_scorer=DEFAULT_SCORER if SHIPPED_SCORER.is_dir() else None)
+        per_prompt = per_prompt if given("per_prompt") else the_suite.per_prompt
+        seed = seed if given("seed") else the_suite.seed
+        models = [("base", (pipe.denoiser, 0.0))]
+        if run is not None:
+            finetuned = ("finetuned", (load_head(run, pipe.denoiser), split))
+            models = [*models, finetuned] if compare_base else [finetuned]
+
+        def sample(head_split, names, k, s):
+            return sample_images(pipe, head_split[0], names, k, head_split[1], n_steps, eta, s,
+                                 show_progress=not quiet)
+
+        if not given("out"):
+            model_dir = resolve_model(model)
+            shipped = SHIPPED_BASE.is_dir() and model_dir.resolve() == SHIPPED_BASE.resolve()
+            root = out or (run / "eval" if run is not None else (shipped_outputs("t2i") if shipped else model_dir)
+                           / "eval")
+            out = root / f"suite_{suite}"
+        side = getattr(getattr(pipe, "info", None), "image_size", None)
+        typer.echo(f"suite {suite}: {len(prompt_set)} prompts ({prompt_set.source}) x {per_prompt} images, seed {seed}"
+                   + (f"; the protocol has {the_suite.expected} prompts" if the_suite.expected not in (None,
+                                                                                                  len(prompt_set))
+                      else "")
+                   + (f"; sampled at {side} px (protocol: {the_suite.resolution})"
+                      if the_suite.resolution and side and side != the_suite.resolution else ""))
+        result = run_suite(the_suite, prompt_set, entries, sample, models, per_prompt, seed, out, save_grid,
+                           used={"model": str(model), "run": None if run is None else str(run), "n_steps": n_steps,
+                                 "eta": eta, "guidance": guidance, "image_size": side})
+        with pd.option_context("display.width", 250, "display.precision", 3, "display.max_columns", 60):
+            typer.echo(f"per category ({the_suite.reports}):")
+            typer.echo(result.categories.to_string())
+            typer.echo("reward-hacking panel (overall = mean of the category means; the training reward first):")
+            typer.echo(result.panel.to_string())
+        headline = the_suite.headline if the_suite.headline in result.panel.index else reward
+        typer.echo(f"{suite} headline, {headline} overall: "
+                   + ", ".join(f"{k} {v:+.3f}" if k == "change" else f"{k} {v:.3f}"
+                               for k, v in result.panel.loc[headline].drop("role").items()))
+        typer.echo(f"written to {out}")
+        return
     with opts.bad_parameter():
         pipe = load_pipeline(model, guidance)
         reward_fn = make_reward(reward, reward_weights, norm=reward_norm)
@@ -307,10 +392,10 @@ def diagnose_cmd(
     X_t, one round, acceptance by the reward alone). Recommends the largest t whose kept-share lower bound is
     >= 0.5 (R²'s when no kept share can be estimated)."""
     from .prompts import load_prompts
-    from .train import T2IConfig, base_lacks, load_pipeline, recorded_problem
+    from .train import APP, T2IConfig, load_pipeline, recorded_problem
 
     grid = opts.t_grid(t)
-    lacks = base_lacks(model)
+    lacks = APP.lacks(opts.app_base(APP, model))  # `shipped` (verified) or a directory that exists
     if lacks is not None:
         raise typer.BadParameter(f"{model} is not a base pipeline directory ({lacks}); train one with "
                                  "`pgraft t2i pretrain`", param_hint="--model")
@@ -360,11 +445,12 @@ def serve_reward_cmd(
         server.server_close()
 
 
-# ----------------------------------------------------------------------------- inverse noise correction (SD3)
+# ----------------------------------------------------------------------------- inverse noise correction (flow families)
 INC_NOTE = ("Unconditional in the prompt: the noises are inverted with the empty prompt (or the --captions given "
             "to `invert`) at guidance 1, and the corrector sees no text.")
-FlowModel = Annotated[Path, typer.Option("--model", help="A flow-matching StableDiffusion3Pipeline directory (SD3 / "
-                                                          "SD3.5): INC inverts its deterministic Euler sampler.",
+FlowModel = Annotated[Path, typer.Option("--model", help="A flow-matching pipeline directory (SD3 / SD3.5, FLUX.1, "
+                                                          "Qwen-Image, SANA): INC inverts its deterministic Euler "
+                                                          "sampler.",
                                          show_default=False)]
 IncSteps = Annotated[int, typer.Option("--n-steps", "--steps", help="Base sampler steps to invert through (Euler on "
                                                                     "the scheduler's shifted sigmas); sample with the "
@@ -372,7 +458,7 @@ IncSteps = Annotated[int, typer.Option("--n-steps", "--steps", help="Base sample
 
 
 def _flow_model(model: Path) -> Path:
-    """``--model`` of the INC commands: a flow (SD3) pipeline directory, else a one-line usage error."""
+    """``--model`` of the INC commands: a flow pipeline directory (any flow family), else a one-line usage error."""
     from .flow_inc import flow_model_lacks
 
     lacks = flow_model_lacks(model)
@@ -439,13 +525,16 @@ def correct_cmd(
 ) -> None:
     """Inverse noise correction, step 2: train a small flow N(0, I) -> law of the inverted latent noises
     (resumes in --out). Unconditional in the prompt: the corrector sees no text."""
-    from .flow_inc import CorrectionConfig, train_correction
+    from pgraft.core.noise_correction import train_correction
+
+    from .flow_inc import NOISE_MODELS, correction_config, correction_report
 
     dev = opts.device_option(device)
     if not invert_dir.is_dir():
         raise typer.BadParameter(f"{invert_dir} does not exist", param_hint="INVERT_DIR")
-    cfg = CorrectionConfig(preset=preset, steps=train_steps, batch_size=batch_size, lr=lr, coupling=coupling, seed=seed)
-    _, r = train_correction(invert_dir, out, cfg, show_progress=not quiet, device=dev)
+    cfg = correction_config(preset=preset, steps=train_steps, batch_size=batch_size, lr=lr, coupling=coupling, seed=seed)
+    correction = train_correction(invert_dir, out, cfg, NOISE_MODELS, show_progress=not quiet, device=dev)
+    r = correction_report(correction.meta)
     typer.echo(f"noise corrector ({r.parameters:,} parameters, {100 * r.relative_size:.3g}% of the transformer's "
                f"{r.transformer_parameters:,}) trained on {r.n_noises} inverted noises, saved to {out}")
 
@@ -456,7 +545,7 @@ def sample_corrected_cmd(
     noise_model: Annotated[Path, typer.Option("--noise-model", help="A `pgraft t2i correct` directory.",
                                               show_default=False)],
     model: Annotated[Optional[Path], typer.Option(
-        "--model", help="The flow (SD3) pipeline to sample (default: the one the noises were inverted through).")] = None,
+        "--model", help="The flow pipeline to sample (default: the one the noises were inverted through).")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(
         "--prompt", help="Prompt, repeatable (default: the empty prompt, the setting the noises were inverted "
                          "in).")] = None,
@@ -479,9 +568,10 @@ def sample_corrected_cmd(
     guidance it is applied as is, untested."""
     from pgraft.core.checkpoint import save_json
     from pgraft.core.errors import UsageError
+    from pgraft.core.noise_correction import load_correction
     from pgraft.core.state import save_state
 
-    from .flow_inc import load_correction, load_flow_pipeline, sample_corrected
+    from .flow_inc import NOISE_MODELS, load_flow_pipeline, sample_corrected
     from .train import save_grid
 
     dev = opts.device_option(device)
@@ -490,8 +580,8 @@ def sample_corrected_cmd(
     if noise_steps < 0:
         raise typer.BadParameter(f"must be at least 0, got {noise_steps}", param_hint="--noise-steps")
     with opts.bad_parameter(UsageError, param_hint="--noise-model"):
-        correction = load_correction(noise_model)
-    model = _flow_model(model if model is not None else Path(correction.model))
+        correction = load_correction(noise_model, NOISE_MODELS)
+    model = _flow_model(model if model is not None else Path(correction.meta["model"]))
     pipe = load_flow_pipeline(model, guidance)
     if list(pipe.state_shape) != list(correction.meta["latent_shape"]):
         raise typer.BadParameter(f"{model} samples latents {list(pipe.state_shape)}, the corrector was trained on "

@@ -1,10 +1,13 @@
-"""Inverse noise correction (INC, paper Sec. 5) of a frozen flow-matching text-to-image model (the
-Stable Diffusion 3 / 3.5 family), at latent resolution and unconditional in the prompt.
+"""Inverse noise correction (INC, paper Sec. 5) of a frozen flow-matching text-to-image model (any
+family of :data:`.pipelines.FAMILIES`: SD3 / 3.5, FLUX, Qwen-Image, SANA), at latent resolution and unconditional in the prompt.
 
     invert_images     real images -> VAE latents -> noises z = Phi^{-1}(latent) through the pipeline's
                       *discrete* deterministic Euler sampler (empty prompt, or per-image captions, guidance 1)
-    train_correction  a small UNet flow N(0, I) -> law of the inverted latent noises
+    NOISE_MODELS      the correctors (small UNet flows N(0, I) -> law of the inverted latent noises) for
+                      :func:`pgraft.core.noise_correction.train_correction` / ``load_correction``
     sample_corrected  z ~ N(0, I) -> corrector (its own Euler grid) -> frozen base sampler -> VAE decode
+
+This module is the t2i adapter on :mod:`pgraft.core.noise_correction` (locks, metadata, resume, refusals).
 
 Run directories (every file written atomically; invert resumes shard by shard, correct resumes from
 its last checkpoint)::
@@ -58,35 +61,29 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from pgraft.core.checkpoint import load_pretrained, save_json
+from pgraft.core.checkpoint import save_json
 from pgraft.core.errors import UsageError
-from pgraft.core.integrity import exclusive, sha256_file
-from pgraft.core.inversion import (
-    SHARD_DIR,
-    InversionResult,
-    NoiseFlowConfig,
-    count_flops,
-    full_fp32,
-    invert,
-    resume_conflicts,
-    shard_done,
-    shard_path,
-    train_noise_flow,
+from pgraft.core.integrity import sha256_file
+from pgraft.core.inversion import SHARD_DIR, InversionResult, count_flops, full_fp32, read_shards
+from pgraft.core.noise_correction import (
+    CORRECT_META,
+    INVERT_META,
+    CorrectionConfig,
+    FlowBase,
+    NoiseModels,
+    claim,
+    correct_noise,
+    invert_batch,
+    invert_shards,
 )
-from pgraft.core.inversion import read_shards as read_noise_shards
-from pgraft.core.pretrain import is_pretrained
 from pgraft.core.progress import progress_bar
-from pgraft.core.sampling import euler_step, sample
-from pgraft.core.schedules import flow_times
-from pgraft.core.state import atomic_write
+from pgraft.core.sampling import euler_step
 
 from .flow_pipeline import FlowT2IPipeline, flow_lacks, local_device, pipeline_kind
+from .pipelines import FAMILIES, FLOW_CLASSES
 
-INVERT_META = "invert.json"
-CORRECT_META = "correct.json"
 REPORT_NAME = "report.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -94,20 +91,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # ----------------------------------------------------------------------------- the model
 def flow_model_lacks(directory: str | Path) -> str | None:
     """Why ``directory`` cannot be inverted through (None: it can): INC needs the deterministic Euler
-    sampler of a flow-matching ``StableDiffusion3Pipeline`` directory; one line, naming the directory."""
+    sampler of a flow-matching pipeline directory of a supported family (:data:`.pipelines.FAMILIES`:
+    SD3, FLUX, Qwen-Image, SANA); one line, naming the directory."""
     directory = Path(directory)
     if not directory.is_dir():
         return f"model directory {directory} does not exist"
     try:
         kind = pipeline_kind(directory)
-    except ValueError as err:  # a flow-matching pipeline of an unsupported class (Flux)
+    except ValueError as err:  # a pipeline of an unsupported class, or a flow family missing a component
         return str(err)
-    if kind != "sd3":
+    if kind not in FAMILIES:
         what = "the embedded shapes world" if kind == "world" else "a UNet / DDIM Stable Diffusion pipeline"
-        return (f"{directory} is {what}, not a flow-matching StableDiffusion3Pipeline (SD3 / SD3.5) directory: "
+        return (f"{directory} is {what}, not a flow-matching pipeline directory ({', '.join(FLOW_CLASSES)}): "
                 "inverse noise correction here inverts the deterministic Euler sampler of a flow pipeline")
     lacks = flow_lacks(directory)
-    return None if lacks is None else f"{directory} is not a StableDiffusion3Pipeline directory: {lacks}"
+    return None if lacks is None else f"{directory} is not a {FAMILIES[kind].pipeline_class} directory: {lacks}"
 
 
 def load_flow_pipeline(directory: str | Path, guidance_scale: float | None = None) -> FlowT2IPipeline:
@@ -146,14 +144,15 @@ class Guided(Counted):
 
 
 def transformer_parameters(model_dir: str | Path) -> int:
-    """Parameters of the pipeline's transformer, counted on a weightless copy built from its config
-    (accelerate's ``init_empty_weights``: nothing is loaded or allocated)."""
+    """Parameters of the pipeline's transformer (its family's class), counted on a weightless copy built
+    from its config (accelerate's ``init_empty_weights``: nothing is loaded or allocated)."""
     from accelerate import init_empty_weights
-    from diffusers import SD3Transformer2DModel
 
-    config = SD3Transformer2DModel.load_config(str(Path(model_dir) / "transformer"))
+    kind = pipeline_kind(model_dir)
+    transformer_type = FAMILIES[kind if kind in FAMILIES else "sd3"].transformer_type()
+    config = transformer_type.load_config(str(Path(model_dir) / "transformer"))
     with init_empty_weights(include_buffers=True):
-        model = SD3Transformer2DModel.from_config(config)
+        model = transformer_type.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -304,9 +303,9 @@ def invert_latents(model: nn.Module, latents: torch.Tensor, times: torch.Tensor,
     """Noises that ``times``' Euler sampler maps onto ``latents`` (:func:`pgraft.core.inversion.invert`),
     and the per-image reconstruction error max |sample(noise) - latents| [B]. ``model`` is called as
     ``model(x, t, cond)`` (e.g. :class:`Guided` at guidance 1)."""
-    res = invert(model, latents, times, euler_step, cond, max_iter=max_iter, tol=tol, patience=patience)
-    recon = sample(model, res.noise, times, euler_step, cond)
-    return res, (recon - latents).flatten(1).abs().amax(1)
+    base = FlowBase(model, times, tuple(latents.shape[1:]), euler_step)
+    res = base.invert(latents, cond, max_iter=max_iter, tol=tol, patience=patience)
+    return res, (base.sample(res.noise, cond) - latents).flatten(1).abs().amax(1)
 
 
 def empty_prompt_cond(pipe: FlowT2IPipeline, n: int):
@@ -339,10 +338,8 @@ def invert_images(model_dir: str | Path, images: str | Path, out: str | Path, cf
             "times": times.tolist(), "latent_shape": list(pipe.state_shape), "images": str(Path(images).resolve()),
             "image_size": pipe.info.image_size,
             "captions": None if captions is None else str(Path(captions).resolve())}
-    with exclusive(out):
-        meta_path = out / INVERT_META
-        if meta_path.is_file():
-            saved = json.loads(meta_path.read_text())
+    def settle(saved: dict[str, Any] | None) -> dict[str, Any]:
+        if saved is not None:
             old_names, old_texts = saved.pop("names", []), saved.pop("texts", None)
             if saved != json.loads(json.dumps(meta)):
                 changed = sorted(k for k in meta if saved.get(k) != json.loads(json.dumps(meta[k])))
@@ -351,57 +348,37 @@ def invert_images(model_dir: str | Path, images: str | Path, out: str | Path, cf
             if names[: len(old_names)] != old_names or (old_texts is not None and texts[: len(old_texts)] != old_texts):
                 raise UsageError(f"{out} holds an inversion of {len(old_names)} images that are not the first images "
                                  "(or captions) of this source any more; use another --out or delete it")
-        save_json({**meta, "names": names, "texts": texts}, meta_path)
+        return {**meta, "names": names, "texts": texts}
+
+    with claim(out, INVERT_META, settle):
         device = torch.device(device) if device is not None else local_device()
-        model = Guided(pipe.denoiser.to(device), 1.0)
+        base = FlowBase(Guided(pipe.denoiser.to(device), 1.0), times, tuple(pipe.state_shape), euler_step,
+                        {"model": meta["model"], "transformer_sha256": meta["transformer_sha256"]})
+
+        def invert_rows(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            latents = pipe.encode_images(source.load(rows.tolist())).to(device)
+            cond = (empty_prompt_cond(pipe, len(rows)) if texts is None
+                    else pipe.prompt_encoder()([texts[j] for j in rows.tolist()], guidance=False))
+            t, _ = invert_batch(base, latents, cond, max_iter=cfg.max_iter, tol=cfg.tol, patience=cfg.patience)
+            return {"noise": t["noise"], "residual": t["residual"], "recon_max": t["recon_abs_max"]}
+
         n_shards = -(-n // cfg.shard_size)
-        computed = 0
-        with full_fp32(), progress_bar(n, f"invert ({cfg.steps} Euler steps)", show_progress) as advance:
-            for i in range(n_shards):
-                idx = torch.arange(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), dtype=torch.int64)
-                if shard_done(out, i, idx):
-                    advance(len(idx))
-                    continue
-                parts: dict[str, list[torch.Tensor]] = {"noise": [], "residual": [], "recon_max": []}
-                for b in idx.split(cfg.batch_size):
-                    latents = pipe.encode_images(source.load(b.tolist())).to(device)
-                    cond = (empty_prompt_cond(pipe, len(b)) if texts is None
-                            else pipe.prompt_encoder()([texts[j] for j in b.tolist()], guidance=False))
-                    res, recon = invert_latents(model, latents, times, cond, cfg.max_iter, cfg.tol, cfg.patience)
-                    parts["noise"].append(res.noise.float().cpu())
-                    parts["residual"].append(res.residual.float().cpu())
-                    parts["recon_max"].append(recon.float().cpu())
-                    advance(len(b), residual=float(res.residual.max()))
-                tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-                tensors["index"] = idx.contiguous()
-                atomic_write(shard_path(out, i), lambda tmp: save_file(tensors, tmp))
-                computed += 1
-                if on_shard is not None:
-                    on_shard(i)
-        report = inversion_report(out, n_shards, computed)
+        shards = {i: torch.arange(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), dtype=torch.int64)
+                  for i in range(n_shards)}
+        with full_fp32():
+            run = invert_shards(out, shards, invert_rows, cfg.batch_size, f"invert ({cfg.steps} Euler steps)",
+                                show_progress, on_shard)
+        report = inversion_report(out, n_shards, len(run.computed))
         save_json(asdict(report), out / REPORT_NAME)
     return report
 
 
-def read_shards(invert_dir: str | Path, n_shards: int | None = None) -> dict[str, torch.Tensor]:
-    """The shards of an inversion concatenated in order (all of them, or the first ``n_shards``)."""
-    return read_noise_shards(invert_dir, n_shards, "pgraft t2i invert", UsageError)
-
-
 def inversion_report(invert_dir: str | Path, n_shards: int | None = None, computed: int = 0) -> InvertReport:
-    s = read_shards(invert_dir, n_shards)
+    s = read_shards(invert_dir, n_shards, "pgraft t2i invert")
     return InvertReport(n_images=len(s["index"]), shards=len(list((Path(invert_dir) / SHARD_DIR).glob("noise_*.safetensors")))
                         if n_shards is None else n_shards, shards_computed=computed,
                         max_residual=float(s["residual"].max()), recon_mean_abs=float(s["recon_max"].mean()),
                         recon_max_abs=float(s["recon_max"].max()))
-
-
-def load_inversion(invert_dir: str | Path) -> dict[str, Any]:
-    """invert.json of an inversion directory (a :class:`UsageError` naming the file when missing)."""
-    path = Path(invert_dir) / INVERT_META
-    if not path.is_file():
-        raise UsageError(f"{invert_dir} is not a `pgraft t2i invert` directory (no {INVERT_META})")
-    return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------- the corrector
@@ -459,20 +436,6 @@ class LatentNoiseFlow(nn.Module):
 
 
 @dataclass(frozen=True)
-class CorrectionConfig(NoiseFlowConfig):
-    """Corrector training (core.inversion.NoiseFlowConfig) for a ``LatentNoiseFlow`` of ``preset``."""
-
-    preset: str = "small"
-    batch_size: int = 16
-    lr: float = 5e-4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.preset not in PRESETS:
-            raise UsageError(f"unknown corrector preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-
-
-@dataclass(frozen=True)
 class CorrectionReport:
     n_noises: int
     parameters: int
@@ -483,59 +446,32 @@ class CorrectionReport:
         return self.parameters / max(1, self.transformer_parameters)
 
 
-def train_correction(invert_dir: str | Path, out: str | Path, cfg: CorrectionConfig, show_progress: bool = True,
-                     device: torch.device | str | None = None) -> tuple[LatentNoiseFlow, CorrectionReport]:
-    """Fit the corrector on every inverted noise in ``invert_dir`` (held in memory, on the CPU; batches
-    move to ``device``) with :func:`pgraft.core.inversion.train_noise_flow`; resumable in ``out``. A rerun
-    that changes anything but ``steps`` and ``lr`` is refused (it would resume other weights)."""
-    invert_dir, out = Path(invert_dir), Path(out)
-    inv = load_inversion(invert_dir)
-    noises = read_shards(invert_dir)["noise"]
-    model = LatentNoiseFlow.from_preset(cfg.preset, noises.shape[1:])
-    report = CorrectionReport(len(noises), model.num_parameters(), transformer_parameters(inv["model"]))
-    meta = {"config": asdict(cfg), "invert": str(invert_dir.resolve()), "model": inv["model"],
-            "base_steps": int(inv["config"]["steps"]), "latent_shape": list(noises.shape[1:]),
-            "conditioning": "captions" if inv.get("captions") else "empty prompt", "n_noises": len(noises),
-            "parameters": report.parameters, "transformer_parameters": report.transformer_parameters}
-    meta_path = out / CORRECT_META
-    with exclusive(out):
-        if meta_path.is_file():
-            saved = json.loads(meta_path.read_text())
-            conflicts = resume_conflicts(saved, meta)
-            if conflicts:
-                raise UsageError(f"{out} holds a corrector trained with other settings or noises "
-                                 f"({', '.join(conflicts)}); use another --out or delete it (only --train-steps and "
-                                 "--lr may change on a rerun)")
-        save_json(meta, meta_path)
-        model = model.to(torch.device(device) if device is not None else local_device())
-        ema = train_noise_flow(model, noises, cfg.pretrain_config(), out, model.config, batch_size=cfg.batch_size,
-                               show_progress=show_progress, coupling=cfg.coupling)
-    return ema.eval(), report
+def _build_corrector(preset: str, latent_shape: tuple[int, ...]) -> LatentNoiseFlow:
+    return LatentNoiseFlow.from_preset(preset, latent_shape)
 
 
-@dataclass(frozen=True)
-class Correction:
-    """A trained corrector and what it was inverted through (``meta``: correct.json)."""
-
-    noise_model: LatentNoiseFlow
-    meta: dict[str, Any]
-
-    @property
-    def base_steps(self) -> int:
-        return int(self.meta["base_steps"])
-
-    @property
-    def model(self) -> str:
-        return str(self.meta["model"])
+def _describe(inv: dict[str, Any], noises: torch.Tensor, model: nn.Module) -> dict[str, Any]:
+    """correct.json's t2i entries: the pipeline, the latent shape, the conditioning the noises were inverted
+    with, and the corrector's size next to the transformer's."""
+    return {"model": inv["model"], "latent_shape": list(noises.shape[1:]),
+            "conditioning": "captions" if inv.get("captions") else "empty prompt",
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "transformer_parameters": transformer_parameters(inv["model"])}
 
 
-def load_correction(correct_dir: str | Path) -> Correction:
-    correct_dir = Path(correct_dir)
-    meta_path = correct_dir / CORRECT_META
-    if not meta_path.is_file() or not is_pretrained(correct_dir):
-        raise UsageError(f"{correct_dir} holds no trained noise corrector (no {CORRECT_META} or unfinished "
-                         "training); run `pgraft t2i correct` first")
-    return Correction(load_pretrained(LatentNoiseFlow, correct_dir).eval(), json.loads(meta_path.read_text()))
+NOISE_MODELS = NoiseModels(app="t2i", model_class=LatentNoiseFlow, build=_build_corrector, presets=tuple(PRESETS),
+                           defaults={"preset": "small", "batch_size": 16, "lr": 5e-4}, describe=_describe)
+"""The t2i app's correctors (:class:`LatentNoiseFlow` presets), by default "small" at batch 16, lr 5e-4."""
+
+
+def correction_config(**settings: Any) -> CorrectionConfig:
+    """The t2i app's :class:`~pgraft.core.noise_correction.CorrectionConfig`: its defaults, ``settings`` over them."""
+    return NOISE_MODELS.config(**settings)
+
+
+def correction_report(meta: dict[str, Any]) -> CorrectionReport:
+    """The corrector's size and noise count recorded in a correct.json."""
+    return CorrectionReport(int(meta["n_noises"]), int(meta["parameters"]), int(meta["transformer_parameters"]))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -596,16 +532,15 @@ def sample_corrected(pipe: FlowT2IPipeline, noise_model: nn.Module | None, promp
     use_noise = noise_model is not None and noise_steps > 0
     counter = Counted(noise_model.to(device)) if use_noise else None
     encoder = pipe.prompt_encoder()
-    times, noise_times = pipe.times(steps), flow_times(noise_steps) if use_noise else None
+    times = pipe.times(steps)
     z_all = torch.randn((len(prompts), *pipe.state_shape), generator=torch.Generator().manual_seed(seed))
     images, starts, batches = [], [], 0
     with progress_bar(len(prompts), "sample (corrected)" if use_noise else "sample (base)", show_progress) as advance:
         for i in range(0, len(prompts), batch_size):
             z = z_all[i:i + batch_size].to(device)
-            if use_noise:
-                z = sample(counter, z, noise_times, euler_step)
+            z = correct_noise(counter, z, noise_steps if use_noise else 0)
             cond = encoder(prompts[i:i + batch_size], guidance=w != 1.0)
-            x0 = sample(base, z, times, euler_step, cond)
+            x0 = FlowBase(base, times, tuple(pipe.state_shape)).sample(z, cond)
             images.append(pipe.decode(x0))
             starts.append(z.cpu())
             batches += 1
@@ -619,8 +554,7 @@ def sample_corrected(pipe: FlowT2IPipeline, noise_model: nn.Module | None, promp
     return CorrectedSamples(torch.cat(images), torch.cat(starts), flops)
 
 
-__all__ = ["CORRECT_META", "INVERT_META", "PRESETS", "Correction", "CorrectionConfig", "CorrectionReport",
-           "CorrectedSamples", "Counted", "Flops", "Guided", "ImageSource", "InvertConfig", "InvertReport", "LatentNoiseFlow",
-           "flow_model_lacks", "invert_images", "invert_latents", "inversion_report", "load_correction",
-           "load_flow_pipeline", "load_inversion", "read_captions", "read_shards", "sample_corrected",
-           "train_correction", "transformer_parameters"]
+__all__ = ["CORRECT_META", "INVERT_META", "NOISE_MODELS", "PRESETS", "CorrectionReport", "CorrectedSamples", "Counted",
+           "Flops", "Guided", "ImageSource", "InvertConfig", "InvertReport", "LatentNoiseFlow", "correction_config",
+           "correction_report", "flow_model_lacks", "invert_images", "invert_latents", "inversion_report",
+           "load_flow_pipeline", "read_captions", "sample_corrected", "transformer_parameters"]

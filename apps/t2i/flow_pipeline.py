@@ -21,9 +21,13 @@ clock 1 = noise, 0 = data) with core time t = sigma, so:
   (:func:`pgraft.core.losses.flow_matching_loss`, started at the split's sigma for P-GRAFT) on the
   conditional velocity (guidance 1).
 
-Not supported (refused): inverted sigmas and the scheduler's ``stochastic_sampling``; other flow
-pipelines (Flux packs latents into sequences with position ids and takes guidance as an input, so
-it would need its own denoiser and prompt encoder).
+The same holds for every flow family (:mod:`.pipelines`: SD3, FLUX.1, Qwen-Image, SANA): each family's
+adapter calls its transformer in its own timestep / guidance / latent-packing convention and returns v
+on unpacked latents [B, C, h, w], so the sampler, the losses, LoRA and the policy-gradient density
+above are shared. The family is read from ``model_index.json``'s ``_class_name``.
+
+Not supported (refused): inverted sigmas and the scheduler's ``stochastic_sampling``; pipeline classes
+outside :data:`.pipelines.FLOW_CLASSES` and the UNet ones.
 """
 
 from __future__ import annotations
@@ -45,13 +49,21 @@ from pgraft.core.state import default_device
 from pgraft.core.trainer import GraftProblem
 
 from .model import PGRAFT_JSON, PromptBatch, diffusers_lora_state, fused_lora_copy
+from .pipelines import FAMILIES, FLOW_CLASSES, TRANSFORMER_ATTENTION, UNET_CLASSES, family, stack_embeddings
 
-# model_index.json classes read as flow-matching pipelines (same components, same code)
-FLOW_PIPELINES = ("StableDiffusion3Pipeline",)
+# model_index.json classes read as flow-matching pipelines (one adapter per family, .pipelines)
+FLOW_PIPELINES = tuple(FLOW_CLASSES)
 # the components a StableDiffusion3Pipeline directory must have (text_encoder_3 / tokenizer_3, T5, are optional)
-SD3_PARTS = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-# LoRA targets: the joint attention's image-stream projections (as UNET_ATTENTION for the UNet)
-TRANSFORMER_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+SD3_PARTS = FAMILIES["sd3"].parts
+# precision names of --precision and their dtypes (frozen parts; LoRA parameters stay float32)
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype of ``--precision`` (fp32, bf16, fp16); anything else is refused naming it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
 
 
 def local_device() -> torch.device:
@@ -72,134 +84,166 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def pipeline_kind(directory: str | Path) -> str:
-    """``"world"`` (pgraft.json), ``"sd3"`` (a flow-matching ``StableDiffusion3Pipeline``) or
-    ``"sd"`` (anything else: read as a DDIM Stable Diffusion checkpoint), from the directory's
-    ``model_index.json`` class and its scheduler's config class. A flow-matching pipeline of another
-    class (e.g. ``FluxPipeline``) is refused with a ValueError naming it."""
+    """``"world"`` (pgraft.json), a flow family's name (``"sd3"``, ``"flux"``, ``"qwen_image"``,
+    ``"sana"``: the :data:`.pipelines.FLOW_CLASSES` entry of ``model_index.json``'s ``_class_name``) or
+    ``"sd"`` (a UNet ``StableDiffusionPipeline``, or no model_index.json: read as a DDIM Stable Diffusion
+    checkpoint). Refused with a one-line ValueError: another pipeline class (named, with the supported
+    ones), and a flow-family directory missing a component (named)."""
     directory = Path(directory)
     if (directory / PGRAFT_JSON).is_file():
         return "world"
     cls = _read_json(directory / "model_index.json").get("_class_name")
-    scheduler = _read_json(directory / "scheduler" / "scheduler_config.json").get("_class_name", "")
-    if cls in FLOW_PIPELINES:
-        return "sd3"
-    if str(scheduler).startswith("FlowMatch") or (cls and cls.startswith("Flux")):
-        raise ValueError(f"{directory} is a flow-matching pipeline ({cls or 'no model_index.json'}, scheduler "
-                         f"{scheduler or '?'}); of those only {', '.join(FLOW_PIPELINES)} directories are supported")
-    return "sd"
+    if cls in FLOW_CLASSES:
+        name = FLOW_CLASSES[cls]
+        lacks = FAMILIES[name].lacks(directory)
+        if lacks is not None:
+            raise ValueError(f"{directory} is not a loadable {cls} directory: {lacks}")
+        return name
+    if cls is None or cls in UNET_CLASSES:
+        return "sd"
+    raise ValueError(f"{directory} holds a {cls} (model_index.json); supported pipeline classes: "
+                     f"{', '.join([*UNET_CLASSES, *FLOW_CLASSES])}")
 
 
 def is_flow_directory(directory: str | Path) -> bool:
-    return Path(directory).is_dir() and pipeline_kind(directory) == "sd3"
+    return Path(directory).is_dir() and pipeline_kind(directory) in FAMILIES
 
 
 def flow_lacks(directory: Path) -> str | None:
-    """What keeps ``directory`` from being a loadable ``StableDiffusion3Pipeline`` (None: nothing)."""
-    for part in SD3_PARTS:
-        if not (Path(directory) / part).is_dir():
-            return f"no {part}/ (a StableDiffusion3Pipeline directory has {', '.join(SD3_PARTS)})"
-    return None
+    """What keeps ``directory`` from being a loadable flow pipeline of its ``model_index.json`` class
+    (``StableDiffusion3Pipeline`` when it names none; None: nothing)."""
+    cls = _read_json(Path(directory) / "model_index.json").get("_class_name")
+    return FAMILIES[FLOW_CLASSES.get(cls, "sd3")].lacks(Path(directory))
 
 
 # ----------------------------------------------------------------------------- denoiser
 class FlowDenoiser(nn.Module):
-    """v_theta(x, t, cond) around an ``SD3Transformer2DModel`` (see the module docstring).
+    """v_theta(x, t, cond) around a flow family's transformer (see the module docstring).
 
-    x [B, C, h, w] latents, t [B] = sigma in [0, 1], cond a :class:`~.model.PromptBatch` with
-    ``pooled`` set. With guidance scale w != 1 and ``cond.uncond`` set, returns v_u + w (v_c - v_u)
-    (one transformer call on the doubled batch, unconditional half first, as diffusers); losses call
-    it with ``guidance_scale=1``. Inputs are cast to the transformer's dtype, the output to x's.
+    x [B, C, h, w] latents (unpacked for every family), t [B] = sigma in [0, 1], cond a
+    :class:`~.model.PromptBatch`. With guidance scale w != 1 and ``cond.uncond`` set, returns the
+    family's guided velocity (SD3, SANA: v_u + w (v_c - v_u) on one doubled batch, unconditional half
+    first, as diffusers; FLUX: true CFG; Qwen-Image: true CFG rescaled to the conditional norm); losses
+    call it with ``guidance_scale=1``. ``family`` names the adapter (:mod:`.pipelines`);
+    ``embedded_guidance`` is FLUX.1-dev's guidance embedding (None: the family default). Inputs are cast
+    to the transformer's dtype, the output to x's.
     """
 
-    def __init__(self, transformer: dict[str, Any], timestep_scale: float = 1000.0, guidance_scale: float = 7.0) -> None:
+    def __init__(self, transformer: dict[str, Any], timestep_scale: float = 1000.0, guidance_scale: float = 7.0,
+                 family: str = "sd3", embedded_guidance: float | None = None) -> None:
         super().__init__()
-        from diffusers import SD3Transformer2DModel
-
-        self.transformer = SD3Transformer2DModel.from_config(transformer)
+        self.family = family
+        self.transformer = _family(family).transformer_type().from_config(transformer)
         self.timestep_scale = float(timestep_scale)
         self.guidance_scale = float(guidance_scale)
+        self.embedded_guidance = None if embedded_guidance is None else float(embedded_guidance)
 
     @classmethod
     def from_transformer(cls, transformer: nn.Module, timestep_scale: float = 1000.0,
-                         guidance_scale: float = 7.0) -> "FlowDenoiser":
+                         guidance_scale: float = 7.0, family: str = "sd3",
+                         embedded_guidance: float | None = None) -> "FlowDenoiser":
         """Wrap an existing (pretrained) transformer without re-initialising it."""
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model.transformer = transformer
         model.timestep_scale, model.guidance_scale = float(timestep_scale), float(guidance_scale)
+        model.family = family
+        model.embedded_guidance = None if embedded_guidance is None else float(embedded_guidance)
         return model
 
     def init_kwargs(self) -> dict[str, Any]:
-        """JSON-able kwargs that rebuild this module (core ``save_pretrained`` / ``load_pretrained``)."""
+        """JSON-able kwargs that rebuild this module (core ``save_pretrained`` / ``load_pretrained``);
+        ``family`` / ``embedded_guidance`` only when not SD3's defaults (runs written before them resume)."""
         config = {k: v for k, v in dict(self.transformer.config).items() if not k.startswith("_")}
-        return {"transformer": json.loads(json.dumps(config, default=str)),
-                "timestep_scale": self.timestep_scale, "guidance_scale": self.guidance_scale}
+        out = {"transformer": json.loads(json.dumps(config, default=str)),
+               "timestep_scale": self.timestep_scale, "guidance_scale": self.guidance_scale}
+        if getattr(self, "family", "sd3") != "sd3":
+            out["family"] = self.family
+        if getattr(self, "embedded_guidance", None) is not None:
+            out["embedded_guidance"] = self.embedded_guidance
+        return out
 
     def timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The transformer's timestep input for core times (sigmas) t: ``t * num_train_timesteps``."""
+        """The SD3 transformer's timestep input for core times (sigmas) t: ``t * num_train_timesteps``."""
         return t.float() * self.timestep_scale
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: PromptBatch, guidance_scale: float | None = None) -> torch.Tensor:
         w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if cond.pooled is None:
-            raise ValueError("a flow-matching (SD3) denoiser needs pooled prompt embeddings (cond.pooled)")
-        dtype = next(self.transformer.parameters()).dtype
-        ts = self.timesteps(t).to(x.device)
-        emb, pooled = cond.embeds.to(x.device, dtype), cond.pooled.to(x.device, dtype)
-        h = x.to(dtype)
-        if w == 1.0 or cond.uncond is None:
-            v = self.transformer(hidden_states=h, timestep=ts, encoder_hidden_states=emb,
-                                 pooled_projections=pooled).sample
-        else:
-            unc = cond.uncond.to(x.device, dtype).expand_as(emb)
-            unc_pooled = cond.uncond_pooled.to(x.device, dtype).expand_as(pooled)
-            v_u, v_c = self.transformer(hidden_states=torch.cat([h, h]), timestep=torch.cat([ts, ts]),
-                                        encoder_hidden_states=torch.cat([unc, emb]),
-                                        pooled_projections=torch.cat([unc_pooled, pooled])).sample.chunk(2)
-            v = v_u + w * (v_c - v_u)
-        return v.to(x.dtype)
+        return _family(getattr(self, "family", "sd3")).velocity(self, x, t, cond, w).to(x.dtype)
+
+
+def _family(name: str):
+    return family(name)
 
 
 # ----------------------------------------------------------------------------- text side
 class FlowPromptEncoder:
-    """The pipeline's own ``encode_prompt`` (CLIP-L + CLIP-G, and T5 when the directory has it; T5
-    absent gives diffusers' zero block) -> :class:`~.model.PromptBatch` with ``pooled`` set.
-    Embeddings are memoised per prompt on the CPU (the encoders are frozen)."""
+    """The pipeline's own ``encode_prompt`` through its family adapter -> :class:`~.model.PromptBatch`
+    (``pooled`` set for SD3 / FLUX, ``mask`` for Qwen-Image / SANA). Embeddings are computed once per
+    prompt and memoised on the CPU (the encoders are frozen); :meth:`release` then moves the text
+    encoders off the accelerator (a run that has embedded all its prompts no longer needs them there).
 
-    def __init__(self, sd3, max_sequence_length: int = 256, device: str | torch.device | None = None) -> None:
+    SD3 (CLIP-L + CLIP-G, and T5 when the directory has it; T5 absent gives diffusers' zero block)."""
+
+    def __init__(self, sd3, max_sequence_length: int = 256, device: str | torch.device | None = None,
+                 family: str | None = None) -> None:
         self.sd3 = sd3
+        self.family = _family(family or FLOW_CLASSES.get(type(sd3).__name__, "sd3"))
         self.max_sequence_length = int(max_sequence_length)
         self.device = torch.device(device) if device is not None else local_device()
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            encoder = getattr(sd3, name, None)
-            if encoder is not None:
-                encoder.to(self.device).eval().requires_grad_(False)
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for encoder in self.family.text_encoders(sd3):
+            encoder.to(self.device).eval().requires_grad_(False)
+        self._cache: dict[str, Any] = {}
 
     @torch.no_grad()
-    def embed(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds [B, L, D], pooled_prompt_embeds [B, P]) of ``prompts``, on the CPU."""
+    def _entries(self, prompts: Sequence[str]) -> list:
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            embeds, _, pooled, _ = self.sd3.encode_prompt(
-                prompt=missing, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
-            self._cache.update(zip(missing, zip(embeds.cpu(), pooled.cpu())))
-        return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
+            entries = self.family.encode(self.sd3, missing, self.max_sequence_length, self.device)
+            self._cache.update(zip(missing, entries))
+        return [self._cache[p] for p in prompts]
+
+    @torch.no_grad()
+    def _negative(self):
+        """The empty negative prompt (diffusers' default); SANA encodes it without its instruction."""
+        key = "\0negative"
+        if key not in self._cache:
+            encode_negative = getattr(self.family, "encode_negative", None)
+            self._cache[key] = (encode_negative(self.sd3, self.max_sequence_length, self.device)
+                                if encode_negative is not None else self._entries([""])[0])
+        return self._cache[key]
+
+    def embed(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds [B, L, D], pooled_prompt_embeds [B, P] or None) of ``prompts``, on the CPU."""
+        embeds, pooled, _ = stack_embeddings(self._entries(list(prompts)))
+        return embeds, pooled
+
+    def precompute(self, prompts: Sequence[str], guidance: bool = True) -> None:
+        """Embed every prompt of a run (and the negative one) now, so the encoders can be released."""
+        self._entries(list(prompts))
+        if guidance:
+            self._negative()
+
+    def release(self) -> None:
+        """Move the text encoders to the CPU (their embeddings are cached)."""
+        for encoder in self.family.text_encoders(self.sd3):
+            encoder.to("cpu")
+        self.device = torch.device("cpu")
 
     def __call__(self, prompts: Sequence[str], guidance: bool = True) -> PromptBatch:
         prompts = list(prompts)
-        embeds, pooled = self.embed(prompts)
+        embeds, pooled, mask = stack_embeddings(self._entries(prompts))
         if not guidance:
-            return PromptBatch(prompts, embeds, None, pooled, None)
-        unc, unc_pooled = self.embed([""])  # diffusers' default negative prompt
-        return PromptBatch(prompts, embeds, unc, pooled, unc_pooled)
+            return PromptBatch(prompts, embeds, None, pooled, None, mask, None)
+        unc, unc_pooled, unc_mask = stack_embeddings([self._negative()])
+        return PromptBatch(prompts, embeds, unc, pooled, unc_pooled, mask, unc_mask)
 
 
 # ----------------------------------------------------------------------------- pipeline
 @dataclass
 class FlowInfo:
-    """Sampler settings of a flow pipeline (read from its scheduler and transformer configs)."""
+    """Sampler settings of a flow pipeline (read from its scheduler and transformer configs);
+    ``kind`` is the family (:mod:`.pipelines`)."""
 
     kind: str = "sd3"
     image_size: int = 1024
@@ -213,9 +257,11 @@ class FlowInfo:
 
 @dataclass
 class FlowT2IPipeline:
-    """A loaded ``StableDiffusion3Pipeline`` (``sd3``: encoders, tokenizers, VAE, scheduler) and its
-    transformer as a :class:`FlowDenoiser`; same interface as :class:`~.model.T2IPipeline` where the
-    app uses it (``denoiser``, ``state_shape``, ``prompt_encoder``, ``decode``, ``encode_images``)."""
+    """A loaded flow-matching diffusers pipeline (``sd3``: the ``StableDiffusion3Pipeline``,
+    ``FluxPipeline``, ``QwenImagePipeline`` or ``SanaPipeline`` object with its encoders, tokenizers,
+    VAE, scheduler) and its transformer as a :class:`FlowDenoiser`; same interface as
+    :class:`~.model.T2IPipeline` where the app uses it (``denoiser``, ``state_shape``,
+    ``prompt_encoder``, ``decode``, ``encode_images``). ``kind`` is the family name."""
 
     denoiser: FlowDenoiser
     sd3: Any
@@ -224,6 +270,12 @@ class FlowT2IPipeline:
     directory: Path | None = None
     kind: str = "sd3"
     _encoder: FlowPromptEncoder | None = None
+    decode_chunk: int = 8
+
+    @property
+    def family(self):
+        """The family adapter (:mod:`.pipelines`)."""
+        return _family(self.kind)
 
     @property
     def vae(self) -> nn.Module:
@@ -234,79 +286,68 @@ class FlowT2IPipeline:
         return self.sd3.scheduler
 
     def times(self, n_steps: int) -> torch.Tensor:
-        """The sampler's grid [n_steps + 1], float64, descending 1 -> 0: the scheduler's sigmas after
-        ``set_timesteps(n_steps)`` (its shift applied), exactly the ones diffusers' pipeline steps on."""
+        """The sampler's grid [n_steps + 1], float64, descending 1 -> 0: the scheduler's sigmas as the
+        family's ``__call__`` sets them for ``n_steps`` (its shift and the resolution's ``mu`` applied),
+        exactly the ones diffusers' pipeline steps on."""
         if not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
-        kwargs = {"mu": self.info.mu} if self.info.mu is not None else {}
-        self.scheduler.set_timesteps(n_steps, device="cpu", **kwargs)
-        return self.scheduler.sigmas.detach().cpu().double().clone()
+        return self.family.grid(self.scheduler, n_steps, self.info.mu)
 
     def prompt_encoder(self, device: str | torch.device | None = None) -> FlowPromptEncoder:
         """The pipeline's prompt encoder (one per pipeline, so its cache is shared)."""
         if self._encoder is None or (device is not None and torch.device(device) != self._encoder.device):
-            self._encoder = FlowPromptEncoder(self.sd3, self.info.max_sequence_length, device)
+            self._encoder = FlowPromptEncoder(self.sd3, self.info.max_sequence_length, device, self.kind)
         return self._encoder
 
     def _vae_device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
     @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents -> images [B, 3, H, W] in [-1, 1] on the CPU: vae.decode(x / scaling + shift)."""
-        cfg = self.vae.config
-        z = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        p = next(self.vae.parameters())
-        return self.vae.decode(z.to(p.device, p.dtype)).sample.float().clamp(-1, 1).cpu()
+    def decode(self, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Latents -> images [B, 3, H, W] in [-1, 1], float32 on the CPU, decoded ``chunk`` latents at a
+        time (default :attr:`decode_chunk`: the VAE's activations at 1024 px are the memory peak)."""
+        chunk = int(chunk or self.decode_chunk)
+        return torch.cat([self.family.from_latents(self.vae, x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [-1, 1] -> latents (posterior mean - shift) * scaling, on the CPU."""
-        cfg = self.vae.config
-        p = next(self.vae.parameters())
-        mean = self.vae.encode(images.to(p.device, p.dtype)).latent_dist.mean.float().cpu()
-        return (mean - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        """Images [B, 3, H, W] in [-1, 1] -> latents (the family's normalisation), on the CPU."""
+        return self.family.to_latents(self.vae, images)
 
     @classmethod
     def load(cls, directory: str | Path, guidance_scale: float | None = None, dtype: torch.dtype = torch.float32,
-             max_sequence_length: int = 256) -> "FlowT2IPipeline":
-        """Read a ``StableDiffusion3Pipeline`` directory (``text_encoder_3`` may be absent: T5 off)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
+             max_sequence_length: int | None = None, image_size: int | None = None,
+             embedded_guidance: float | None = None) -> "FlowT2IPipeline":
+        """Read a flow pipeline directory of any supported family (:func:`pipeline_kind`), its frozen
+        parts in ``dtype``. ``guidance_scale`` None: the family's default (SD3 7, FLUX 1 (no CFG),
+        Qwen-Image 4, SANA 4.5); ``image_size`` None: the family's default resolution;
+        ``embedded_guidance``: FLUX.1-dev's guidance embedding (None: 3.5)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"model directory {directory} does not exist")
-        lacks = flow_lacks(directory)
-        if lacks is not None:
-            raise ValueError(f"{directory} is not a StableDiffusion3Pipeline directory: {lacks}")
-        extra = {} if (directory / "text_encoder_3").is_dir() else {"text_encoder_3": None, "tokenizer_3": None}
+        kind = pipeline_kind(directory)
+        if kind not in FAMILIES:
+            raise ValueError(f"{directory} is not a flow-matching pipeline directory "
+                             f"(supported classes: {', '.join(FLOW_PIPELINES)})")
+        fam = FAMILIES[kind]
         with warnings.catch_warnings():  # newer diffusers call it `dtype`; `torch_dtype` works in every version
             warnings.simplefilter("ignore", FutureWarning)
-            sd3 = StableDiffusion3Pipeline.from_pretrained(str(directory), torch_dtype=dtype, **extra)
-        scheduler = sd3.scheduler
-        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):  # read the flow-matching config as Euler's
-            sd3.scheduler = scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
-        if scheduler.config.get("invert_sigmas") or scheduler.config.get("stochastic_sampling"):
-            raise ValueError(f"{directory}: schedulers with invert_sigmas / stochastic_sampling are not supported")
-        transformer = sd3.transformer.eval().requires_grad_(False)
-        sd3.vae.eval().requires_grad_(False).to(local_device())
-        tcfg = transformer.config
-        side = int(tcfg.sample_size)
-        mu = None
-        if scheduler.config.get("use_dynamic_shifting"):  # as StableDiffusion3Pipeline.__call__ at the default size
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            seq = (side // tcfg.patch_size) ** 2
-            c = scheduler.config
-            mu = calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                 c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-        info = FlowInfo(image_size=side * sd3.vae_scale_factor, max_sequence_length=int(max_sequence_length),
-                        guidance_scale=7.0 if guidance_scale is None else float(guidance_scale),
+            pipe = fam.pipeline_type().from_pretrained(str(directory), torch_dtype=dtype, **fam.load_kwargs(directory))
+        fam.check_scheduler(pipe)
+        transformer = pipe.transformer.eval().requires_grad_(False)
+        pipe.vae.eval().requires_grad_(False).to(local_device())
+        size = int(image_size) if image_size is not None else fam.default_image_size(pipe)
+        shape = fam.latent_shape(pipe, size)
+        scheduler = pipe.scheduler
+        info = FlowInfo(kind=kind, image_size=size,
+                        max_sequence_length=int(max_sequence_length or fam.max_sequence_length),
+                        guidance_scale=fam.default_guidance if guidance_scale is None else float(guidance_scale),
                         num_train_timesteps=int(scheduler.config.num_train_timesteps),
-                        shift=float(scheduler.config.get("shift", 1.0)), mu=mu)
+                        shift=float(scheduler.config.get("shift", 1.0)), mu=fam.mu(pipe, shape))
         denoiser = FlowDenoiser.from_transformer(transformer, timestep_scale=info.num_train_timesteps,
-                                                 guidance_scale=info.guidance_scale)
-        return cls(denoiser.eval(), sd3, (int(tcfg.in_channels), side, side), info, directory)
+                                                 guidance_scale=info.guidance_scale, family=kind,
+                                                 embedded_guidance=embedded_guidance)
+        return cls(denoiser.eval(), pipe, shape, info, directory, kind)
 
     def save(self, directory: str | Path, denoiser: FlowDenoiser | None = None, link: bool = True) -> Path:
         """Write a ``StableDiffusion3Pipeline`` directory with ``denoiser``'s transformer (default:
@@ -354,6 +395,8 @@ def make_flow_problem(pipe: FlowT2IPipeline, prompts: Sequence[str], reward, n_s
     shifted sigma grid, :func:`flow_step` (Euler for ``eta = 0``), the core's linear-flow loss on the
     conditional velocity (guidance 1) started at the split's sigma, conditions = ``prompts``.
     ``drop(cond, generator)`` replaces prompts by the empty one before the loss (condition dropout)."""
+    if drop is not None and pipe.family.masked:
+        raise ValueError(f"cond_dropout is not supported for {pipe.kind} (its prompts carry attention masks)")
     encoder = encoder or pipe.prompt_encoder()
     guided = pipe.denoiser.guidance_scale != 1.0
     shape = pipe.state_shape
@@ -383,14 +426,12 @@ def flow_lora_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def export_flow_lora(weights: dict[str, torch.Tensor], directory: str | Path, rank: int, alpha: float,
-                     targets: Sequence[str]) -> Path:
-    """Write the transformer LoRA with ``StableDiffusion3Pipeline.save_lora_weights`` (read back by
-    ``pipe.load_lora_weights(directory)``)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    meta = {"r": rank, "lora_alpha": alpha or rank, "target_modules": list(targets or TRANSFORMER_ATTENTION)}
-    StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=flow_lora_state(weights),
-                                               transformer_lora_adapter_metadata=meta)
+                     targets: Sequence[str], kind: str = "sd3") -> Path:
+    """Write the transformer LoRA with the family pipeline's ``save_lora_weights`` (e.g.
+    ``FluxPipeline.save_lora_weights``; read back by ``pipe.load_lora_weights(directory)``)."""
+    fam = _family(kind)
+    meta = {"r": rank, "lora_alpha": alpha or rank, "target_modules": list(targets or fam.lora_targets)}
+    fam.save_lora(Path(directory), flow_lora_state(weights), meta)
     return Path(directory)
 
 
@@ -399,6 +440,6 @@ def load_flow_lora_head(base: FlowDenoiser, lora_dir: str | Path) -> FlowDenoise
     return fused_lora_copy(base, lora_dir, "transformer")
 
 
-__all__ = ["FLOW_PIPELINES", "TRANSFORMER_ATTENTION", "FlowDenoiser", "FlowInfo", "FlowPromptEncoder",
+__all__ = ["FLOW_PIPELINES", "PRECISIONS", "TRANSFORMER_ATTENTION", "precision_dtype", "FlowDenoiser", "FlowInfo", "FlowPromptEncoder",
            "FlowT2IPipeline", "export_flow_lora", "flow_lacks", "flow_log_prob", "flow_lora_state", "flow_step",
            "is_flow_directory", "load_flow_lora_head", "make_flow_problem", "pipeline_kind"]

@@ -100,7 +100,8 @@ class PromptBatch:
     ``embeds`` [B, L, D] feed the UNet's cross-attention; ``uncond`` [1, L, D] is the empty
     prompt's embedding (classifier-free guidance), None when guidance is off. Flow-matching (SD3)
     pipelines also condition on pooled text embeddings: ``pooled`` [B, P] and ``uncond_pooled``
-    [1, P] (None for UNet pipelines).
+    [1, P] (None for UNet pipelines). Qwen-Image and SANA prompts carry attention masks: ``mask``
+    [B, L] and ``uncond_mask`` [1, L'] (1 on tokens, 0 on padding; None elsewhere).
     """
 
     prompts: list[str]
@@ -108,6 +109,8 @@ class PromptBatch:
     uncond: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     uncond_pooled: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    uncond_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -119,7 +122,8 @@ class PromptBatch:
         rows = index.tolist()
         return PromptBatch([self.prompts[i] for i in rows], self.embeds[index.to(self.embeds.device)], self.uncond,
                            None if self.pooled is None else self.pooled[index.to(self.pooled.device)],
-                           self.uncond_pooled)
+                           self.uncond_pooled, None if self.mask is None else self.mask[index.to(self.mask.device)],
+                           self.uncond_mask)
 
 
 class PromptEncoder:

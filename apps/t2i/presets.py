@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgraft.core.errors import UsageError
+from pgraft.core.app import resolve_base_dir
 from pgraft.core.shipped import default_base, resolve_base, shipped_dir
 
 
@@ -54,17 +54,22 @@ DEFAULT_MODEL = default_base(SHIPPED_BASE, "runs/t2i/base")
 DEFAULT_SCORER = default_base(SHIPPED_SCORER, "runs/t2i/scorer")
 
 
+# how long making a base takes, and what else the default reward needs (quoted by refusals)
+MODEL_NOTE = "~45 min on 2 cores; then `pgraft t2i train-scorer` for the vqa reward"
+
+
 def resolve_model(value: str | Path) -> Path:
     """The pipeline directory a ``--model`` value names: ``shipped`` is the shipped base (verified
     against its manifest); a directory that does not exist is refused naming the commands that make
-    one (nothing is pretrained on its own: that takes ~45 minutes)."""
-    directory = resolve_base(value, SHIPPED_BASE if SHIPPED_BASE.is_dir() else None)
-    if not directory.exists():
-        shipped = " or use the shipped one (--model shipped)" if SHIPPED_BASE.is_dir() else ""
-        raise UsageError(f"--model {directory} does not exist: make a base with `pgraft t2i pretrain --out "
-                         f"{directory}` (~45 min on 2 cores; then `pgraft t2i train-scorer` for the vqa reward)"
-                         f"{shipped}")
-    return directory
+    one (nothing is pretrained on its own: that takes ~45 minutes). The same rule as the t2i
+    contract's ``APP.resolve_base`` (:func:`pgraft.core.app.resolve_base_dir`). A hub id ``ORG/NAME``
+    naming no local path is read from the local Hugging Face cache (:mod:`.hub`; never downloaded)."""
+    from .hub import resolve_hub_model
+
+    cached = resolve_hub_model(value)
+    if cached is not None:
+        return cached
+    return resolve_base_dir(value, SHIPPED_BASE, app="t2i", flag="--model", must_exist=True, note=MODEL_NOTE)
 
 
 def resolve_scorer(value: str | Path) -> Path:

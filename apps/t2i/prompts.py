@@ -139,3 +139,74 @@ def load_prompt_file(path: str | Path) -> PromptSet:
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return PromptSet(prompts, cats, str(path))
+
+
+# ----------------------------------------------------------------------------- benchmark files (any categories)
+PROMPT_KEYS = ("prompt", "prompts", "text", "caption")
+CATEGORY_KEYS = ("category", "tag", "categories", "skill")
+CategoryOf = Callable[[dict], "str | None"]
+
+
+def _field(record: dict, keys: tuple[str, ...]) -> object:
+    """The value of the first of ``keys`` in ``record``, its keys compared case-insensitively."""
+    lower = {str(k).lower(): v for k, v in record.items()}
+    return next((lower[k] for k in keys if k in lower), None)
+
+
+def plain_category(record: dict) -> str | None:
+    """A record's ``category`` / ``tag`` (any case) as a string, None when it has none."""
+    value = _field(record, CATEGORY_KEYS)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None or str(value).strip() == "" else str(value).strip()
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) of a .csv (header row), .jsonl (an object a line) or .json (a list of objects, or
+    an object of objects keyed by id, as GenAI-Bench's genai_image.json) benchmark file."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return [(f"{path}:{i}", dict(row)) for i, row in enumerate(csv.DictReader(f), start=2)]
+    if suffix in (".jsonl", ".ndjson"):
+        out = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    out.append((f"{path}:{i}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{i}: invalid JSON ({err.msg})") from err
+        return out
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    items = data.items() if isinstance(data, dict) else enumerate(data if isinstance(data, list) else [])
+    return [(f"{path}[{key}]", value) for key, value in items]
+
+
+def load_benchmark_prompts(path: str | Path, category_of: CategoryOf = plain_category) -> PromptSet:
+    """A benchmark's prompt file whose categories are its own (not the world's): ``.txt`` (a prompt a line,
+    no categories), ``.csv`` (a ``prompt``/``Prompts``/``text`` column, any case; DrawBench's export has
+    ``Prompts`` and ``Category``), ``.jsonl`` or ``.json`` records with such a key; ``category_of(record)``
+    names each record's category. Errors name the file and line (or key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist (or is not a file)")
+    if path.suffix.lower() in (".txt", ""):
+        return load_prompt_file(path)
+    if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson", ".json"):
+        raise ValueError(f"prompt file {path}: unsupported extension {path.suffix!r}; use .txt, .csv, .jsonl or .json")
+    prompts: list[str] = []
+    cats: list[str | None] = []
+    for where, record in _records(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object with a prompt, got {type(record).__name__}")
+        value = _field(record, PROMPT_KEYS)
+        if value is None:
+            raise ValueError(f"{where}: no prompt column/key (one of {', '.join(PROMPT_KEYS)}, any case)")
+        prompts.append(_prompt(value, where))
+        cats.append(category_of(record))
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return PromptSet(prompts, cats, str(path))

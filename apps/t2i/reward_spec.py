@@ -1,7 +1,8 @@
 """What ``--reward`` accepts (:func:`build_reward`, reached through :func:`.rewards.make_reward`):
 
-- a **name** of :data:`.rewards.REWARDS`: ``vqa``, ``checker``, ``clipscore``, ``itm``, ``vqascore``
-  (``--reward-weights`` is their weights directory);
+- a **name** of :data:`.rewards.REWARDS`: ``vqa``, ``checker``, ``clipscore``, ``itm``, ``vqascore``,
+  ``pickscore``, ``hpsv2``, ``imagereward``, ``aesthetic``, ``clipflant5`` (:mod:`.named_rewards`;
+  ``--reward-weights`` is their weights directory);
 - a **reward server**: ``http://HOST:PORT/PATH`` or ``https://...`` (:mod:`.remote`: JSON POST of
   prompts + base64 PNGs, answer ``{"scores": [...]}``; client options after ``#``, e.g.
   ``#timeout=120&attempts=5``);
@@ -32,11 +33,24 @@ Normalisation of weighted sums (``--reward-norm``): ``raw`` sums ``weight x scor
 standardises each component within each call, ``(s - mean) / std`` over the images of the call
 (population std; a component constant over the call contributes 0). The round loop scores a round's
 candidates chunk by chunk (``--sample-batch-size`` images, one call each, right after sampling them),
-so the z-score is **per chunk**, not per round: the whole round's candidates are never in one call
-(a per-round z-score would need every chunk's scores before any is returned). The candidates of a
-group are put on one scale only when the group lies in one chunk: make ``--sample-batch-size`` a
-multiple of the group size M, or the whole round (groups x M) for a per-round z-score. ``--reward-norm
-zscore`` on a single reward standardises it the same way.
+so the z-score is **per chunk**, not per round: the whole round's candidates are never in one call.
+The candidates of a group are put on one scale only when the group lies in one chunk: make
+``--sample-batch-size`` a multiple of the group size M. ``--reward-norm zscore`` on a single reward
+standardises it the same way.
+
+Two round-level norms combine the raw component scores of the **whole round** once every chunk is
+scored (:meth:`CombinedReward.chunk` hands each chunk's raw components to the round loop in
+``Scores.components``; :attr:`CombinedReward.round_combine` is the loop's ``GraftProblem.combine``
+hook, whose total replaces the chunks' rewards before selection):
+
+- ``zscore-round``: each component standardised over the round's candidates, then weighted
+  (:func:`combine_components`), whatever ``--sample-batch-size`` is;
+- ``rank``: the weighted sum of each component's normalised rank within its GRS group
+  (:func:`group_ranks`, in [0, 1], ties share their mean rank), so group-relative selection accepts on
+  the weighted rank sum: scale-free, and one component's outliers cannot dominate.
+
+Called directly (``pgraft t2i evaluate``, ``serve-reward``), a round-level norm takes the call as one
+round of one group.
 
 A combination is a :class:`CombinedReward`: its ``components`` say what it sums, and
 :meth:`CombinedReward.with_metrics` returns, with the total, the chunk mean of each component's raw
@@ -63,12 +77,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgraft.core.errors import UsageError
 from pgraft.core.rewards import call_reward, finite_scores
 
 from .remote import RemoteReward, is_url
 
-NORMS = ("raw", "zscore")
-SYNTAX = ("a name (vqa, checker, clipscore, itm, vqascore), an http(s):// reward server URL, MODULE:FUNCTION or "
+NORMS = ("raw", "zscore", "zscore-round", "rank")
+ROUND_NORMS = ("zscore-round", "rank")  # need the whole round's component scores (GraftProblem.combine)
+SYNTAX = ("a name (vqa, checker, clipscore, itm, vqascore, pickscore, hpsv2, imagereward, aesthetic, clipflant5), "
+          "an http(s):// reward server URL, MODULE:FUNCTION or "
           "path/to/file.py:FUNCTION, a weighted list ITEM:WEIGHT,ITEM:WEIGHT or a .json file of {ITEM: WEIGHT}")
 _WEIGHT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -257,10 +274,57 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / std
 
 
+def group_ranks(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The normalised rank of each score within its group, in [0, 1]: ``(r - 1) / (M - 1)`` with
+    ``r`` the 1-based rank among the group's M scores (ties share their mean rank, so equal scores
+    get equal ranks; a group of one gets 1/2). Shape [N] float64."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    out = torch.empty_like(x)
+    for g in torch.unique(groups):
+        idx = (groups == g).nonzero().flatten()
+        v = x[idx]
+        m = len(v)
+        if m == 1:
+            out[idx] = 0.5
+            continue
+        below = (v[None, :] < v[:, None]).sum(1).double()
+        ties = (v[None, :] == v[:, None]).sum(1).double()
+        out[idx] = (below + (ties - 1) / 2) / (m - 1)
+    return out
+
+
+def combine_components(components: dict[str, torch.Tensor], weights: dict[str, float], norm: str,
+                       groups: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_c weights[c] * norm(components[c])`` over the scores given together:
+
+    - ``raw``: the scores themselves;
+    - ``zscore`` / ``zscore-round``: ``(s - mean) / std`` over all the scores given (population std;
+      a constant component contributes 0): per chunk when given a chunk, per round when given the
+      round (:meth:`CombinedReward.combine`);
+    - ``rank``: :func:`group_ranks` within each group of ``groups`` (None: all one group), so
+      group-relative selection accepts on the weighted rank sum of the components.
+    """
+    n = len(next(iter(components.values()))) if components else 0
+    total = torch.zeros(n, dtype=torch.float64)
+    for label, values in components.items():
+        v = torch.as_tensor(values, dtype=torch.float64)
+        if norm in ("zscore", "zscore-round"):
+            v = _zscore(v)
+        elif norm == "rank":
+            v = group_ranks(v, torch.zeros(n, dtype=torch.long) if groups is None else groups)
+        elif norm != "raw":
+            raise ValueError(f"unknown reward normalisation {norm!r}; choose from {list(NORMS)}")
+        total += weights[label] * v
+    return total
+
+
 class CombinedReward:
-    """``sum_i weight_i * norm(component_i(images, prompts))``; ``norm`` is ``raw`` (identity) or
-    ``zscore`` (per call; module docstring). A non-finite component score is refused naming the
-    component, or counts as ``nonfinite`` when that is given (:func:`pgraft.core.rewards.finite_scores`)."""
+    """``sum_i weight_i * norm(component_i(images, prompts))``; ``norm`` is ``raw`` (identity),
+    ``zscore`` (per call), or a round-level norm, ``zscore-round`` / ``rank`` (module docstring):
+    those combine the raw :meth:`component_scores` of a whole round in :meth:`combine` (the round
+    loop's ``GraftProblem.combine`` hook); called directly, they treat the call as one round of one
+    group. A non-finite component score is refused naming the component, or counts as
+    ``nonfinite`` when that is given (:func:`pgraft.core.rewards.finite_scores`)."""
 
     def __init__(self, components: Sequence[RewardComponent], norm: str = "raw",
                  nonfinite: float | None = None) -> None:
@@ -274,22 +338,55 @@ class CombinedReward:
         parts = ",".join(f"{c.item}:{c.weight:g}" for c in self.components)
         return f"CombinedReward({parts!r}, norm={self.norm!r})"
 
-    def with_metrics(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(total [B] float64, ``{"reward_<label>_mean": chunk mean of the raw component}``)."""
+    @property
+    def weights(self) -> dict[str, float]:
+        """label -> weight of each component."""
+        return {c.label: c.weight for c in self.components}
+
+    def component_scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[dict[str, torch.Tensor],
+                                                                                       dict[str, float]]:
+        """(``{label: raw scores [B] float64}``, ``{"reward_<label>_mean": their mean}``), after the
+        non-finite rule."""
         n = len(prompts)
-        total = torch.zeros(n, dtype=torch.float64)
-        metrics = {}
+        scores, metrics = {}, {}
         for c in self.components:
             values = torch.as_tensor(call_reward(c.fn, c.item, images, prompts), dtype=torch.float64).detach().cpu()
             if tuple(values.shape) != (n,):
                 raise ValueError(f"reward component {c.item!r} returned shape {tuple(values.shape)} for {n} images")
-            values = finite_scores(values, c.item, self.nonfinite)
-            metrics[f"reward_{c.label}_mean"] = float(values.mean()) if n else float("nan")
-            total += c.weight * (_zscore(values) if self.norm == "zscore" else values)
-        return total, metrics
+            scores[c.label] = finite_scores(values, c.item, self.nonfinite)
+            metrics[f"reward_{c.label}_mean"] = float(scores[c.label].mean()) if n else float("nan")
+        return scores, metrics
+
+    def combine(self, components: dict[str, torch.Tensor], groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The total of raw ``components`` given together (a round: ``GraftProblem.combine``)."""
+        return combine_components(components, self.weights, self.norm, groups)
+
+    @property
+    def round_combine(self) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None:
+        """The round loop's ``GraftProblem.combine`` for a round-level norm, else None."""
+        return self.combine if self.norm in ROUND_NORMS else None
+
+    def chunk(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float],
+                                                                          dict[str, torch.Tensor] | None]:
+        """What a scorer of the round loop needs from one chunk: (total [B], metrics, raw components
+        for ``Scores.components``). With a round-level norm the total is provisional (this chunk
+        taken as a round of one group): :attr:`round_combine` replaces it once the round is scored;
+        otherwise the components are None and the total is final."""
+        scores, metrics = self.component_scores(images, prompts)
+        return self.combine(scores), metrics, scores if self.norm in ROUND_NORMS else None
+
+    def with_metrics(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(total [B] float64, ``{"reward_<label>_mean": chunk mean of the raw component}``) of one
+        scoring chunk. Refused for a round-level norm: a chunk's total would be a per-chunk one."""
+        if self.norm in ROUND_NORMS:
+            raise UsageError(f"--reward-norm {self.norm} normalises over the whole round: this scorer scores "
+                             "chunk by chunk without passing component scores to the round (CombinedReward.chunk, "
+                             "GraftProblem.combine); use --reward-norm zscore for a per-chunk z-score")
+        scores, metrics = self.component_scores(images, prompts)
+        return self.combine(scores), metrics
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return self.with_metrics(images, prompts)[0]
+        return self.combine(self.component_scores(images, prompts)[0])
 
 
 # ----------------------------------------------------------------------------- building
@@ -334,4 +431,5 @@ def build_reward(spec: str, weights: str | Path | None = None, device: str | tor
 
 
 __all__ = ["build_reward", "build_item", "parse_reward_spec", "split_weight", "load_plugin", "PluginReward",
-           "CombinedReward", "RewardComponent", "ComponentSpec", "NORMS", "SYNTAX"]
+           "CombinedReward", "RewardComponent", "ComponentSpec", "NORMS", "ROUND_NORMS", "SYNTAX", "group_ranks",
+           "combine_components"]

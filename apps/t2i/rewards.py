@@ -9,6 +9,8 @@
 - ``checker``: the exact programmatic checker as a 0/1 reward (used for evaluation).
 - ``clipscore`` / ``itm`` / ``vqascore``: plug-ins for users with local weights (transformers, loaded
   lazily): CLIPScore, BLIP image-text matching, and VQAScore with a local VQA model.
+- ``pickscore`` / ``hpsv2`` / ``imagereward`` / ``aesthetic`` / ``clipflant5``: the field's named
+  preference and alignment rewards on local weights (:mod:`.named_rewards`).
 
 Beyond these names, :func:`make_reward` takes a reward server URL (:mod:`.remote`), a user's
 ``module:function``, weighted combinations and JSON files of weights (:mod:`.reward_spec`).
@@ -31,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgraft.core.errors import UsageError
 from pgraft.core.shipped import SHIPPED
 
 from .checker import check
+from .named_rewards import NAMED, NAMED_MAX
 from .presets import resolve_scorer
 from .world import (
     COLORS,
@@ -463,13 +467,37 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "clipscore": lambda weights=None, device="cpu": CLIPScoreReward(_need(weights, "clipscore"), device),
     "itm": lambda weights=None, device="cpu": ITMReward(_need(weights, "itm"), device),
     "vqascore": lambda weights=None, device="cpu": VQAScoreReward(_need(weights, "vqascore"), device),
+    **NAMED,  # pickscore, hpsv2, imagereward, aesthetic, clipflant5 (.named_rewards)
 }
 
 
 # A true upper bound of each named reward, known before sampling (``--rule rs``'s default
 # --reward-max): vqa is a sigmoid, itm and vqascore softmax probabilities, checker 0 or 1, and
-# clipscore 2.5 * max(cos, 0) with cos <= 1.
-REWARD_MAX: dict[str, float] = {"vqa": 1.0, "checker": 1.0, "itm": 1.0, "vqascore": 1.0, "clipscore": 2.5}
+# clipscore 2.5 * max(cos, 0) with cos <= 1; the named rewards' bounds are argued in
+# .named_rewards.NAMED_MAX (pickscore 100, hpsv2 1, clipflant5 1; imagereward and aesthetic: none).
+REWARD_MAX: dict[str, float] = {"vqa": 1.0, "checker": 1.0, "itm": 1.0, "vqascore": 1.0, "clipscore": 2.5,
+                                **NAMED_MAX}
+
+
+def available_rewards(weights: dict[str, str | Path | None], device: str | torch.device = "cpu",
+                      skip_missing: bool = True) -> dict[str, RewardFn]:
+    """The rewards of :data:`REWARDS` named in ``weights`` (name -> weights directory or hub id in the
+    local cache, None for rewards that need none, e.g. ``checker``), built once each: e.g. to score
+    the same images with every reward available. ``skip_missing``: leave out a reward whose
+    weights are absent (not found, or None for a reward that needs them) instead of raising; weights
+    that are present but unusable, and unknown names, are always refused."""
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        raise UsageError(f"unknown reward(s) {unknown}; choose from {sorted(REWARDS)}")
+    out: dict[str, RewardFn] = {}
+    for name, path in weights.items():
+        absent = path is None or not Path(path).expanduser().exists()
+        try:
+            out[name] = REWARDS[name](path, device)
+        except (UsageError, FileNotFoundError, ValueError):
+            if not (skip_missing and absent):
+                raise
+    return out
 
 
 def declared_max(name: str, norm: str = "raw") -> float | None:
@@ -494,5 +522,5 @@ def make_reward(name: str, weights: str | Path | None = None, device: str | torc
     return build_reward(name, weights, device, norm, nonfinite)
 
 
-__all__ = ["REWARDS", "REWARD_MAX", "declared_max", "make_reward", "checker_reward", "corrupt_prompt", "VQAScorer", "train_scorer",
+__all__ = ["REWARDS", "REWARD_MAX", "available_rewards", "declared_max", "make_reward", "checker_reward", "corrupt_prompt", "VQAScorer", "train_scorer",
            "LearnedVQAReward", "CLIPScoreReward", "ITMReward", "VQAScoreReward", "ScorerTrainConfig"]

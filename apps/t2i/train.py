@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pgraft.core.app import App
 from pgraft.core.losses import eps_matching_loss
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
 from pgraft.core.rewards import call_reward, finite_scores
@@ -38,7 +39,7 @@ from pgraft.core.trainer import (
 
 from .checker import accuracy_table, check
 from .flow_pipeline import (
-    TRANSFORMER_ATTENTION,
+    TRANSFORMER_ATTENTION,  # noqa: F401 (the flow LoRA targets: re-exported)
     FlowDenoiser,
     FlowT2IPipeline,
     export_flow_lora,
@@ -47,6 +48,7 @@ from .flow_pipeline import (
     load_flow_lora_head,
     make_flow_problem,
     pipeline_kind,
+    precision_dtype,
 )
 from .model import (
     PGRAFT_JSON,
@@ -63,7 +65,8 @@ from .model import (
     tokenize,
     unet_config,
 )
-from .presets import PRETRAIN_STEPS, resolve_model  # noqa: F401 (PRETRAIN_STEPS: the pretraining API)
+from .pipelines import FAMILIES
+from .presets import MODEL_NOTE, PRETRAIN_STEPS, SHIPPED_BASE, resolve_model  # noqa: F401 (PRETRAIN_STEPS: API)
 from .prompts import load_prompts
 from .rewards import make_reward
 from .world import all_prompts, parse_prompt, render_dataset, to_float, to_uint8
@@ -167,16 +170,22 @@ class T2IConfig:
     grid_images: int = 16
     reward_norm: str = "raw"  # how a weighted --reward combines its components: raw or zscore (.reward_spec)
     reward_nonfinite: float | None = None  # None: a non-finite score stops the run (core.rewards); else its value
+    precision: str = "fp32"  # frozen parts in fp32 / bf16 / fp16 (flow pipelines); LoRA and optimizer stay fp32
+    gradient_checkpointing: bool = False  # the transformer's enable_gradient_checkpointing while training
+    image_size: int | None = None  # flow pipelines: the resolution sampled (None: the family's default)
 
     def record(self) -> dict[str, Any]:
-        """The config as a run's config.json keeps it: ``reward_norm`` only when not ``raw`` and
-        ``reward_nonfinite`` only when set, so runs written before they existed still ``--resume``
+        """The config as a run's config.json keeps it: ``reward_norm`` only when not ``raw``,
+        ``reward_nonfinite`` / ``image_size`` only when set, ``precision`` only when not fp32 and
+        ``gradient_checkpointing`` only when on, so runs written before they existed still ``--resume``
         (which refuses any difference)."""
         out = asdict(self)
         if out["reward_norm"] == "raw":
             del out["reward_norm"]
-        if out["reward_nonfinite"] is None:
-            del out["reward_nonfinite"]
+        for key, default in (("reward_nonfinite", None), ("precision", "fp32"), ("gradient_checkpointing", False),
+                             ("image_size", None)):
+            if out[key] == default:
+                del out[key]
         return out
 
 
@@ -203,10 +212,11 @@ class T2IScorer:
     def score(self, x0: torch.Tensor, cond: PromptBatch) -> Scores:
         images = self.pipe.decode(x0)
         prompts = list(cond.prompts)
-        # a weighted --reward (.reward_spec.CombinedReward) also reports each component's chunk mean
-        with_metrics = getattr(self.reward, "with_metrics", None)
-        if with_metrics is not None:
-            r, metrics = call_reward(with_metrics, self.name, images, prompts)
+        # a weighted --reward (.reward_spec.CombinedReward) also reports each component's chunk mean,
+        # and with a round-level --reward-norm its raw components (combined once the round is scored)
+        chunk, components = getattr(self.reward, "chunk", None), None
+        if chunk is not None:
+            r, metrics, components = call_reward(chunk, self.name, images, prompts)
         else:
             r, metrics = call_reward(self.reward, self.name, images, prompts), {}
         r = finite_scores(r, self.name, self.nonfinite)  # one rule for every reward (core.rewards)
@@ -216,7 +226,7 @@ class T2IScorer:
             records["category"] = [parse_prompt(p).category for p in prompts]
             records["correct"] = correct.numpy()
             metrics["checker_acc"] = float(correct.float().mean())
-        return Scores(r, None, records, metrics)
+        return Scores(r, None, records, metrics, components)
 
     def on_round(self, round_: int, result: RoundResult) -> None:
         if self.grid_dir is None:
@@ -301,24 +311,33 @@ def make_problem(pipe: T2IPipeline, prompts: Sequence[str], reward, n_steps: int
     )
 
 
-def load_pipeline(path: str | Path, guidance_scale: float | None = None) -> T2IPipeline | FlowT2IPipeline:
-    """The pipeline in ``path``: a flow-matching ``StableDiffusion3Pipeline`` directory (detected from its
-    model_index.json / scheduler config, :func:`~.flow_pipeline.pipeline_kind`) as a
-    :class:`~.flow_pipeline.FlowT2IPipeline`, anything else as a :class:`~.model.T2IPipeline`.
-    ``shipped`` is the shipped base (:func:`~.presets.resolve_model`)."""
+def load_pipeline(path: str | Path, guidance_scale: float | None = None, precision: str = "fp32",
+                  image_size: int | None = None) -> T2IPipeline | FlowT2IPipeline:
+    """The pipeline ``path`` names (a directory, ``shipped``, or a hub id in the local Hugging Face cache:
+    :func:`~.presets.resolve_model`): a flow-matching family's directory (SD3, FLUX.1, Qwen-Image, SANA,
+    from model_index.json's ``_class_name``, :func:`~.flow_pipeline.pipeline_kind`) as a
+    :class:`~.flow_pipeline.FlowT2IPipeline` with its frozen parts in ``precision``, a UNet Stable
+    Diffusion or embedded-world directory as a :class:`~.model.T2IPipeline` (fp32 only)."""
+    dtype = precision_dtype(precision)
     path = resolve_model(path)
-    if Path(path).is_dir() and pipeline_kind(path) == "sd3":
-        return FlowT2IPipeline.load(path, guidance_scale)
+    kind = pipeline_kind(path) if Path(path).is_dir() else "sd"
+    if kind in FAMILIES:
+        return FlowT2IPipeline.load(path, guidance_scale, dtype=dtype, image_size=image_size)
+    if precision != "fp32":
+        raise ValueError(f"precision {precision} is for flow-matching pipelines ({', '.join(FAMILIES)}); "
+                         f"{path} is a UNet pipeline: use fp32")
+    if image_size is not None:
+        raise ValueError(f"image_size is for flow-matching pipelines; {path} is a UNet pipeline with a fixed size")
     return T2IPipeline.load(path, guidance_scale)
 
 
-def base_lacks(directory: Path) -> str | None:
+def _pipeline_lacks(directory: Path) -> str | None:
     """What keeps ``directory`` from being a pipeline :func:`load_pipeline` reads (None when it is
-    one), for a refusal that names it (see :mod:`pgraft.core.targets`): unet/, text_encoder/,
-    tokenizer/, and either pgraft.json (the embedded world) or vae/ + scheduler/ (Stable Diffusion)."""
+    one), the t2i contract's check (``APP.lacks``): unet/, text_encoder/, tokenizer/, and either
+    pgraft.json (the embedded world) or vae/ + scheduler/ (Stable Diffusion); a flow family's own parts."""
     directory = Path(directory)
     try:
-        if pipeline_kind(directory) == "sd3":
+        if pipeline_kind(directory) in FAMILIES:  # any flow family (pipeline_kind refuses one lacking a part)
             return flow_lacks(directory)
     except ValueError as err:  # a flow-matching pipeline of an unsupported class
         return str(err)
@@ -332,13 +351,42 @@ def base_lacks(directory: Path) -> str | None:
     return None
 
 
+# the t2i contract (:mod:`pgraft.core.app`): a base is a pipeline directory, never pretrained on its own
+APP = App(
+    name="t2i",
+    shipped=SHIPPED_BASE,
+    load=load_pipeline,
+    check=_pipeline_lacks,
+    checkpoint=False,
+    pretrain_note=MODEL_NOTE,
+    shipped_preset=None,
+    flag="--model",
+    resolve=resolve_model,
+    make_problem=make_problem,
+    presets=PRESETS,
+)
+
+
+def prepare_flow_training(pipe: FlowT2IPipeline, prompts: Sequence[str], gradient_checkpointing: bool) -> None:
+    """Memory for a flow run: every prompt of the run (and the negative one) embedded once, then the text
+    encoders moved off the accelerator; the transformer's gradient checkpointing when asked (the
+    fine-tuned head is a copy of the base, so it inherits it)."""
+    encoder = pipe.prompt_encoder()
+    encoder.precompute(prompts, guidance=pipe.denoiser.guidance_scale != 1.0)
+    encoder.release()
+    if gradient_checkpointing:
+        pipe.denoiser.transformer.enable_gradient_checkpointing()
+
+
 def recorded_problem(pipe: T2IPipeline, app: T2IConfig, prompts: Sequence[str], out: Path) -> GraftProblem:
     """:func:`make_problem` scored by a :class:`T2IScorer` of ``app.reward`` (checker verdicts in
     the store and metrics, a grid per round in ``out/grids``)."""
     reward = make_reward(app.reward, app.reward_weights, norm=app.reward_norm, nonfinite=app.reward_nonfinite)
     scorer = T2IScorer(pipe, reward, prompts, out / "grids", app.grid_images, name=app.reward,
                        nonfinite=app.reward_nonfinite)
-    return make_problem(pipe, prompts, None, app.n_steps, app.eta, cond_dropout=app.cond_dropout, scorer=scorer)
+    problem = make_problem(pipe, prompts, None, app.n_steps, app.eta, cond_dropout=app.cond_dropout, scorer=scorer)
+    problem.combine = getattr(reward, "round_combine", None)  # --reward-norm zscore-round / rank
+    return problem
 
 
 def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = False,
@@ -348,12 +396,16 @@ def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = 
     ``lora/`` (diffusers ``save_lora_weights`` format)."""
 
     out = Path(out)
-    pipe = load_pipeline(app.model, app.guidance_scale)
+    pipe = load_pipeline(app.model, app.guidance_scale, app.precision, app.image_size)
     app = replace(app, eta=default_eta(pipe) if app.eta is None else app.eta)  # the run records the sampler used
     prompts = load_prompts(app.prompts).prompts
     flow = isinstance(pipe, FlowT2IPipeline)
     if cfg.lora_rank > 0 and not cfg.lora_targets:
-        cfg = replace(cfg, lora_targets=TRANSFORMER_ATTENTION if flow else UNET_ATTENTION)
+        cfg = replace(cfg, lora_targets=pipe.family.lora_targets if flow else UNET_ATTENTION)
+    if flow:
+        prepare_flow_training(pipe, prompts, app.gradient_checkpointing)
+    elif app.gradient_checkpointing:
+        pipe.denoiser.unet.enable_gradient_checkpointing()
     problem = recorded_problem(pipe, app, prompts, out)
     head, table = run_graft(problem, pipe.denoiser, pipe.denoiser.init_kwargs(), cfg, out,
                             app_config={"t2i": app.record()}, resume=resume, show_progress=show_progress)
@@ -362,7 +414,7 @@ def train_t2i(app: T2IConfig, cfg: GraftConfig, out: str | Path, resume: bool = 
             from pgraft.core.rundir import RunDir
 
             _, weights, _ = RunDir(out, resume=True, report=is_main_process()).load_checkpoint()
-            export_flow_lora(weights, out / "lora", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+            export_flow_lora(weights, out / "lora", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, pipe.kind)
         pipe.save(out / "pipeline", head)
     elif cfg.lora_rank > 0:
         export_lora(out, out / "lora", cfg)
@@ -486,3 +538,65 @@ def log_prob(pipe: T2IPipeline, eta: float | None):
     if isinstance(pipe, FlowT2IPipeline):
         return flow_log_prob(eta)
     return ddim_log_prob(pipe.alpha_bar, eta, clip=pipe.clip_sample)
+
+
+# ----------------------------------------------------------------------------- policy gradient, any family
+# |rho - 1| allowed at the first inner step of a round (no update yet, so rho = 1 but for numerics: the
+# per-dimension ratio of the same step's density recomputed on another minibatch), per --precision
+RATIO_TOLERANCE: dict[str, float] = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 5e-3}
+# Flow-GRPO's SDE noise level when eta is not given (the policy gradient needs a stochastic step)
+PG_FLOW_ETA = 0.7
+
+
+def check_first_ratio(row: dict[str, Any], precision: str) -> float:
+    """The round's ``first_ratio_error`` (max |rho - 1| at the first inner step, logged by the core's
+    policy-gradient loop), refused when above :data:`RATIO_TOLERANCE` of ``precision``: old and new
+    log-densities then disagree by more than rounding, i.e. sampling and training do not compute the
+    same policy (a dtype or mode mismatch)."""
+    error = float(row.get("first_ratio_error", 0.0))
+    tolerance = RATIO_TOLERANCE[precision]
+    if not error <= tolerance:
+        raise FloatingPointError(f"round {row.get('round')}: first-step importance ratio off 1 by {error:.3g} > "
+                                 f"{tolerance:g} allowed at {precision}")
+    return error
+
+
+def train_t2i_pg(app: T2IConfig, cfg, out: str | Path, resume: bool = False,
+                 show_progress: bool = True) -> tuple[nn.Module, pd.DataFrame]:
+    """The policy-gradient baseline (DDPO / Flow-GRPO, :func:`pgraft.core.policy_gradient.run_policy_gradient`)
+    over ``app.prompts`` on any pipeline :func:`load_pipeline` reads, with ``app.precision`` and gradient
+    checkpointing as :func:`train_t2i`; flow pipelines sample with Flow-GRPO's SDE step (``eta`` None:
+    :data:`PG_FLOW_ETA`). Every round's first-step importance ratio is checked (:func:`check_first_ratio`)
+    and reported as ``first_ratio_error`` in metrics.csv; with LoRA, ``lora/`` is written in diffusers format."""
+    from pgraft.core.policy_gradient import run_policy_gradient
+
+    out = Path(out)
+    pipe = load_pipeline(app.model, app.guidance_scale, app.precision, app.image_size)
+    flow = isinstance(pipe, FlowT2IPipeline)
+    app = replace(app, eta=(PG_FLOW_ETA if flow else 1.0) if app.eta is None else app.eta)
+    prompts = load_prompts(app.prompts).prompts
+    if cfg.lora_rank > 0 and not cfg.lora_targets:
+        cfg = replace(cfg, lora_targets=pipe.family.lora_targets if flow else UNET_ATTENTION)
+    if flow:
+        prepare_flow_training(pipe, prompts, app.gradient_checkpointing)
+    problem = recorded_problem(pipe, app, prompts, out)
+    on_round = problem.on_round
+
+    def checked(round_: int, result: RoundResult) -> None:
+        if result.phase == "train":
+            error = check_first_ratio(result.row, app.precision)
+            if show_progress and is_main_process():
+                print(f"round {round_}: first-step |rho - 1| = {error:.2e} (<= {RATIO_TOLERANCE[app.precision]:g})")
+        if on_round is not None:
+            on_round(round_, result)
+
+    problem = replace(problem, on_round=checked)
+    head, table = run_policy_gradient(problem, log_prob(pipe, app.eta), pipe.denoiser, pipe.denoiser.init_kwargs(),
+                                      cfg, out, app_config={"t2i": app.record()}, resume=resume,
+                                      show_progress=show_progress)
+    if cfg.lora_rank > 0 and flow:
+        from pgraft.core.rundir import RunDir
+
+        _, weights, _ = RunDir(out, resume=True, report=is_main_process()).load_checkpoint()
+        export_flow_lora(weights, out / "lora", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, pipe.kind)
+    return head, table

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,15 +10,13 @@ import typer
 
 from pgraft.core import cli as opts
 from pgraft.core.checkpoint import load_pretrained, load_run_head
-from pgraft.core.errors import UsageError
-from pgraft.core.shipped import ShippedBaseDamaged, base_digests, recorded_section
-from pgraft.core.targets import run_lacks, shipped_outputs
-from pgraft.core.trainer import GraftConfig, is_main_process, run_graft, sample_finetuned
+from pgraft.core.targets import shipped_outputs
+from pgraft.core.trainer import GraftConfig, is_main_process, sample_finetuned
 
 from .data import MIXTURES
 from .model import ToyDenoiser
 from .rewards import REWARD_MAX
-from .train import DEFAULT_BASE, ToyConfig, base_dir_of, load_or_pretrain, make_problem, pretrain_toy, run_base_dir
+from .train import DEFAULT_BASE, ToyConfig, make_problem, pretrain_toy, train_toy
 
 app = typer.Typer(help="Closed-form toy: Gaussian mixtures, exact GRS targets.", no_args_is_help=True)
 
@@ -39,6 +36,8 @@ def pretrain_cmd(out: opts.Out = Path("runs/toy/base"), mixture: Mixture = "1d",
 
 
 @app.command("train")
+@opts.config_file
+@opts.trackers
 @opts.graft_options(rule="rs", k=1, groups=256, rounds=1, train_steps=500, batch_size=256, lr=1e-3,
                     sample_batch_size=512, reward_max=REWARD_MAX)
 def train_cmd(
@@ -51,19 +50,11 @@ def train_cmd(
     quiet: opts.Quiet = False,
 ) -> None:
     """GRAFT (--t 0) or P-GRAFT (--t > 0) rounds on the toy with any GRS rule."""
-    toy = ToyConfig(mixture=mixture, reward=reward)
-    problem = make_problem(toy)
-    if graft.dedup:
-        from pgraft.core.dedup import tensor_key
+    from . import train
 
-        problem.key = lambda x: [tensor_key(row, 2) for row in x]
-    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
-        base_dir = base_dir_of(base, toy)
-    model = load_or_pretrain(toy, base_dir, show_progress=not quiet)
-    digests = base_digests(base_dir, recorded_section(out) if resume else None)
-    _, table = run_graft(problem, model, toy.model_config(), graft, out,
-                         app_config={"toy": asdict(toy), "base": base, **digests},
-                         resume=resume, show_progress=not quiet)
+    toy = ToyConfig(mixture=mixture, reward=reward)
+    opts.app_base(train.APP, base, toy)  # a bad --base is refused before anything else
+    train_toy(toy, graft, out, base, resume=resume, show_progress=not quiet)
     if is_main_process():
         typer.echo(f"metrics: {out / 'metrics.csv'}  fine-tuned model: {out / 'head'}")
 
@@ -85,14 +76,13 @@ def sample_cmd(run_dir: RunOrBase = None, base: BaseOnly = None,
 
     from . import train
 
-    target = opts.sample_target(run_dir, base, "toy", lacks_run=lambda d: run_lacks(d, "toy"),
-                                lacks_base=train.base_lacks, shipped=train.SHIPPED_BASE)
+    target = train.APP.sample_target(run_dir, base)
     if target.is_run:
         config = json.loads((target.directory / "config.json").read_text())
         toy = ToyConfig(**config["app"]["toy"])
         cfg = GraftConfig.from_dict(config["graft"])
         head = load_run_head(ToyDenoiser, target.directory).eval()
-        base_model = load_pretrained(ToyDenoiser, run_base_dir(config["app"])).eval()
+        base_model = load_pretrained(ToyDenoiser, train.APP.run_base(config["app"])).eval()
         _, x0 = sample_finetuned(make_problem(toy), head, base_model, n, cfg.split, seed, show_progress=not quiet)
     else:
         base_model = load_pretrained(ToyDenoiser, target.directory).eval()
@@ -116,13 +106,14 @@ def diagnose_cmd(
     seed: opts.Seed = 0,
     batch: opts.DiagnoseBatch = 1024,
     out: opts.DiagnoseOut = Path("runs/toy/diagnose"),
+    train_steps: opts.ProbeSteps = 0,
     quiet: opts.Quiet = False,
 ) -> None:
     grid = opts.t_grid(t)
     with opts.bad_parameter(ValueError):
         toy = ToyConfig(mixture=mixture, reward=reward)
-    with opts.bad_parameter(ShippedBaseDamaged, UsageError, param_hint="--base"):
-        base_dir = base_dir_of(base, toy)
-    model = load_or_pretrain(toy, base_dir, show_progress=not quiet)
+    from . import train
+
+    model = train.APP.load_or_pretrain(opts.app_base(train.APP, base, toy), toy, show_progress=not quiet)
     opts.diagnose(make_problem(toy), model, grid, states=states, tails=tails, seed=seed, batch=batch, out=out,
-                  quiet=quiet, rule=graft)
+                  quiet=quiet, rule=graft, train_steps=train_steps, probe=dict(batch_size=256, lr=1e-3))  # probe: train's defaults

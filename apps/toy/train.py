@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from pgraft.core.app import App
 from pgraft.core.checkpoint import load_config, load_pretrained
-from pgraft.core.errors import FieldError, UsageError
+from pgraft.core.errors import FieldError
 from pgraft.core.losses import eps_matching_loss
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
 from pgraft.core.sampling import ddim_log_prob, ddim_step
 from pgraft.core.schedules import cosine_alpha_bar, vp_times
-from pgraft.core.shipped import SHIPPED, default_base, open_base_dir, recorded_base, resolve_base, shipped_dir
-from pgraft.core.targets import checkpoint_lacks
-from pgraft.core.trainer import GraftProblem
+from pgraft.core.shipped import base_digests, default_base, recorded_section, shipped_dir
+from pgraft.core.trainer import GraftConfig, GraftProblem, run_graft
 
 from .data import MIXTURES
 from .model import ToyDenoiser
@@ -59,6 +58,7 @@ def pretrain_toy(cfg: ToyConfig, out: str | Path, show_progress: bool = True) ->
     """Train the base eps-model on ``cfg.n_data`` mixture samples; writes a save_pretrained dir."""
     mixture = MIXTURES[cfg.mixture]
     data = mixture.sample(cfg.n_data, torch.Generator().manual_seed(cfg.seed))
+    torch.manual_seed(cfg.seed)  # model init (core.pretrain seeds only after the model exists)
     model = ToyDenoiser(**cfg.model_config())
     loss = lambda m, x, c, g: eps_matching_loss(m, x, 0.0, cosine_alpha_bar, c, g)  # noqa: E731
     pcfg = PretrainConfig(steps=cfg.pretrain_steps, lr=cfg.lr, warmup=100, ema=0.995, seed=cfg.seed,
@@ -67,35 +67,19 @@ def pretrain_toy(cfg: ToyConfig, out: str | Path, show_progress: bool = True) ->
                     cfg.model_config(), show_progress=show_progress)
 
 
-SHIPPED_BASE = shipped_dir(Path(__file__).parent)  # `pgraft toy pretrain` with its defaults, see SHIPPED.json
-DEFAULT_BASE = default_base(SHIPPED_BASE, "runs/toy/base")  # "shipped" when the package has it
+DEFAULT_BASE = default_base(shipped_dir(Path(__file__).parent), "runs/toy/base")  # "shipped" when the package has it
+SAMPLER_FIELDS = ("reward", "n_steps", "eta")  # settings a base does not depend on
 
 
-def base_dir_of(base: str | Path, cfg: ToyConfig) -> Path:
-    """The directory a ``--base`` value names: ``"shipped"`` is the base of the default settings
-    (mixture "1d"; verified against its manifest), anything else the user's directory."""
-    if str(base) == SHIPPED:
-        shipped = ToyConfig(reward=cfg.reward, n_steps=cfg.n_steps, eta=cfg.eta)  # sampler settings are free
-        if cfg != shipped:
-            changed = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items() if v != asdict(shipped)[k])
-            raise UsageError(f"the shipped toy base was pretrained with the default settings, not {changed}; "
-                             "pass --base DIR to pretrain one into DIR")
-    return resolve_base(base, SHIPPED_BASE)
-
-
-def run_base_dir(app_config: dict[str, Any]) -> Path:
-    """The base directory of a run (its config's ``app`` section), checked to hold the weights and
-    config the run was fine-tuned on."""
-    return recorded_base(app_config["base"], app_config.get("base_sha256"), SHIPPED_BASE,
-                         app_config.get("base_config_sha256"))
-
-
-def load_or_pretrain(cfg: ToyConfig, base_dir: str | Path, show_progress: bool = True) -> ToyDenoiser:
-    """The base in ``base_dir`` (verified by :func:`~pgraft.core.shipped.open_base_dir`; a damaged or
-    partial one is refused, never pretrained over), pretrained into it first when it holds none."""
-    if not open_base_dir(base_dir):
-        return pretrain_toy(cfg, base_dir, show_progress).eval()
-    return load_pretrained(ToyDenoiser, base_dir).eval()
+def shipped_mismatch(cfg: ToyConfig) -> str | None:
+    """Why the shipped toy base (pretrained with the default settings, see its SHIPPED.json) does not
+    fit ``cfg`` (None when it does: only the sampler settings differ)."""
+    shipped = replace(ToyConfig(), **{k: getattr(cfg, k) for k in SAMPLER_FIELDS})
+    if cfg == shipped:
+        return None
+    changed = ", ".join(f"{k}={v!r}" for k, v in asdict(cfg).items() if v != asdict(shipped)[k])
+    return (f"the shipped toy base was pretrained with the default settings, not {changed}; "
+            "pass --base DIR to pretrain one into DIR")
 
 
 def make_problem(cfg: ToyConfig) -> GraftProblem:
@@ -112,12 +96,6 @@ def make_problem(cfg: ToyConfig) -> GraftProblem:
     )
 
 
-def base_lacks(directory: Path) -> str | None:
-    """What keeps ``directory`` from being a finished toy base (None when it is one), for a refusal
-    that names it (see :mod:`pgraft.core.targets`)."""
-    return checkpoint_lacks(directory, ToyDenoiser.__name__)
-
-
 def base_problem(base_dir: str | Path) -> GraftProblem:
     """:func:`make_problem` for a base directory alone. The directory records the model's dimension
     but not its mixture, and sampling needs only the dimension (steps and eta: ToyConfig's defaults,
@@ -129,3 +107,37 @@ def base_problem(base_dir: str | Path) -> GraftProblem:
 def log_prob_fn(cfg: ToyConfig):
     """Per-step log-likelihood of the toy sampler (for the policy-gradient baseline)."""
     return ddim_log_prob(cosine_alpha_bar, cfg.eta)
+
+
+def train_toy(cfg: ToyConfig, graft: GraftConfig, out: str | Path, base: str = DEFAULT_BASE, resume: bool = False,
+              show_progress: bool = True):
+    """GRAFT / P-GRAFT rounds on the base ``base`` names (``shipped`` or a directory, pretrained with
+    ``cfg`` first when it holds none); with ``graft.dedup`` one copy of each distinct sample (2
+    decimals) is kept. Returns (fine-tuned head, metrics table)."""
+    problem = make_problem(cfg)
+    if graft.dedup:
+        from pgraft.core.dedup import tensor_key
+
+        problem.key = lambda x: [tensor_key(row, 2) for row in x]
+    base_dir = APP.resolve_base(base, cfg)
+    model = APP.load_or_pretrain(base_dir, cfg, show_progress)
+    digests = base_digests(base_dir, recorded_section(out) if resume else None)
+    return run_graft(problem, model, cfg.model_config(), graft, out, app_config={"toy": asdict(cfg), "base": base,
+                                                                               **digests},
+                     resume=resume, show_progress=show_progress)
+
+
+def _load_base(directory: Path) -> ToyDenoiser:
+    return load_pretrained(ToyDenoiser, directory).eval()
+
+
+APP = App(
+    name="toy",
+    shipped=shipped_dir(Path(__file__).parent),  # `pgraft toy pretrain` with its defaults, see SHIPPED.json
+    load=_load_base,
+    model_class=ToyDenoiser.__name__,
+    pretrain=lambda directory, cfg, show_progress: pretrain_toy(cfg, directory, show_progress),
+    shipped_preset=ToyConfig(),
+    preset_mismatch=shipped_mismatch,
+    make_problem=make_problem,
+)

@@ -19,9 +19,8 @@ import torch
 from clitools import invoke
 from torch import nn
 
-from pgraft.apps.toy import train as toy_train
 from pgraft.apps.toy.model import ToyDenoiser
-from pgraft.apps.toy.train import ToyConfig, load_or_pretrain, make_problem
+from pgraft.apps.toy.train import APP, ToyConfig, make_problem
 from pgraft.core.errors import UsageError
 from pgraft.core.grs import GRSConfig
 from pgraft.core.pretrain import NonFiniteLossError, PretrainConfig, infinite_batches, pretrain
@@ -37,7 +36,7 @@ from pgraft.core.shipped import (
 )
 from pgraft.core.trainer import GraftConfig, run_graft
 
-SHIPPED_TOY = toy_train.SHIPPED_BASE
+SHIPPED_TOY = APP.shipped
 TINY_TRAIN = ("--rounds", "1", "--groups", "4", "--m", "2", "--k", "1", "--train-steps", "1", "--batch-size", "4",
               "--quiet")
 
@@ -165,7 +164,7 @@ def test_a_user_base_without_manifest_warns_once_and_loads(tmp_path, capsys):
     (other / "manifest.json").unlink()
     (other / "SHIPPED.json").unlink()
     assert open_base_dir(other) is True  # nothing left to check the weights against: still a base
-    model = load_or_pretrain(ToyConfig(), other, show_progress=False)
+    model = APP.load_or_pretrain(other, ToyConfig(), show_progress=False)
     assert isinstance(model, ToyDenoiser)
 
 
@@ -182,15 +181,15 @@ def test_missing_empty_or_only_pretraining_traces_pretrain_and_then_load(tmp_pat
     assert open_base_dir(traces) is False
 
     cfg = ToyConfig(hidden=8, depth=1, pretrain_steps=3, pretrain_batch=16, n_data=64)
-    load_or_pretrain(cfg, empty, show_progress=False)
+    APP.load_or_pretrain(empty, cfg, show_progress=False)
     assert json.loads((empty / "pretrain_done.json").read_text())["steps"] == 3
     assert open_base_dir(empty) is True  # verified against the manifest the pretraining wrote
     before = _hashes(empty)
-    assert isinstance(load_or_pretrain(cfg, empty, show_progress=False), ToyDenoiser)
+    assert isinstance(APP.load_or_pretrain(empty, cfg, show_progress=False), ToyDenoiser)
     assert _hashes(empty) == before  # loaded, not pretrained again
     _flip_bit(empty / "model.safetensors", 200)
     with pytest.raises(BaseDamaged, match=r"model\.safetensors does not match its checksum"):
-        load_or_pretrain(cfg, empty, show_progress=False)
+        APP.load_or_pretrain(empty, cfg, show_progress=False)
 
 
 class Line(nn.Linear):
@@ -236,14 +235,17 @@ def _app_loader(app: str, monkeypatch):
     """(shipped base, the app's metadata files, load(directory)) with pretraining forbidden."""
     import importlib
 
-    train = importlib.import_module(f"pgraft.apps.{app}.train")
+    try:  # flow's base lives in its pretrain module (train in older layouts)
+        train = importlib.import_module(f"pgraft.apps.{app}.{'pretrain' if app == 'flow' else 'train'}")
+    except ModuleNotFoundError:
+        train = importlib.import_module(f"pgraft.apps.{app}.train")
     for name in ("pretrain_molecule", "pretrain_layout", "pretrain_flow"):
         if hasattr(train, name):
             monkeypatch.setattr(train, name, lambda *a, **k: pytest.fail("pretrained over a damaged base"))
     if app == "flow":
-        return train.SHIPPED_BASE, ("config.json",), train.load_base
+        return train.APP.shipped, ("config.json",), train.APP.load
     files = {"molecule": ("molecule.json",), "layout": ("features/model.safetensors", "layout_preset.json")}[app]
-    return train.SHIPPED_BASE, files, lambda d: train.load_or_pretrain(d, "default", show_progress=False)
+    return train.APP.shipped, files, lambda d: train.APP.load_or_pretrain(d, "default", show_progress=False)
 
 
 @pytest.mark.parametrize("app", ["molecule", "layout", "flow"])

@@ -1,5 +1,3 @@
-import json
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -164,40 +162,3 @@ def test_invert_step_splits_a_condition_object_with_take_samples_and_refuses_one
     torch.testing.assert_close(1.05 * x, x_next, atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match="dict condition cannot be split by sample"):
         invert_step(lambda x, t, c: -x, x_next, 0.2, 0.1, cond={"rate": rate})
-
-
-def test_noise_flow_config_checks_its_settings_and_apps_keep_their_defaults():
-    import pytest
-
-    from pgraft.apps.flow.train import CorrectionConfig as FlowCorrection
-    from pgraft.apps.t2i.flow_inc import CorrectionConfig as T2ICorrection
-    from pgraft.core.errors import UsageError
-    from pgraft.core.inversion import NoiseFlowConfig
-
-    with pytest.raises(UsageError, match="'sinkhorn'"):
-        NoiseFlowConfig(coupling="sinkhorn")
-    for bad in ({"steps": 0}, {"batch_size": 0}, {"lr": 0.0}, {"ema": 1.0}, {"warmup": -1}):
-        with pytest.raises(UsageError, match="noise flow needs"):
-            FlowCorrection(**bad)
-    with pytest.raises(ValueError, match="'noise-huge'"):
-        FlowCorrection(preset="noise-huge")
-    with pytest.raises(UsageError, match="'noise-small'"):
-        T2ICorrection(preset="noise-small")  # a flow-app preset is not a t2i corrector preset
-    short = FlowCorrection(steps=20, warmup=100, lr=3e-3).pretrain_config()
-    assert (short.steps, short.warmup, short.lr, short.log_every, short.ckpt_every) == (20, 20, 3e-3, 20, 20)
-    flow, t2i = FlowCorrection(), T2ICorrection()
-    assert (flow.preset, flow.steps, flow.batch_size, flow.lr) == ("noise-small", 6000, 64, 1e-3)
-    assert (t2i.preset, t2i.steps, t2i.batch_size, t2i.lr) == ("small", 2000, 16, 5e-4)
-
-
-def test_resume_conflicts_allow_only_steps_and_lr_to_change():
-    from pgraft.core.inversion import NoiseFlowConfig, resume_conflicts
-
-    saved = {"config": asdict(NoiseFlowConfig(preset="p", seed=0)), "n_noises": 2000, "shape": (1, 28, 28)}
-    assert resume_conflicts(saved, {**saved, "config": asdict(NoiseFlowConfig(preset="p", steps=9000, lr=2e-3))}) == []
-    assert resume_conflicts(json.loads(json.dumps(saved)), saved) == []  # as read back from correct.json
-    assert resume_conflicts(saved, {**saved, "config": asdict(NoiseFlowConfig(preset="p", seed=1))}) == ["seed 0 -> 1"]
-    assert resume_conflicts(saved, {**saved, "n_noises": 6000}) == ["n_noises 2000 -> 6000"]
-    # a top-level entry and a config entry of the same name are told apart
-    assert resume_conflicts({**saved, "seed": 0}, {**saved, "seed": 0, "config": {**saved["config"], "seed": 3}}) \
-        == ["seed 0 -> 3"]

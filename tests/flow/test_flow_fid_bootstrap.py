@@ -19,7 +19,7 @@ from pgraft.apps.flow.metrics import (
     kernel_pair_mean,
     prepare_reference,
 )
-from pgraft.apps.flow.train import FlowPretrainConfig
+from pgraft.apps.flow.pretrain import FlowPretrainConfig
 
 torch.set_num_threads(1)
 

@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pgraft.apps.flow.correct import InvertConfig, distributed_env, invert_dataset
 from pgraft.apps.flow.model import from_preset
-from pgraft.apps.flow.train import FlowPretrainConfig, InvertConfig, distributed_env, invert_dataset
+from pgraft.apps.flow.pretrain import FlowPretrainConfig
 from pgraft.core.checkpoint import save_json, save_pretrained
 
 torch.set_num_threads(1)

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pgraft.apps.flow.correct import InvertConfig, invert_dataset
 from pgraft.apps.flow.model import from_preset
-from pgraft.apps.flow.train import FlowPretrainConfig, InvertConfig, invert_dataset, read_shards
+from pgraft.apps.flow.pretrain import FlowPretrainConfig
 from pgraft.core.checkpoint import save_json, save_pretrained
-from pgraft.core.inversion import invert
+from pgraft.core.inversion import invert, read_shards
 from pgraft.core.sampling import FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
 

@@ -1,10 +1,10 @@
-"""The protocol benchmark's decisions (benchmarks/flow_protocol.py), from fabricated tables: the
+"""The protocol benchmark's decisions (pgraft.apps.flow.protocol, run by benchmarks/flow_protocol.py), from fabricated tables: the
 corrector preset nearest 0.25x the base, the default corrected rows, and the two verdicts; and, on the
 shipped base at toy sizes, that a headline row's sweep-size row is the row a sweep-size run computes."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -19,11 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "flow_protocol.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("flow_protocol", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The protocol's module (benchmarks/flow_protocol.py is its command line)."""
+    return importlib.import_module("pgraft.apps.flow.protocol")
 
 
 def _table(rows):
@@ -170,3 +167,22 @@ def test_seed_report_refuses_runs_that_differ_in_more_than_the_training_seed(tmp
                         ("share a training seed", _seed_run(tmp_path / "z", 0, 29.0))):
         with pytest.raises(SystemExit, match=name):
             proto.seed_table([a, other], 50, (50, 50))
+
+
+@pytest.mark.slow  # two processes start torch
+def test_the_script_and_pgraft_flow_protocol_run_the_same_command_line(tmp_path):
+    """benchmarks/flow_protocol.py and `pgraft flow protocol` are one parser (the app's): a bad --stages is
+    refused by both in one line naming the command, before any work or file."""
+    import subprocess
+
+    from clitools import invoke
+
+    result, output = invoke("flow", "protocol", "--stages", "a,z", "--out", str(tmp_path / "cli"))
+    assert result.exit_code == 2 and "pgraft flow protocol: error: --stages takes a subset of a,b,c,d,e,report, " \
+                                     "got 'a,z'" in output, output
+    done = subprocess.run([sys.executable, str(SCRIPT), "--stages", "a,z", "--out", str(tmp_path / "script")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "benchmarks/flow_protocol.py: error: --stages takes a subset of a,b,c,d,e,report, " \
+                                  "got 'a,z'", done.stderr  # one line, no usage block
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "script").exists()

@@ -76,14 +76,14 @@ def test_a_directory_that_is_neither_is_refused_in_one_line(tiny_base, tmp_path)
 
 
 def test_the_shipped_base_is_sampled_into_runs_not_into_the_package(tmp_path, monkeypatch):
-    from pgraft.apps.flow.train import SHIPPED_BASE
+    from pgraft.apps.flow.pretrain import APP
 
-    if not SHIPPED_BASE.is_dir():
+    if not APP.ships:
         result, output = _invoke("sample", "--base", "shipped", "--quiet")
         assert result.exit_code == 2 and "ships no flow base" in output
         return
-    before = sorted(p.name for p in SHIPPED_BASE.iterdir())
+    before = sorted(p.name for p in APP.shipped.iterdir())
     monkeypatch.chdir(tmp_path)
     _ok("sample", "--base", "shipped", "-n", "4", "--steps", "2", "--quiet")
     assert (tmp_path / "runs" / "flow" / "shipped-base" / "samples.png").is_file()
-    assert sorted(p.name for p in SHIPPED_BASE.iterdir()) == before
+    assert sorted(p.name for p in APP.shipped.iterdir()) == before

@@ -10,18 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgraft.apps.flow.train import (
-    SHIPPED_BASE,
-    FlowPretrainConfig,
-    InvertConfig,
-    SamplerSpec,
-    invert_dataset,
-    load_base,
-    sample_images,
-)
+from pgraft.apps.flow.correct import InvertConfig, invert_dataset
+from pgraft.apps.flow.pretrain import APP, FlowPretrainConfig, load_base
+from pgraft.apps.flow.sample import SamplerSpec, sample_images
 from pgraft.core.shipped import SHIPPED, read_record, weights_sha256
 
-pytestmark = pytest.mark.skipif(not SHIPPED_BASE.is_dir(), reason="this checkout ships no flow base")
+pytestmark = pytest.mark.skipif(not APP.ships, reason="this checkout ships no flow base")
 
 torch.set_num_threads(1)
 
@@ -35,9 +29,9 @@ def test_the_shipped_flow_base_samples_garments_not_noise():
     """128 Euler-10 samples: their mean pixel and ink fraction are within 0.05 of Fashion-MNIST's
     (recorded in SHIPPED.json from 1,000 test images; ~0.5 of the pixels are background), while
     N(0, I) noise clamped to [-1, 1] has ink fraction ~0.69 and mean ~0."""
-    model, cfg = load_base(SHIPPED_BASE)
+    model, cfg = load_base(APP.shipped)
     assert cfg == FlowPretrainConfig()
-    reference = read_record(SHIPPED_BASE)["eval"]["fashion_mnist_test"]
+    reference = read_record(APP.shipped)["eval"]["fashion_mnist_test"]
     mean, ink = ink_stats(sample_images(SamplerSpec(10), model, 128, seed=5, show_progress=False))
     assert mean == pytest.approx(reference["mean_pixel"], abs=0.05)
     assert ink == pytest.approx(reference["ink_fraction"], abs=0.05)
@@ -49,5 +43,5 @@ def test_invert_shipped_inverts_through_the_shipped_base(tmp_path):
     report = invert_dataset(SHIPPED, tmp_path / "inv", cfg, show_progress=False, images=images)
     assert report.n_images == 3
     meta = json.loads((tmp_path / "inv" / "invert.json").read_text())
-    assert Path(meta["base"]) == SHIPPED_BASE.resolve()
-    assert meta["base_weights"] == weights_sha256(SHIPPED_BASE)[:16]
+    assert Path(meta["base"]) == APP.shipped.resolve()
+    assert meta["base_weights"] == weights_sha256(APP.shipped)[:16]

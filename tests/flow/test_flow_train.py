@@ -13,19 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pgraft.apps.flow.correct import InvertConfig, invert_dataset
 from pgraft.apps.flow.model import from_preset
-from pgraft.apps.flow.train import (
-    FlowPretrainConfig,
-    InvertConfig,
-    SamplerSpec,
-    flops_per_image,
-    invert_dataset,
-    read_shards,
-    shard_path,
-)
+from pgraft.apps.flow.pretrain import FlowPretrainConfig
+from pgraft.apps.flow.sample import SamplerSpec, flops_per_image
 from pgraft.core.checkpoint import save_json, save_pretrained
 from pgraft.core.errors import UsageError
-from pgraft.core.inversion import invert
+from pgraft.core.inversion import invert, read_shards, shard_path
 from pgraft.core.sampling import FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
 
@@ -241,8 +235,9 @@ def test_noise_correction_learns_known_shift(tmp_path):
     """
     from safetensors.torch import save_file
 
-    from pgraft.apps.flow.train import INVERT_META, CorrectionConfig, train_correction
+    from pgraft.apps.flow.correct import NOISE_MODELS, correction_config
     from pgraft.core.inversion import sample_noise_corrected
+    from pgraft.core.noise_correction import INVERT_META, train_correction
 
     c = torch.full((1, 8, 8), 0.8)
     c[:, 4:] = -0.8  # a structured shift: top half +0.8, bottom half -0.8
@@ -259,8 +254,9 @@ def test_noise_correction_learns_known_shift(tmp_path):
     save_file({"noise": res.noise.contiguous(), "index": torch.arange(768), "residual": res.residual,
                "recon_abs_sum": torch.zeros(768, dtype=torch.float64), "recon_abs_max": torch.zeros(768)},
               str(shard_path(inv, 0)))
-    noise_model = train_correction(inv, tmp_path / "correct", CorrectionConfig(
-        preset="noise-tiny", steps=150, batch_size=64, lr=3e-3, warmup=20, ema=0.99), show_progress=False)
+    noise_model = train_correction(inv, tmp_path / "correct", correction_config(
+        preset="noise-tiny", steps=150, batch_size=64, lr=3e-3, warmup=20, ema=0.99), NOISE_MODELS,
+        show_progress=False).noise_model
 
     z = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     corrected = sample(noise_model, z, flow_times(8), FLOW_STEPS["euler"])
@@ -274,13 +270,14 @@ def test_noise_correction_learns_known_shift(tmp_path):
     assert float(x.mean(0).abs().mean()) < 0.3 * float(plain.mean(0).abs().mean())
     # a rerun in the same directory resumes its weights, so it refuses another seed (or batch, preset, ...)
     with pytest.raises(UsageError, match=r"seed 0 -> 1"):
-        train_correction(inv, tmp_path / "correct", CorrectionConfig(
-            preset="noise-tiny", steps=150, batch_size=64, lr=3e-3, warmup=20, ema=0.99, seed=1), show_progress=False)
+        train_correction(inv, tmp_path / "correct", correction_config(
+            preset="noise-tiny", steps=150, batch_size=64, lr=3e-3, warmup=20, ema=0.99, seed=1), NOISE_MODELS,
+            show_progress=False)
 
 
 def test_pretraining_is_reproducible_whatever_the_global_rng_state(tmp_path):
     """The model is initialised from the config's seed, not from whatever the process drew before."""
-    from pgraft.apps.flow.train import pretrain_flow
+    from pgraft.apps.flow.pretrain import pretrain_flow
 
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     cfg = FlowPretrainConfig(preset="tiny", steps=2, batch_size=4, warmup=1, ckpt_every=2)
@@ -292,3 +289,29 @@ def test_pretraining_is_reproducible_whatever_the_global_rng_state(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=0, atol=0)
+
+
+def test_pgraft_flow_correct_is_reproducible_whatever_the_global_rng_state(tmp_path):
+    """`pgraft flow correct --seed S` initialises the noise flow from S (`train_correction` seeds it; torch seeds its global generator at
+    random per process), so the same command trains the same corrector; another seed another one."""
+    from typer.testing import CliRunner
+
+    from pgraft.apps.flow.cli import app
+    from pgraft.apps.flow.correct import InvertConfig, invert_dataset
+    from pgraft.apps.flow.pretrain import pretrain_flow
+
+    images = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pretrain_flow(FlowPretrainConfig(preset="tiny", steps=2, batch_size=4, warmup=1, ckpt_every=2), tmp_path / "base",
+                  show_progress=False, images=images)
+    invert_dataset(tmp_path / "base", tmp_path / "inv", InvertConfig(steps=2, limit=8, shard_size=8, batch_size=8),
+                   show_progress=False, images=images)
+    weights = {}
+    for run, seed, draws in (("a", "0", 0), ("b", "0", 7), ("c", "1", 0)):
+        torch.randn(draws)  # a different global RNG state before each run
+        result = CliRunner().invoke(app, ["correct", str(tmp_path / "inv"), "--out", str(tmp_path / run), "--preset",
+                                          "noise-tiny", "--steps", "2", "--batch-size", "4", "--seed", seed, "--quiet"])
+        assert result.exit_code == 0, result.output
+        weights[run] = load_file(str(tmp_path / run / "model.safetensors"))
+    for k in weights["a"]:
+        torch.testing.assert_close(weights["a"][k], weights["b"][k], rtol=0, atol=0)
+    assert any(not torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])

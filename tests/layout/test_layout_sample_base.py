@@ -4,6 +4,7 @@ neither a run nor a base refused in one line naming it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +51,7 @@ def test_evaluate_a_base_directory_as_argument_or_base_option(tiny_base, tmp_pat
 def test_the_shipped_base_is_sampled_into_runs_not_into_the_package(tiny_base, tmp_path, monkeypatch):
     files = ["config.json", "model.safetensors", PRESET_NAME, "features/config.json", "features/model.safetensors"]
     shipped = ship_base(tiny_base, tmp_path / "package" / "bases" / "default", files, {"command": "test"})
-    monkeypatch.setattr(ltrain, "SHIPPED_BASE", shipped)
+    monkeypatch.setattr(ltrain, "APP", replace(ltrain.APP, shipped=shipped))
     monkeypatch.chdir(tmp_path)
     _ok("sample", "--base", "shipped", "-n", "2", "--quiet")
     _ok("evaluate", str(shipped), "-n", "3", "--quiet")  # the package directory named as the argument

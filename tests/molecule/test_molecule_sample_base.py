@@ -4,6 +4,7 @@ neither a run nor a base refused in one line naming it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -73,7 +74,7 @@ def test_evaluate_a_base_directory_as_argument_or_base_option(tiny_base, tmp_pat
 def test_the_shipped_base_is_sampled_into_runs_not_into_the_package(tiny_base, tmp_path, monkeypatch):
     shipped = ship_base(tiny_base, tmp_path / "package" / "bases" / "default",
                         ["config.json", "model.safetensors", META_NAME], {"command": "test"})
-    monkeypatch.setattr(mtrain, "SHIPPED_BASE", shipped)
+    monkeypatch.setattr(mtrain, "APP", replace(mtrain.APP, shipped=shipped))
     monkeypatch.chdir(tmp_path)
     _ok("sample", "--base", "shipped", "-n", "4", "--quiet")
     _ok("evaluate", "--base", "shipped", "-n", "4", "--no-fcd", "--quiet")

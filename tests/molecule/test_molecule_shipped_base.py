@@ -44,7 +44,7 @@ def test_the_shipped_base_samples_at_least_85_percent_valid_molecules():
     gives validity >= 0.85 and reproduces the SHIPPED.json row (0.859) up to a few molecules that
     another CPU's floating point may flip. 1,000 samples put the standard error of a validity near
     0.86 at 0.011, so a base that lost its chemistry (0.80 after 1,800 steps) cannot pass."""
-    base_dir = mtrain.base_dir_of(mtrain.MoleculeTrainConfig())
+    base_dir = mtrain.APP.resolve_base(SHIPPED, "default")
     base, recorded = load_base(base_dir), read_record(base_dir)["eval"]
     x = diffusion.sample_graphs(base.model, 1000, base.size_distribution, recorded["sample_steps"],
                                 torch.Generator().manual_seed(base.preset.seed))
@@ -56,7 +56,7 @@ def test_the_shipped_base_samples_at_least_85_percent_valid_molecules():
 
 
 def test_the_shipped_base_is_the_default_preset_made_by_pretrain():
-    base_dir = mtrain.SHIPPED_BASE
+    base_dir = mtrain.APP.shipped
     record = read_record(base_dir)
     assert "pgraft molecule pretrain --out" in record["command"] and record["seed"] == 0
     assert record["eval"]["validity"] >= 0.85
@@ -75,20 +75,20 @@ def _cli_cfg(monkeypatch, *args) -> mtrain.MoleculeTrainConfig:
 
 def test_train_defaults_to_the_shipped_base_and_takes_a_directory(monkeypatch, tmp_path):
     cfg = _cli_cfg(monkeypatch)
-    assert cfg.base == SHIPPED and mtrain.base_dir_of(cfg) == mtrain.SHIPPED_BASE
+    assert cfg.base == SHIPPED and mtrain.APP.resolve_base(cfg.base, cfg.preset) == mtrain.APP.shipped
     cfg = _cli_cfg(monkeypatch, "--base", str(tmp_path / "mine"), "--preset", "tiny")
-    assert mtrain.base_dir_of(cfg) == tmp_path / "mine"
+    assert mtrain.APP.resolve_base(cfg.base, cfg.preset) == tmp_path / "mine"
     with pytest.raises(UsageError, match="'default' preset, not 'tiny'"):
-        mtrain.base_dir_of(mtrain.MoleculeTrainConfig(preset="tiny"))
+        mtrain.APP.resolve_base(SHIPPED, "tiny")
 
 
 def test_train_refuses_a_damaged_shipped_base_in_one_line_naming_the_file(monkeypatch, tmp_path):
     copy = tmp_path / "default"
-    shutil.copytree(mtrain.SHIPPED_BASE, copy)
+    shutil.copytree(mtrain.APP.shipped, copy)
     data = bytearray((copy / "molecule.json").read_bytes())
     data[10] ^= 0x01
     (copy / "molecule.json").write_bytes(bytes(data))
-    monkeypatch.setattr(mtrain, "SHIPPED_BASE", copy)
+    monkeypatch.setattr(mtrain, "APP", replace(mtrain.APP, shipped=copy))
     monkeypatch.setattr(mtrain, "train_molecule", lambda *a, **k: pytest.fail("trained on a damaged base"))
     result = CliRunner().invoke(app, ["train", "--quiet", "--out", str(tmp_path / "run")], env={"COLUMNS": "400"})
     assert result.exit_code == 2
@@ -138,6 +138,6 @@ def test_a_run_on_the_shipped_base_records_it_and_samples_with_it(monkeypatch, t
     mtrain.train_molecule(cfg, graft, tmp_path / "run", show_progress=False)
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())["app"]["molecule"]
     assert recorded["base"] == SHIPPED
-    assert recorded["base_sha256"] == read_record(mtrain.SHIPPED_BASE)["weights_sha256"]
+    assert recorded["base_sha256"] == read_record(mtrain.APP.shipped)["weights_sha256"]
     _, _, _, base, head = mtrain.load_run(tmp_path / "run")
     assert base.preset == get_preset("default")

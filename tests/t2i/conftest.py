@@ -78,8 +78,10 @@ def tiny_blip(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("blip")
     words = sorted({w for s in all_prompts() for w in s.text().lower().split()})
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    # vocab= (transformers 5 ignores vocab_file= here and would map every word to [UNK])
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(tokens)})
+    assert tok.convert_tokens_to_ids(words[0]) == 5, "the tiny tokenizer lost its vocabulary"
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer=tok).save_pretrained(d)
     cfg = BlipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=32,
@@ -121,3 +123,14 @@ def tiny_llava(tmp_path_factory):
     torch.manual_seed(0)
     LlavaForConditionalGeneration(cfg).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory) -> Path:
+    """Three prompts of the world grammar (the checker reward scores them): a run embeds only these
+    (the tiny-family tests)."""
+    from pgraft.apps.t2i.prompts import load_prompts
+
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(load_prompts("heldout").prompts[:3]) + "\n")
+    return path

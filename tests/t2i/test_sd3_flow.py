@@ -23,8 +23,8 @@ from pgraft.apps.t2i.flow_pipeline import (
     pipeline_kind,
 )
 from pgraft.apps.t2i.train import (
+    APP,
     T2IConfig,
-    base_lacks,
     drop_conditions,
     load_head,
     load_pipeline,
@@ -123,7 +123,7 @@ def _perturbed(denoiser: FlowDenoiser, scale: float = 0.05) -> FlowDenoiser:
 def test_sd3_kind_is_detected_from_model_index_and_scheduler(tiny_sd3, tiny_sd3_no_t5, tiny_sd, tmp_path):
     assert pipeline_kind(tiny_sd3) == pipeline_kind(tiny_sd3_no_t5) == "sd3"
     assert pipeline_kind(tiny_sd) == "sd"
-    assert base_lacks(tiny_sd3) is None and base_lacks(tiny_sd3_no_t5) is None
+    assert APP.lacks(tiny_sd3) is None and APP.lacks(tiny_sd3_no_t5) is None
     pipe = load_pipeline(tiny_sd3_no_t5, guidance_scale=2.0)
     assert isinstance(pipe, FlowT2IPipeline) and isinstance(pipe.denoiser, FlowDenoiser)
     assert pipe.sd3.text_encoder_3 is None and pipe.state_shape == (4, 8, 8) and pipe.info.shift == 3.0
@@ -146,11 +146,11 @@ def test_sd3_kind_is_detected_from_model_index_and_scheduler(tiny_sd3, tiny_sd3_
         json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"}))
     with pytest.raises(ValueError, match="FluxPipeline"):
         pipeline_kind(flux)
-    assert "FluxPipeline" in base_lacks(flux)
+    assert "FluxPipeline" in APP.lacks(flux)
     broken = tmp_path / "broken"
     (broken / "scheduler").mkdir(parents=True)
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    assert "no transformer/" in base_lacks(broken)
+    assert "no transformer/" in APP.lacks(broken)
 
 
 # ----------------------------------------------------------------------------- sampler vs diffusers

@@ -18,19 +18,19 @@ from PIL import Image
 from test_sd3_flow import build_tiny_sd3  # the tiny StableDiffusion3Pipeline directory writer
 
 from pgraft.apps.t2i.flow_inc import (
+    NOISE_MODELS,
     Guided,
     InvertConfig,
     LatentNoiseFlow,
     empty_prompt_cond,
     invert_images,
     invert_latents,
-    load_correction,
     load_flow_pipeline,
     read_captions,
-    read_shards,
 )
 from pgraft.core.errors import UsageError
-from pgraft.core.inversion import count_flops, sample_noise_corrected
+from pgraft.core.inversion import count_flops, read_shards, sample_noise_corrected
+from pgraft.core.noise_correction import load_correction
 from pgraft.core.sampling import euler_step, sample
 from pgraft.core.schedules import flow_times
 from pgraft.core.state import load_state, save_state
@@ -160,7 +160,7 @@ def test_sd3_correct_then_sample_corrected_counts_the_corrector_flops(sd3, tmp_p
                 "--batch-size", "4", "--device", "cpu", "--quiet")
     meta = json.loads((cor / "correct.json").read_text())
     pipe = load_flow_pipeline(sd3, guidance_scale=2.0)
-    correction = load_correction(cor)
+    correction = load_correction(cor, NOISE_MODELS)
     assert isinstance(correction.noise_model, LatentNoiseFlow) and correction.base_steps == 3
     assert meta["parameters"] == sum(p.numel() for p in correction.noise_model.parameters())
     assert meta["transformer_parameters"] == sum(p.numel() for p in pipe.denoiser.transformer.parameters())
@@ -208,8 +208,8 @@ def test_sd3_correct_then_sample_corrected_counts_the_corrector_flops(sd3, tmp_p
 # ----------------------------------------------------------------------------- (d) refusals
 def test_sd3_inc_refuses_a_non_flow_model_in_one_line(tiny_sd, image_folder, tmp_path):
     out = tmp_path / "invert"
-    for model, words in [(tiny_sd, "is a UNet / DDIM Stable Diffusion pipeline, not a flow-matching "
-                                   "StableDiffusion3Pipeline (SD3 / SD3.5) directory"),
+    for model, words in [(tiny_sd, "is a UNet / DDIM Stable Diffusion pipeline, not a flow-matching pipeline "
+                                   "directory (StableDiffusion3Pipeline, FluxPipeline"),
                          (tmp_path / "missing", "does not exist")]:
         result, output = invoke("t2i", "invert", str(image_folder), "--model", str(model), "--out", str(out), "--quiet")
         lines = [line for line in result.output.splitlines() if words in line]

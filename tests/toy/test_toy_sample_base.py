@@ -6,6 +6,7 @@ GRS target, needs a run's rule and reward.)"""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -52,7 +53,7 @@ def test_sample_a_base_directory_as_argument_or_base_option(tiny_base, tmp_path)
 def test_the_shipped_base_is_sampled_into_runs_not_into_the_package(tiny_base, tmp_path, monkeypatch):
     shipped = ship_base(tiny_base, tmp_path / "package" / "bases" / "default", ["config.json", "model.safetensors"],
                         {"command": "test"})
-    monkeypatch.setattr(toy_train, "SHIPPED_BASE", shipped)
+    monkeypatch.setattr(toy_train, "APP", replace(toy_train.APP, shipped=shipped))
     monkeypatch.chdir(tmp_path)
     _ok("sample", "--base", "shipped", "-n", "3", "--quiet")
     assert len(pd.read_csv("runs/toy/shipped-base/samples.csv")) == 3

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from pgraft.apps.toy.data import MIXTURES
 from pgraft.apps.toy.metrics import wasserstein_1d
 from pgraft.apps.toy.model import ToyDenoiser
-from pgraft.apps.toy.train import SHIPPED_BASE, ToyConfig, base_dir_of, make_problem
+from pgraft.apps.toy.train import APP, ToyConfig, make_problem
 from pgraft.cli import app
 from pgraft.core.checkpoint import load_pretrained
 from pgraft.core.sampling import sample
@@ -26,7 +26,7 @@ def test_the_shipped_toy_base_samples_the_1d_mixture():
     gives W1 < 0.06 and reproduces the recorded value; a base of the other mode weights or of too
     few steps is > 0.1 away (the two modes sit 3.5 apart)."""
     cfg = ToyConfig()
-    base = load_pretrained(ToyDenoiser, base_dir_of(SHIPPED, cfg)).eval()
+    base = load_pretrained(ToyDenoiser, APP.resolve_base(SHIPPED, cfg)).eval()
     problem = make_problem(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -34,7 +34,7 @@ def test_the_shipped_toy_base_samples_the_1d_mixture():
     target = MIXTURES["1d"].sample(20000, torch.Generator().manual_seed(1))
     w1 = wasserstein_1d(x, target)
     assert w1 < 0.06
-    assert abs(w1 - read_record(SHIPPED_BASE)["eval"]["w1_to_mixture"]) < 0.005
+    assert abs(w1 - read_record(APP.shipped)["eval"]["w1_to_mixture"]) < 0.005
 
 
 def test_train_on_the_shipped_base_records_it_and_sample_finds_it(tmp_path):
@@ -44,7 +44,7 @@ def test_train_on_the_shipped_base_records_it_and_sample_finds_it(tmp_path):
                               "--train-steps", "3", "--t", "0.5", "--rounds", "1", "--quiet"])
     assert res.exit_code == 0, res.output
     recorded = json.loads((run / "config.json").read_text())["app"]
-    assert recorded["base"] == SHIPPED and recorded["base_sha256"] == weights_sha256(SHIPPED_BASE)
+    assert recorded["base"] == SHIPPED and recorded["base_sha256"] == weights_sha256(APP.shipped)
     res = runner.invoke(app, ["toy", "sample", str(run), "-n", "5", "--quiet"])
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(run / "samples.csv")) == 5
@@ -54,4 +54,4 @@ def test_other_settings_need_a_base_directory(tmp_path):
     res = CliRunner().invoke(app, ["toy", "train", "--mixture", "2d", "--out", str(tmp_path / "x"), "--quiet"],
                              env={"COLUMNS": "400"})
     assert res.exit_code == 2 and "not mixture='2d'; pass --base DIR" in " ".join(res.output.split())
-    assert base_dir_of(str(tmp_path / "mine"), ToyConfig(mixture="2d")) == tmp_path / "mine"
+    assert APP.resolve_base(str(tmp_path / "mine"), ToyConfig(mixture="2d")) == tmp_path / "mine"

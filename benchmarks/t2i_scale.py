@@ -1,0 +1,271 @@
+"""Text-to-image at scale, per pipeline family and precision: sampling images/s, LoRA training steps/s and
+the peak accelerator memory of one P-GRAFT round, on each family's REAL transformer and VAE configuration
+with random weights (SD3.5-medium, FLUX.1-dev, Qwen-Image, SANA-1.6B: benchmarks/configs/t2i_scale/*.json,
+each naming its source) when no weights are present.
+
+    python benchmarks/t2i_scale.py                       # real configs (needs a GPU: ~80 GB for Qwen-Image bf16)
+    python benchmarks/t2i_scale.py --tiny                # tiny configs on the CPU, < 2 minutes
+    python benchmarks/t2i_scale.py --families flux,sana --precisions bf16
+
+What is timed is the part that scales: the transformer and the VAE, through the family adapters of
+``pgraft.apps.t2i.pipelines`` (the same velocity, grid and decode the app runs). Prompt embeddings are
+random tensors of the family's text shape (tokens x dim, pooled, mask): a run embeds each prompt once and
+releases the text encoders (``prepare_flow_training``), so they are not part of a round's cost.
+
+Cells: sampling = ``--images`` images, ``--steps`` Euler steps on the family's grid with its default
+guidance, then chunked VAE decoding; training = LoRA (rank ``--rank``, the family's attention targets,
+AdamW, fp32 adapters over frozen ``precision`` weights, gradient checkpointing on the real configs) on the
+linear-flow loss, batch ``--batch``; one P-GRAFT round = sampling ``--images`` with the split sampler
+(head T -> t = 0.5, base t -> 0) + decoding + ``--train-steps`` LoRA steps, its peak memory measured
+from a reset (``torch.cuda.max_memory_allocated``; NaN on the CPU).
+
+Writes one row per (family, precision, config, device) to ``--out`` (default docs/results/t2i_scale.csv)
+as soon as it is measured and skips rows already there (resumable); prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import torch
+
+from pgraft.apps.t2i.flow_pipeline import PRECISIONS, FlowDenoiser
+from pgraft.apps.t2i.model import PromptBatch
+from pgraft.apps.t2i.pipelines import FAMILIES
+from pgraft.core.heads import apply_lora
+from pgraft.core.losses import flow_matching_loss
+from pgraft.core.sampling import euler_step, sample_split
+from pgraft.core.schedules import split_times
+
+CONFIGS = Path(__file__).parent / "configs" / "t2i_scale"
+REAL = {"sd3": "sd3.5-medium", "flux": "flux.1-dev", "qwen_image": "qwen-image", "sana": "sana-1.6b"}
+_KL = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32], norm_num_groups=8,
+           down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16)
+# the tiny configs of tests/t2i (test_sd3_flow.py, test_families_tiny.py): same code paths, seconds on a CPU
+TINY = {
+    "sd3": {"name": "SD3 tiny", "family": "sd3", "image_size": 16, "guidance_scale": 4.5,
+            "text": {"tokens": 24, "dim": 32, "pooled": 32, "mask": False},
+            "transformer": {"_class_name": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4,
+                            "out_channels": 4, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2,
+                            "joint_attention_dim": 32, "caption_projection_dim": 16, "pooled_projection_dim": 32,
+                            "pos_embed_max_size": 8},
+            "vae": {"_class_name": "AutoencoderKL", **_KL, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+            "scheduler": {"shift": 3.0}},
+    "flux": {"name": "FLUX tiny", "family": "flux", "image_size": 16, "guidance_scale": 1.0,
+             "text": {"tokens": 24, "dim": 32, "pooled": 32, "mask": False},
+             "transformer": {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16,
+                             "out_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+                             "guidance_embeds": True, "axes_dims_rope": [4, 4, 8]},
+             "vae": {"_class_name": "AutoencoderKL", **_KL, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+             "scheduler": {"shift": 3.0, "use_dynamic_shifting": True}},
+    "qwen_image": {"name": "Qwen-Image tiny", "family": "qwen_image", "image_size": 32, "guidance_scale": 4.0,
+                   "text": {"tokens": 24, "dim": 16, "pooled": 0, "mask": True},
+                   "transformer": {"_class_name": "QwenImageTransformer2DModel", "patch_size": 2, "in_channels": 16,
+                                   "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
+                                   "num_attention_heads": 3, "joint_attention_dim": 16, "guidance_embeds": False,
+                                   "axes_dims_rope": [8, 4, 4]},
+                   "vae": {"_class_name": "AutoencoderKLQwenImage", "base_dim": 24, "z_dim": 4, "dim_mult": [1, 2, 4],
+                           "num_res_blocks": 1, "temperal_downsample": [False, True], "latents_mean": [0.0] * 4,
+                           "latents_std": [1.0] * 4},
+                   "scheduler": {"shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+                                 "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential"}},
+    "sana": {"name": "SANA tiny", "family": "sana", "image_size": 32, "guidance_scale": 4.5,
+             "text": {"tokens": 24, "dim": 8, "pooled": 0, "mask": True},
+             "transformer": {"_class_name": "SanaTransformer2DModel", "patch_size": 1, "in_channels": 4,
+                             "out_channels": 4, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 4,
+                             "num_cross_attention_heads": 2, "cross_attention_head_dim": 4, "cross_attention_dim": 8,
+                             "caption_channels": 8, "sample_size": 16},
+             "vae": {"_class_name": "AutoencoderDC", "in_channels": 3, "latent_channels": 4, "attention_head_dim": 2,
+                     "encoder_block_types": ["ResBlock", "EfficientViTBlock"],
+                     "decoder_block_types": ["ResBlock", "EfficientViTBlock"], "encoder_block_out_channels": [8, 8],
+                     "decoder_block_out_channels": [8, 8], "encoder_qkv_multiscales": [[], [5]],
+                     "decoder_qkv_multiscales": [[], [5]], "encoder_layers_per_block": [1, 1],
+                     "decoder_layers_per_block": [1, 1], "downsample_block_type": "conv",
+                     "upsample_block_type": "interpolate", "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu",
+                     "scaling_factor": 0.41407},
+             "scheduler": {"shift": 3.0}},
+}
+COLUMNS = ["family", "model", "config", "precision", "device", "image_size", "images", "steps", "sample_images_per_s",
+           "train_steps_per_s", "round_seconds", "peak_memory_gib", "transformer_params_m"]
+
+
+def _component(config: dict, device: torch.device, dtype: torch.dtype):
+    import diffusers
+
+    config = {k: v for k, v in config.items() if k not in ("note",)}
+    cls = getattr(diffusers, config.pop("_class_name"))
+    with torch.device(device):  # random init in place (no CPU copy of a 20B-parameter model)
+        return cls.from_config(config).to(dtype).eval().requires_grad_(False)
+
+
+def _vae_scale(vae) -> int:
+    if hasattr(vae.config, "temperal_downsample"):
+        return 2 ** len(vae.config.temperal_downsample)
+    if hasattr(vae.config, "encoder_block_out_channels"):
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build(spec: dict, precision: str, device: torch.device):
+    """(denoiser, pipe-like namespace, latent shape, a condition maker) of a family spec with random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fam = FAMILIES[spec["family"]]
+    dtype = PRECISIONS[precision]
+    transformer = _component(spec["transformer"], device, dtype)
+    vae = _component(spec["vae"], device, dtype)
+    scheduler_config = {k: v for k, v in spec["scheduler"].items() if not k.startswith(("_", "note"))}
+    scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
+    pipe = SimpleNamespace(transformer=transformer, vae=vae, scheduler=scheduler, vae_scale_factor=_vae_scale(vae),
+                           default_sample_size=spec["image_size"] // _vae_scale(vae))
+    shape = fam.latent_shape(pipe, spec["image_size"])
+    mu = fam.mu(pipe, shape)
+    denoiser = FlowDenoiser.from_transformer(transformer, 1000, spec["guidance_scale"], family=fam.name)
+    text = spec["text"]
+
+    def cond(n: int, seed: int = 0) -> PromptBatch:
+        g = torch.Generator().manual_seed(seed)
+        emb = torch.randn(n, text["tokens"], text["dim"], generator=g)
+        pooled = torch.randn(n, text["pooled"], generator=g) if text["pooled"] else None
+        mask = torch.ones(n, text["tokens"], dtype=torch.long) if text["mask"] else None
+        guided = spec["guidance_scale"] != 1.0
+        unc = torch.randn(1, text["tokens"], text["dim"], generator=g) if guided else None
+        unc_pooled = torch.randn(1, text["pooled"], generator=g) if guided and text["pooled"] else None
+        unc_mask = torch.ones(1, text["tokens"], dtype=torch.long) if guided and text["mask"] else None
+        return PromptBatch([""] * n, emb.to(device), None if unc is None else unc.to(device),
+                           None if pooled is None else pooled.to(device),
+                           None if unc_pooled is None else unc_pooled.to(device),
+                           None if mask is None else mask.to(device), None if unc_mask is None else unc_mask.to(device))
+
+    return denoiser, pipe, shape, mu, cond
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(spec: dict, precision: str, device: torch.device, images: int, steps: int, batch: int, rank: int,
+            train_steps: int, checkpointing: bool) -> dict:
+    """One row: sampling images/s, training steps/s, one P-GRAFT round's seconds and peak memory."""
+    fam = FAMILIES[spec["family"]]
+    torch.manual_seed(0)
+    denoiser, pipe, shape, mu, cond = build(spec, precision, device)
+    times = fam.grid(pipe.scheduler, steps, mu)
+    c = cond(images)
+    decode = lambda x: torch.cat([fam.from_latents(pipe.vae, x[i:i + 2]) for i in range(0, len(x), 2)])  # noqa: E731
+    x_T = torch.randn(images, *shape, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():  # warm-up (kernels, allocator), then timed
+        sample_split(denoiser, denoiser, x_T[:1], times[:2], 1, euler_step, cond(1))
+        _sync(device)
+        t0 = time.perf_counter()
+        x0 = sample_split(denoiser, denoiser, x_T, times, len(times) - 1, euler_step, c).x_0
+        decode(x0)
+        _sync(device)
+    sample_ips = images / (time.perf_counter() - t0)
+
+    if checkpointing:
+        denoiser.transformer.enable_gradient_checkpointing()
+    head = apply_lora(copy.deepcopy(denoiser).requires_grad_(True).train(), rank, rank, fam.lora_targets)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    v = lambda m: (lambda x, s, cc: m(x, s, cc, guidance_scale=1.0))  # noqa: E731
+
+    def train_step(x, cc, seed):
+        loss = flow_matching_loss(v(head), x, 0.0, cc, torch.Generator().manual_seed(seed))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    xb, cb = x0[:batch].float(), cond(batch)
+    train_step(xb, cb, 0)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(train_steps):
+        loss = train_step(xb, cb, i + 1)
+    _sync(device)
+    train_sps = train_steps / (time.perf_counter() - t0)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{spec['name']} {precision}: non-finite training loss {loss}")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t0 = time.perf_counter()
+    head.eval()
+    with torch.no_grad():
+        k = split_times(times, 0.5).index
+        out = sample_split(head, denoiser, x_T, times, k, euler_step, c)
+        decode(out.x_0)
+    head.train()
+    for i in range(train_steps):
+        train_step(out.x_t[:batch].float(), cb, 100 + i)
+    _sync(device)
+    round_s = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"family": fam.name, "model": spec["name"], "precision": precision, "device": _device_name(device),
+            "image_size": spec["image_size"], "images": images, "steps": steps,
+            "sample_images_per_s": sample_ips, "train_steps_per_s": train_sps, "round_seconds": round_s,
+            "peak_memory_gib": peak,
+            "transformer_params_m": sum(p.numel() for p in denoiser.transformer.parameters()) / 1e6}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (< 2 minutes)")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--precisions", default=None, help="default: fp32,bf16 (tiny), bf16 (real)")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/t2i_scale.csv"))
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=None)
+    parser.add_argument("--train-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    device = torch.device("cpu") if tiny or not torch.cuda.is_available() else torch.device("cuda")
+    precisions = (args.precisions or ("fp32,bf16" if tiny else "bf16")).split(",")
+    settings = dict(images=args.images or (4 if tiny else 4), steps=args.steps or (4 if tiny else 20),
+                    batch=args.batch or (2 if tiny else 1), rank=args.rank or (2 if tiny else 32),
+                    train_steps=args.train_steps or (2 if tiny else 3), checkpointing=not tiny)
+    done = pd.read_csv(args.out) if args.out.is_file() else pd.DataFrame(columns=COLUMNS)
+    rows = done.to_dict("records")
+    config = "tiny" if tiny else "real"
+    for name in args.families.split(","):
+        if name not in FAMILIES:
+            raise SystemExit(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
+        spec = TINY[name] if tiny else json.loads((CONFIGS / f"{REAL[name]}.json").read_text())
+        for precision in precisions:
+            if precision not in PRECISIONS:
+                raise SystemExit(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+            key = (name, config, precision, _device_name(device))
+            if any((r["family"], r["config"], r["precision"], r["device"]) == key for r in rows):
+                continue  # measured already: resumable
+            row = {"config": config, **measure(spec, precision, device, **settings)}
+            rows.append(row)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
+            print(f"{row['model']:>16} {precision:>5}: {row['sample_images_per_s']:.2f} images/s, "
+                  f"{row['train_steps_per_s']:.2f} steps/s, round {row['round_seconds']:.1f} s, "
+                  f"peak {row['peak_memory_gib']:.1f} GiB", flush=True)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    with pd.option_context("display.width", 200, "display.precision", 3):
+        print(table.to_string(index=False))
+    return table
+
+
+if __name__ == "__main__":
+    main()
