@@ -1,4 +1,6 @@
-"""The claims the flow benchmark (benchmarks/flow.py) prints, decided from a fabricated table."""
+"""The flow benchmark (benchmarks/flow.py, stages and claims in pgraft.apps.flow.benchmark): the claims
+decided from fabricated tables, the key rows given Inception, the rows resolved from the flags, the
+script's stage table, and one-line refusals."""
 
 from __future__ import annotations
 
@@ -8,11 +10,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
+
+from pgraft.apps.flow import benchmark as bench_app
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "flow.py"
 
 
-def _load_benchmark():
+def _load_script():
     spec = importlib.util.spec_from_file_location("flow_benchmark", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -26,7 +32,7 @@ def _table(rows):
 
 
 def test_claims_compare_with_the_inverted_base_and_the_base_with_the_same_steps():
-    bench = _load_benchmark()
+    bench = bench_app
     table = _table([(10, 0, 20.0), (20, 0, 12.0), (40, 0, 9.0),   # base: best 9.0 at 4000 FLOPs
                     (10, 2, 14.0),                                # -30% at 1.03x: within budget
                     (10, 5, 13.0),                                # -35% at 1.075x: best within budget
@@ -41,7 +47,7 @@ def test_claims_compare_with_the_inverted_base_and_the_base_with_the_same_steps(
 
 
 def test_claims_fail_when_correction_does_not_help():
-    bench = _load_benchmark()
+    bench = bench_app
     table = _table([(10, 0, 20.0), (40, 0, 9.0), (10, 2, 17.0), (10, 30, 8.0)])  # 8.0 only at 1.45x the FLOPs
     c = bench.claims(table, "feature_fid", 10)
     assert not c["lowers_fid_25pct_within_1.35x"]  # -15% within budget
@@ -52,7 +58,7 @@ def test_claims_fail_when_correction_does_not_help():
 
 
 def test_report_pools_evaluate_csvs_of_several_noise_flows(tmp_path, capsys):
-    bench = _load_benchmark()
+    bench = bench_app
 
     def csv(name, rows):
         t = _table(rows).assign(config=lambda d: [("corrected(heun-%d)+euler-%d" % (k, b)) if k else f"base euler-{b}"
@@ -73,3 +79,42 @@ def test_report_pools_evaluate_csvs_of_several_noise_flows(tmp_path, capsys):
     assert math.isclose(summary["fid"]["best_in_budget"]["relative_change"], -0.4)
     assert (tmp_path / "out" / "flow.png").stat().st_size > 0
     assert "lowers fid >= 25% at <= 1.35x FLOPs: YES" in capsys.readouterr().out
+
+
+def test_inception_goes_to_the_reference_rows_the_best_in_budget_and_the_cheapest_beating_the_best():
+    table = _table([(10, 0, 20.0), (20, 0, 12.0), (40, 0, 9.0),
+                    (10, 2, 14.0), (10, 5, 13.0),   # 13.0 best within 1.35 x 1000 FLOPs
+                    (10, 30, 8.5),                  # beats 9.0 but outside the budget (1450 FLOPs)
+                    (20, 5, 8.0)])                  # beats 9.0 too, at 2075 FLOPs: not the cheapest
+    table["config"] = [f"base euler-{b}" if k == 0 else f"c{b}/{k}" for b, k in zip(table.steps, table.noise_steps)]
+    assert bench_app.inception_rows(table, 10, [10, 20, 40]) == {"base euler-10", "base euler-40", "c10/5", "c10/30"}
+
+
+def test_rows_from_flags_give_every_corrected_row_its_plain_twin(tmp_path):
+    args = bench_app.parser(None, None).parse_args(
+        ["--out", str(tmp_path / "run"), "--base-steps", "5,40", "--invert-steps", "8", "--corrected-base-steps",
+         "8,13", "--noise-steps", "3,1", "-n", "7"])
+    run = bench_app.make_run(args, torch.device("cpu"))
+    assert run.base_steps == [5, 8, 13, 40]
+    assert run.corrected_base_steps == [8, 13] and run.noise_steps == [3, 1]
+    assert (run.n, run.inception, run.base_dir) == (7, True, tmp_path / "run" / "base")
+    default = bench_app.make_run(bench_app.parser(None, None).parse_args(["--out", str(tmp_path / "d")]),
+                                 torch.device("cpu"))
+    assert default.base_steps == [5, 10, 13, 20, 40] and default.corrected_base_steps == [10, 13, 20]
+    assert default.noise_steps == [2, 3, 5, 10] and default.train_x is None
+
+
+def test_script_is_the_stage_table_of_the_app():
+    script = _load_script()
+    assert [name for name, _ in script.STAGES] == ["base", "invert", "correct", "evaluate", "fit", "grids",
+                                                    "summary", "print"]
+    assert all(fn is getattr(bench_app, f"stage_{name}") for name, fn in script.STAGES)
+
+
+@pytest.mark.parametrize("argv, word", [(["--device", "bogus"], "bogus"), (["--base-steps", "2,x"], "2,x"),
+                                        (["--report", "/no/such.csv"], "/no/such.csv")])
+def test_refusals_are_one_line_naming_the_input(argv, word, capsys):
+    with pytest.raises(SystemExit) as err:
+        bench_app.main([], argv=argv, prog="flow.py")
+    message = str(err.value.code) if err.value.code != 2 else capsys.readouterr().err
+    assert word in message and len(message.strip().splitlines()) == 1

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from test_families_tiny import build_tiny_flux, build_tiny_qwen, build_tiny_sana
+from two_processes import assert_two_processes_accept_alike
 
 from pgraft.apps.t2i.flow_pipeline import FlowDenoiser, FlowT2IPipeline, pipeline_kind
 from pgraft.apps.t2i.pipelines import FAMILIES, supported_classes
@@ -181,6 +182,14 @@ def test_flux_qwen_sana_graft_pgraft_rounds_resume_and_lora_loads_with_diffusers
     _lora_matches_diffusers(name, directory, run, guidance)
     _, graft = train_t2i(app, _graft(split=0.0), tmp_path / "graft", show_progress=False)
     assert math.isfinite(graft["train_loss"].iloc[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["flux", "qwen", "sana"])
+def test_flux_qwen_sana_two_processes_accept_the_same_set_as_one(name, tiny, tmp_path):
+    """The 2-process equality of SD3 (tests/t2i/test_sd3_flow.py) for each new flow family."""
+    size = ("--image-size", str(SIZES[name])) if SIZES[name] else ()
+    assert_two_processes_accept_alike(tiny(name), tmp_path, size, n_steps=3)
 
 
 @pytest.mark.slow
