@@ -147,6 +147,19 @@ class App:
             return None
         return checkpoint_lacks(directory, self.model_class, self.files)
 
+    def base_for_run(self, value: str | Path, preset: Any, out: str | Path, resume: bool,
+                     show_progress: bool = True) -> tuple[Path, Any]:
+        """(directory, model) of the base a train command's ``--base value`` names, for a run in
+        ``out``: the run directory's refusals come first (:func:`~pgraft.core.rundir.preflight`: in
+        use, nothing to resume, a finished run), before a missing base is pretrained, so that a
+        refused command neither pretrains nor prints more than its one line."""
+        from .rundir import preflight
+        from .trainer import is_main_process
+
+        preflight(out, resume, report=is_main_process())
+        directory = self.resolve_base(value, preset)
+        return directory, self.load_or_pretrain(directory, preset, show_progress)
+
     def load_or_pretrain(self, directory: str | Path, preset: Any = None, show_progress: bool = True) -> Any:
         """The base in ``directory``: loaded when :func:`~pgraft.core.shipped.open_base_dir` finds a
         finished, verified one (a damaged or partial one is refused, never pretrained over); else

@@ -68,6 +68,27 @@ _TEMP_CHECKPOINT = re.compile(r"\.round_\d{4,}\.tmp")
 _STORE_FILE = re.compile(r"round_(\d{4,})\.(safetensors|parquet)")
 
 
+def preflight(path: str | Path, resume: bool, report: bool = True) -> None:
+    """The refusals of opening ``path`` as a run directory, checked without writing anything: a
+    file in its place, another process writing it (asked by the one process that will write: the
+    other processes of a multi-process run open it while their rank 0 holds it), ``--resume`` with no
+    run there, or a new run over a finished one. A train command calls it before any slow work
+    (pretraining a missing base), so that such a refusal comes first and alone."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} exists and is not a directory")
+    holder = held_by_another(path) if report else None  # first: whatever else is wrong, it is in use
+    if holder is not None:
+        raise RunDirLocked(f"{path} is in use by {holder}; wait for that run to end or choose another "
+                           "--out (nothing was changed)")
+    if resume and not (path / "config.json").is_file():
+        raise UsageError(f"--resume: {path} holds no run to resume (no config.json); "
+                         "drop --resume to start a new run there")
+    if not resume and (path / "checkpoints" / "latest.json").exists():
+        raise RunExistsError(f"run dir {path} already holds a run; pass --resume to continue it "
+                             "or choose another --out directory (nothing was changed)")
+
+
 class RunDir:
     """Owns a run's files; see the module docstring for the layout."""
 
@@ -75,20 +96,7 @@ class RunDir:
         """``report``: this is the process that writes the run (and prints its warnings); False on
         the other processes of a multi-process run."""
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"--out {self.path} exists and is not a directory")
-        # first: whatever else is wrong, another process is writing it (asked by the one process that
-        # will write: the other processes of a multi-process run open it while their rank 0 holds it)
-        holder = held_by_another(self.path) if report else None
-        if holder is not None:
-            raise RunDirLocked(f"{self.path} is in use by {holder}; wait for that run to end or choose another "
-                               "--out (nothing was changed)")
-        if resume and not (self.path / "config.json").is_file():
-            raise UsageError(f"--resume: {self.path} holds no run to resume (no config.json); "
-                             "drop --resume to start a new run there")
-        if not resume and (self.path / "checkpoints" / "latest.json").exists():
-            raise RunExistsError(f"run dir {self.path} already holds a run; pass --resume to continue it "
-                                 "or choose another --out directory (nothing was changed)")
+        preflight(self.path, resume, report)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -230,8 +230,7 @@ def problem_for(cfg: LayoutTrainConfig, base: BaseModel) -> GraftProblem:
 def train_layout(cfg: LayoutTrainConfig, graft: GraftConfig, out: str | Path, resume: bool = False,
                  show_progress: bool = True) -> pd.DataFrame:
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
-    base_dir = APP.resolve_base(cfg.base, cfg.preset)
-    base = APP.load_or_pretrain(base_dir, cfg.preset, show_progress)
+    base_dir, base = APP.base_for_run(cfg.base, cfg.preset, out, resume, show_progress)
     cfg = replace(cfg, **base_digests(base_dir, recorded_section(out, "layout") if resume else None))
     problem = problem_for(cfg, base)
     head, table = run_graft(problem, base.model, model_config(base), graft, out,

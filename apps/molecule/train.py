@@ -143,8 +143,7 @@ def log_prob(model, x, t, t_next, x_next, cond=None) -> torch.Tensor:
 def train_molecule(cfg: MoleculeTrainConfig, graft: GraftConfig, out: str | Path, resume: bool = False,
                    show_progress: bool = True) -> pd.DataFrame:
     """Fine-tune the base in ``cfg.base`` with ``graft``; returns the metrics table."""
-    base_dir = APP.resolve_base(cfg.base, cfg.preset)
-    base = APP.load_or_pretrain(base_dir, cfg.preset, show_progress)
+    base_dir, base = APP.base_for_run(cfg.base, cfg.preset, out, resume, show_progress)
     cfg = replace(cfg, **base_digests(base_dir, recorded_section(out, "molecule") if resume else None))
     problem = make_problem(base, cfg.reward, cfg.sample_steps, novel=cfg.novel, reference=novelty_reference(base))
     head, table = run_graft(problem, base.model, base.model.init_kwargs(), graft, out,

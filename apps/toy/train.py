@@ -119,8 +119,7 @@ def train_toy(cfg: ToyConfig, graft: GraftConfig, out: str | Path, base: str = D
         from pgraft.core.dedup import tensor_key
 
         problem.key = lambda x: [tensor_key(row, 2) for row in x]
-    base_dir = APP.resolve_base(base, cfg)
-    model = APP.load_or_pretrain(base_dir, cfg, show_progress)
+    base_dir, model = APP.base_for_run(base, cfg, out, resume, show_progress)
     digests = base_digests(base_dir, recorded_section(out) if resume else None)
     return run_graft(problem, model, cfg.model_config(), graft, out, app_config={"toy": asdict(cfg), "base": base,
                                                                                **digests},

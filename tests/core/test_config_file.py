@@ -127,14 +127,18 @@ SHIPPED = {  # configs/<app>/<file>: the command that reads it
 }
 
 
-def shipped_configs() -> list[tuple[str, str, Path]]:
+def shipped_configs() -> list:
+    """(app, command, path) of every shipped config; one that logs to a tracker needs that tracker's
+    package (the `trackers` extra), which `--log-with` checks when the file is read."""
     out = []
     for path in sorted((REPO / "configs").glob("*/*.yaml")):
         app = path.parent.name
         if app == "accelerate":
             continue
         command = SHIPPED.get(f"{app}/{path.name}") or SHIPPED[app]
-        out.append((app, command, path))
+        tracker = (read_config_file(path).get("log_with") or "none").lower()
+        marks = () if tracker == "none" else pytest.mark.extra(tracker)
+        out.append(pytest.param(app, command, path, marks=marks))
     return out
 
 

@@ -152,6 +152,7 @@ def test_a_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
         res = CliRunner().invoke(app, ["toy", "train", "--out", str(run), "--base", str(tmp_path / "b"), "--quiet"])
         assert res.exit_code == 1 and f"PID {pid}" in res.output and "Traceback" not in res.output
         assert len(res.output.strip().splitlines()) == 1
+        assert not (tmp_path / "b").exists()  # refused before the missing base would be pretrained
     # the holder died without releasing anything: its lock file is stale and the next run proceeds
     assert json.loads((run / ".lock").read_text())["pid"] == pid
     run_graft(_problem(), _base(), {}, GraftConfig(**{**CFG.__dict__, "rounds": 1}), run, show_progress=False)

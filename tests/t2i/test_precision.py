@@ -59,13 +59,15 @@ def _graft(**kw) -> GraftConfig:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_sd3_and_flux_bf16_two_rounds_finite(family, tiny_sd3, tiny_flux, prompt_file, tmp_path):
-    """Two P-GRAFT rounds at bf16 on the CPU: finite metrics; the checkpoint's LoRA weights and the optimizer
-    state are float32 while the frozen transformer weights are bfloat16; the run records its precision."""
+@pytest.mark.parametrize("family, precision", [("sd3", "bf16"), ("flux", "bf16"), ("sd3", "fp16"), ("flux", "fp16")])
+def test_sd3_and_flux_low_precision_two_rounds_finite(family, precision, tiny_sd3, tiny_flux, prompt_file, tmp_path):
+    """Two P-GRAFT rounds at bf16 / fp16 on the CPU: finite metrics; the checkpoint's LoRA weights and the
+    optimizer state are float32 while the frozen transformer weights are in the low precision; the run
+    records its precision."""
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     directory = tiny_sd3 if family == "sd3" else tiny_flux
     app_cfg = T2IConfig(model=str(directory), prompts=str(prompt_file), reward="checker", reward_weights=None,
-                        n_steps=3, guidance_scale=2.0 if family == "sd3" else None, precision="bf16",
+                        n_steps=3, guidance_scale=2.0 if family == "sd3" else None, precision=precision,
                         image_size=16 if family == "flux" else None)
     _, table = train_t2i(app_cfg, _graft(), tmp_path / "run", show_progress=False)
     assert table["round"].tolist() == [0, 1]
@@ -75,10 +77,10 @@ def test_sd3_and_flux_bf16_two_rounds_finite(family, tiny_sd3, tiny_flux, prompt
     lora = [v for k, v in weights.items() if "lora_" in k]
     frozen = [v for k, v in weights.items() if "lora_" not in k and v.is_floating_point()]
     assert lora and all(v.dtype == torch.float32 for v in lora)
-    assert frozen and all(v.dtype == torch.bfloat16 for v in frozen)
+    assert frozen and all(v.dtype == low for v in frozen)
     states = [t for s in extra["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.ndim]
     assert states and all(t.dtype == torch.float32 for t in states)
-    assert '"precision": "bf16"' in (tmp_path / "run" / "config.json").read_text()
+    assert f'"precision": "{precision}"' in (tmp_path / "run" / "config.json").read_text()
 
 
 @pytest.mark.slow
