@@ -29,7 +29,6 @@ Ctrl-C stops at the next minibatch. One process.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -43,10 +42,9 @@ from torch import nn
 from .bridges import PathSample
 from .checkpoint import save_pretrained
 from .errors import UsageError
-from .integrity import exclusive
 from .losses import sample_times
-from .policy_gradient import ADVANTAGE_GROUPS, _global_rng, final_evaluation, round_advantages
-from .pretrain import check_finite, stop_requests
+from .policy_gradient import ADVANTAGE_GROUPS, _global_rng, final_evaluation, one_process_run, round_advantages
+from .pretrain import check_finite
 from .progress import progress_bar
 from .rundir import RunDir
 from .sampling import randn_like
@@ -58,13 +56,11 @@ from .trainer import (
     RoundResult,
     RoundStopped,
     derive_seed,
-    early_stops,
     generator_for,
     print_round_row,
     restore,
     round_metrics,
     sample_candidates,
-    stop_check,
 )
 
 # seed streams of this module (last part of generator_for's key), apart from core.trainer.Stream's
@@ -180,14 +176,13 @@ def run_nft(
     ``model(x_s, s, cond)``; a guided denoiser passes its unguided call, as its own loss does).
     States must be tensors (continuous data). One process only.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("DiffusionNFT runs in one process; start it without accelerate launch / torchrun")
-    if not isinstance(problem.prior(1, torch.Generator().manual_seed(0)), torch.Tensor):
-        raise UsageError("DiffusionNFT needs continuous tensor states; this problem's states are dicts")
-    run = RunDir(run_dir, resume=resume)
-    with exclusive(run.path), stop_requests() as stop, early_stops(run, stop):
+    def tensor_states() -> None:
+        if not isinstance(problem.prior(1, torch.Generator().manual_seed(0)), torch.Tensor):
+            raise UsageError("DiffusionNFT needs continuous tensor states; this problem's states are dicts")
+
+    with one_process_run(run_dir, resume, "DiffusionNFT", tensor_states) as (run, should_stop):
         return _run_nft(problem, path, base, model_config, cfg, run, app_config, resume, show_progress,
-                        stop_check(stop, None), predict)
+                        should_stop, predict)
 
 
 def _run_nft(problem, path, base, model_config, cfg: NFTConfig, run: RunDir, app_config, resume, show_progress,

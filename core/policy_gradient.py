@@ -248,12 +248,25 @@ def run_policy_gradient(
     launch with several processes (``accelerate launch`` / ``torchrun``) is refused. ``tracker``
     (default: :func:`~pgraft.core.trackers.current_tracker`) gets every metrics row appended.
     """
+    with one_process_run(run_dir, resume, "the policy-gradient baseline") as (run, should_stop):
+        return _run_policy_gradient(problem, log_prob, base, model_config, cfg, run, app_config, resume,
+                                    show_progress, should_stop, tracker=tracker)
+
+
+@contextlib.contextmanager
+def one_process_run(run_dir: str | Path, resume: bool, what: str, check: Callable[[], None] | None = None):
+    """The run directory of a loop that keeps its trajectories in one process (policy gradient,
+    DiffusionNFT), with the round loop's guarantees: a launch with several processes is refused, then
+    ``check()`` (the loop's own refusals, before anything is written), then the directory is opened
+    (:class:`~pgraft.core.rundir.RunDir`'s refusals) and held by one writer while SIGTERM / Ctrl-C
+    requests a clean stop. Yields (run, should_stop)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("the policy-gradient baseline runs in one process; start it without accelerate launch / torchrun")
+        raise UsageError(f"{what} runs in one process; start it without accelerate launch / torchrun")
+    if check is not None:
+        check()
     run = RunDir(run_dir, resume=resume)
     with exclusive(run.path), stop_requests() as stop, early_stops(run, stop):
-        return _run_policy_gradient(problem, log_prob, base, model_config, cfg, run, app_config, resume,
-                                    show_progress, stop_check(stop, None), tracker=tracker)
+        yield run, stop_check(stop, None)
 
 
 @contextlib.contextmanager
