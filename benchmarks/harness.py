@@ -232,6 +232,9 @@ def parser(bench: Benchmark, doc: str) -> argparse.ArgumentParser:
                          f"the shared evaluation seed {EVAL_SEED_OFFSET} + seed (paired comparisons)")
     ap.add_argument("--methods", default=",".join(bench.methods), help=f"comma list of {', '.join(bench.methods)}")
     ap.add_argument("--report", action="store_true", help="only aggregate the finished cells")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="aggregate the cells together with an earlier seeds.csv (say docs/results/<name>_seeds.csv): "
+                         "its rows of the (method, seed) cells --methods selects here are replaced, the others kept")
     ap.add_argument("--quick", action="store_true", help="tiny budget smoke run (not for conclusions)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     if bench.add_args is not None:
@@ -263,7 +266,7 @@ def main(bench: Benchmark, doc: str, argv: list[str] | None = None) -> pd.DataFr
             {"benchmark": bench.name, "settings": settings, "commit": git_commit()}, indent=2, default=str)))
     if not args.report:
         run_cells(bench, args, methods, seeds, out)
-    return report(bench, out, methods)
+    return report(bench, out, methods, merge=args.merge)
 
 
 def cell_dir(out: Path, method: str, seed: int) -> Path:
@@ -428,11 +431,35 @@ def wide_summary(bench: Benchmark, summary: pd.DataFrame, methods: list[str],
     return table[[c for c in order if c in table.columns]].fillna("–")
 
 
-def report(bench: Benchmark, out: Path, methods: list[str] | None = None) -> pd.DataFrame:
+def merge_long(earlier: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
+    """``earlier``'s rows (a seeds.csv) without the (method, seed) cells ``fresh`` holds and without the
+    derived gain rows (recomputed over the union by :func:`add_gains`), followed by ``fresh``'s rows."""
+    held = set(zip(fresh["method"], fresh["seed"].astype(int)))
+    replaced = [(m, int(s)) in held for m, s in zip(earlier["method"], earlier["seed"])]
+    kept = earlier[~pd.Series(replaced, index=earlier.index, dtype=bool)]
+    kept = kept[~kept["metric"].str.contains("_gain", regex=False)]
+    return pd.concat([kept[fresh.columns], fresh], ignore_index=True)
+
+
+def read_seeds_csv(path: Path) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: --merge {path}: {err}") from None
+    missing = {"method", "label", "seed", "eval_seed", "metric", "value"} - set(table.columns)
+    if missing:
+        raise SystemExit(f"error: --merge {path}: not a seeds.csv (no {', '.join(sorted(missing))} column)")
+    return table
+
+
+def report(bench: Benchmark, out: Path, methods: list[str] | None = None, merge: Path | None = None) -> pd.DataFrame:
     cells = load_cells(out, methods)
     if not cells:
         raise SystemExit(f"error: no finished cells in {out / 'cells'}; run without --report first")
-    long = add_gains(long_table(cells), bench.reward_metric)
+    long = long_table(cells)
+    if merge is not None:
+        long = merge_long(read_seeds_csv(merge), long)
+    long = add_gains(long, bench.reward_metric)
     order = {k: i for i, k in enumerate(bench.methods)}
     long = long.sort_values(["method", "seed"], key=lambda s: s.map(order) if s.name == "method" else s)
     long.to_csv(out / "seeds.csv", index=False)

@@ -66,6 +66,8 @@ METHODS = {
     "graft": Method("graft", "GRAFT Top-2 of M", "graft", {"grs": TOP2, "t": 0.0}),
     **{f"pgraft_{t}": Method(f"pgraft_{t}", f"P-GRAFT t={t}", "graft", {"grs": TOP2, "t": t}) for t in T_VALUES},
     "pg": Method("pg", "policy gradient (DDPO-style)", "pg"),
+    # Flow-GRPO's trust term: the same group-relative advantages plus KL(policy || base) at beta 0.04
+    "grpo": Method("grpo", "GRPO (group advantages, KL 0.04)", "pg", {"kl": 0.04}),
 }
 METRICS = {
     "reward_mean": Metric("reward (mean)"),
@@ -81,6 +83,7 @@ METRICS = {
 COMPARISONS = [Comparison(a, b, metric) for metric in ("reward_mean", "fid") for a, b in [
     *[(f"pgraft_{t}", "graft") for t in T_VALUES],
     *[(f"pgraft_{t}", "pg") for t in T_VALUES],
+    *[(f"pgraft_{t}", "grpo") for t in T_VALUES],
     ("graft", "base"),
 ]]
 
@@ -163,8 +166,8 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
             # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
             cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=args.m, epochs=1,
                            batch_size=args.batch_size, lr=args.lr, log_prob_reduction="sum", clip=0.2,
-                           sample_batch_size=256, timestep_fraction=args.pg_timestep_fraction, final_eval=False,
-                           seed=seed)
+                           kl=method.params.get("kl", 0.0), sample_batch_size=256,
+                           timestep_fraction=args.pg_timestep_fraction, final_eval=False, seed=seed)
             head, _ = run_policy_gradient(compute.metered(problem), log_prob_fn(args.pg_noise), base.model, model_config(base), cfg,
                                           run_dir, app_config={**ctx.app_config(), "pg_noise": args.pg_noise},
                                           show_progress=show)

@@ -57,13 +57,15 @@ METHODS = {m.key: m for m in [
     _graft("pgraft_0.5_bon_dedup", "P-GRAFT t=0.5 BoN + dedup", t=0.5, dedup=True),
     _graft("pgraft_0.1_bon_dedup_novel", "P-GRAFT t=0.1 BoN + dedup, novel-only QED", t=0.1, dedup=True, novel=True),
     Method("pg", "policy gradient (DDPO-style)", "pg"),
+    # Flow-GRPO's trust term: the same group-relative advantages plus KL(policy || base) at beta 0.04
+    Method("grpo", "GRPO (group advantages, KL 0.04)", "pg", {"kl": 0.04}),
     # not in the default run; kept so the earlier single-seed tables can be reproduced
     _graft("pgraft_0.1_bon16_dedup", "P-GRAFT t=0.1 BoN (N=16) + dedup (train default)", t=0.1, dedup=True, m=16),
     _graft("graft_topk", "GRAFT Top-2 of 8", rule="topk", k=2),
 ]}
 # in order of importance: a run cut short leaves the last methods missing (cells run method by method)
 DEFAULT_METHODS = ["base", "graft_bon", "graft_bon_dedup", "pgraft_0.1_bon_dedup", "pg", "pgraft_0.25_bon_dedup",
-                   "pgraft_0.5_bon_dedup", "pgraft_0.1_bon_dedup_novel"]
+                   "pgraft_0.5_bon_dedup", "pgraft_0.1_bon_dedup_novel", "grpo"]
 
 METRICS = {
     "qed_mean": Metric("QED of valid unique"),
@@ -82,6 +84,7 @@ COMPARISONS = [Comparison(a, b, metric) for metric in ("qed_mean", "vun", "qed_n
     ("pgraft_0.25_bon_dedup", "graft_bon_dedup"),
     ("pgraft_0.5_bon_dedup", "graft_bon_dedup"),
     ("pgraft_0.1_bon_dedup", "pg"),
+    ("pgraft_0.1_bon_dedup", "grpo"),
     ("graft_bon_dedup", "graft_bon"),
     ("pgraft_0.1_bon_dedup_novel", "pgraft_0.1_bon_dedup"),
     ("graft_bon", "base"),
@@ -149,8 +152,8 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
         elif method.kind == "pg":
             # summed log-density: the clip range these rows were tuned with (docs/derivations.md)
             cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=8, epochs=1, batch_size=64, lr=args.lr,
-                           log_prob_reduction="sum", clip=0.2, sample_batch_size=256, timestep_fraction=0.25,
-                           final_eval=False, seed=seed)
+                           log_prob_reduction="sum", clip=0.2, kl=p.get("kl", 0.0), sample_batch_size=256,
+                           timestep_fraction=0.25, final_eval=False, seed=seed)
             head, _ = run_policy_gradient(problem, log_prob, base.model, base.model.init_kwargs(), cfg, run_dir,
                                           app_config={"molecule": app.__dict__}, show_progress=not args.quiet)
             sampled = args.rounds * args.groups * 8

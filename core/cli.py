@@ -450,7 +450,8 @@ ProbeSteps = Annotated[int, typer.Option(
     "--train-steps", callback=at_least(0),
     help="Budget-aware recommendation: the optimizer steps per round you will train with (0 = off). A learning probe "
          "then runs, at t = 0 and each --t: one round of candidates from the base (--groups × --m), accepted by the "
-         "rule, a head fine-tuned N steps on the accepted X_t with train's batch size and lr, and the head's paired "
+         "rule, a head (LoRA of rank --lora when > 0, as train's) fine-tuned N steps on the accepted X_t with train's "
+         "batch size and lr, and the head's paired "
          "reward shift over the base divided by its target's (a fresh base tail per X_t): the progress. Predicted "
          "one-round gain = G0 × kept(t) × progress(t, N) (G0: GRAFT's ideal gain); prints that table (probe.csv) and "
          "the t of largest predicted gain.")]
@@ -466,13 +467,14 @@ DIAGNOSE_HELP = ("Which P-GRAFT split --t to train with, from the base alone (n 
                  "steps take the head toward its target at each t, and the t of largest predicted gain G0 × kept × "
                  "progress is recommended.")
 # the GRAFT flags a diagnose command does not take (the rule's flags stay: the kept share uses them)
-DIAGNOSE_FIXED = {"dedup": False, "t": 0.0, "rounds": 1, "train_steps": 0, "batch_size": 1, "lr": 1e-4, "lora": 0,
+DIAGNOSE_FIXED = {"dedup": False, "t": 0.0, "rounds": 1, "train_steps": 0, "batch_size": 1, "lr": 1e-4,
                   "replay": False, "anchor": 0.0, "seed": 0}
 
 
 def diagnose_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for an app's ``diagnose`` command: :func:`graft_options` with only the GRS rule's
-    flags (``--rule --m --k --alpha --threshold --reward-max --groups``; pass the app's train
+    flags (``--rule --m --k --alpha --threshold --reward-max --groups``) and ``--lora`` (the learning
+    probe's head capacity; pass the app's train
     defaults, ``reward_max`` included); the command gets ``graft: GraftConfig`` and hands it to
     :func:`diagnose` as ``rule``."""
     return graft_options(fixed=DIAGNOSE_FIXED, **defaults)

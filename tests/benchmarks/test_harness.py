@@ -57,6 +57,31 @@ def test_cells_are_paired_resumable_and_reported_long(tmp_path, capsys):
     assert calls == [("a", 1)]
 
 
+def test_merge_replaces_only_the_cells_run_here_and_recomputes_gains(tmp_path):
+    """--merge: an earlier seeds.csv (all methods) plus fresh cells of one method gives the same report as
+    one run of everything; the earlier file's stale rows of that method and its gain rows are dropped."""
+    full = harness.main(_bench([]), "fake", ["--out", str(tmp_path / "full"), "--seeds", "0,1,2"])
+    earlier = full.copy()
+    stale = (earlier["method"] == "b") & (earlier["metric"] == "score")
+    earlier.loc[stale, "value"] += 100.0  # the earlier file's b rows are not the ones to keep
+    earlier.to_csv(tmp_path / "earlier.csv", index=False)
+    harness.main(_bench([]), "fake", ["--out", str(tmp_path / "b"), "--seeds", "0,1,2", "--methods", "b"])
+    merged = harness.main(_bench([]), "fake", ["--out", str(tmp_path / "b"), "--seeds", "0,1,2", "--methods", "b",
+                                               "--report", "--merge", str(tmp_path / "earlier.csv")])
+    key = ["method", "seed", "metric"]
+    # wall_s differs run to run; every other row, the recomputed gains included, equals the single run's
+    drop = lambda t: t[t["metric"] != "wall_s"].sort_values(key).reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(drop(merged)[key + ["value"]], drop(full)[key + ["value"]])
+    assert (tmp_path / "full" / "verdicts.txt").read_text() == (tmp_path / "b" / "verdicts.txt").read_text()
+
+
+def test_merge_refuses_a_file_that_is_not_a_seeds_table(tmp_path):
+    harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--seeds", "0", "--methods", "b"])
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match=r"--merge .*x.csv: not a seeds.csv \(no eval_seed, label, method"):
+        harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--report", "--merge", str(tmp_path / "x.csv")])
+
+
 def test_other_settings_are_refused(tmp_path):
     bench = _bench([])
     bench.describe = lambda args: {"budget": 1}

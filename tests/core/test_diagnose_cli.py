@@ -39,3 +39,24 @@ def test_toy_diagnose_writes_its_table(tmp_path):
     table = pd.read_csv(tmp_path / "diagnose.csv")
     assert table["t"].tolist() == [0.5] and table[["n_states", "tails"]].iloc[0].tolist() == [16, 2]
     assert (tmp_path / "diagnose.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_probe_trains_a_lora_head_of_the_rank_given(tmp_path, monkeypatch):
+    """--lora R reaches the learning probe as train's --lora does: the probe's config carries rank R, and
+    the head it fine-tunes is a LoRA head (only adapter weights train)."""
+    from pgraft.core import heads
+
+    built = []
+    real = heads.build_head
+
+    def spy(base, cfg, init_seed=None):
+        head = real(base, cfg, init_seed)
+        built.append((cfg.lora_rank, sorted({n.split(".")[-3] for n, p in head.named_parameters() if p.requires_grad})))
+        return head
+
+    monkeypatch.setattr(heads, "build_head", spy)  # the probe imports it when it runs
+    ok("toy", "diagnose", "--states", "16", "--tails", "2", "--t", "0.5", "--groups", "8", "--train-steps", "1",
+       "--lora", "1", "--out", str(tmp_path), "--quiet")
+    assert built and all(rank == 1 and names == ["lora_A", "lora_B"] for rank, names in built), built
+    assert "--lora" in ok("molecule", "diagnose", "--help")
