@@ -1,11 +1,13 @@
-"""Text-to-image at scale, per pipeline family and precision: sampling images/s, LoRA training steps/s and
-the peak accelerator memory of one P-GRAFT round, on each family's REAL transformer and VAE configuration
+"""Text-to-image at scale, per pipeline family, precision and method: sampling images/s, LoRA training steps/s
+and the seconds and peak accelerator memory of one round of GRAFT, P-GRAFT or DiffusionNFT at an equal number
+of sampled images, on each family's REAL transformer and VAE configuration
 with random weights (SD3.5-medium, FLUX.1-dev, Qwen-Image, SANA-1.6B: benchmarks/configs/t2i_scale/*.json,
 each naming its source) when no weights are present.
 
     python benchmarks/t2i_scale.py                       # real configs (needs a GPU: ~80 GB for Qwen-Image bf16)
     python benchmarks/t2i_scale.py --tiny                # tiny configs on the CPU, < 2 minutes
     python benchmarks/t2i_scale.py --families flux,sana --precisions bf16
+    python benchmarks/t2i_scale.py --tiny --methods graft,pgraft,nft   # the three rows per cell, on the CPU
 
 What is timed is the part that scales: the transformer and the VAE, through the family adapters of
 ``pgraft.apps.t2i.pipelines`` (the same velocity, grid and decode the app runs). Prompt embeddings are
@@ -15,12 +17,23 @@ releases the text encoders (``prepare_flow_training``), so they are not part of 
 Cells: sampling = ``--images`` images, ``--steps`` Euler steps on the family's grid with its default
 guidance, then chunked VAE decoding; training = LoRA (rank ``--rank``, the family's attention targets,
 AdamW, fp32 adapters over frozen ``precision`` weights, gradient checkpointing on the real configs) on the
-linear-flow loss, batch ``--batch``; one P-GRAFT round = sampling ``--images`` with the split sampler
-(head T -> t = 0.5, base t -> 0) + decoding + ``--train-steps`` LoRA steps, its peak memory measured
-from a reset (``torch.cuda.max_memory_allocated``; NaN on the CPU).
+linear-flow loss, batch ``--batch``. One round of a method (``--methods``; default all three on the real
+configs, P-GRAFT alone with ``--tiny``, the committed CPU rows) = sampling ``--images`` images + decoding
++ ``--train-steps`` LoRA updates of batch ``--batch``, its peak memory measured from a reset
+(``torch.cuda.max_memory_allocated``; NaN on the CPU); rewards and selection are not timed (alike for all):
 
-Writes one row per (family, precision, config, device) to ``--out`` (default docs/results/t2i_scale.csv)
-as soon as it is measured and skips rows already there (resumable); prints the table.
+- ``graft``: the head samples the whole grid; updates on the linear-flow loss from the clean latents;
+- ``pgraft``: the split sampler (head T -> t = 0.5, base t -> 0); updates on the flow bridge from X_t;
+- ``nft``: the head samples the whole grid; DiffusionNFT updates (:func:`pgraft.core.nft.nft_minibatch_loss`,
+  beta 1, optimality weights drawn in [0, 1]), each with the round's frozen-policy prediction v_old at the
+  update's draw (one extra no-gradient transformer call, as ``run_nft`` computes it before the updates).
+
+``train_steps_per_s`` is the method's own update (the flow loss for GRAFT / P-GRAFT, the NFT loss with its
+v_old call for NFT); ``sample_images_per_s`` is the base's sampler, shared by a cell's rows.
+
+Writes one row per (family, precision, config, device, method) to ``--out`` (default
+docs/results/t2i_scale.csv; rows written before the method column are P-GRAFT's) as soon as it is measured
+and skips rows already there (resumable); prints the table.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,8 +53,10 @@ import torch
 from pgraft.apps.t2i.flow_pipeline import PRECISIONS, FlowDenoiser
 from pgraft.apps.t2i.model import PromptBatch
 from pgraft.apps.t2i.pipelines import FAMILIES
+from pgraft.core.bridges import LinearFlowPath
 from pgraft.core.heads import apply_lora
 from pgraft.core.losses import flow_matching_loss
+from pgraft.core.nft import minibatch_draw, nft_minibatch_loss
 from pgraft.core.sampling import euler_step, sample_split
 from pgraft.core.schedules import split_times
 
@@ -93,8 +109,10 @@ TINY = {
                      "scaling_factor": 0.41407},
              "scheduler": {"shift": 3.0}},
 }
-COLUMNS = ["family", "model", "config", "precision", "device", "image_size", "images", "steps", "sample_images_per_s",
-           "train_steps_per_s", "round_seconds", "peak_memory_gib", "transformer_params_m"]
+COLUMNS = ["family", "model", "config", "precision", "device", "method", "image_size", "images", "steps",
+           "sample_images_per_s", "train_steps_per_s", "round_seconds", "peak_memory_gib", "transformer_params_m"]
+METHODS = ("graft", "pgraft", "nft")
+PGRAFT_SPLIT = 0.5  # P-GRAFT's t: the head samples T -> 0.5, the base 0.5 -> 0
 
 
 def _component(config: dict, device: torch.device, dtype: torch.dtype):
@@ -154,8 +172,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(spec: dict, precision: str, device: torch.device, images: int, steps: int, batch: int, rank: int,
-            train_steps: int, checkpointing: bool) -> dict:
-    """One row: sampling images/s, training steps/s, one P-GRAFT round's seconds and peak memory."""
+            train_steps: int, checkpointing: bool, methods: tuple[str, ...] = ("pgraft",)) -> Iterator[dict]:
+    """One row per method, yielded as soon as it is measured: sampling images/s (the cell's), the method's
+    training steps/s, and its round's seconds and peak memory, each method with a fresh LoRA head."""
     fam = FAMILIES[spec["family"]]
     torch.manual_seed(0)
     denoiser, pipe, shape, mu, cond = build(spec, precision, device)
@@ -171,52 +190,84 @@ def measure(spec: dict, precision: str, device: torch.device, images: int, steps
         decode(x0)
         _sync(device)
     sample_ips = images / (time.perf_counter() - t0)
-
     if checkpointing:
         denoiser.transformer.enable_gradient_checkpointing()
-    head = apply_lora(copy.deepcopy(denoiser).requires_grad_(True).train(), rank, rank, fam.lora_targets)
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    v = lambda m: (lambda x, s, cc: m(x, s, cc, guidance_scale=1.0))  # noqa: E731
+    cb = cond(batch)
+    for method in methods:
+        head = apply_lora(copy.deepcopy(denoiser).requires_grad_(True).train(), rank, rank, fam.lora_targets)
+        train_step = _update(method, head)
+        train_step(x0[:batch].float(), cb, 0.0, 0)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(train_steps):
+            loss = train_step(x0[:batch].float(), cb, 0.0, i + 1)
+        _sync(device)
+        train_sps = train_steps / (time.perf_counter() - t0)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{spec['name']} {precision} {method}: non-finite training loss {loss}")
 
-    def train_step(x, cc, seed):
-        loss = flow_matching_loss(v(head), x, 0.0, cc, torch.Generator().manual_seed(seed))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        t0 = time.perf_counter()
+        head.eval()
+        with torch.no_grad():  # the round's sampling: the split sampler for P-GRAFT, the head alone otherwise
+            split = split_times(times, PGRAFT_SPLIT) if method == "pgraft" else None
+            out = sample_split(head, denoiser, x_T, times, len(times) - 1 if split is None else split.index,
+                               euler_step, c)
+            decode(out.x_0)
+        head.train()
+        t_start = 0.0 if split is None else float(times[split.index])
+        for i in range(train_steps):
+            train_step(out.x_t[:batch].float(), cb, t_start, 100 + i)
+        _sync(device)
+        round_s = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        yield ({"family": fam.name, "model": spec["name"], "precision": precision, "device": _device_name(device),
+               "method": method, "image_size": spec["image_size"], "images": images, "steps": steps,
+               "sample_images_per_s": sample_ips, "train_steps_per_s": train_sps, "round_seconds": round_s,
+               "peak_memory_gib": peak,
+               "transformer_params_m": sum(p.numel() for p in denoiser.transformer.parameters()) / 1e6})
+        del head, train_step  # the next method's head starts from the base, with this one's memory released
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _velocity(model, x: torch.Tensor, s: torch.Tensor, cond: PromptBatch) -> torch.Tensor:
+    """The conditional velocity (guidance 1) every method trains, as the app's losses call it."""
+    return model(x, s, cond, guidance_scale=1.0)
+
+
+def _update(method: str, head):
+    """``step(x, cond, t_start, seed) -> loss`` of ``method``: one AdamW update of ``head``'s LoRA parameters on
+    the linear-flow loss from ``t_start`` (GRAFT, P-GRAFT) or on DiffusionNFT's loss (``t_start`` unused: NFT
+    noises the clean latents), its draws from ``seed``."""
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-5)
+
+    def flow_loss(x, cc, t_start, gen):
+        return flow_matching_loss(lambda x_s, s, c: _velocity(head, x_s, s, c), x, t_start, cc, gen)
+
+    def nft_loss(x, cc, t_start, gen):
+        w = torch.rand(len(x), generator=gen).to(x.device)  # optimality weights (no reward is timed)
+        drawn = minibatch_draw(LinearFlowPath(), x, gen)
+        head.eval()
+        with torch.no_grad():  # v_old: the round-start policy at this draw (run_nft computes it before the updates)
+            v_old = _velocity(head, drawn.x_t, drawn.t, cc)
+        head.train()
+        return nft_minibatch_loss(head, v_old, drawn, w, cc, 1.0, _velocity)
+
+    loss_of = nft_loss if method == "nft" else flow_loss
+
+    def step(x, cc, t_start: float, seed: int) -> float:
+        loss = loss_of(x, cc, t_start, torch.Generator().manual_seed(seed))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
-    xb, cb = x0[:batch].float(), cond(batch)
-    train_step(xb, cb, 0)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(train_steps):
-        loss = train_step(xb, cb, i + 1)
-    _sync(device)
-    train_sps = train_steps / (time.perf_counter() - t0)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"{spec['name']} {precision}: non-finite training loss {loss}")
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
-    head.eval()
-    with torch.no_grad():
-        k = split_times(times, 0.5).index
-        out = sample_split(head, denoiser, x_T, times, k, euler_step, c)
-        decode(out.x_0)
-    head.train()
-    for i in range(train_steps):
-        train_step(out.x_t[:batch].float(), cb, 100 + i)
-    _sync(device)
-    round_s = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"family": fam.name, "model": spec["name"], "precision": precision, "device": _device_name(device),
-            "image_size": spec["image_size"], "images": images, "steps": steps,
-            "sample_images_per_s": sample_ips, "train_steps_per_s": train_sps, "round_seconds": round_s,
-            "peak_memory_gib": peak,
-            "transformer_params_m": sum(p.numel() for p in denoiser.transformer.parameters()) / 1e6}
+    return step
 
 
 def _device_name(device: torch.device) -> str:
@@ -228,6 +279,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU (< 2 minutes)")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--precisions", default=None, help="default: fp32,bf16 (tiny), bf16 (real)")
+    parser.add_argument("--methods", default=None, help=f"of {','.join(METHODS)}; default: pgraft (tiny), all (real)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/t2i_scale.csv"))
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -241,7 +293,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     settings = dict(images=args.images or (4 if tiny else 4), steps=args.steps or (4 if tiny else 20),
                     batch=args.batch or (2 if tiny else 1), rank=args.rank or (2 if tiny else 32),
                     train_steps=args.train_steps or (2 if tiny else 3), checkpointing=not tiny)
+    methods = tuple((args.methods or ("pgraft" if tiny else ",".join(METHODS))).split(","))
+    for method in methods:
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     done = pd.read_csv(args.out) if args.out.is_file() else pd.DataFrame(columns=COLUMNS)
+    if "method" not in done.columns:  # rows written before the method column: P-GRAFT rounds
+        done["method"] = "pgraft"
     rows = done.to_dict("records")
     config = "tiny" if tiny else "real"
     for name in args.families.split(","):
@@ -252,15 +310,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             if precision not in PRECISIONS:
                 raise SystemExit(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
             key = (name, config, precision, _device_name(device))
-            if any((r["family"], r["config"], r["precision"], r["device"]) == key for r in rows):
+            todo = tuple(m for m in methods
+                         if not any((r["family"], r["config"], r["precision"], r["device"], r["method"]) == (*key, m)
+                                    for r in rows))
+            if not todo:
                 continue  # measured already: resumable
-            row = {"config": config, **measure(spec, precision, device, **settings)}
-            rows.append(row)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
-            print(f"{row['model']:>16} {precision:>5}: {row['sample_images_per_s']:.2f} images/s, "
-                  f"{row['train_steps_per_s']:.2f} steps/s, round {row['round_seconds']:.1f} s, "
-                  f"peak {row['peak_memory_gib']:.1f} GiB", flush=True)
+            for row in measure(spec, precision, device, methods=todo, **settings):
+                row = {"config": config, **row}
+                rows.append(row)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
+                print(f"{row['model']:>16} {precision:>5} {row['method']:>6}: {row['sample_images_per_s']:.2f} images/s, "
+                      f"{row['train_steps_per_s']:.2f} steps/s, round {row['round_seconds']:.1f} s, "
+                      f"peak {row['peak_memory_gib']:.1f} GiB", flush=True)
     table = pd.DataFrame(rows, columns=COLUMNS)
     with pd.option_context("display.width", 200, "display.precision", 3):
         print(table.to_string(index=False))

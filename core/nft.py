@@ -21,14 +21,19 @@ policy mirrors it, v-* = 2 v_old - v+*. ``v`` stands for whatever the network pr
 for a linear flow, eps for a VP model): the loss is the same regression on either.
 Derivation: docs/derivations.md, "DiffusionNFT".
 
+v_old is not a second copy of the network: at the start of a round every minibatch's draws (noise
+levels and noise) are fixed by its seed, so v_old at them is computed once, before the first update,
+and kept (one state-sized tensor per candidate and epoch). A LoRA head (``lora_rank`` > 0) trains
+adapters on a frozen base as the policy-gradient baseline's does
+(:func:`pgraft.core.heads.build_head`, seeded by the run's LoRA stream).
+
 The run directory is the round loop's (:mod:`pgraft.core.rundir`): locked, a metrics row and a
-checkpoint (weights, optimizer) per round, ``resume=True`` going on at the next round; SIGTERM /
-Ctrl-C stops at the next minibatch. One process.
+checkpoint (weights, LoRA included, and optimizer) per round, ``resume=True`` going on at the next
+round; SIGTERM / Ctrl-C stops at the next minibatch. One process.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,6 +47,7 @@ from torch import nn
 from .bridges import PathSample
 from .checkpoint import save_pretrained
 from .errors import UsageError
+from .heads import build_head, merged_copy
 from .losses import sample_times
 from .policy_gradient import ADVANTAGE_GROUPS, _global_rng, final_evaluation, one_process_run, round_advantages
 from .pretrain import check_finite
@@ -55,6 +61,7 @@ from .trainer import (
     GraftProblem,
     RoundResult,
     RoundStopped,
+    Stream,
     derive_seed,
     generator_for,
     print_round_row,
@@ -94,8 +101,11 @@ class NFTConfig:
     (v+ = (1 - beta) v_old + beta v_theta; 1 makes v+ the trained network itself).
     ``advantage``: reward standardisation groups, as :class:`~pgraft.core.policy_gradient.PGConfig`
     (``"grpo"``: per group of ``group_size``; ``"batch"``: per round); ``adv_clip``: c in
-    w = 1/2 + clip(A, -c, c) / (2c). ``sample_batch_size``: sampling chunk; ``final_eval``: one
-    last, untrained round with the final model; ``seed``: every draw derives from it.
+    w = 1/2 + clip(A, -c, c) / (2c). ``lora_*``: LoRA adapters (rank, alpha, target module names; no
+    targets: every nn.Linear) instead of full fine-tuning (``lora_rank = 0``: all weights), as
+    :class:`~pgraft.core.policy_gradient.PGConfig`. ``sample_batch_size``: sampling chunk;
+    ``final_eval``: one last, untrained round with the final model; ``seed``: every draw derives from it.
+    No field may change on ``resume``.
     """
 
     rounds: int = 4
@@ -108,11 +118,17 @@ class NFTConfig:
     advantage: str = "grpo"
     adv_clip: float = 5.0
     grad_clip: float = 1.0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
     sample_batch_size: int = 256
     final_eval: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not self.adv_clip > 0:
@@ -146,14 +162,16 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, w: torc
     return (per if weight is None else weight.to(per.dtype) * per).mean()
 
 
-def nft_minibatch_loss(policy: nn.Module, old: nn.Module, path: ForwardPath, x0: torch.Tensor, w: torch.Tensor,
-                       cond: Any, beta: float, generator: torch.Generator, predict: Predict = call_model) -> torch.Tensor:
-    """One minibatch: s ~ U(0, 1) and noise from ``generator``, x_s from ``path``, :func:`nft_loss`."""
+def minibatch_draw(path: ForwardPath, x0: torch.Tensor, generator: torch.Generator) -> PathSample:
+    """A minibatch's forward draw: s ~ U(0, 1) [B], then the noise, both from ``generator``, x_s from ``path``."""
     s = sample_times(x0.shape[0], 0.0, generator, x0.device)
-    drawn = path.sample(x0, randn_like(x0, generator), s)
-    with torch.no_grad():
-        v_old = predict(old, drawn.x_t, s, cond)
-    return nft_loss(predict(policy, drawn.x_t, s, cond), v_old, drawn.target, w, beta, drawn.weight)
+    return path.sample(x0, randn_like(x0, generator), s)
+
+
+def nft_minibatch_loss(policy: nn.Module, v_old: torch.Tensor, drawn: PathSample, w: torch.Tensor, cond: Any,
+                       beta: float, predict: Predict = call_model) -> torch.Tensor:
+    """:func:`nft_loss` of ``policy`` at a :func:`minibatch_draw`, v_old being the round's frozen policy there."""
+    return nft_loss(predict(policy, drawn.x_t, drawn.t, cond), v_old, drawn.target, w, beta, drawn.weight)
 
 
 def run_nft(
@@ -168,13 +186,15 @@ def run_nft(
     resume: bool = False,
     predict: Predict = call_model,
 ) -> tuple[nn.Module, pd.DataFrame]:
-    """DiffusionNFT fine-tuning of ``base`` (full weights); returns (policy, metrics table).
+    """DiffusionNFT fine-tuning of ``base`` (all weights, or LoRA adapters with ``cfg.lora_rank`` > 0);
+    returns (policy, LoRA merged in; metrics table).
 
     ``path`` is the app's forward process from data, the one its base was trained on (a
     :class:`~pgraft.core.bridges.VPPath` for an eps-model, ``LinearFlowPath()`` for a velocity model);
     ``predict(model, x_s, s, cond)`` is the network's output the loss regresses (default
     ``model(x_s, s, cond)``; a guided denoiser passes its unguided call, as its own loss does).
-    States must be tensors (continuous data). One process only.
+    States must be tensors (continuous data). One process only. The run directory's ``head/`` is the
+    merged policy; each round's checkpoint holds the policy's own weights (peft keys with LoRA).
     """
     def tensor_states() -> None:
         if not isinstance(problem.prior(1, torch.Generator().manual_seed(0)), torch.Tensor):
@@ -194,7 +214,7 @@ def _run_nft(problem, path, base, model_config, cfg: NFTConfig, run: RunDir, app
     run.save_config({"nft": asdict(cfg), "app": app_config or {}, "model": model_config}, resume)
     device = default_device()
     base = base.eval().requires_grad_(False).to(device)
-    policy = copy.deepcopy(base).requires_grad_(True).train()
+    policy = build_head(base, cfg, derive_seed(cfg.seed, Stream.LORA_INIT))  # LoRA when cfg.lora_rank > 0
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     start = restore(checkpoint, policy, opt, lr=cfg.lr)
@@ -215,29 +235,27 @@ def _run_nft(problem, path, base, model_config, cfg: NFTConfig, run: RunDir, app
             row = {"round": round_, "phase": "train", **round_metrics(cands, None)}
             w = optimality_weights(round_advantages(cands.rewards, groups, cfg.advantage, cfg.adv_clip), cfg.adv_clip)
             x0 = to_device(cands.x_0, device)
-            old = copy.deepcopy(policy).eval().requires_grad_(False)  # v_old: frozen for the round
+            batches = minibatches(cfg, round_, n)
+            v_old = _old_predictions(problem, policy, path, x0, cands.cond_index, batches, cfg, round_, predict,
+                                     should_stop, device)
             policy.train()
             losses = []
-            n_batches = max(1, n // cfg.batch_size)
-            updates = cfg.epochs * n_batches
+            updates = len(batches)
             with progress_bar(updates, f"NFT round {round_}: updates", show_progress) as advance:
-                for epoch in range(cfg.epochs):
-                    perm = torch.randperm(n, generator=generator_for(cfg.seed, round_, epoch, _NFT_ORDER))
-                    for b in range(n_batches):
-                        idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                        cond = problem.cond_batch(cands.cond_index[idx])
-                        opt.zero_grad(set_to_none=True)
-                        loss = nft_minibatch_loss(policy, old, path, x0[idx.to(device)], w[idx].to(device), cond,
-                                                  cfg.beta, generator_for(cfg.seed, round_, epoch, b, _NFT_PATH), predict)
-                        check_finite(loss, f"NFT round {round_}, minibatch {b}")
-                        loss.backward()
-                        if cfg.grad_clip > 0:
-                            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                        opt.step()
-                        losses.append(loss.item())
-                        advance(1, loss=losses[-1])
-                        if len(losses) < updates and should_stop():
-                            raise RoundStopped(f"NFT update, after minibatch {len(losses)} of {updates}")
+                for (epoch, b, idx), old in zip(batches, v_old):
+                    cond = problem.cond_batch(cands.cond_index[idx])
+                    opt.zero_grad(set_to_none=True)
+                    drawn = minibatch_draw(path, x0[idx.to(device)], _draw_generator(cfg, round_, epoch, b))
+                    loss = nft_minibatch_loss(policy, old, drawn, w[idx].to(device), cond, cfg.beta, predict)
+                    check_finite(loss, f"NFT round {round_}, minibatch {b}")
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    opt.step()
+                    losses.append(loss.item())
+                    advance(1, loss=losses[-1])
+                    if len(losses) < updates and should_stop():
+                        raise RoundStopped(f"NFT update, after minibatch {len(losses)} of {updates}")
             row["train_loss"] = sum(losses) / len(losses)
             row["positive_weight_mean"] = float(w.mean())
             row["seconds"] = time.time() - t0
@@ -249,8 +267,41 @@ def _run_nft(problem, path, base, model_config, cfg: NFTConfig, run: RunDir, app
             if tracker is not None:  # after on_round: the app's grid of the round is written
                 tracker.log(row, round_)
 
-    policy = policy.eval()
+    merged = merged_copy(policy).eval()
     if cfg.final_eval:
-        final_evaluation(problem, policy, policy, sample_cfg, run, show_progress, should_stop, tracker)
-    save_pretrained(policy, model_config, run.path / "head")
-    return policy, run.read_metrics()
+        final_evaluation(problem, merged, merged, sample_cfg, run, show_progress, should_stop, tracker)
+    save_pretrained(merged, model_config, run.path / "head")
+    return merged, run.read_metrics()
+
+
+def minibatches(cfg: NFTConfig, round_: int, n: int) -> list[tuple[int, int, torch.Tensor]]:
+    """A round's updates in order, as (epoch, minibatch, candidate indices [batch_size]): each epoch a
+    seeded permutation of the n candidates cut into ``n // batch_size`` minibatches (at least one)."""
+    out = []
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=generator_for(cfg.seed, round_, epoch, _NFT_ORDER))
+        out += [(epoch, b, perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                for b in range(max(1, n // cfg.batch_size))]
+    return out
+
+
+def _draw_generator(cfg: NFTConfig, round_: int, epoch: int, b: int) -> torch.Generator:
+    """The generator of minibatch ``b``'s noise levels and noise: the same whenever it is drawn."""
+    return generator_for(cfg.seed, round_, epoch, b, _NFT_PATH)
+
+
+def _old_predictions(problem: GraftProblem, policy: nn.Module, path: ForwardPath, x0: torch.Tensor,
+                     cond_index: torch.Tensor, batches: list[tuple[int, int, torch.Tensor]], cfg: NFTConfig,
+                     round_: int, predict: Predict, should_stop: Callable[[], bool],
+                     device: torch.device) -> list[torch.Tensor]:
+    """v_old at every minibatch's draws, from ``policy`` as it is at the round's start (eval mode, no
+    gradients): what a frozen copy of it would predict during the updates, without the copy."""
+    policy.eval()
+    out = []
+    with torch.no_grad():
+        for epoch, b, idx in batches:
+            drawn = minibatch_draw(path, x0[idx.to(device)], _draw_generator(cfg, round_, epoch, b))
+            out.append(predict(policy, drawn.x_t, drawn.t, problem.cond_batch(cond_index[idx])))
+            if should_stop():
+                raise RoundStopped("the round's old-policy predictions")
+    return out

@@ -600,3 +600,55 @@ def train_t2i_pg(app: T2IConfig, cfg, out: str | Path, resume: bool = False,
         _, weights, _ = RunDir(out, resume=True, report=is_main_process()).load_checkpoint()
         export_flow_lora(weights, out / "lora", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, pipe.kind)
     return head, table
+
+
+# ----------------------------------------------------------------------------- DiffusionNFT, flow families
+NFT_FAMILIES_ONLY = "NFT here trains flow-matching transformers (SD3, FLUX, Qwen-Image, SANA)"
+
+
+def flow_velocity(model: nn.Module, x_s: torch.Tensor, s: torch.Tensor, cond: PromptBatch) -> torch.Tensor:
+    """The conditional velocity v(x_s, s | prompt) (guidance 1) a flow head is trained on: the
+    :data:`pgraft.core.nft.Predict` of :func:`train_t2i_nft`, as the flow problem's own loss calls it."""
+    return model(x_s, s, cond, guidance_scale=1.0)
+
+
+def train_t2i_nft(app: T2IConfig, cfg, out: str | Path, resume: bool = False,
+                  show_progress: bool = True) -> tuple[nn.Module, pd.DataFrame]:
+    """DiffusionNFT (:func:`pgraft.core.nft.run_nft`, ``cfg`` an :class:`~pgraft.core.nft.NFTConfig`) over
+    ``app.prompts`` on a flow-matching pipeline (SD3, FLUX.1, Qwen-Image, SANA; a UNet pipeline is refused):
+    rounds sampled with the app's sampler (any ``eta``, default the Euler ODE; ``app.guidance_scale``, 1
+    for DiffusionNFT's CFG-free setting), the policy trained on the rectified flow the family was trained
+    on (:class:`~pgraft.core.bridges.LinearFlowPath`, x_s = (1 - s) x_0 + s eps, target eps - x_0) with its
+    conditional velocity (:func:`flow_velocity`). LoRA on the family's attention by default targets when
+    ``cfg.lora_rank`` > 0, written to ``lora/`` in diffusers format as :func:`train_t2i` does; precision and
+    gradient checkpointing as :func:`train_t2i`. Refused in one line: a UNet pipeline, ``cond_dropout``."""
+    from pgraft.core.bridges import LinearFlowPath
+    from pgraft.core.errors import UsageError
+    from pgraft.core.nft import run_nft
+
+    from .flow_pipeline import is_flow_directory
+
+    out = Path(out)
+    path = resolve_model(app.model)
+    if Path(path).is_dir() and not is_flow_directory(path):  # refused before its weights are read
+        raise UsageError(f"{app.model} is a UNet pipeline: {NFT_FAMILIES_ONLY}")
+    if app.cond_dropout > 0:
+        raise UsageError(f"cond_dropout {app.cond_dropout}: NFT trains the conditional velocity only; use 0")
+    pipe = load_pipeline(app.model, app.guidance_scale, app.precision, app.image_size)
+    if not isinstance(pipe, FlowT2IPipeline):
+        raise UsageError(f"{app.model} is a UNet pipeline: {NFT_FAMILIES_ONLY}")
+    app = replace(app, eta=default_eta(pipe) if app.eta is None else app.eta)  # the run records the sampler used
+    prompts = load_prompts(app.prompts).prompts
+    if cfg.lora_rank > 0 and not cfg.lora_targets:
+        cfg = replace(cfg, lora_targets=pipe.family.lora_targets)
+    prepare_flow_training(pipe, prompts, app.gradient_checkpointing)
+    problem = recorded_problem(pipe, app, prompts, out)
+    head, table = run_nft(problem, LinearFlowPath(), pipe.denoiser, pipe.denoiser.init_kwargs(), cfg, out,
+                          app_config={"t2i": app.record()}, show_progress=show_progress, resume=resume,
+                          predict=flow_velocity)
+    if cfg.lora_rank > 0:
+        from pgraft.core.rundir import RunDir
+
+        _, weights, _ = RunDir(out, resume=True, report=is_main_process()).load_checkpoint()
+        export_flow_lora(weights, out / "lora", cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, pipe.kind)
+    return head, table

@@ -80,7 +80,8 @@ def test_optimality_weights_map_clipped_advantages_onto_0_1():
 
 @pytest.mark.parametrize("change, message", [({"beta": 0.0}, "beta must be > 0, got 0.0"),
                                              ({"advantage": "x"}, "advantage must be one of"),
-                                             ({"groups": 0}, "groups must be >= 1, got 0")])
+                                             ({"groups": 0}, "groups must be >= 1, got 0"),
+                                             ({"lora_rank": -1}, "lora_rank must be >= 0")])
 def test_bad_settings_are_refused_by_name(change, message):
     with pytest.raises(ValueError, match=message):
         NFTConfig(**change)
@@ -125,3 +126,36 @@ def test_a_resumed_nft_run_ends_as_an_uninterrupted_one(toy_base, tmp_path):
     cols = ["round", "phase", "reward_mean", "reward_std"]
     assert resumed[cols].equals(full[cols])
     assert resumed["train_loss"].iloc[:3].tolist() == full["train_loss"].iloc[:3].tolist()
+
+
+def test_lora_head_starts_at_full_fine_tunings_loss_and_trains_only_the_adapters(tmp_path):
+    # one minibatch per round: train_loss is the loss at step 0, where LoRA's B = 0 makes the head the base
+    from dataclasses import replace
+
+    from pgraft.apps.toy.model import ToyDenoiser
+    from pgraft.apps.toy.train import ToyConfig
+    from pgraft.core.rundir import RunDir
+
+    toy = ToyConfig(n_steps=4, hidden=16, depth=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = ToyDenoiser(**toy.model_config()).eval()
+    cfg = NFTConfig(rounds=1, groups=4, group_size=4, epochs=1, batch_size=16, lr=1e-2, sample_batch_size=16,
+                    final_eval=False, seed=0)
+    lora_cfg = replace(cfg, lora_rank=2)
+    runs = {name: run_nft(make_problem(toy), VPPath(cosine_alpha_bar), base, toy.model_config(), c, tmp_path / name,
+                          show_progress=False) for name, c in (("full", cfg), ("lora", lora_cfg))}
+    full, lora = (runs[k][1].iloc[0] for k in ("full", "lora"))
+    assert lora["reward_mean"] == full["reward_mean"]  # the same round-0 candidates (both sample the base)
+    assert lora["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6, abs=0)
+    _, weights, _ = RunDir(tmp_path / "lora", resume=True).load_checkpoint()
+    base_state = base.state_dict()
+    frozen = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+              for k, v in weights.items() if "lora_" not in k}
+    assert frozen.keys() == base_state.keys()
+    assert all(torch.equal(frozen[k], base_state[k]) for k in base_state)  # the base's weights untouched
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert len(lora_b) == 3 and all(bool(v.abs().sum() > 0) for v in lora_b)  # every adapter moved off B = 0
+    x, t = torch.randn(8, 1, generator=torch.Generator().manual_seed(1)), torch.full((8,), 0.5)
+    with torch.no_grad():  # the returned head is the merged policy, away from the base
+        assert not torch.allclose(runs["lora"][0](x, t), base(x, t), atol=1e-6)
