@@ -445,6 +445,42 @@ def serve_reward_cmd(
         server.server_close()
 
 
+@app.command("convert-reward")
+@opts.run_errors
+def convert_reward_cmd(
+    name: Annotated[str, typer.Argument(help="The named reward: hpsv2, aesthetic, imagereward or clipflant5.",
+                                        show_default=False)],
+    src: Annotated[Path, typer.Argument(help="Its reference checkpoint: HPS_v2.1_compressed.pt, "
+                                             "sac+logos+ava1-l14-linearMSE.pth or ImageReward.pt (torch files are "
+                                             "read without unpickling), or the same as .safetensors; clipflant5: "
+                                             "the zhiqiulin/clip-flant5-xl (-xxl) directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="New directory to write; then use --reward NAME "
+                                                    "--reward-weights OUT.", show_default=False)],
+    clip: Annotated[Optional[str], typer.Option(help="aesthetic: a CLIP ViT-L/14 directory with safetensors weights "
+                                                     "(e.g. an openai/clip-vit-large-patch14 snapshot), copied into "
+                                                     "OUT; clipflant5: its vision tower, an "
+                                                     "openai/clip-vit-large-patch14-336 snapshot.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="hpsv2: a CLIP tokenizer directory (e.g. a "
+                                                          "laion/CLIP-ViT-H-14-laion2B-s32B-b79K snapshot); "
+                                                          "imagereward: a BERT tokenizer (e.g. bert-base-uncased); "
+                                                          "clipflant5: google/flan-t5-xl (-xxl). A hub id already in "
+                                                          "the local Hugging Face cache works too.")] = None,
+    med_config: Annotated[Optional[Path], typer.Option(help="imagereward: ImageReward's med_config.json (default: "
+                                                            "BLIP's BERT: 64-wide heads, eps 1e-12).")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype of the written weights: float32, float16 or bfloat16.")] = "float32",
+) -> None:
+    """Convert a named reward's reference checkpoint into the directory `--reward NAME --reward-weights OUT` loads
+    (safetensors and JSON; the checkpoint is never unpickled). See docs/apps/t2i.md, "Converting the reference
+    weights"."""
+    from .convert_rewards import CONVERTERS, DTYPES, ConvertOptions, convert_reward
+
+    opts.check_choice(name, CONVERTERS, "reward", "NAME")
+    opts.check_choice(dtype, DTYPES, "dtype", "--dtype")
+    written = convert_reward(name, src, out, ConvertOptions(clip=clip, tokenizer=tokenizer, med_config=med_config,
+                                                            dtype=dtype))
+    typer.echo(f"{name} weights written to {written}; use --reward {name} --reward-weights {written}")
+
+
 # ----------------------------------------------------------------------------- inverse noise correction (flow families)
 INC_NOTE = ("Unconditional in the prompt: the noises are inverted with the empty prompt (or the --captions given "
             "to `invert`) at guidance 1, and the corrector sees no text.")

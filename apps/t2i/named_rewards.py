@@ -57,11 +57,14 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # where each reward's weights live on the hub (told to the user when they are absent)
 HUB_HINTS = {
     "pickscore": "yuvalkirstain/PickScore_v1 (with the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
-    "hpsv2": "xswu/HPSv2 HPS_v2.1_compressed.pt converted to a transformers CLIPModel directory",
-    "imagereward": "THUDM/ImageReward converted to BlipForImageTextRetrieval + imagereward_head.safetensors",
+    "hpsv2": "a CLIPModel directory made by `pgraft t2i convert-reward hpsv2` from xswu/HPSv2's "
+             "HPS_v2.1_compressed.pt",
+    "imagereward": "BlipForImageTextRetrieval + imagereward_head.safetensors, made by `pgraft t2i convert-reward "
+                   "imagereward` from THUDM/ImageReward's ImageReward.pt",
     "aesthetic": "openai/clip-vit-large-patch14 + the LAION sac+logos+ava1-l14-linearMSE MLP as "
-                 "aesthetic_mlp.safetensors",
-    "clipflant5": "zhiqiulin/clip-flant5-xl (or -xxl) converted to t5/ + vision/ + projector.safetensors",
+                 "aesthetic_mlp.safetensors (`pgraft t2i convert-reward aesthetic`)",
+    "clipflant5": "t5/ + vision/ + projector.safetensors, made by `pgraft t2i convert-reward clipflant5` from "
+                  "zhiqiulin/clip-flant5-xl (or -xxl)",
 }
 
 
