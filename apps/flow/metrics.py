@@ -515,7 +515,8 @@ def prepare_reference(stats: FeatureStats, device: torch.device | str = "cpu", k
 
 
 def fid_kid_bootstrap(features: torch.Tensor, reference: PreparedReference, n_boot: int = 0,
-                      generator: torch.Generator | None = None, level: float = 0.95) -> dict[str, Any]:
+                      generator: torch.Generator | None = None, level: float = 0.95,
+                      keep_draws: bool = False) -> dict[str, Any]:
     """FID and KID of ``features`` [N, D] against ``reference``, with bootstrap intervals over the samples.
 
     FID is the Frechet distance of the Gaussian statistics, with Tr((S1 S2)^{1/2}) computed as
@@ -532,7 +533,10 @@ def fid_kid_bootstrap(features: torch.Tensor, reference: PreparedReference, n_bo
     bias common to every row evaluated with N samples left in. KID's resamples leave out pairs of a
     sample with its own copy. Returns ``fid``, ``kid`` and, when ``n_boot`` > 0, ``fid_ci_low``,
     ``fid_ci_high``, ``fid_boot_std``, ``kid_ci_low``, ``kid_ci_high``, ``kid_boot_std``, ``n_boot``
-    and ``ci_level``.
+    and ``ci_level``; with ``keep_draws``, also ``fid_draws``, the resampled FIDs in draw order. Two
+    rows of N samples bootstrapped with generators seeded alike draw the same resample indices, so
+    their ``fid_draws`` are paired: resample j of both keeps the same samples (and so the same noises
+    z_i when the rows were sampled from one seed), which estimates the rows' covariance.
     """
     device = reference.features.device
     x = features.to(device=device, dtype=torch.float64)
@@ -577,6 +581,8 @@ def fid_kid_bootstrap(features: torch.Tensor, reference: PreparedReference, n_bo
             out[f"{name}_ci_high"] = estimate + float(np.quantile(centred, hi))
             out[f"{name}_boot_std"] = float(values[:, j].std(ddof=1)) if n_boot > 1 else float("nan")
         out.update(n_boot=int(n_boot), ci_level=float(level))
+        if keep_draws:
+            out["fid_draws"] = [float(v) for v in values[:, 0]]
     return out
 
 
