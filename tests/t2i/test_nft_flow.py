@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_sd3_flow import PROMPTS, build_tiny_sd3
+from test_sd3_flow import PROMPTS, build_tiny_sd3, check_lora_matches_head
 
 from pgraft.apps.t2i.flow_pipeline import TRANSFORMER_ATTENTION
 from pgraft.apps.t2i.train import (
@@ -21,7 +21,6 @@ from pgraft.apps.t2i.train import (
     T2IConfig,
     T2IScorer,
     flow_velocity,
-    load_head,
     load_pipeline,
     make_problem,
     train_t2i_nft,
@@ -57,7 +56,6 @@ def _cfg(**kw) -> NFTConfig:
 def test_nft_round_writes_a_lora_diffusers_loads_to_the_heads_velocity(app, tiny_sd3, tmp_path):
     """One round on SD3: LoRA on the transformer attention, metrics finite, lora/ read back by
     StableDiffusion3Pipeline.load_lora_weights to the velocity of load_head's head, which differs from the base."""
-    from diffusers import StableDiffusion3Pipeline
 
     run = tmp_path / "nft"
     _, table = train_t2i_nft(app, _cfg(), run, show_progress=False)
@@ -67,18 +65,7 @@ def test_nft_round_writes_a_lora_diffusers_loads_to_the_heads_velocity(app, tiny
     assert config["nft"]["lora_targets"] == list(TRANSFORMER_ATTENTION) and config["app"]["t2i"]["eta"] == 0.0
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
-    pipe = load_pipeline(tiny_sd3, guidance_scale=2.0)
-    head = load_head(run, pipe.denoiser)
-    cond = pipe.prompt_encoder()(PROMPTS[:2], guidance=False)
-    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.4])
-    ref = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3))
-    with torch.no_grad():
-        head_v = head(x, t, cond)
-        assert not torch.allclose(head_v, pipe.denoiser(x, t, cond), atol=1e-4)
-        ref.load_lora_weights(str(run / "lora"))
-        lora_v = ref.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds,
-                                 pooled_projections=cond.pooled).sample
-        torch.testing.assert_close(lora_v, head_v, atol=1e-5, rtol=1e-4)
+    check_lora_matches_head(run, tiny_sd3)
 
 
 def test_a_cut_and_resumed_nft_run_ends_with_the_weights_of_an_uninterrupted_one(app, tmp_path, monkeypatch):

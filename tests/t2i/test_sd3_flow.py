@@ -225,6 +225,27 @@ def test_flow_loss_time_convention_matches_the_scheduler(tiny_sd3):
     assert cov / s**2 == pytest.approx(1 / s)  # E[u | X_s] = -x_0 + (X_s - (1-s) x_0)/s = (X_s - x_0)/s
 
 
+def check_lora_matches_head(run: Path, tiny_sd3: Path) -> tuple:
+    """A trained run's head moved off the base, and diffusers' ``load_lora_weights`` of ``run/lora`` gives
+    the head's velocity on the same inputs; returns (x, t, cond, head velocity) for further checks."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = load_pipeline(tiny_sd3, guidance_scale=2.0)
+    head = load_head(run, pipe.denoiser)
+    cond = pipe.prompt_encoder()(PROMPTS[:2], guidance=False)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.4])
+    ref = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3))
+    with torch.no_grad():
+        head_v = head(x, t, cond)
+        assert not torch.allclose(head_v, pipe.denoiser(x, t, cond), atol=1e-4)
+        ref.load_lora_weights(str(run / "lora"))
+        assert any("lora" in name for name, _ in ref.transformer.named_parameters())
+        lora_v = ref.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds,
+                                 pooled_projections=cond.pooled).sample
+    torch.testing.assert_close(lora_v, head_v, atol=1e-5, rtol=1e-4)
+    return x, t, cond, head_v
+
+
 # ----------------------------------------------------------------------------- GRAFT / P-GRAFT rounds
 def test_sd3_graft_round_by_cli_lora_reloads_with_diffusers(tiny_sd3, tmp_path):
     """GRAFT (--t 0) through `pgraft t2i train`: the LoRA goes on the transformer's to_q/to_k/to_v/to_out.0, is
@@ -245,20 +266,8 @@ def test_sd3_graft_round_by_cli_lora_reloads_with_diffusers(tiny_sd3, tmp_path):
     assert list(metrics["phase"]) == ["train", "eval"] and metrics["train_loss"].notna().tolist() == [True, False]
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
-    pipe = load_pipeline(tiny_sd3, guidance_scale=2.0)
-    head = load_head(run, pipe.denoiser)
-    cond = pipe.prompt_encoder()(PROMPTS[:2], guidance=False)
-    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.4])
-    ref = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3))
+    x, t, cond, head_v = check_lora_matches_head(run, tiny_sd3)
     with torch.no_grad():
-        base_v = pipe.denoiser(x, t, cond)
-        head_v = head(x, t, cond)
-        assert not torch.allclose(head_v, base_v, atol=1e-4)
-        ref.load_lora_weights(str(run / "lora"))
-        assert any("lora" in name for name, _ in ref.transformer.named_parameters())
-        lora_v = ref.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds,
-                                 pooled_projections=cond.pooled).sample
-        torch.testing.assert_close(lora_v, head_v, atol=1e-5, rtol=1e-4)
         merged = StableDiffusion3Pipeline.from_pretrained(str(run / "pipeline")).transformer
         torch.testing.assert_close(merged(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.embeds,
                                           pooled_projections=cond.pooled).sample, head_v, atol=1e-5, rtol=1e-4)
