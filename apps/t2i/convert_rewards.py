@@ -38,11 +38,9 @@ import torch
 
 from pgraft.core.errors import UsageError
 
-from .named_rewards import OPENAI_MEAN, OPENAI_STD, AestheticMLP
+from .named_rewards import IMAGEREWARD_MEAN, IMAGEREWARD_STD, OPENAI_MEAN, OPENAI_STD, AestheticMLP
 
 # ImageReward.py's standardisation constants and text length (``ImageReward.__init__``, ``score``)
-IMAGEREWARD_MEAN = 0.16717362830052426
-IMAGEREWARD_STD = 1.0333394966054072
 IMAGEREWARD_MAX_LENGTH = 35
 
 # weight files of other frameworks or pickles: never copied into a converted directory

@@ -53,6 +53,8 @@ RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageReward's standardisation of its MLP output (ImageReward.py), the defaults of imagereward.json
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
 
 # where each reward's weights live on the hub (told to the user when they are absent)
 HUB_HINTS = {
@@ -258,7 +260,7 @@ class ImageRewardReward:
         directory = resolve_weights(weights, "imagereward", ["config.json", self.HEAD])
         check_model_type(directory, "imagereward", "blip")
         meta = json.loads((directory / self.META).read_text()) if (directory / self.META).is_file() else {}
-        self.mean, self.std = float(meta.get("mean", 0.16717362830052426)), float(meta.get("std", 1.0333394966054072))
+        self.mean, self.std = float(meta.get("mean", IMAGEREWARD_MEAN)), float(meta.get("std", IMAGEREWARD_STD))
         self.max_length = int(meta.get("max_length", 35))
         blip = BlipForImageTextRetrieval.from_pretrained(directory).eval().requires_grad_(False)
         self.vision, self.text = blip.vision_model.to(device), blip.text_encoder.to(device)
