@@ -3,8 +3,8 @@
 - :func:`write_manifest` / :func:`replace_files` / :func:`verify_manifest`: a ``manifest.json``
   with the SHA-256 of every file of a checkpoint, checked before the files are used, so a
   truncated, zeroed or swapped file is detected instead of resumed from.
-- :func:`load_state_dict_file`: ``torch.load(..., weights_only=True)``. Trainer and pretraining
-  state (optimizer, scheduler, generator, step, loss log) is made of tensors, numbers, strings,
+- :func:`load_state_dict_file`: :func:`pgraft.core.torch_checkpoint.read_checkpoint`, which never
+  unpickles. Trainer and pretraining state (optimizer, scheduler, generator, step, loss log) is made of tensors, numbers, strings,
   lists and dicts only, which that loader accepts; a pickle that would call a function (e.g.
   ``os.system``) when loaded is refused before anything runs.
 - :func:`exclusive`: an advisory ``flock`` on ``<dir>/.lock`` holding the writer's PID and host.
@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .errors import CheckpointError, RunDirLocked
 from .state import atomic_write, usual_permissions
@@ -114,14 +112,18 @@ def verify_manifest(directory: str | Path, required: bool = True) -> list[str]:
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on the CPU; a file that is not plain tensor/number
-    data (or cannot be read) raises :class:`CheckpointError` naming it, and nothing in it runs."""
+    """A ``torch.save`` file of tensors and numbers (a resume state) on the CPU, read by
+    :func:`pgraft.core.torch_checkpoint.read_checkpoint`: its pickle is parsed against a whitelist,
+    never unpickled, so nothing in it runs. A file that is not plain tensor/number data (or cannot
+    be read) raises :class:`CheckpointError` naming it."""
+    from .torch_checkpoint import CheckpointFormatError, read_checkpoint
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} is missing")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means: do not use this file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return read_checkpoint(path)
+    except CheckpointFormatError as err:
+        reason = str(err).removeprefix(f"checkpoint {path} ")
         raise CheckpointError(f"{path} cannot be loaded safely (refused: {reason[:200]})") from None
 
 

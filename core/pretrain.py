@@ -156,8 +156,8 @@ def pretrain(
 
     Training runs where ``model`` lives (move it to the GPU first to train there); batches, drawn
     on the CPU, follow it. ``run_dir`` ends up holding ``config.json`` + ``model.safetensors`` (EMA weights),
-    ``train_state.pt`` (raw weights, optimizer, step; tensors and numbers only, loaded with
-    ``weights_only=True``) for resuming, ``manifest.json`` (checksums, verified on resume),
+    ``train_state.pt`` (raw weights, optimizer, step; tensors and numbers only, read without
+    unpickling by :mod:`~pgraft.core.torch_checkpoint`) for resuming, ``manifest.json`` (checksums, verified on resume),
     ``pretrain_config.json``, ``loss.csv`` and, once every step has run, ``pretrain_done.json``
     (see :func:`is_pretrained`). One process at a time may write ``run_dir`` (a second one is
     refused with :class:`~pgraft.core.errors.RunDirLocked`). Returns the EMA model. ``batches`` must be deterministic given the seed for an

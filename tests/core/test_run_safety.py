@@ -308,3 +308,35 @@ def test_validation_messages_name_the_flag_typed(tmp_path, flag, value, typed, i
     res = _cli("toy", "train", "--out", tmp_path / "run", flag, value, "--quiet")
     assert res.exit_code == 2
     assert typed in res.output and internal not in res.output, res.output
+
+
+def test_resume_states_are_read_without_unpickling(tmp_path, monkeypatch):
+    """A real trainer state (optimizer, generator, round) reads back equal to torch's own loader with pickle
+    and torch.load disabled: resume files go through core.torch_checkpoint, never through an unpickler."""
+    import pickle
+
+    run_graft(_problem(), _base(), {}, CFG, tmp_path, show_progress=False)
+    path = sorted((tmp_path / "checkpoints").glob("round_*"))[-1] / "trainer_state.pt"
+    reference = torch.load(path, map_location="cpu", weights_only=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling was attempted")
+
+    for name in ("Unpickler", "load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    state = load_state_dict_file(path)
+    assert state.keys() == reference.keys() and state["round"] == reference["round"]
+    flat = lambda obj: torch.cat([t.flatten().double() for t in _tensors(obj)])  # noqa: E731
+    assert torch.equal(flat(state), flat(reference))
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
