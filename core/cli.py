@@ -471,13 +471,13 @@ DIAGNOSE_FIXED = {"dedup": False, "t": 0.0, "rounds": 1, "train_steps": 0, "batc
                   "replay": False, "anchor": 0.0, "seed": 0}
 
 
-def diagnose_options(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def diagnose_options(*, probe: bool = True, **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for an app's ``diagnose`` command: :func:`graft_options` with only the GRS rule's
-    flags (``--rule --m --k --alpha --threshold --reward-max --groups``) and ``--lora`` (the learning
-    probe's head capacity; pass the app's train
-    defaults, ``reward_max`` included); the command gets ``graft: GraftConfig`` and hands it to
-    :func:`diagnose` as ``rule``."""
-    return graft_options(fixed=DIAGNOSE_FIXED, **defaults)
+    flags (``--rule --m --k --alpha --threshold --reward-max --groups``; pass the app's train
+    defaults, ``reward_max`` included) and, when the command has the learning probe (``probe``:
+    its ``--train-steps``), ``--lora`` for the probe's head; the command gets ``graft:
+    GraftConfig`` and hands it to :func:`diagnose` as ``rule``."""
+    return graft_options(fixed=DIAGNOSE_FIXED if probe else {**DIAGNOSE_FIXED, "lora": 0}, **defaults)
 
 
 def t_grid(text: str) -> list[float]:
@@ -500,6 +500,9 @@ def diagnose(problem: Any, base: Any, grid: list[float], *, states: int, tails: 
     from .diagnose import run_diagnose
 
     train = None
+    if rule is not None and rule.lora_rank > 0 and train_steps == 0:
+        raise typer.BadParameter("sets the learning probe's LoRA head, which runs with --train-steps N > 0",
+                                 param_hint="--lora")
     if train_steps > 0:
         train = dataclasses.replace(rule if rule is not None else GraftConfig(), train_steps=train_steps,
                                     **(probe or {}))

@@ -365,7 +365,7 @@ def evaluate_cmd(
 
 
 @app.command("diagnose")
-@opts.diagnose_options(groups=16, reward_max=_reward_max)
+@opts.diagnose_options(probe=False, groups=16, reward_max=_reward_max)
 def diagnose_cmd(
     graft: GraftConfig,
     model: Model = DEFAULT_MODEL,

@@ -60,3 +60,11 @@ def test_the_probe_trains_a_lora_head_of_the_rank_given(tmp_path, monkeypatch):
        "--lora", "1", "--out", str(tmp_path), "--quiet")
     assert built and all(rank == 1 and names == ["lora_A", "lora_B"] for rank, names in built), built
     assert "--lora" in ok("molecule", "diagnose", "--help")
+
+
+def test_lora_without_the_probe_is_a_usage_error_and_t2i_has_no_probe_flag(tmp_path):
+    result, output = invoke("toy", "diagnose", "--lora", "1", "--states", "4", "--tails", "2", "--t", "0.5",
+                            "--out", str(tmp_path / "d"), "--quiet")
+    assert result.exit_code == 2 and "Invalid value for --lora" in output and "--train-steps" in output, output
+    assert "Traceback" not in output and not (tmp_path / "d").exists()
+    assert "--lora" not in ok("t2i", "diagnose", "--help")  # t2i's diagnose has no learning probe
