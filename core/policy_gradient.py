@@ -36,7 +36,6 @@ It runs in one process (trajectories are sampled and kept in one process).
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from torch import nn
 
 from .checkpoint import save_pretrained
 from .errors import UsageError
-from .heads import seeded
+from .heads import build_head
 from .integrity import exclusive
 from .pretrain import check_finite, stop_requests
 from .progress import progress_bar
@@ -63,7 +62,6 @@ from .trainer import (
     RoundResult,
     RoundStopped,
     Stream,
-    apply_lora,
     derive_seed,
     early_stops,
     generator_for,
@@ -292,10 +290,7 @@ def _run_policy_gradient(problem, log_prob, base, model_config, cfg: PGConfig, r
     # on the GPU when one is visible, as run_graft; rewards, keys and metrics see CPU samples
     device = default_device()
     base = base.eval().requires_grad_(False).to(device)
-    policy = copy.deepcopy(base).requires_grad_(True).train()
-    if cfg.lora_rank > 0:
-        with seeded(derive_seed(cfg.seed, Stream.LORA_INIT)):
-            policy = apply_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    policy = build_head(base, cfg, derive_seed(cfg.seed, Stream.LORA_INIT))  # LoRA when cfg.lora_rank > 0
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     start = restore(checkpoint, policy, opt, lr=cfg.lr)  # a resumable knob may have changed
