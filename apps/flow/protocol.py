@@ -77,7 +77,8 @@ validation seed) against the test set, --n samples/row (test/rows; each row keep
 features and its bootstrap draws, which share the resamples across rows, so the base/corrected
 covariance is estimated pair by pair). flow_protocol_rescore.csv and _verdicts.txt: the claim over the
 seeds and each seed alone (YES only when the relative change's whole delta-method interval lies at or
-below -25%). ``--stages report`` computes no row.
+below -25%). ``--stages report`` computes no row. Run before stage v is done everywhere, it
+computes the base's test row only (it does not depend on the length), chooses nothing and exits 3.
 
 GPU plan (one H200, 10-minute commands, 15 minutes of device time per task; costs are ESTIMATES
 scaled from the README's GPU session: inversion through 10 Euler steps of the default base ran
@@ -1207,6 +1208,12 @@ def _pct(v: float) -> str:
     return f"{100 * v:+.2f}%".replace("-", "\N{MINUS SIGN}")
 
 
+def missing_validation(runs: list[Path], steps: int, noise_sampler: str, lengths: list[int]) -> list[str]:
+    """The "run at L steps" of every validation row stage v has not written yet."""
+    return [f"{run} at {length} steps" for run in runs for length in lengths
+            if not Rows(run / "validation").path(validation_key(noise_sampler, steps, length)).is_file()]
+
+
 def selection_table(runs: list[Path], steps: int, noise_sampler: str, lengths: list[int]) -> pd.DataFrame:
     """One row per (run, length): the validation row of stage v (refused in one line when missing or
     when the runs' validation settings differ)."""
@@ -1343,6 +1350,20 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
     lengths = select_lengths(args)
     if not lengths:
         raise SystemExit("--rescore-runs needs --select-lengths (the lengths stage v scored)")
+    missing = missing_validation(runs, args.steps, args.noise_sampler, lengths)
+    if missing and compute:
+        # the base's test row does not depend on the length still to be chosen: compute it (and the
+        # test reference) while stages c,v finish, and look at none of it here
+        budget = Budget(args.budget)
+        ctx = Context(replace_out(args, runs[0]), device, budget)
+        try:
+            test_row(ctx, Rows(runs[0] / "test"), test_key(base_key(args.steps)), SamplerSpec(args.steps, "euler"),
+                     None, None)
+        except Stopped as stop:
+            say(f"{stop}: rerun the same command to continue", budget)
+        say(f"rescore: the length cannot be chosen yet (no validation row in {', '.join(missing)}); the base's test "
+            "row, which does not depend on it, is done: rerun this command once stages c,v are done")
+        return MORE_TO_DO
     selection = selection_table(runs, args.steps, args.noise_sampler, lengths)
     validation_seed = int(selection.validation_seed.iloc[0])
     if validation_seed == args.seed:

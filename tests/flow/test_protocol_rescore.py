@@ -190,8 +190,8 @@ def test_the_rescore_path_at_toy_sizes(tmp_path, capsys):
     cache, r0, r1, res = (tmp_path / x for x in ("cache", "r0", "r1", "res"))
     common = ["--tiny", "--select-lengths", "10,20", "--cache", str(cache)]
     assert proto.main([*common, "--out", str(r0), "--stages", "b,c,v", "--correct-seed", "0"]) == 0
-    assert proto.main([*common, "--out", str(r1), "--stages", "c,v", "--correct-seed", "1",
-                       "--invert-from", str(r0 / "invert")]) == 0
+    r1_stages = [*common, "--out", str(r1), "--correct-seed", "1", "--invert-from", str(r0 / "invert")]
+    assert proto.main([*r1_stages, "--stages", "c"]) == 0
     assert not (r1 / "invert").exists()
     for run in (r0, r1):
         for length in (10, 20):
@@ -211,7 +211,16 @@ def test_the_rescore_path_at_toy_sizes(tmp_path, capsys):
     # nothing of the test set yet: no classifier, no test-reference statistics
     assert not list(cache.glob("classifier-*")) and all("validation" in p.name for p in cache.glob("*.safetensors"))
     rescore = [*common, "--rescore-runs", f"{r0},{r1}", "--seed", "1", "--results", str(res)]
+    # r1 has no validation rows yet: only the base's test row (independent of the length) is computed
+    capsys.readouterr()
+    assert proto.main(rescore) == proto.MORE_TO_DO
+    assert "the length cannot be chosen yet" in capsys.readouterr().out
+    base_row = r0 / "test" / "rows" / f"{proto.test_key(proto.base_key(8))}.json"
+    assert base_row.is_file() and not (r1 / "test").exists() and not res.exists()
+    base_stamp = base_row.stat().st_mtime_ns
+    assert proto.main([*r1_stages, "--stages", "v"]) == 0
     assert proto.main(rescore) == 0
+    assert base_row.stat().st_mtime_ns == base_stamp
     selection = json.loads((res / "flow_protocol_rescore_selection.json").read_text())
     table = pd.read_csv(res / "flow_protocol_rescore_selection.csv")
     assert selection["chosen_length"] == proto.choose_length(
