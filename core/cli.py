@@ -476,8 +476,28 @@ def diagnose_options(*, probe: bool = True, **defaults: Any) -> Callable[[Callab
     flags (``--rule --m --k --alpha --threshold --reward-max --groups``; pass the app's train
     defaults, ``reward_max`` included) and, when the command has the learning probe (``probe``:
     its ``--train-steps``), ``--lora`` for the probe's head; the command gets ``graft:
-    GraftConfig`` and hands it to :func:`diagnose` as ``rule``."""
-    return graft_options(fixed=DIAGNOSE_FIXED if probe else {**DIAGNOSE_FIXED, "lora": 0}, **defaults)
+    GraftConfig`` and hands it to :func:`diagnose` as ``rule``. ``--lora`` without ``--train-steps``
+    is refused here, before the command loads (or pretrains) a base."""
+    options = graft_options(fixed=DIAGNOSE_FIXED if probe else {**DIAGNOSE_FIXED, "lora": 0}, **defaults)
+    if not probe:
+        return options
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def checked(*, graft: GraftConfig, **kwargs: Any) -> Any:
+            check_probe_lora(graft, kwargs.get("train_steps", 0))
+            return fn(graft=graft, **kwargs)
+
+        return options(checked)
+
+    return decorate
+
+
+def check_probe_lora(rule: GraftConfig | None, train_steps: int) -> None:
+    """``--lora`` sets the learning probe's head: a usage error without ``--train-steps N > 0``."""
+    if rule is not None and rule.lora_rank > 0 and train_steps == 0:
+        raise typer.BadParameter("sets the learning probe's LoRA head, which runs with --train-steps N > 0",
+                                 param_hint="--lora")
 
 
 def t_grid(text: str) -> list[float]:
@@ -500,9 +520,7 @@ def diagnose(problem: Any, base: Any, grid: list[float], *, states: int, tails: 
     from .diagnose import run_diagnose
 
     train = None
-    if rule is not None and rule.lora_rank > 0 and train_steps == 0:
-        raise typer.BadParameter("sets the learning probe's LoRA head, which runs with --train-steps N > 0",
-                                 param_hint="--lora")
+    check_probe_lora(rule, train_steps)
     if train_steps > 0:
         train = dataclasses.replace(rule if rule is not None else GraftConfig(), train_steps=train_steps,
                                     **(probe or {}))

@@ -67,4 +67,9 @@ def test_lora_without_the_probe_is_a_usage_error_and_t2i_has_no_probe_flag(tmp_p
                             "--out", str(tmp_path / "d"), "--quiet")
     assert result.exit_code == 2 and "Invalid value for --lora" in output and "--train-steps" in output, output
     assert "Traceback" not in output and not (tmp_path / "d").exists()
+    # refused before the command loads its base: a new --base directory is not pretrained into
+    result, output = invoke("molecule", "diagnose", "--lora", "2", "--base", str(tmp_path / "base"),
+                            "--out", str(tmp_path / "d"), "--quiet")
+    assert result.exit_code == 2 and "Invalid value for --lora" in output, output
+    assert not (tmp_path / "base").exists() and not (tmp_path / "d").exists()
     assert "--lora" not in ok("t2i", "diagnose", "--help")  # t2i's diagnose has no learning probe
