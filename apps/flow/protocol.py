@@ -911,7 +911,9 @@ def seed_verdict_lines(table: pd.DataFrame) -> list[str]:
             "  " + format_verdict(r.sampler, "base", "inception_fid", diff, higher_is_better=False),
             f"  relative change {pct(rel.mean)} [95% CI {pct(rel.lo)}, {pct(rel.hi)}] (delta method) at {ratio:.3f}x "
             "the FLOPs",
-            f"  claim 1, >= 25% lower inception_fid at <= {FLOPS_BUDGET}x FLOPs, over training seeds: {claim}"]
+            f"  claim 1, >= 25% lower inception_fid at <= {FLOPS_BUDGET}x FLOPs, over training seeds: {claim}",
+            f"  (the {int(r.correct_steps)}-step training length is an input here, not chosen; chosen on these same "
+            "rows and noises, the interval is optimistic: --rescore-runs chooses it on held-out training images)"]
 
 
 def seed_plot(table: pd.DataFrame, path: Path) -> None:
@@ -957,6 +959,31 @@ def seed_report(runs: list[Path], results: Path, steps: int, pairs: list[tuple[i
     for line in lines:
         print(line)
     print(f"wrote {csv}, {png} and {txt}")
+    return 0
+
+
+def seed_table_report(csv: Path, results: Path) -> int:
+    """--seed-table: the verdict lines of a flow_protocol_seeds.csv written earlier (no run directory
+    needed; one group per sampler and sample size, in the file's order), into
+    ``results``/flow_protocol_seeds_verdicts.txt: the intervals of the current code from the rows kept."""
+    if not csv.is_file():
+        raise SystemExit(f"--seed-table: no file {csv}")
+    table = pd.read_csv(csv)
+    missing = sorted(set(SEED_COLUMNS) - {"noise_weights"} - set(table.columns))
+    if missing:
+        raise SystemExit(f"--seed-table: {csv} is not a flow_protocol_seeds.csv (no column {', '.join(missing)})")
+    lines = []
+    for _, group in table.groupby(["sampler", "inception_n"], sort=False):
+        if len(group) < 2:
+            raise SystemExit(f"--seed-table: {csv} has one training seed for {group.sampler.iloc[0]} at "
+                             f"{int(group.inception_n.iloc[0])} samples; an interval over seeds needs two or more")
+        lines += seed_verdict_lines(group.sort_values("correct_seed").reset_index(drop=True))
+    results.mkdir(parents=True, exist_ok=True)
+    txt = results / "flow_protocol_seeds_verdicts.txt"
+    atomic_write(txt, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    for line in lines:
+        print(line)
+    print(f"wrote {txt}")
     return 0
 
 
@@ -1521,6 +1548,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     help="comma-separated run directories, one corrector training seed each (same sampling settings): "
                          "no stage runs; their --headline rows against their base rows go to flow_protocol_seeds.csv, "
                          ".png and _verdicts.txt in --results, with 95%% intervals over the seeds")
+    ap.add_argument("--seed-table", type=Path, default=None,
+                    help="a flow_protocol_seeds.csv written earlier: no stage runs; its verdict lines, with the "
+                         "current intervals, go to flow_protocol_seeds_verdicts.txt in --results")
     ap.add_argument("--invert-from", type=Path, default=None,
                     help="the inversion folder to use (default --out/invert): run directories of several training "
                          "seeds share one")
@@ -1575,6 +1605,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if not runs:
             ap.error("--rescore-runs needs one or more run directories")
         return rescore(args, device, runs, results, compute=stages != {"report"})
+    if args.seed_table:
+        return seed_table_report(args.seed_table, results)
     if args.seed_runs:
         runs = [Path(r.strip()) for r in args.seed_runs.split(",") if r.strip()]
         pairs = parse_headline(args.headline, args.steps)

@@ -41,6 +41,23 @@ def test_delta_interval_reproduces_the_issue_on_the_committed_5000_sample_rows()
     assert "[95% CI −31.88%, −25.41%] (delta method)" in line
 
 
+def test_seed_table_regenerates_the_verdicts_from_the_committed_rows(tmp_path, capsys):
+    proto = _proto()
+    csv = ROOT / "docs" / "results" / "flow_protocol_seeds.csv"
+    assert proto.main(["--seed-table", str(csv), "--results", str(tmp_path)]) == 0
+    text = (tmp_path / "flow_protocol_seeds_verdicts.txt").read_text()
+    assert text.count("over training seeds:") == 2 and text.count("(delta method)") == 2
+    assert "relative change −28.64% [95% CI −31.88%, −25.41%]" in text
+    assert "12000-step training length is an input here" in text
+    table = pd.read_csv(csv)
+    table[table.inception_n == 5000].iloc[:1].to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(SystemExit, match="one training seed"):
+        proto.main(["--seed-table", str(tmp_path / "one.csv"), "--results", str(tmp_path)])
+    table.drop(columns="base_fid").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(SystemExit, match="no column base_fid"):
+        proto.main(["--seed-table", str(tmp_path / "bad.csv"), "--results", str(tmp_path)])
+
+
 def test_ratio_interval_closed_forms():
     proto = _proto()
     c, b, sc, sb, cov = [26.0, 27.0, 28.0], 40.0, 0.3, 0.5, 0.05
