@@ -7,7 +7,7 @@ and the trust-region anchor of ``pgraft t2i train`` (``--anchor``, default 5).
     pgraft t2i pretrain --out runs/t2i/base          # the base pipeline (~45 min on one core); required
     pgraft t2i train-scorer --out runs/t2i/scorer    # the learned reward (~3-8 min); required
     python benchmarks/t2i.py --seeds 0,1,2           # default methods, 3 training seeds
-    python benchmarks/t2i.py --seeds 0,1,2 --per-prompt 18 --methods base,sft_all,graft_bon,graft_topk,pgraft_0.25,pgraft_0.5,pgraft_0.75,pg
+    python benchmarks/t2i.py --seeds 0,1,2 --per-prompt 18 --methods base,sft_all,graft_bon,graft_topk,pgraft_0.25,pgraft_0.5,pgraft_0.75,pg,grpo
     python benchmarks/t2i.py --report                # aggregate the finished cells
     python benchmarks/t2i.py --quick --seeds 0,1 --out /tmp/t2i_quick   # tiny budget smoke (needs --base too)
 
@@ -104,8 +104,10 @@ METHODS = {
     **{f"pgraft_{t}": Method(f"pgraft_{t}", f"P-GRAFT t={t} (Top-2 of M)", "graft", {"grs": TOP2, "t": t})
        for t in T_VALUES},
     "pg": Method("pg", "policy gradient (DDPO-style)", "pg"),
+    # Flow-GRPO's trust term: the same group-relative advantages plus KL(policy || base) at beta 0.04
+    "grpo": Method("grpo", "GRPO (group advantages, KL 0.04)", "pg", {"kl": 0.04}),
 }
-DEFAULT_METHODS = ["base", "graft_topk", *[f"pgraft_{t}" for t in T_VALUES], "pg"]
+DEFAULT_METHODS = ["base", "graft_topk", *[f"pgraft_{t}" for t in T_VALUES], "pg", "grpo"]
 METRICS = {
     "reward": Metric(f"held-out reward ({REWARD})", digits=4),
     "accuracy": Metric("held-out accuracy (checker)"),
@@ -115,6 +117,7 @@ METRICS = {
 COMPARISONS = [Comparison(a, b, metric) for metric in ("accuracy", "reward", "overall") for a, b in [
     *[(f"pgraft_{t}", "graft_topk") for t in T_VALUES],
     *[(f"pgraft_{t}", "pg") for t in T_VALUES],
+    *[(f"pgraft_{t}", "grpo") for t in T_VALUES],
     ("graft_topk", "base"),
 ]]
 
@@ -247,7 +250,8 @@ def run_cell(ctx: Context, method: Method, seed: int, cell_dir: Path) -> Cell:
             cfg = PGConfig(rounds=args.rounds, groups=args.groups, group_size=args.m, epochs=1,
                            batch_size=args.batch_size, lr=args.lr, log_prob_reduction="sum", clip=args.pg_clip,
                            lora_rank=args.lora, lora_targets=UNET_ATTENTION, sample_batch_size=args.sample_batch_size,
-                           timestep_fraction=args.pg_timestep_fraction, final_eval=False, seed=seed)
+                           timestep_fraction=args.pg_timestep_fraction, kl=method.params.get("kl", 0.0),
+                           final_eval=False, seed=seed)
             problem = compute.metered(recorded_problem(pipe, app, ctx.train_prompts, run_dir))
             head, _ = run_policy_gradient(problem, log_prob(pipe, app.eta), pipe.denoiser,
                                           pipe.denoiser.init_kwargs(), cfg, run_dir, app_config={"t2i": asdict(app)},

@@ -83,7 +83,7 @@ def test_harness_benchmark_shares_seeds_budget_and_report(tiny_bench, tmp_path):
     out = tmp_path / "out"
     # train_steps=0: GRAFT / P-GRAFT heads keep LoRA's B = 0, i.e. equal the base, so with the shared
     # evaluation seed they must reproduce the base's held-out images exactly; PG does update.
-    argv = ["--out", str(out), "--seeds", "0", "--methods", "base,sft_all,graft_topk,pgraft_0.5,pg",
+    argv = ["--out", str(out), "--seeds", "0", "--methods", "base,sft_all,graft_topk,pgraft_0.5,pg,grpo",
             "--base", str(tiny_bench / "base"), "--scorer", str(tiny_bench / "scorer"), "--rounds", "1",
             "--groups", "2", "--m", "3", "--train-steps", "0", "--batch-size", "6", "--lr", "5e-2", "--lora", "2",
             "--n-steps", "4", "--sample-batch-size", "32", "--pg-timestep-fraction", "0.5", "--per-prompt", "1",
@@ -97,12 +97,17 @@ def test_harness_benchmark_shares_seeds_budget_and_report(tiny_bench, tmp_path):
     pd.testing.assert_series_equal(samples["graft_topk"]["vqa"], samples["base"]["vqa"])
     assert not samples["pg"]["vqa"].equals(samples["base"]["vqa"])
     assert {m: c["sampled"] for m, c in cells.items()} == {"base": 0, "sft_all": 6, "graft_topk": 6,
-                                                           "pgraft_0.5": 6, "pg": 6}
+                                                           "pgraft_0.5": 6, "pg": 6, "grpo": 6}
     assert all(c["eval_seed"] == bench.harness.eval_seed(0) for c in cells.values())
     # the control keeps every candidate; Top-2 of 3 keeps two per group
     accept = {m: pd.read_csv(out / "cells" / m / "seed_0" / "run" / "metrics.csv")["accept_rate"].iloc[0]
               for m in ("sft_all", "graft_topk")}
     assert accept == {"sft_all": 1.0, "graft_topk": pytest.approx(2 / 3)}
+    # GRPO is the same policy gradient plus the KL-to-base term at beta 0.04 (logged; PG has none). Its one
+    # update here starts at the base, where the KL and its gradient vanish: the same head as PG's
+    pg_rows, grpo_rows = (pd.read_csv(out / "cells" / m / "seed_0" / "run" / "metrics.csv") for m in ("pg", "grpo"))
+    assert "kl_to_base" not in pg_rows and grpo_rows["kl_to_base"].abs().max() < 1e-6
+    pd.testing.assert_series_equal(samples["grpo"]["vqa"], samples["pg"]["vqa"])
     # accuracy = the share of correct images; overall = GenEval's mean of the per-category accuracies
     pg = cells["pg"]["metrics"]
     per_cat = samples["pg"].groupby("category")["correct"].mean()
