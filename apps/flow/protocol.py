@@ -1377,19 +1377,25 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
     lengths = select_lengths(args)
     if not lengths:
         raise SystemExit("--rescore-runs needs --select-lengths (the lengths stage v scored)")
+    for run in runs:
+        if not (run / "protocol.json").is_file():
+            raise SystemExit(f"{run}: not a protocol run directory (no protocol.json): run stages c,v there first")
     missing = missing_validation(runs, args.steps, args.noise_sampler, lengths)
     if missing and compute:
         # the base's test row does not depend on the length still to be chosen: compute it (and the
         # test reference) while stages c,v finish, and look at none of it here
         budget = Budget(args.budget)
         ctx = Context(replace_out(args, runs[0]), device, budget)
+        why = f"the length cannot be chosen yet (no validation row in {', '.join(missing)})"
         try:
-            test_row(ctx, Rows(runs[0] / "test"), test_key(base_key(args.steps)), SamplerSpec(args.steps, "euler"),
-                     None, None)
+            row = test_row(ctx, Rows(runs[0] / "test"), test_key(base_key(args.steps)),
+                           SamplerSpec(args.steps, "euler"), None, None)
         except Stopped as stop:
-            say(f"{stop}: rerun the same command to continue", budget)
-        say(f"rescore: the length cannot be chosen yet (no validation row in {', '.join(missing)}); the base's test "
-            "row, which does not depend on it, is done: rerun this command once stages c,v are done")
+            say(f"rescore: {why}; {stop}: rerun the same command to continue", budget)
+            return MORE_TO_DO
+        done = "is done" if row is not None else "is held by another process"
+        say(f"rescore: {why}; the base's test row, which does not depend on it, {done}: rerun this command "
+            "once stages c,v are done")
         return MORE_TO_DO
     selection = selection_table(runs, args.steps, args.noise_sampler, lengths)
     validation_seed = int(selection.validation_seed.iloc[0])

@@ -235,6 +235,9 @@ def test_the_rescore_path_at_toy_sizes(tmp_path, capsys):
     base_row = r0 / "test" / "rows" / f"{proto.test_key(proto.base_key(8))}.json"
     assert base_row.is_file() and not (r1 / "test").exists() and not res.exists()
     base_stamp = base_row.stat().st_mtime_ns
+    with pytest.raises(SystemExit, match="not a protocol run directory"):   # a mistyped run: nothing computed
+        proto.main([*common, "--rescore-runs", f"{r0},{tmp_path / 'r9'}", "--seed", "1", "--results", str(res)])
+    assert not (tmp_path / "r9").exists()
     assert proto.main([*r1_stages, "--stages", "v"]) == 0
     assert proto.main(rescore) == 0
     assert base_row.stat().st_mtime_ns == base_stamp
