@@ -1394,8 +1394,11 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
             say(f"rescore: {why}; {stop}: rerun the same command to continue", budget)
             return MORE_TO_DO
         done = "is done" if row is not None else "is held by another process"
-        say(f"rescore: {why}; the base's test row, which does not depend on it, {done}: rerun this command "
-            "once stages c,v are done")
+        still = missing_validation(runs, args.steps, args.noise_sampler, lengths)  # stage v may have gone on
+        why = f"the length cannot be chosen yet (no validation row in {', '.join(still)})" if still else \
+            "every validation row is there now"
+        say(f"rescore: {why}; the base's test row, which does not depend on the length, {done}: rerun this "
+            "command" + (" once stages c,v are done" if still else " to choose the length and score the seeds"))
         return MORE_TO_DO
     selection = selection_table(runs, args.steps, args.noise_sampler, lengths)
     validation_seed = int(selection.validation_seed.iloc[0])
