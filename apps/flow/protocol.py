@@ -941,6 +941,13 @@ def seed_plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def write_verdicts(txt: Path, lines: list[str]) -> None:
+    """Write verdict ``lines`` to ``txt`` (atomically) and print them."""
+    atomic_write(txt, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    for line in lines:
+        print(line)
+
+
 def seed_report(runs: list[Path], results: Path, steps: int, pairs: list[tuple[int, int]], noise_sampler: str) -> int:
     """flow_protocol_seeds.csv/.png and the verdict lines (…_seeds_verdicts.txt) for the headline pairs,
     at the headline size and at each sweep size every run has (FID's bias depends on the size; the plot
@@ -955,9 +962,7 @@ def seed_report(runs: list[Path], results: Path, steps: int, pairs: list[tuple[i
     csv, png, txt = (results / f"flow_protocol_seeds{ext}" for ext in (".csv", ".png", "_verdicts.txt"))
     pd.concat(tables).to_csv(csv, index=False)
     seed_plot(tables[0], png)
-    atomic_write(txt, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    for line in lines:
-        print(line)
+    write_verdicts(txt, lines)
     print(f"wrote {csv}, {png} and {txt}")
     return 0
 
@@ -980,9 +985,7 @@ def seed_table_report(csv: Path, results: Path) -> int:
         lines += seed_verdict_lines(group.sort_values("correct_seed").reset_index(drop=True))
     results.mkdir(parents=True, exist_ok=True)
     txt = results / "flow_protocol_seeds_verdicts.txt"
-    atomic_write(txt, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    for line in lines:
-        print(line)
+    write_verdicts(txt, lines)
     print(f"wrote {txt}")
     return 0
 
@@ -1386,19 +1389,21 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
         # test reference) while stages c,v finish, and look at none of it here
         budget = Budget(args.budget)
         ctx = Context(replace_out(args, runs[0]), device, budget)
-        why = f"the length cannot be chosen yet (no validation row in {', '.join(missing)})"
+        stopped = None
         try:
             row = test_row(ctx, Rows(runs[0] / "test"), test_key(base_key(args.steps)),
                            SamplerSpec(args.steps, "euler"), None, None)
         except Stopped as stop:
-            say(f"rescore: {why}; {stop}: rerun the same command to continue", budget)
-            return MORE_TO_DO
-        done = "is done" if row is not None else "is held by another process"
+            row, stopped = None, stop
         still = missing_validation(runs, args.steps, args.noise_sampler, lengths)  # stage v may have gone on
-        why = f"the length cannot be chosen yet (no validation row in {', '.join(still)})" if still else \
-            "every validation row is there now"
-        say(f"rescore: {why}; the base's test row, which does not depend on the length, {done}: rerun this "
-            "command" + (" once stages c,v are done" if still else " to choose the length and score the seeds"))
+        why = (f"the length cannot be chosen yet (no validation row in {', '.join(still)})" if still
+               else "every validation row is there now")
+        if stopped is not None:
+            say(f"rescore: {why}; {stopped}: rerun the same command to continue", budget)
+        else:
+            done = "is done" if row is not None else "is held by another process"
+            say(f"rescore: {why}; the base's test row, which does not depend on the length, {done}: rerun this "
+                "command" + (" once stages c,v are done" if still else " to choose the length and score the seeds"))
         return MORE_TO_DO
     selection = selection_table(runs, args.steps, args.noise_sampler, lengths)
     validation_seed = int(selection.validation_seed.iloc[0])
@@ -1470,9 +1475,7 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
                           for run, (seed, r) in zip(runs, rows)])
     table.to_csv(results / "flow_protocol_rescore.csv", index=False)
     txt = results / "flow_protocol_rescore_verdicts.txt"
-    atomic_write(txt, lambda t: Path(t).write_text("\n".join(lines) + "\n"))
-    for line in lines:
-        print(line)
+    write_verdicts(txt, lines)
     print(f"wrote {results / 'flow_protocol_rescore.csv'} and {txt}")
     return status
 
