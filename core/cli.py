@@ -520,7 +520,6 @@ def diagnose(problem: Any, base: Any, grid: list[float], *, states: int, tails: 
     from .diagnose import run_diagnose
 
     train = None
-    check_probe_lora(rule, train_steps)
     if train_steps > 0:
         train = dataclasses.replace(rule if rule is not None else GraftConfig(), train_steps=train_steps,
                                     **(probe or {}))
