@@ -449,6 +449,12 @@ def read_seeds_csv(path: Path) -> pd.DataFrame:
     missing = {"method", "label", "seed", "eval_seed", "metric", "value"} - set(table.columns)
     if missing:
         raise SystemExit(f"error: --merge {path}: not a seeds.csv (no {', '.join(sorted(missing))} column)")
+    # long_table never writes a missing value (NaN metrics are left out), so one here is damage
+    numbers = table[["seed", "eval_seed", "value"]].apply(pd.to_numeric, errors="coerce")
+    bad = numbers.isna().any(axis=1) | table[["method", "metric"]].isna().any(axis=1)
+    if bad.any():
+        raise SystemExit(f"error: --merge {path}: row {int(bad.to_numpy().nonzero()[0][0]) + 2} has a missing or "
+                         "non-numeric value (a truncated or damaged file?)")
     return table
 
 

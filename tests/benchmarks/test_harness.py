@@ -80,6 +80,18 @@ def test_merge_refuses_a_file_that_is_not_a_seeds_table(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match=r"--merge .*x.csv: not a seeds.csv \(no eval_seed, label, method"):
         harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--report", "--merge", str(tmp_path / "x.csv")])
+    full = (tmp_path / "seeds.csv").read_bytes()   # damaged seeds tables: cut inside a row, a flipped digit
+    (tmp_path / "cut.csv").write_bytes(full[: full.index(b"\n", full.index(b"\n") + 1) + 8])
+    with pytest.raises(SystemExit, match=r"--merge .*cut.csv: row 3 has a missing or non-numeric value"):
+        harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--report", "--merge", str(tmp_path / "cut.csv")])
+    rows = full.decode().splitlines()
+    rows[1] = rows[1][:-1] + "x"
+    (tmp_path / "flip.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit, match=r"--merge .*flip.csv: row 2 has a missing or non-numeric value"):
+        harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--report", "--merge", str(tmp_path / "flip.csv")])
+    (tmp_path / "junk.csv").write_bytes(b"method\x00\xff\xfe")
+    with pytest.raises(SystemExit, match=r"--merge .*junk.csv: "):
+        harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--report", "--merge", str(tmp_path / "junk.csv")])
 
 
 def test_other_settings_are_refused(tmp_path):
