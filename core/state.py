@@ -7,11 +7,12 @@ and store batches, so those operations are all this module offers.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -119,6 +120,35 @@ def atomic_write(path: str | Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+RECOMPUTE = "delete it and rerun the same command to recompute it"
+
+
+def read_json(path: str | Path, keys: Sequence[str] = (), fix: str = RECOMPUTE) -> Any:
+    """The JSON in ``path``, written by :func:`atomic_write` (so whole, unless something else damaged
+    it): a file that cannot be read, is not UTF-8 JSON, or (``keys``) is not an object holding each key
+    is refused with one :class:`~pgraft.core.errors.UsageError` line that names the file, where it
+    breaks and ``fix``."""
+    from .errors import UsageError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror or type(err).__name__}); {fix}") from None
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not JSON text (byte {data[err.start]:#04x} at offset {err.start}); {fix}") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: damaged JSON ({err.msg} at line {err.lineno}, column {err.colno}); {fix}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: JSON nested too deeply to read; {fix}") from None
+    missing = [k for k in keys if not isinstance(value, dict) or k not in value]
+    if missing:
+        raise UsageError(f"{path}: no {', '.join(repr(k) for k in missing)} in its JSON; {fix}")
+    return value
 
 
 def save_state(x: State, path: str | Path) -> None:

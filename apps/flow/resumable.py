@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pgraft.core.integrity import exclusive
-from pgraft.core.state import atomic_write
+from pgraft.core.state import atomic_write, read_json
 
 
 class Budget:
@@ -82,7 +82,7 @@ class Rows:
         p = self.path(key)
         if not p.is_file():
             return None
-        saved = json.loads(p.read_text())
+        saved = read_json(p, keys=("fingerprint", "row"))
         return saved["row"] if saved.get("fingerprint") == json.loads(json.dumps(fingerprint)) else None
 
     def put(self, key: str, fingerprint: dict[str, Any], row: dict[str, Any]) -> None:
@@ -90,4 +90,4 @@ class Rows:
         atomic_write(self.path(key), lambda tmp: Path(tmp).write_text(text))
 
     def all(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text())["row"] for p in sorted(self.dir.glob("*.json"))]
+        return [read_json(p, keys=("row",))["row"] for p in sorted(self.dir.glob("*.json"))]
