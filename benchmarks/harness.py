@@ -39,9 +39,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from pgraft.core.errors import RunDirLocked
+from pgraft.core.errors import RunDirLocked, RunError
 from pgraft.core.integrity import exclusive
-from pgraft.core.state import atomic_write
+from pgraft.core.state import atomic_write, read_json
 from pgraft.core.stats import family_line, format_verdict, mean_ci, paired_difference
 
 EVAL_SEED_OFFSET = 1000
@@ -129,7 +129,7 @@ class count_compute:
         self.complete = True
         if ledger is not None and resume:
             if ledger.is_file():
-                self.committed = Compute(**json.loads(ledger.read_text()))
+                self.committed = Compute(**read_json(ledger, keys=("sample_rows", "train_rows", "seconds")))
             else:
                 self.complete = False
         self.live = Compute()  # rows of this process (its time: since __enter__)
@@ -243,6 +243,15 @@ def parser(bench: Benchmark, doc: str) -> argparse.ArgumentParser:
 
 
 def main(bench: Benchmark, doc: str, argv: list[str] | None = None) -> pd.DataFrame:
+    """A benchmark's command line: runs the cells still missing, then writes the report. A refusal
+    (:class:`~pgraft.core.errors.RunError`: a damaged cell or settings file, a bad base) is one line."""
+    try:
+        return _main(bench, doc, argv)
+    except RunError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _main(bench: Benchmark, doc: str, argv: list[str] | None) -> pd.DataFrame:
     args = parser(bench, doc).parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     seeds = parse_seeds(args.seeds)
@@ -257,7 +266,8 @@ def main(bench: Benchmark, doc: str, argv: list[str] | None = None) -> pd.DataFr
     settings = bench.describe(args) if bench.describe is not None else {}
     settings_path = out / "settings.json"
     if settings_path.is_file() and not args.report:
-        saved = json.loads(settings_path.read_text())
+        saved = read_json(settings_path, keys=("settings",), fix="delete it to rerun with the options given (cells run with other "
+                          "settings are kept and would be mixed in) or use another --out")
         if saved.get("settings") != json.loads(json.dumps(settings, default=str)):
             raise SystemExit(f"error: {out} holds cells run with other settings ({settings_path}); "
                              "use another --out or the same options (nothing was changed)")
@@ -308,8 +318,12 @@ def run_cells(bench: Benchmark, args, methods: list[str], seeds: list[int], out:
             print(f"-- {key} seed {seed}: held by another process, skipped --", flush=True)
 
 
+CELL_KEYS = ("method", "label", "seed", "eval_seed", "metrics", "sampled", "wall_s")   # what long_table reads
+
+
 def load_cells(out: Path, methods: list[str] | None = None) -> list[dict]:
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*/seed_*/cell.json"))]
+    cells = [read_json(p, keys=CELL_KEYS, fix="delete it and rerun the same command to recompute the cell")
+             for p in sorted((out / "cells").glob("*/seed_*/cell.json"))]
     return [c for c in cells if methods is None or c["method"] in methods]
 
 

@@ -103,6 +103,31 @@ def test_other_settings_are_refused(tmp_path):
         harness.main(bench, "fake", ["--out", str(tmp_path), "--seeds", "0"])
 
 
+
+@pytest.mark.parametrize("name, damage, says", [
+    ("cells/a/seed_1/cell.json", lambda t: t[: len(t) // 2], "damaged JSON"),
+    ("cells/a/seed_1/cell.json", lambda t: json.dumps({"method": "a"}), "no 'label', 'seed', 'eval_seed'"),
+    ("settings.json", lambda t: t[:-3], "damaged JSON"),
+])
+def test_a_damaged_cell_or_settings_file_is_refused_naming_it(tmp_path, name, damage, says):
+    """A cell.json or settings.json cut short or missing fields (disk damage: both are written
+    atomically) is one ``error:`` line naming the file; no cell is run or rewritten."""
+    bench = _bench([])
+    bench.describe = lambda args: {"budget": 1}
+    argv = ["--out", str(tmp_path), "--seeds", "0,1"]
+    harness.main(bench, "fake", argv)
+    path = tmp_path / name
+    path.write_text(damage(path.read_text()))
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
+    calls: list = []
+    bench = _bench(calls)
+    bench.describe = lambda args: {"budget": 1}
+    with pytest.raises(SystemExit) as err:
+        harness.main(bench, "fake", argv)
+    message = str(err.value.code)
+    assert message.startswith(f"error: {path}: ") and says in message and "\n" not in message
+    assert calls == [] and {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")} == stamps
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
