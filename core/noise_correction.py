@@ -39,7 +39,7 @@ from .pretrain import is_pretrained
 from .progress import progress_bar
 from .sampling import StepFn, euler_step, sample
 from .schedules import flow_times
-from .state import atomic_write
+from .state import atomic_write, read_json
 
 INVERT_META = "invert.json"
 CORRECT_META = "correct.json"
@@ -168,7 +168,7 @@ def claim(directory: str | Path, meta_name: str, settle: Callable[[dict[str, Any
     directory = Path(directory)
     with exclusive(directory):
         path = directory / meta_name
-        saved = json.loads(path.read_text()) if path.is_file() else None
+        saved = read_json(path) if path.is_file() else None
         meta = settle(saved)
         save_json(meta, path)
         yield meta
@@ -237,7 +237,7 @@ def load_inversion(invert_dir: str | Path, app: str) -> dict[str, Any]:
     path = Path(invert_dir) / INVERT_META
     if not path.is_file():
         raise UsageError(f"{invert_dir} is not a `pgraft {app} invert` directory (no {INVERT_META})")
-    return json.loads(path.read_text())
+    return read_json(path, keys=("config",), fix=f"rerun `pgraft {app} invert` into a new directory")
 
 
 # ----------------------------------------------------------------------------- correct
@@ -296,7 +296,7 @@ def load_correction(correct_dir: str | Path, models: NoiseModels) -> Correction:
     if not meta_path.is_file() or not is_pretrained(correct_dir):
         raise UsageError(f"{correct_dir} holds no trained noise corrector (no {CORRECT_META} or unfinished training); "
                          f"run `{models.command('correct')}` first")
-    return Correction(noise_model=models.load(correct_dir), meta=json.loads(meta_path.read_text()),
+    return Correction(noise_model=models.load(correct_dir), meta=read_json(meta_path, fix="retrain the corrector into a new directory"),
                       directory=correct_dir)
 
 

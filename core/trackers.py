@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .state import read_json
 
 BACKENDS = ("none", "tensorboard", "wandb")
 INSTALL = "pip install -e '.[trackers]'"
@@ -144,7 +145,8 @@ class RoundTracker:
             tracker = TensorBoardTracker(".", self.folder / "tensorboard", purge_step=step if step > 0 else None)
         else:
             state = self.folder / "tracker.json"
-            saved = json.loads(state.read_text()) if state.is_file() else {}
+            saved = read_json(state, keys=("wandb_id",), fix="delete it to log the resumed run under a new wandb id") \
+                if state.is_file() else {}
             run_id = saved.get("wandb_id") or uuid.uuid4().hex[:16]
             state.write_text(json.dumps({**saved, "wandb_id": run_id}, indent=1) + "\n")
             (self.folder / "wandb").mkdir(exist_ok=True)
@@ -184,7 +186,7 @@ def run_config(run_dir: Path) -> dict[str, Any]:
         else:
             yield prefix[:-1], json.dumps(value)
 
-    return dict(walk(json.loads(path.read_text()), ""))
+    return dict(walk(read_json(path, fix="restore it, or start the run afresh in another --out"), ""))
 
 
 def current_tracker() -> RoundTracker | None:

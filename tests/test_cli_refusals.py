@@ -102,6 +102,9 @@ CASES = [
     c("resume-other-m", "toy", "train", "--out", "{W}/run", "--resume", "--rounds", "3", "--groups", "4", "--m", "4",
       "--k", "1", "--train-steps", "2", "--batch-size", "4", "--quiet", names="config.json", code=2),
     c("resume-nothing", "toy", "train", "--out", "{O}", "--resume", *SMALL_TOY, names="--resume", code=2),
+    c("resume-config-cut", "toy", "train", "--out", "{W}/run-config-cut", "--resume", "--rounds", "3", "--groups", "4",
+      "--m", "2", "--k", "1", "--train-steps", "2", "--batch-size", "4", "--quiet", names="run-config-cut/config.json",
+      code=2, watch=("run", "toybase", "run-config-cut")),
     c("sample-no-target", "toy", "sample", names="RUN_DIR", code=2),
     c("sample-missing-dir", "toy", "sample", "{W}/nosuch", "-n", "5", names="nosuch", code=2),
     c("sample-n-zero", "toy", "sample", "{W}/run", "-n", "0", names="-n", code=2),
@@ -177,6 +180,9 @@ def _make_world(w: Path, env: dict[str, str]) -> None:
                          ("head-config", lambda h: h.joinpath("config.json").write_text("{{{"))]:
         shutil.copytree(w / "run", w / f"run-{name}")
         damage(w / f"run-{name}" / "head")
+    shutil.copytree(w / "run", w / "run-config-cut")   # the run's config.json cut short (a disk filled up)
+    config = w / "run-config-cut" / "config.json"
+    config.write_text(config.read_text()[: len(config.read_text()) // 2])
     for name in ("base-flipped", "base-manifest", "base-noweights", "base-noconfig"):
         shutil.copytree(TOY_BASE, w / name)
     _flip_bit(w / "base-flipped" / "model.safetensors")

@@ -5,7 +5,6 @@ metrics row per sampler configuration (FLOPs/image counted, not estimated).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from pgraft.core.checkpoint import save_json
-from pgraft.core.state import module_device
+from pgraft.core.state import module_device, read_json
 
 from .model import PRESETS, FlowUNet
 from .pretrain import FlowPretrainConfig, load_training_images
@@ -112,7 +111,7 @@ class Evaluator:
             save_classifier(ev.classifier, clf_dir)
             save_json(asdict(report), clf_dir / "report.json")
         if (clf_dir / "report.json").is_file():
-            ev.classifier_report = json.loads((clf_dir / "report.json").read_text())
+            ev.classifier_report = read_json(clf_dir / "report.json")
         ev.classifier = ev.classifier.to(device)
         ref = reference_images
         ev.classifier_reference = cached_reference_stats(
@@ -180,7 +179,7 @@ class Evaluator:
 
         if self._prepared is None:
             path = self.cache_dir / f"{self.inception_reference_key}.kid.json"
-            kyy = json.loads(path.read_text())["kyy"] if path.is_file() else None
+            kyy = read_json(path, keys=("kyy",))["kyy"] if path.is_file() else None
             self._prepared = prepare_reference(self.inception_reference, module_device(self.inception), kyy)
             if kyy is None:
                 save_json({"kyy": self._prepared.kyy, "count": self._prepared.count}, path)
