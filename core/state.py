@@ -142,7 +142,7 @@ def read_json(path: str | Path, keys: Sequence[str] = (), fix: str = RECOMPUTE) 
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not JSON text (byte {data[err.start]:#04x} at offset {err.start}); {fix}") from None
     except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: damaged JSON ({err.msg} at line {err.lineno}, column {err.colno}); {fix}") from None
+        raise UsageError(f"{path}: damaged JSON ({err.msg}: line {err.lineno}, column {err.colno}); {fix}") from None
     except RecursionError:
         raise UsageError(f"{path}: JSON nested too deeply to read; {fix}") from None
     missing = [k for k in keys if not isinstance(value, dict) or k not in value]

@@ -173,10 +173,12 @@ def train_cmd(
 
 
 def _run_config(run_dir: Path) -> tuple[dict, GraftConfig]:
+    from pgraft.core.state import read_json
+
     path = run_dir / "config.json"
     if not path.is_file():
         raise typer.BadParameter(f"{run_dir} is not a `pgraft t2i train` run directory (no config.json)")
-    config = json.loads(path.read_text())
+    config = read_json(path, keys=("app",), fix="restore it, or point at another run directory")
     if "t2i" not in config.get("app", {}):
         raise typer.BadParameter(f"{run_dir} is a run of another app, not `pgraft t2i train`")
     return config["app"]["t2i"], GraftConfig.from_dict(config["graft"])

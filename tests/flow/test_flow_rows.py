@@ -59,7 +59,7 @@ def test_read_json_names_what_breaks_and_the_fix(tmp_path):
     path.write_text('{"config": {"steps": 50}, "n_train": 60000}')
     assert read_json(path, keys=("config", "n_train"))["config"] == {"steps": 50}
     path.write_text('{"config": {"steps": 50}, "n_tr')
-    with pytest.raises(UsageError, match=r"meta\.json: damaged JSON \(Unterminated string .* at line 1, column 27\); "
+    with pytest.raises(UsageError, match=r"meta\.json: damaged JSON \(Unterminated string .*: line 1, column 27\); "
                                          "rerun stage b"):
         read_json(path, fix="rerun stage b")
     with pytest.raises(UsageError, match=r"meta\.json/nested: cannot read \(Not a directory\)"):

@@ -36,3 +36,24 @@ def test_counts_below_one_name_the_flag(tiny_run, args, flag, value):
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert f"'{flag}'" in output and f"got {value}" in output and "Traceback" not in output
     assert not (tiny_run / "samples").exists() and not (tiny_run / "eval").exists()
+
+
+
+def test_evaluate_on_a_run_whose_config_was_cut_names_the_file(tiny_run, tmp_path, capsys):
+    """`pgraft t2i evaluate --run R` where R's config.json was cut short: one error line naming that
+    file, before any sampling (the JSON error alone, without the file, before). `sample` refuses the
+    same run through its RUN_DIR check."""
+    import shutil
+
+    from pgraft.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = run / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(SystemExit) as exit_:
+        main(["t2i", "evaluate", "--run", str(run), "--reward", "checker", "--quiet"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: {config}: damaged JSON (Unterminated string")
+    assert not (run / "eval").exists()
