@@ -129,6 +129,8 @@ CASES = [
     c("mol-sample-out-is-dir", "molecule", "sample", "--base", "shipped", "-n", "2", "--out", "{W}/adir",
       names="--out", code=2),
     c("mol-evaluate-missing", "molecule", "evaluate", "{W}/nosuch", names="nosuch", code=2),
+    c("mol-base-meta-cut", "molecule", "sample", "--base", "{W}/molbase-cut", "-n", "2", "--out", "{W}/mcut.csv",
+      names="molbase-cut/molecule.json", code=2, watch=("molbase-cut",)),
     # --- text-to-image
     c("t2i-model-missing", *T2[:3], "{W}/nosuch", *T2[4:], "--reward", "checker", names="nosuch"),
     c("t2i-reward-unknown", *T2, "--reward", "bogus", names="bogus"),
@@ -180,6 +182,11 @@ def _make_world(w: Path, env: dict[str, str]) -> None:
                          ("head-config", lambda h: h.joinpath("config.json").write_text("{{{"))]:
         shutil.copytree(w / "run", w / f"run-{name}")
         damage(w / f"run-{name}" / "head")
+    # a user's molecule base without a manifest (nothing to verify against) whose molecule.json was cut short
+    shutil.copytree(REPO / "apps" / "molecule" / "bases" / "default", w / "molbase-cut")
+    (w / "molbase-cut" / "manifest.json").unlink()
+    meta = w / "molbase-cut" / "molecule.json"
+    meta.write_text(meta.read_text()[:300])
     shutil.copytree(w / "run", w / "run-config-cut")   # the run's config.json cut short (a disk filled up)
     config = w / "run-config-cut" / "config.json"
     config.write_text(config.read_text()[: len(config.read_text()) // 2])
