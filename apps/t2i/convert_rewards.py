@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from pgraft.core.errors import UsageError
+from pgraft.core.state import read_json
 
 from .named_rewards import IMAGEREWARD_MEAN, IMAGEREWARD_STD, OPENAI_MEAN, OPENAI_STD, AestheticMLP
 
@@ -596,7 +597,8 @@ def convert_clipflant5(src: str | Path, out: str | Path, tokenizer: str | Path |
             raise UsageError(f"{src / 'config.json'} has {key} {config[key]!r}; only {value!r} is implemented")
     tok = load_tokenizer(tokenizer, CLIP_T5_TOKENIZER)
     clip_dir = _local_dir(clip, "--clip", CLIP_T5_VISION)
-    clip_config = json.loads((clip_dir / "config.json").read_text()) if (clip_dir / "config.json").is_file() else {}
+    clip_config = read_json(clip_dir / "config.json", fix="give --clip a transformers CLIP vision model directory") \
+        if (clip_dir / "config.json").is_file() else {}
     kind = clip_config.get("model_type")
     if kind not in ("clip", "clip_vision_model"):
         raise UsageError(f"--clip {clip_dir} does not hold a transformers CLIP model ({CLIP_T5_VISION})")
