@@ -49,6 +49,9 @@ def test_seed_table_regenerates_the_verdicts_from_the_committed_rows(tmp_path, c
     assert text.count("over training seeds:") == 2 and text.count("(delta method)") == 2
     assert "relative change −28.64% [95% CI −31.88%, −25.41%]" in text
     assert "12000-step training length is an input here" in text
+    assert text.splitlines()[-1] == ("family-wise: claim 1 is one test, decided by the 5000-sample block (the headline "
+                                     "size); the 1000-sample block re-reads the first samples of the same rows, a check "
+                                     "of FID's size bias, not a second test")
     table = pd.read_csv(csv)
     table[table.inception_n == 5000].iloc[:1].to_csv(tmp_path / "one.csv", index=False)
     with pytest.raises(SystemExit, match="one training seed"):
@@ -208,6 +211,9 @@ def test_rescore_lines_state_the_choice_and_every_verdict():
     assert "over training seeds:" in text
     assert "seed 0 alone: relative change −30.00%" in text and "seed 1 alone: relative change −25.25%" in text
     assert text.count("not separated from the −25% line") >= 1
+    assert lines[-1].startswith("family-wise: claim 1 is one test, the one over the training seeds")
+    assert lines[-1].endswith("; the 2 single-seed lines are reported one by one, without adjustment, to show the "
+                              "spread between seeds")
 
 
 @pytest.mark.slow  # ~3-5 min on a shared 2-core CPU: an inversion, four corrector trainings, Inception
