@@ -168,7 +168,7 @@ def claim(directory: str | Path, meta_name: str, settle: Callable[[dict[str, Any
     directory = Path(directory)
     with exclusive(directory):
         path = directory / meta_name
-        saved = read_json(path) if path.is_file() else None
+        saved = read_json(path, fix="restore it, or use a new --out") if path.is_file() else None
         meta = settle(saved)
         save_json(meta, path)
         yield meta
@@ -296,8 +296,8 @@ def load_correction(correct_dir: str | Path, models: NoiseModels) -> Correction:
     if not meta_path.is_file() or not is_pretrained(correct_dir):
         raise UsageError(f"{correct_dir} holds no trained noise corrector (no {CORRECT_META} or unfinished training); "
                          f"run `{models.command('correct')}` first")
-    return Correction(noise_model=models.load(correct_dir), meta=read_json(meta_path, fix="retrain the corrector into a new directory"),
-                      directory=correct_dir)
+    meta = read_json(meta_path, fix="retrain the corrector into a new directory")
+    return Correction(noise_model=models.load(correct_dir), meta=meta, directory=correct_dir)
 
 
 # ----------------------------------------------------------------------------- sample

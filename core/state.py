@@ -2,7 +2,8 @@
 
 Apps describe a sample however suits them (an image tensor, a molecule as
 ``{"nodes", "edges", "node_mask"}``); the core only ever needs to index, concatenate, repeat, move
-and store batches, so those operations are all this module offers.
+and store batches, so those operations are what this module offers, with the two every run file goes
+through: :func:`atomic_write` and its reading side for JSON, :func:`read_json`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Union
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import UsageError
 
 State = Union[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -130,8 +133,6 @@ def read_json(path: str | Path, keys: Sequence[str] = (), fix: str = RECOMPUTE) 
     it): a file that cannot be read, is not UTF-8 JSON, or (``keys``) is not an object holding each key
     is refused with one :class:`~pgraft.core.errors.UsageError` line that names the file, where it
     breaks and ``fix``."""
-    from .errors import UsageError
-
     path = Path(path)
     try:
         data = path.read_bytes()

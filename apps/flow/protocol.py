@@ -171,6 +171,8 @@ from .sample import SamplerSpec, flops_per_image, sample_images
 FLOPS_BUDGET = 1.35   # claim 1: corrected FLOPs/image at most this multiple of the base row's ...
 FID_DROP = 0.25       # ... and Inception FID at least this much lower
 TARGET_RATIO = 0.25   # corrector parameters / base parameters (the paper: 16M / 65M)
+# how to mend a damaged settings or report file of a run (rows and caches: delete it, it is recomputed)
+KEEP = "restore it, or rerun into a new --out"
 MORE_TO_DO = 3        # exit status: stopped at --budget, rerun to continue
 
 CSV_COLUMNS = ["kind", "sampler", "base_steps", "noise_sampler", "noise_steps", "gflops", "flops_ratio",
@@ -424,8 +426,8 @@ def stage_invert(ctx: Context) -> None:
     a, inv = ctx.args, ctx.invert_dir
     report = inv / RECONSTRUCTION
     if report.is_file() and (inv / INVERT_META).is_file():
-        meta = read_json(inv / INVERT_META)
-        done = read_json(report, keys=("n_images",))["n_images"]
+        meta = read_json(inv / INVERT_META, fix=KEEP)
+        done = read_json(report, keys=("n_images",), fix=KEEP)["n_images"]
         if meta["config"]["steps"] == a.steps and done >= min(a.invert_limit, meta["n_train"]):
             say(f"stage b: {done} images already inverted through {a.steps} steps in {inv}", ctx.budget)
             return
@@ -446,14 +448,14 @@ def stage_invert(ctx: Context) -> None:
     rc = run_stoppable(cmd, ctx.budget, "`pgraft flow invert`", env)
     if rc != 0:
         raise SystemExit(f"`pgraft flow invert` failed (exit status {rc})")
-    ranks = [read_json(p) for p in sorted((inv / "throughput").glob("rank_*.json"))]
+    ranks = [read_json(p, fix=KEEP) for p in sorted((inv / "throughput").glob("rank_*.json"))]
     images = sum(r["images"] for r in ranks)
     seconds = max((r["seconds"] for r in ranks), default=float("nan"))
     say(f"inversion throughput: {images} images in {seconds:.1f} s over {len(ranks)} process(es): "
         f"{images / seconds if seconds else float('nan'):.3g} images/s in all ("
         + ", ".join(f"rank {r['rank']} {r['images_per_s']:.3g}/s, {r['fixed_point_iterations_per_step']:.2f} it/step"
                     for r in ranks) + ")", ctx.budget)
-    rec = read_json(report)
+    rec = read_json(report, fix=KEEP)
     say(f"inverted {rec['n_images']} images: reconstruction mean |err| {rec['mean_abs']:.2e}, max {rec['max_abs']:.2e}, "
         f"worst fixed-point residual {rec['max_residual']:.2e}", ctx.budget)
 
@@ -504,7 +506,7 @@ def train_corrector(ctx: Context, inv: Path, cor: Path, preset: str, seed: int, 
         # the config `pgraft flow correct` below builds from these options; the saved one must match it
         # by the rule that command applies (core.noise_correction.resume_conflicts)
         wanted = CorrectionConfig(preset=preset, steps=steps, batch_size=a.correct_batch_size, seed=seed)
-        saved = read_json(cor / CORRECT_META, keys=("config",))["config"]
+        saved = read_json(cor / CORRECT_META, keys=("config",), fix=KEEP)["config"]
         if not resume_conflicts({"config": saved}, {"config": asdict(wanted)}):
             say(f"corrector already trained ({steps} steps) in {cor}", ctx.budget)
             return
@@ -542,9 +544,9 @@ def reference_rows(ctx: Context) -> None:
     inv = ctx.invert_dir
     shards = read_shards(inv)
     m = min(ctx.sweep_cfg.n, len(shards["index"]))
-    meta = read_json(inv / INVERT_META)
+    meta = read_json(inv / INVERT_META, fix=KEEP)
     steps = int(meta["config"]["steps"])
-    fp = ctx.fingerprint(ctx.sweep_cfg, m=m, invert=read_json(inv / RECONSTRUCTION), steps=steps)
+    fp = ctx.fingerprint(ctx.sweep_cfg, m=m, invert=read_json(inv / RECONSTRUCTION, fix=KEEP), steps=steps)
     spec = SamplerSpec(steps, "euler")
     for key, label in (("reference-inverted-images", "inverted training images (floor)"),
                        ("reference-decoded-noises", f"base euler-{steps} on the inverted noises (perfect corrector)")):
@@ -783,7 +785,7 @@ def report(ctx_args: argparse.Namespace, out: Path, results: Path) -> pd.DataFra
             print(line)
     fit = out / "fit.json"
     if fit.is_file():
-        fitted = read_json(fit)
+        fitted = read_json(fit, fix=KEEP)
         text = fit.read_text()
         atomic_write(results / "flow_protocol_fit.json", lambda tmp: Path(tmp).write_text(text))
         for line in fit_lines(fitted):
@@ -838,7 +840,7 @@ def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sample
         meta = run / "correct" / CORRECT_META
         if not meta.is_file():
             raise SystemExit(f"{run}: no {CORRECT_META} in correct/ (stage c)")
-        config = read_json(meta, keys=("config",))["config"]
+        config = read_json(meta, keys=("config",), fix=KEEP)["config"]
         sampling = {key: saved[1]["fingerprint"].get(key) for key in SAMPLING_KEYS}
         base_sampling = {key: saved[0]["fingerprint"].get(key) for key in SAMPLING_KEYS}
         if sampling != base_sampling:
@@ -1043,7 +1045,7 @@ def snapshot_ok(directory: Path, steps: int) -> bool:
     meta = directory / SNAPSHOT_META
     if not meta.is_file() or not is_pretrained(directory):
         return False
-    saved = read_json(meta)
+    saved = read_json(meta, fix=KEEP)
     return saved.get("steps") == steps == trained_steps(directory) and saved.get("weights") == weights_digest(directory)
 
 
@@ -1096,7 +1098,7 @@ def build_validation(ctx: Context) -> ValidationReference:
     a, inv = ctx.args, ctx.invert_dir
     if not (inv / INVERT_META).is_file():
         raise SystemExit(f"the validation reference needs the inversion's settings in {inv / INVERT_META} (stage b)")
-    meta = read_json(inv / INVERT_META)
+    meta = read_json(inv / INVERT_META, fix=KEEP)
     idx = validation_indices(int(meta["n_train"]), int(meta["config"]["seed"]), int(meta["config"]["limit"]),
                              a.validation_n)
     try:  # the inversion may still be running: check the shards written so far
@@ -1127,7 +1129,7 @@ def build_validation(ctx: Context) -> ValidationReference:
 def validation_identity(inv: Path) -> dict[str, int]:
     """What fixes the validation images besides their count: the inversion's permutation (its seed and
     the training-set size) and how many of it were inverted."""
-    meta = read_json(inv / INVERT_META)
+    meta = read_json(inv / INVERT_META, fix=KEEP)
     return {"n_train": int(meta["n_train"]), "permutation_seed": int(meta["config"]["seed"]),
             "inverted": int(meta["config"]["limit"])}
 
@@ -1459,7 +1461,7 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
         snap = snapshot_dir(run, chosen)
         if not snapshot_ok(snap, chosen):
             raise SystemExit(f"{run}: no corrector snapshot at {chosen} steps in {snap} (stage c with --select-lengths)")
-        configs[run] = read_json(snap / CORRECT_META, keys=("config",))["config"]
+        configs[run] = read_json(snap / CORRECT_META, keys=("config",), fix=KEEP)["config"]
     first = configs[runs[0]]
     for run, config in configs.items():
         diff = differences({**first, "seed": None}, {**config, "seed": None})
