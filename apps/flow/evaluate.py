@@ -111,7 +111,7 @@ class Evaluator:
             save_classifier(ev.classifier, clf_dir)
             save_json(asdict(report), clf_dir / "report.json")
         if (clf_dir / "report.json").is_file():
-            ev.classifier_report = read_json(clf_dir / "report.json")
+            ev.classifier_report = read_json(clf_dir / "report.json", fix=f"delete {clf_dir} to retrain the classifier")
         ev.classifier = ev.classifier.to(device)
         ref = reference_images
         ev.classifier_reference = cached_reference_stats(
