@@ -39,7 +39,7 @@ from .pretrain import is_pretrained
 from .progress import progress_bar
 from .sampling import StepFn, euler_step, sample
 from .schedules import flow_times
-from .state import atomic_write, read_json
+from .state import RESTORE_OUT, atomic_write, read_json
 
 INVERT_META = "invert.json"
 CORRECT_META = "correct.json"
@@ -168,7 +168,7 @@ def claim(directory: str | Path, meta_name: str, settle: Callable[[dict[str, Any
     directory = Path(directory)
     with exclusive(directory):
         path = directory / meta_name
-        saved = read_json(path, fix="restore it, or use a new --out") if path.is_file() else None
+        saved = read_json(path, fix=RESTORE_OUT) if path.is_file() else None
         meta = settle(saved)
         save_json(meta, path)
         yield meta

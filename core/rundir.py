@@ -48,7 +48,7 @@ from .checkpoint import save_json
 from .errors import CheckpointError, RunDirLocked, RunExistsError, UsageError
 from .integrity import held_by_another, load_state_dict_file, sha256_file, verify_manifest, write_manifest
 from .progress import warn
-from .state import State, atomic_write, read_json
+from .state import RESTORE_RUN, State, atomic_write, read_json
 
 # config fields (dotted paths) that may change on --resume: they steer later rounds only and
 # leave the files already written valid. ``graft.rounds`` may only grow.
@@ -122,10 +122,9 @@ class RunDir:
         path = self.path / "config.json"
         normalized = json.loads(json.dumps(config, default=str))
         if resume and path.is_file():
-            saved = read_json(path, fix="restore it, or start the run afresh in another --out")
+            saved = read_json(path, fix=RESTORE_RUN)
             if not isinstance(saved, dict):
-                raise UsageError(f"{path}: not a run's config (a JSON object); restore it, or start the run "
-                                 "afresh in another --out")
+                raise UsageError(f"{path}: not a run's config (a JSON object); {RESTORE_RUN}")
             history = saved.pop("resumed", [])
             diffs = _diff(saved, normalized, ignore=set(RESUMABLE))
             if diffs:

@@ -125,7 +125,13 @@ def atomic_write(path: str | Path, write) -> None:
             os.remove(tmp)
 
 
+# how to mend a damaged JSON file (read_json's ``fix``): a file a rerun recomputes (rows, caches) ...
 RECOMPUTE = "delete it and rerun the same command to recompute it"
+# ... and files it does not: a run's or base's settings, a directory the user handed in
+RESTORE_OUT = "restore it, or rerun into a new --out"
+RESTORE_RUN = "restore it, or start the run afresh in another --out"
+RESTORE_BASE = "restore it, or point --base at another base directory"
+RESTORE_DIR = "restore it, or point at another directory"
 
 
 def read_json(path: str | Path, keys: Sequence[str] = (), fix: str = RECOMPUTE) -> Any:

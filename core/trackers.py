@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .state import read_json
+from .state import RESTORE_RUN, read_json
 
 BACKENDS = ("none", "tensorboard", "wandb")
 INSTALL = "pip install -e '.[trackers]'"
@@ -186,7 +186,7 @@ def run_config(run_dir: Path) -> dict[str, Any]:
         else:
             yield prefix[:-1], json.dumps(value)
 
-    return dict(walk(read_json(path, fix="restore it, or start the run afresh in another --out"), ""))
+    return dict(walk(read_json(path, fix=RESTORE_RUN), ""))
 
 
 def current_tracker() -> RoundTracker | None:

@@ -44,7 +44,7 @@ from pgraft.core.noise_correction import (
 )
 from pgraft.core.sampling import FLOW_STEPS
 from pgraft.core.schedules import flow_times
-from pgraft.core.state import read_json
+from pgraft.core.state import RESTORE_OUT, read_json
 from pgraft.core.targets import checkpoint_lacks
 
 from .model import PRESETS, FlowUNet, from_preset
@@ -142,7 +142,7 @@ def _settle_meta(out: Path, saved: dict[str, Any] | None, cfg: InvertConfig, ide
 
 def _read_meta(out: Path) -> dict[str, Any] | None:
     path = out / INVERT_META
-    return read_json(path, fix="rerun the inversion into a new --out") if path.is_file() else None
+    return read_json(path, fix=RESTORE_OUT) if path.is_file() else None
 
 
 @contextmanager

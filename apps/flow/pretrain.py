@@ -22,7 +22,7 @@ from pgraft.core.losses import flow_matching_loss
 from pgraft.core.noise_correction import CORRECT_META
 from pgraft.core.pretrain import PretrainConfig, is_pretrained, pretrain
 from pgraft.core.shipped import open_base_dir, shipped_dir
-from pgraft.core.state import read_json
+from pgraft.core.state import RESTORE_BASE, read_json
 
 from .data import DATASETS, infinite_batches, load_images
 from .model import PRESETS, FlowUNet, from_preset
@@ -104,7 +104,7 @@ def load_base(base_dir: str | Path) -> tuple[FlowUNet, FlowPretrainConfig]:
         raise FileNotFoundError(f"no pretrained base flow in {base_dir} (missing config.json or model.safetensors); "
                                 "run `pgraft flow pretrain --out {base_dir}` first".replace("{base_dir}", str(base_dir)))
     meta = base_dir / BASE_META
-    cfg = FlowPretrainConfig(**read_json(meta, fix="restore it, or point --base at another base directory")) if meta.is_file() else FlowPretrainConfig()
+    cfg = FlowPretrainConfig(**read_json(meta, fix=RESTORE_BASE)) if meta.is_file() else FlowPretrainConfig()
     return load_pretrained(FlowUNet, base_dir).eval(), cfg
 
 

@@ -158,7 +158,7 @@ from pgraft.core.pretrain import is_pretrained, trained_steps
 from pgraft.core.sampling import FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
 from pgraft.core.shipped import SHIPPED
-from pgraft.core.state import atomic_write, read_json, resolve_device
+from pgraft.core.state import RESTORE_OUT, atomic_write, read_json, resolve_device
 from pgraft.core.stats import Interval, format_verdict, mean_ci
 
 from .correct import NOISE_MODELS, RECONSTRUCTION
@@ -171,8 +171,6 @@ from .sample import SamplerSpec, flops_per_image, sample_images
 FLOPS_BUDGET = 1.35   # claim 1: corrected FLOPs/image at most this multiple of the base row's ...
 FID_DROP = 0.25       # ... and Inception FID at least this much lower
 TARGET_RATIO = 0.25   # corrector parameters / base parameters (the paper: 16M / 65M)
-# how to mend a damaged settings or report file of a run (rows and caches: delete it, it is recomputed)
-KEEP = "restore it, or rerun into a new --out"
 MORE_TO_DO = 3        # exit status: stopped at --budget, rerun to continue
 
 CSV_COLUMNS = ["kind", "sampler", "base_steps", "noise_sampler", "noise_steps", "gflops", "flops_ratio",
@@ -426,8 +424,8 @@ def stage_invert(ctx: Context) -> None:
     a, inv = ctx.args, ctx.invert_dir
     report = inv / RECONSTRUCTION
     if report.is_file() and (inv / INVERT_META).is_file():
-        meta = read_json(inv / INVERT_META, fix=KEEP)
-        done = read_json(report, keys=("n_images",), fix=KEEP)["n_images"]
+        meta = read_json(inv / INVERT_META, fix=RESTORE_OUT)
+        done = read_json(report, keys=("n_images",), fix=RESTORE_OUT)["n_images"]
         if meta["config"]["steps"] == a.steps and done >= min(a.invert_limit, meta["n_train"]):
             say(f"stage b: {done} images already inverted through {a.steps} steps in {inv}", ctx.budget)
             return
@@ -448,14 +446,14 @@ def stage_invert(ctx: Context) -> None:
     rc = run_stoppable(cmd, ctx.budget, "`pgraft flow invert`", env)
     if rc != 0:
         raise SystemExit(f"`pgraft flow invert` failed (exit status {rc})")
-    ranks = [read_json(p, fix=KEEP) for p in sorted((inv / "throughput").glob("rank_*.json"))]
+    ranks = [read_json(p, fix=RESTORE_OUT) for p in sorted((inv / "throughput").glob("rank_*.json"))]
     images = sum(r["images"] for r in ranks)
     seconds = max((r["seconds"] for r in ranks), default=float("nan"))
     say(f"inversion throughput: {images} images in {seconds:.1f} s over {len(ranks)} process(es): "
         f"{images / seconds if seconds else float('nan'):.3g} images/s in all ("
         + ", ".join(f"rank {r['rank']} {r['images_per_s']:.3g}/s, {r['fixed_point_iterations_per_step']:.2f} it/step"
                     for r in ranks) + ")", ctx.budget)
-    rec = read_json(report, fix=KEEP)
+    rec = read_json(report, fix=RESTORE_OUT)
     say(f"inverted {rec['n_images']} images: reconstruction mean |err| {rec['mean_abs']:.2e}, max {rec['max_abs']:.2e}, "
         f"worst fixed-point residual {rec['max_residual']:.2e}", ctx.budget)
 
@@ -506,7 +504,7 @@ def train_corrector(ctx: Context, inv: Path, cor: Path, preset: str, seed: int, 
         # the config `pgraft flow correct` below builds from these options; the saved one must match it
         # by the rule that command applies (core.noise_correction.resume_conflicts)
         wanted = CorrectionConfig(preset=preset, steps=steps, batch_size=a.correct_batch_size, seed=seed)
-        saved = read_json(cor / CORRECT_META, keys=("config",), fix=KEEP)["config"]
+        saved = read_json(cor / CORRECT_META, keys=("config",), fix=RESTORE_OUT)["config"]
         if not resume_conflicts({"config": saved}, {"config": asdict(wanted)}):
             say(f"corrector already trained ({steps} steps) in {cor}", ctx.budget)
             return
@@ -544,9 +542,9 @@ def reference_rows(ctx: Context) -> None:
     inv = ctx.invert_dir
     shards = read_shards(inv)
     m = min(ctx.sweep_cfg.n, len(shards["index"]))
-    meta = read_json(inv / INVERT_META, fix=KEEP)
+    meta = read_json(inv / INVERT_META, fix=RESTORE_OUT)
     steps = int(meta["config"]["steps"])
-    fp = ctx.fingerprint(ctx.sweep_cfg, m=m, invert=read_json(inv / RECONSTRUCTION, fix=KEEP), steps=steps)
+    fp = ctx.fingerprint(ctx.sweep_cfg, m=m, invert=read_json(inv / RECONSTRUCTION, fix=RESTORE_OUT), steps=steps)
     spec = SamplerSpec(steps, "euler")
     for key, label in (("reference-inverted-images", "inverted training images (floor)"),
                        ("reference-decoded-noises", f"base euler-{steps} on the inverted noises (perfect corrector)")):
@@ -785,7 +783,7 @@ def report(ctx_args: argparse.Namespace, out: Path, results: Path) -> pd.DataFra
             print(line)
     fit = out / "fit.json"
     if fit.is_file():
-        fitted = read_json(fit, fix=KEEP)
+        fitted = read_json(fit, fix=RESTORE_OUT)
         text = fit.read_text()
         atomic_write(results / "flow_protocol_fit.json", lambda tmp: Path(tmp).write_text(text))
         for line in fit_lines(fitted):
@@ -833,14 +831,14 @@ def seed_table(runs: list[Path], steps: int, pair: tuple[int, int], noise_sample
     for run in runs:
         saved = []
         for key in keys:
-            path = Rows(run).path(key)
-            if not path.is_file():
+            row = Rows(run).load(key)
+            if row is None:
                 raise SystemExit(f"{run}: no row {key} (run stage d with --n as the other runs first)")
-            saved.append(read_json(path, keys=("fingerprint", "row")))
+            saved.append(row)
         meta = run / "correct" / CORRECT_META
         if not meta.is_file():
             raise SystemExit(f"{run}: no {CORRECT_META} in correct/ (stage c)")
-        config = read_json(meta, keys=("config",), fix=KEEP)["config"]
+        config = read_json(meta, keys=("config",), fix=RESTORE_OUT)["config"]
         sampling = {key: saved[1]["fingerprint"].get(key) for key in SAMPLING_KEYS}
         base_sampling = {key: saved[0]["fingerprint"].get(key) for key in SAMPLING_KEYS}
         if sampling != base_sampling:
@@ -1045,7 +1043,7 @@ def snapshot_ok(directory: Path, steps: int) -> bool:
     meta = directory / SNAPSHOT_META
     if not meta.is_file() or not is_pretrained(directory):
         return False
-    saved = read_json(meta, fix=KEEP)
+    saved = read_json(meta, fix=RESTORE_OUT)
     return saved.get("steps") == steps == trained_steps(directory) and saved.get("weights") == weights_digest(directory)
 
 
@@ -1098,7 +1096,7 @@ def build_validation(ctx: Context) -> ValidationReference:
     a, inv = ctx.args, ctx.invert_dir
     if not (inv / INVERT_META).is_file():
         raise SystemExit(f"the validation reference needs the inversion's settings in {inv / INVERT_META} (stage b)")
-    meta = read_json(inv / INVERT_META, fix=KEEP)
+    meta = read_json(inv / INVERT_META, fix=RESTORE_OUT)
     idx = validation_indices(int(meta["n_train"]), int(meta["config"]["seed"]), int(meta["config"]["limit"]),
                              a.validation_n)
     try:  # the inversion may still be running: check the shards written so far
@@ -1129,7 +1127,7 @@ def build_validation(ctx: Context) -> ValidationReference:
 def validation_identity(inv: Path) -> dict[str, int]:
     """What fixes the validation images besides their count: the inversion's permutation (its seed and
     the training-set size) and how many of it were inverted."""
-    meta = read_json(inv / INVERT_META, fix=KEEP)
+    meta = read_json(inv / INVERT_META, fix=RESTORE_OUT)
     return {"n_train": int(meta["n_train"]), "permutation_seed": int(meta["config"]["seed"]),
             "inverted": int(meta["config"]["limit"])}
 
@@ -1279,10 +1277,9 @@ def selection_table(runs: list[Path], steps: int, noise_sampler: str, lengths: l
     out, first = [], None
     for run in runs:
         for length in lengths:
-            path = Rows(run / "validation").path(validation_key(noise_sampler, steps, length))
-            if not path.is_file():
+            saved = Rows(run / "validation").load(validation_key(noise_sampler, steps, length))
+            if saved is None:
                 raise SystemExit(f"{run}: no validation row at {length} steps (run stages c,v with --select-lengths)")
-            saved = read_json(path, keys=("fingerprint", "row"))
             setting = {k: v for k, v in saved["fingerprint"].items() if k not in ("noise_weights",)}
             if first is None:
                 first = (run, setting)
@@ -1461,7 +1458,7 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
         snap = snapshot_dir(run, chosen)
         if not snapshot_ok(snap, chosen):
             raise SystemExit(f"{run}: no corrector snapshot at {chosen} steps in {snap} (stage c with --select-lengths)")
-        configs[run] = read_json(snap / CORRECT_META, keys=("config",), fix=KEEP)["config"]
+        configs[run] = read_json(snap / CORRECT_META, keys=("config",), fix=RESTORE_OUT)["config"]
     first = configs[runs[0]]
     for run, config in configs.items():
         diff = differences({**first, "seed": None}, {**config, "seed": None})
@@ -1483,10 +1480,9 @@ def rescore(args: argparse.Namespace, device: torch.device, runs: list[Path], re
         except Stopped as stop:
             say(f"{stop}: rerun the same command to continue", budget)
             status = MORE_TO_DO
-    saved = [read_json(p, keys=("fingerprint", "row")) if p.is_file() else None
-             for p in [base_rows.path(base_k), *(Rows(r / "test").path(corr_k) for r in runs)]]
-    missing = [str(p) for p, s in zip([base_rows.path(base_k), *(Rows(r / "test").path(corr_k) for r in runs)], saved)
-               if s is None]
+    wanted = [(base_rows, base_k), *((Rows(r / "test"), corr_k) for r in runs)]
+    saved = [rows.load(key) for rows, key in wanted]
+    missing = [str(rows.path(key)) for (rows, key), s in zip(wanted, saved) if s is None]
     if missing:
         say(f"rescore: test rows missing ({', '.join(missing)}); rerun without --stages report to compute them")
         return status or MORE_TO_DO

@@ -78,12 +78,17 @@ class Rows:
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
-    def get(self, key: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    def load(self, key: str) -> dict[str, Any] | None:
+        """``key``'s saved ``{"fingerprint", "row"}`` (None when there is none yet); a damaged file is
+        refused in one line naming it (:func:`~pgraft.core.state.read_json`)."""
         p = self.path(key)
-        if not p.is_file():
+        return read_json(p, keys=("fingerprint", "row")) if p.is_file() else None
+
+    def get(self, key: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+        saved = self.load(key)
+        if saved is None:
             return None
-        saved = read_json(p, keys=("fingerprint", "row"))
-        return saved["row"] if saved.get("fingerprint") == json.loads(json.dumps(fingerprint)) else None
+        return saved["row"] if saved["fingerprint"] == json.loads(json.dumps(fingerprint)) else None
 
     def put(self, key: str, fingerprint: dict[str, Any], row: dict[str, Any]) -> None:
         text = json.dumps({"fingerprint": fingerprint, "row": row}, indent=2, sort_keys=True, default=float)

@@ -45,7 +45,7 @@ from pgraft.core.plots import plot_rounds
 from pgraft.core.pretrain import PretrainConfig, infinite_batches, pretrain
 from pgraft.core.progress import make_console
 from pgraft.core.shipped import base_digests, default_base, recorded_section, shipped_dir
-from pgraft.core.state import read_json
+from pgraft.core.state import RESTORE_BASE, read_json
 from pgraft.core.targets import read_run
 from pgraft.core.trainer import GraftConfig, GraftProblem, is_main_process, run_graft, sample_finetuned
 
@@ -92,7 +92,7 @@ class BaseModel:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return tuple(read_json(self.directory / PRESET_NAME, keys=("class_names",), fix="restore it, or point --base at another base directory")["class_names"])
+        return tuple(read_json(self.directory / PRESET_NAME, keys=("class_names",), fix=RESTORE_BASE)["class_names"])
 
     def reference(self) -> Layouts:
         return load_split(self.preset, "test")
@@ -128,7 +128,7 @@ def load_base(directory: str | Path) -> BaseModel:
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a layout base model (no {PRESET_NAME}); "
                                 "train one with `pgraft layout pretrain`")
-    preset = LayoutPreset(**read_json(path, keys=("preset",), fix="restore it, or point --base at another base directory")["preset"])
+    preset = LayoutPreset(**read_json(path, keys=("preset",), fix=RESTORE_BASE)["preset"])
     model = load_pretrained(LayoutDenoiser, directory).eval().requires_grad_(False)
     return BaseModel(model, preset, load_feature_net(directory / FEATURES_DIR), directory)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from pgraft.core.checkpoint import load_pretrained, save_json
 from pgraft.core.pretrain import pretrain
-from pgraft.core.state import read_json
+from pgraft.core.state import RESTORE_BASE, read_json
 
 from . import diffusion
 from .data import GraphSpec, MoleculeData, batches, load_dataset, state_to_smiles
@@ -65,7 +65,7 @@ def load_base(run_dir: str | Path) -> BaseModel:
     if not meta_path.is_file():
         raise FileNotFoundError(f"no molecule base model at {run_dir} (missing {META_NAME}); "
                                 "run `pgraft molecule pretrain` first")
-    meta = read_json(meta_path, keys=("spec",), fix="restore it, or point --base at another base directory")
+    meta = read_json(meta_path, keys=("spec",), fix=RESTORE_BASE)
     model = load_pretrained(GraphTransformer, run_dir)
     return BaseModel(model=model.eval(), spec=GraphSpec.from_dict(meta["spec"]),
                      size_distribution=torch.tensor(meta["size_distribution"]),

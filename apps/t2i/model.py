@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgraft.core.schedules import cosine_alpha_bar
-from pgraft.core.state import read_json
+from pgraft.core.state import RESTORE_DIR, read_json
 
 from .presets import PRESETS, ModelPreset  # noqa: F401 (model sizes; re-exported)
 
@@ -344,7 +344,7 @@ class T2IPipeline:
         text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder")
         tokenizer = CLIPTokenizer.from_pretrained(str(directory / "tokenizer"))
         if (directory / PGRAFT_JSON).is_file():
-            info = PipelineInfo(**read_json(directory / PGRAFT_JSON, fix="restore it, or point at another directory"))
+            info = PipelineInfo(**read_json(directory / PGRAFT_JSON, fix=RESTORE_DIR))
             alpha_bar: Callable = cosine_alpha_bar
             scale, shift, vae, sched = 1000.0, 0.0, None, None
         else:

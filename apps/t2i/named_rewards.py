@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgraft.core.errors import UsageError
-from pgraft.core.state import read_json
+from pgraft.core.state import RESTORE_DIR, read_json
 
 RewardFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
@@ -260,7 +260,7 @@ class ImageRewardReward:
 
         directory = resolve_weights(weights, "imagereward", ["config.json", self.HEAD])
         check_model_type(directory, "imagereward", "blip")
-        meta = read_json(directory / self.META, fix="restore it, or point at another directory") if (directory / self.META).is_file() else {}
+        meta = read_json(directory / self.META, fix=RESTORE_DIR) if (directory / self.META).is_file() else {}
         self.mean, self.std = float(meta.get("mean", IMAGEREWARD_MEAN)), float(meta.get("std", IMAGEREWARD_STD))
         self.max_length = int(meta.get("max_length", 35))
         blip = BlipForImageTextRetrieval.from_pretrained(directory).eval().requires_grad_(False)
@@ -311,7 +311,7 @@ class CLIPFlanT5Reward:
         directory = resolve_weights(weights, "clipflant5", ["t5", "vision", "projector.safetensors"])
         check_model_type(directory / "t5", "clipflant5", "t5")
         check_model_type(directory / "vision", "clipflant5", "clip_vision_model")
-        meta = read_json(directory / self.META, fix="restore it, or point at another directory") if (directory / self.META).is_file() else {}
+        meta = read_json(directory / self.META, fix=RESTORE_DIR) if (directory / self.META).is_file() else {}
         self.select_layer = int(meta.get("select_layer", -2))
         self.t5 = T5ForConditionalGeneration.from_pretrained(directory / "t5").to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory / "t5"))

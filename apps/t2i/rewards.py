@@ -35,7 +35,7 @@ from torch import nn
 
 from pgraft.core.errors import UsageError
 from pgraft.core.shipped import SHIPPED
-from pgraft.core.state import read_json
+from pgraft.core.state import RESTORE_DIR, read_json
 
 from .checker import check
 from .named_rewards import NAMED, NAMED_MAX
@@ -352,7 +352,7 @@ class CLIPScoreReward:
         self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
         proc = directory / "preprocessor_config.json"
         if proc.is_file():
-            cfg = read_json(proc, fix="restore it, or point at another directory")
+            cfg = read_json(proc, fix=RESTORE_DIR)
             self.mean = torch.tensor(cfg.get("image_mean", self.mean.flatten().tolist())).view(1, 3, 1, 1)
             self.std = torch.tensor(cfg.get("image_std", self.std.flatten().tolist())).view(1, 3, 1, 1)
 
