@@ -37,6 +37,7 @@ import harness
 import pandas as pd
 from harness import Benchmark, Cell, Comparison, Method, Metric
 
+from pgraft.core.state import read_table
 from pgraft.core.stats import family_line, format_verdict, holm, mean_ci, paired_difference
 
 FLAG = "--budget-sweep"
@@ -101,7 +102,7 @@ def accepted_gap(metrics_csv: Path, model_reward: float) -> float | None:
     (selection also picked the base tails t -> 0: the target's is E[h | A], the kept share's part)."""
     if not metrics_csv.is_file():
         return None
-    rows = pd.read_csv(metrics_csv)
+    rows = read_table(metrics_csv, what="run's metrics.csv", fix="delete the cell's folder and rerun the same command")
     rows = rows[rows.get("phase", "train") == "train"] if "phase" in rows else rows
     if rows.empty or "accepted_reward_mean" not in rows:
         return None
@@ -392,11 +393,17 @@ def validate_main(argv: list[str] | None = None) -> None:
     capacities = args.capacity or [next(iter(sweep.capacities))] * len(args.probes)
     if len(capacities) != len(args.probes):
         raise SystemExit(f"error: --capacity given {len(capacities)} times for {len(args.probes)} --probes")
-    frame = pd.read_csv(args.results / f"{args.app}_budget.csv", keep_default_na=False, na_values=[""])
+    frame = read_table(args.results / f"{args.app}_budget.csv", columns=["capacity", "budget"],
+                       numeric=["seed", "value"], text=["method", "metric"], what=f"{args.app}_budget.csv",
+                       fix="rerun the sweep's report (--budget-sweep --report) to rewrite it",
+                       keep_default_na=False, na_values=[""])
     frame["capacity"] = frame["capacity"].fillna("").astype(str)
     lines = []
     for folder, capacity in zip(args.probes, capacities):
-        probes = {int(p.parent.name[1:]): pd.read_csv(p) for p in sorted(folder.glob("s*/probe.csv"))}
+        probes = {int(p.parent.name[1:]): read_table(p, columns=["predicted_gain"], numeric=["t", "train_steps"],
+                                                     what="probe.csv of `pgraft <app> diagnose --train-steps N`",
+                                                     fix="delete it and rerun that diagnose")
+                  for p in sorted(folder.glob("s*/probe.csv")) if p.parent.name[1:].isdigit()}
         if not probes:
             raise SystemExit(f"error: --probes {folder}: no s<N>/probe.csv inside")
         lines += validation_lines(frame, probes, sweep, capacity, module.BENCH.metrics, args.app) + [""]
@@ -406,4 +413,7 @@ def validate_main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    validate_main()
+    try:
+        validate_main()
+    except harness.RunError as err:   # a refusal (a damaged table): one line
+        raise SystemExit(f"error: {err}") from None

@@ -29,7 +29,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ import torch
 
 from pgraft.core.errors import RunDirLocked, RunError
 from pgraft.core.integrity import exclusive
-from pgraft.core.state import atomic_write, read_json
+from pgraft.core.state import atomic_write, read_json, read_table
 from pgraft.core.stats import family_line, format_verdict, mean_ci, paired_difference
 
 EVAL_SEED_OFFSET = 1000
@@ -249,6 +251,15 @@ def main(bench: Benchmark, doc: str, argv: list[str] | None = None) -> pd.DataFr
         return _main(bench, doc, argv)
     except RunError as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt as err:   # SIGTERM/SIGINT in training (TrainingInterrupted), or Ctrl-C elsewhere
+        print(f"stopped: {INTERRUPTED}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + (getattr(err, "signum", None) or signal.SIGINT)) from None
+
+
+# what a stopped benchmark keeps, said once (training's own message, printed before it, speaks of
+# --resume, which a benchmark does not take: it resumes its cells by itself)
+INTERRUPTED = ("finished cells are kept; rerun the same benchmark command as it was (no --resume) to go on: a "
+               "GRAFT cell continues from its last saved round, any other cell that was running starts again")
 
 
 def _main(bench: Benchmark, doc: str, argv: list[str] | None) -> pd.DataFrame:
@@ -456,20 +467,11 @@ def merge_long(earlier: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_seeds_csv(path: Path) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: --merge {path}: {err}") from None
-    missing = {"method", "label", "seed", "eval_seed", "metric", "value"} - set(table.columns)
-    if missing:
-        raise SystemExit(f"error: --merge {path}: not a seeds.csv (no {', '.join(sorted(missing))} column)")
-    # long_table never writes a missing value (NaN metrics are left out), so one here is damage
-    numbers = table[["seed", "eval_seed", "value"]].apply(pd.to_numeric, errors="coerce")
-    bad = numbers.isna().any(axis=1) | table[["method", "metric"]].isna().any(axis=1)
-    if bad.any():
-        raise SystemExit(f"error: --merge {path}: row {int(bad.to_numpy().nonzero()[0][0]) + 2} has a missing or "
-                         "non-numeric value (a truncated or damaged file?)")
-    return table
+    """A seeds.csv given to --merge; long_table never writes a missing value (NaN metrics are left
+    out), so one here is damage."""
+    return read_table(path, columns=["label"], numeric=["seed", "eval_seed", "value"], text=["method", "metric"],
+                      name=f"--merge {path}", what="seeds.csv",
+                      fix="give --merge a seeds.csv a benchmark wrote (nothing was changed)")
 
 
 def report(bench: Benchmark, out: Path, methods: list[str] | None = None, merge: Path | None = None) -> pd.DataFrame:
@@ -559,7 +561,8 @@ def plot_rounds(out: Path, long: pd.DataFrame, path: Path, columns: dict[str, st
     present = [k for k in methods if k in set(long["method"])]
     frames = {}
     for key in present:
-        parts = [pd.read_csv(p) for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
+        parts = [read_table(p, what="run's metrics.csv", fix="delete the cell's folder and rerun the same command")
+                 for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
         parts = [m[m["phase"] == "train"] for m in parts if "phase" in m and "round" in m]
         if parts:
             frames[key] = pd.concat(parts).groupby("round").mean(numeric_only=True)

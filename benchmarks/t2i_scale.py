@@ -42,6 +42,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,11 +55,14 @@ from pgraft.apps.t2i.flow_pipeline import PRECISIONS, FlowDenoiser
 from pgraft.apps.t2i.model import PromptBatch
 from pgraft.apps.t2i.pipelines import FAMILIES
 from pgraft.core.bridges import LinearFlowPath
+from pgraft.core.cli import fail
+from pgraft.core.errors import RunError
 from pgraft.core.heads import apply_lora
 from pgraft.core.losses import flow_matching_loss
 from pgraft.core.nft import minibatch_draw, nft_minibatch_loss
 from pgraft.core.sampling import euler_step, sample_split
 from pgraft.core.schedules import split_times
+from pgraft.core.state import atomic_write, read_table
 
 CONFIGS = Path(__file__).parent / "configs" / "t2i_scale"
 REAL = {"sd3": "sd3.5-medium", "flux": "flux.1-dev", "qwen_image": "qwen-image", "sana": "sana-1.6b"}
@@ -296,19 +300,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     methods = tuple((args.methods or ("pgraft" if tiny else ",".join(METHODS))).split(","))
     for method in methods:
         if method not in METHODS:
-            raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    done = pd.read_csv(args.out) if args.out.is_file() else pd.DataFrame(columns=COLUMNS)
+            raise SystemExit(f"error: --methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    # the rows measured so far (a rerun skips them); a damaged file is refused, not measured over
+    done = (read_table(args.out, columns=["model"], text=["family", "config", "precision", "device"],
+                       name=f"--out {args.out}", what="t2i_scale table",
+                       fix="restore it, or give another --out (its rows are the cells measured so far)")
+            if args.out.is_file() else pd.DataFrame(columns=COLUMNS))
     if "method" not in done.columns:  # rows written before the method column: P-GRAFT rounds
         done["method"] = "pgraft"
     rows = done.to_dict("records")
     config = "tiny" if tiny else "real"
     for name in args.families.split(","):
         if name not in FAMILIES:
-            raise SystemExit(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
+            raise SystemExit(f"error: --families: unknown family {name!r}; choose from {', '.join(FAMILIES)}")
         spec = TINY[name] if tiny else json.loads((CONFIGS / f"{REAL[name]}.json").read_text())
         for precision in precisions:
             if precision not in PRECISIONS:
-                raise SystemExit(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+                raise SystemExit(f"error: --precisions: unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
             key = (name, config, precision, _device_name(device))
             todo = tuple(m for m in methods
                          if not any((r["family"], r["config"], r["precision"], r["device"], r["method"]) == (*key, m)
@@ -319,7 +327,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 row = {"config": config, **row}
                 rows.append(row)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                pd.DataFrame(rows, columns=COLUMNS).to_csv(args.out, index=False)
+                table = pd.DataFrame(rows, columns=COLUMNS)
+                atomic_write(args.out, lambda tmp: table.to_csv(tmp, index=False))
                 print(f"{row['model']:>16} {precision:>5} {row['method']:>6}: {row['sample_images_per_s']:.2f} images/s, "
                       f"{row['train_steps_per_s']:.2f} steps/s, round {row['round_seconds']:.1f} s, "
                       f"peak {row['peak_memory_gib']:.1f} GiB", flush=True)
@@ -330,4 +339,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RunError as err:   # a refusal (a damaged --out table): one line
+        sys.exit(fail(str(err), err.exit_code).exit_code)

@@ -48,7 +48,7 @@ from .checkpoint import save_json
 from .errors import CheckpointError, RunDirLocked, RunExistsError, UsageError
 from .integrity import held_by_another, load_state_dict_file, sha256_file, verify_manifest, write_manifest
 from .progress import warn
-from .state import RESTORE_RUN, State, atomic_write, read_json
+from .state import RESTORE_RUN, State, atomic_write, read_json, read_table
 
 # config fields (dotted paths) that may change on --resume: they steer later rounds only and
 # leave the files already written valid. ``graft.rounds`` may only grow.
@@ -374,8 +374,12 @@ class RunDir:
 
     # ------------------------------------------------------------------ metrics
     def read_metrics(self) -> pd.DataFrame:
+        """The rows of metrics.csv (none before the first round); a damaged file (a row without a
+        round number or phase) is refused in one line rather than truncated or appended to."""
         path = self.path / "metrics.csv"
-        return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+        if not path.is_file():
+            return pd.DataFrame()
+        return read_table(path, numeric=["round"], text=["phase"], what="run's metrics.csv", fix=RESTORE_RUN)
 
     def append_metrics(self, row: dict[str, Any]) -> pd.DataFrame:
         table = pd.concat([self.read_metrics(), pd.DataFrame([row])], ignore_index=True)

@@ -3,7 +3,7 @@
 Apps describe a sample however suits them (an image tensor, a molecule as
 ``{"nodes", "edges", "node_mask"}``); the core only ever needs to index, concatenate, repeat, move
 and store batches, so those operations are what this module offers, with the two every run file goes
-through: :func:`atomic_write` and its reading side for JSON, :func:`read_json`.
+through: :func:`atomic_write` and its reading sides, :func:`read_json` and :func:`read_table` (CSV).
 """
 
 from __future__ import annotations
@@ -156,6 +156,47 @@ def read_json(path: str | Path, keys: Sequence[str] = (), fix: str = RECOMPUTE) 
     if missing:
         raise UsageError(f"{path}: no {', '.join(repr(k) for k in missing)} in its JSON; {fix}")
     return value
+
+
+def read_table(path: str | Path, columns: Sequence[str] = (), numeric: Sequence[str] = (),
+               text: Sequence[str] = (), fix: str = RECOMPUTE, name: str | None = None, what: str = "table",
+               **read_csv: Any) -> Any:
+    """The CSV table in ``path`` as a pandas DataFrame, refused with one
+    :class:`~pgraft.core.errors.UsageError` line when it cannot be read or parsed, lacks one of
+    ``columns`` (it is then not the ``what`` expected), or has a row whose ``numeric`` column is
+    missing or not a finite number, or whose ``text`` column is empty: the marks of a file cut
+    short or a flipped byte. The line names the file (``name``, e.g. the flag that gave it, else the
+    path), the first bad row as a line number (the header is line 1) and ``fix``."""
+    import numpy as np
+    import pandas as pd
+
+    path = Path(path)
+    label = name or str(path)
+    try:
+        table = pd.read_csv(path, **read_csv)
+    except OSError as err:
+        raise UsageError(f"{label}: cannot read ({err.strerror or type(err).__name__}); {fix}") from None
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"{label}: empty, not a {what}; {fix}") from None
+    except (ValueError, UnicodeDecodeError) as err:   # pandas' parser errors are ValueErrors
+        raise UsageError(f"{label}: cannot read as CSV ({' '.join(str(err).split())}); {fix}") from None
+    missing = [c for c in dict.fromkeys([*columns, *numeric, *text]) if c not in table.columns]
+    if missing:
+        raise UsageError(f"{label}: not a {what} (no column {', '.join(missing)}); {fix}")
+    bad = np.zeros(len(table), dtype=bool)
+    culprit = np.full(len(table), "", dtype=object)
+    for col in numeric:
+        values = pd.to_numeric(table[col], errors="coerce").to_numpy(float)
+        wrong = ~np.isfinite(values) & ~bad
+        culprit[wrong], bad = col, bad | wrong
+    for col in text:
+        wrong = (table[col].isna() | (table[col].astype(str).str.strip() == "")).to_numpy() & ~bad
+        culprit[wrong], bad = col, bad | wrong
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise UsageError(f"{label}: row {row + 2} has a missing or non-numeric value in column {culprit[row]} "
+                         f"(a truncated or damaged file?); {fix}")
+    return table
 
 
 def save_state(x: State, path: str | Path) -> None:

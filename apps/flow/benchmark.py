@@ -30,7 +30,7 @@ from pgraft.core.inversion import read_shards
 from pgraft.core.noise_correction import load_correction, train_correction
 from pgraft.core.pretrain import trained_steps
 from pgraft.core.sampling import FLOW_STEPS
-from pgraft.core.state import module_device, resolve_device
+from pgraft.core.state import module_device, read_table, resolve_device
 
 from .correct import NOISE_MODELS, InvertConfig, correction_config, invert_dataset
 from .data import load_fashion_mnist
@@ -214,7 +214,10 @@ def summarize_csvs(csvs: list[Path], out: Path, fid_lines: list[str]) -> None:
     missing = [str(p) for p in csvs if not p.is_file()]
     if missing:
         raise SystemExit(f"no such evaluation CSV: {', '.join(missing)}")
-    table = pd.concat([pd.read_csv(p).assign(source=p.stem) for p in csvs], ignore_index=True)
+    table = pd.concat([read_table(p, columns=["config", "n_samples"], numeric=["noise_steps", "steps", "flops_per_image"],
+                                  what="CSV of `pgraft flow evaluate`", fix="give --report the CSVs `pgraft flow "
+                                  "evaluate` wrote (nothing was changed)").assign(source=p.stem) for p in csvs],
+                      ignore_index=True)
     corrected = table.noise_steps > 0  # rows of different noise flows may share a sampler label
     table.loc[corrected, "config"] = table.loc[corrected, "source"] + ": " + table.loc[corrected, "config"]
     table = table.drop_duplicates(subset=["config"], keep="first").reset_index(drop=True)  # a base row seen twice

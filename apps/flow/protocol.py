@@ -158,7 +158,7 @@ from pgraft.core.pretrain import is_pretrained, trained_steps
 from pgraft.core.sampling import FLOW_STEPS, sample
 from pgraft.core.schedules import flow_times
 from pgraft.core.shipped import SHIPPED
-from pgraft.core.state import RESTORE_OUT, atomic_write, read_json, resolve_device
+from pgraft.core.state import RESTORE_OUT, atomic_write, read_json, read_table, resolve_device
 from pgraft.core.stats import Interval, format_verdict, mean_ci
 
 from .correct import NOISE_MODELS, RECONSTRUCTION
@@ -986,22 +986,11 @@ def seed_table_report(csv: Path, results: Path) -> int:
     """--seed-table: the verdict lines of a flow_protocol_seeds.csv written earlier (no run directory
     needed; one group per sampler and sample size, in the file's order), into
     ``results``/flow_protocol_seeds_verdicts.txt: the intervals of the current code from the rows kept."""
-    if not csv.is_file():
-        raise SystemExit(f"--seed-table: no file {csv}")
-    try:
-        table = pd.read_csv(csv)
-    except (OSError, ValueError) as err:   # pandas' parser and decoding errors are ValueErrors
-        raise SystemExit(f"--seed-table: {csv}: cannot read as CSV ({' '.join(str(err).split())})") from None
-    missing = sorted(set(SEED_COLUMNS) - {"noise_weights"} - set(table.columns))
-    if missing:
-        raise SystemExit(f"--seed-table: {csv} is not a flow_protocol_seeds.csv (no column {', '.join(missing)})")
     numeric = ["correct_seed", "correct_steps", "flops_ratio", "inception_n", "sampling_seed", "base_fid",
                "base_fid_boot_std", "inception_fid", "fid_boot_std", "difference"]
-    values = table[numeric].apply(pd.to_numeric, errors="coerce")
-    bad = ~np.isfinite(values.to_numpy(float)).all(axis=1) | table[["sampler", "corrector_preset"]].isna().any(axis=1)
-    if bad.any():
-        raise SystemExit(f"--seed-table: {csv}: row {int(np.flatnonzero(bad)[0]) + 2} has a missing or non-numeric "
-                         "value (a truncated or damaged file?)")
+    table = read_table(csv, columns=sorted(set(SEED_COLUMNS) - {"noise_weights"}), numeric=numeric,
+                       text=["sampler", "corrector_preset"], name=f"--seed-table {csv}",
+                       what="flow_protocol_seeds.csv", fix="give --seed-table a table --seed-runs wrote (nothing was changed)")
     lines, groups = [], []
     for _, group in table.groupby(["sampler", "inception_n"], sort=False):
         if len(group) < 2:

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import budget  # noqa: E402
 from harness import Method, Metric  # noqa: E402
 
+from pgraft.core.errors import UsageError  # noqa: E402
+
 SWEEP = budget.Sweep(t_values=(0.0, 0.25, 0.5), budgets=(3, 30), reward="reward",
                      capacities={"full": {}, "lora1": {"lora_rank": 1}}, quality=("validity",), distance="dist",
                      distance_note="dist: synthetic")
@@ -97,3 +99,30 @@ def test_validation_compares_recommended_with_best_measured():
     bad = {3: _probe({0.0: 1.0, 0.5: 0.5}, 3)}
     lines = budget.validation_lines(frame, bad, SWEEP, "full", METRICS, "synthetic")
     assert "0 of 1 budgets agree" in lines[0] and "→ separated" in lines[2]
+
+
+def test_probe_validation_reads_its_tables_and_refuses_damaged_ones(tmp_path):
+    """budget.py APP --probes: the recommended t of each s<N>/probe.csv against the committed sweep;
+    a damaged probe table or sweep table is one line naming it (nothing written)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    sweep_csv = Path(__file__).resolve().parents[2] / "docs" / "results" / "toy_budget.csv"
+    (results / "toy_budget.csv").write_bytes(sweep_csv.read_bytes())
+    (tmp_path / "p" / "s3").mkdir(parents=True)
+    probe = tmp_path / "p" / "s3" / "probe.csv"
+    pd.DataFrame({"t": [0.0, 0.25, 0.5, 0.75], "train_steps": 3,
+                  "predicted_gain": [0.99, 0.95, 0.90, 0.79]}).to_csv(probe, index=False)
+    argv = ["toy", "--probes", str(tmp_path / "p"), "--results", str(results)]
+    budget.validate_main(argv)
+    text = (results / "toy_budget_validation.txt").read_text()
+    assert "\n3 steps: recommended t = 0 (predicted one-round gains t=0: 0.99," in text
+    (results / "toy_budget_validation.txt").unlink()
+    probe.write_text(probe.read_text().replace("0.25,3,", "0.25,x,", 1))
+    with pytest.raises(UsageError, match=r"s3/probe.csv: row 3 has a missing or non-numeric value in column train_steps"):
+        budget.validate_main(argv)
+    pd.DataFrame({"t": [0.0], "train_steps": [3], "predicted_gain": [0.9]}).to_csv(probe, index=False)
+    whole = (results / "toy_budget.csv").read_bytes()
+    (results / "toy_budget.csv").write_bytes(whole[: whole.index(b"\n", 200) + 5])
+    with pytest.raises(UsageError, match=r"toy_budget.csv: row \d+ has a missing or non-numeric value"):
+        budget.validate_main(argv)
+    assert not (results / "toy_budget_validation.txt").exists()

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import harness  # noqa: E402
 from harness import Benchmark, Cell, Comparison, Method, Metric  # noqa: E402
 
+from pgraft.core.pretrain import TrainingInterrupted  # noqa: E402
 from pgraft.core.trainer import GraftProblem, RoundResult  # noqa: E402
 
 # a method's score at training seed s: its effect + a seed effect both methods share
@@ -78,11 +79,11 @@ def test_merge_replaces_only_the_cells_run_here_and_recomputes_gains(tmp_path):
 def test_merge_refuses_a_file_that_is_not_a_seeds_table(tmp_path):
     harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--seeds", "0", "--methods", "b"])
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(SystemExit, match=r"--merge .*x.csv: not a seeds.csv \(no eval_seed, label, method"):
+    with pytest.raises(SystemExit, match=r"--merge .*x.csv: not a seeds.csv \(no column label, seed, eval_seed, value, method, metric\)"):
         harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--report", "--merge", str(tmp_path / "x.csv")])
     full = (tmp_path / "seeds.csv").read_bytes()   # damaged seeds tables: cut inside a row, a flipped digit
     (tmp_path / "cut.csv").write_bytes(full[: full.index(b"\n", full.index(b"\n") + 1) + 8])
-    with pytest.raises(SystemExit, match=r"--merge .*cut.csv: row 3 has a missing or non-numeric value"):
+    with pytest.raises(SystemExit, match=r"--merge .*cut.csv: row 3 has a missing or non-numeric value in column value"):
         harness.main(_bench([]), "fake", ["--out", str(tmp_path), "--report", "--merge", str(tmp_path / "cut.csv")])
     rows = full.decode().splitlines()
     rows[1] = rows[1][:-1] + "x"
@@ -165,3 +166,28 @@ def test_compute_ledger_counts_committed_rounds_once_across_a_kill(tmp_path):
     with harness.count_compute(_Net, ledger=tmp_path / "none.json", resume=True) as lost:
         pass
     assert not lost.complete   # a resumed cell without a ledger says its count is partial
+
+
+@pytest.mark.parametrize("stop, code", [(TrainingInterrupted(None, Path("run"), "stopped", signum=15), 143),
+                                        (KeyboardInterrupt(), 130)])
+def test_a_stopped_benchmark_says_how_to_go_on_in_one_line(tmp_path, capsys, stop, code):
+    """SIGTERM in training (TrainingInterrupted) or Ctrl-C anywhere else: no traceback, the shell's
+    exit code for the signal, one line saying the finished cells are kept; the rerun runs only the rest."""
+    calls: list = []
+    bench = _bench(calls)
+    inner = bench.run_cell
+
+    def run_cell(ctx, method, seed, cell_dir):
+        if method.key == "b":
+            raise stop
+        return inner(ctx, method, seed, cell_dir)
+
+    argv = ["--out", str(tmp_path), "--seeds", "0"]
+    with pytest.raises(SystemExit) as exit_:
+        harness.main(Benchmark(**{**bench.__dict__, "run_cell": run_cell}), "fake", argv)
+    assert exit_.value.code == code
+    err = capsys.readouterr().err
+    assert err == f"stopped: {harness.INTERRUPTED}\n" and "no --resume" in err
+    calls.clear()
+    harness.main(_bench(calls), "fake", argv)
+    assert calls == [("b", 0)]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pgraft.apps.flow import benchmark as bench_app
+from pgraft.core.errors import UsageError
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "flow.py"
 
@@ -79,6 +80,10 @@ def test_report_pools_evaluate_csvs_of_several_noise_flows(tmp_path, capsys):
     assert math.isclose(summary["fid"]["best_in_budget"]["relative_change"], -0.4)
     assert (tmp_path / "out" / "flow.png").stat().st_size > 0
     assert "lowers fid >= 25% at <= 1.35x FLOPs: YES" in capsys.readouterr().out
+    # a CSV whose row lost its step count (a flipped byte) is refused, not pooled without that row
+    b.write_text(b.read_text().replace("+euler-10,10,5,", "+euler-10,x0,5,", 1))
+    with pytest.raises(UsageError, match=r"medium.csv: row 3 has a missing or non-numeric value in column steps"):
+        bench.summarize_csvs([a, b], tmp_path / "out2", [])
 
 
 def test_inception_goes_to_the_reference_rows_the_best_in_budget_and_the_cheapest_beating_the_best():

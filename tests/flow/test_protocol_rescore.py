@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
+from pgraft.core.errors import UsageError
+
 ROOT = Path(__file__).resolve().parents[2]
 Z = 1.959963984540054
 T2 = 4.302652729911275  # Student's 97.5% quantile, 2 degrees of freedom
@@ -57,20 +59,20 @@ def test_seed_table_regenerates_the_verdicts_from_the_committed_rows(tmp_path, c
     with pytest.raises(SystemExit, match="one training seed"):
         proto.main(["--seed-table", str(tmp_path / "one.csv"), "--results", str(tmp_path)])
     table.drop(columns="base_fid").to_csv(tmp_path / "bad.csv", index=False)
-    with pytest.raises(SystemExit, match="no column base_fid"):
+    with pytest.raises(UsageError, match="no column base_fid"):
         proto.main(["--seed-table", str(tmp_path / "bad.csv"), "--results", str(tmp_path)])
     # damaged files: cut inside the last row, a byte flipped into a number, not text at all
     cut = csv.read_bytes()
     (tmp_path / "cut.csv").write_bytes(cut[: cut.rindex(b"\n", 0, len(cut) - 1) + 60])
-    with pytest.raises(SystemExit, match="row 7 has a missing or non-numeric value"):
+    with pytest.raises(UsageError, match="--seed-table .*cut.csv: row 7 has a missing or non-numeric value in column"):
         proto.main(["--seed-table", str(tmp_path / "cut.csv"), "--results", str(tmp_path)])
     flipped = cut.replace(b",36.6936573009221,", b",36.69365x3009221,", 1)
     assert flipped != cut
     (tmp_path / "flip.csv").write_bytes(flipped)
-    with pytest.raises(SystemExit, match="row 2 has a missing or non-numeric value"):
+    with pytest.raises(UsageError, match="row 2 has a missing or non-numeric value"):
         proto.main(["--seed-table", str(tmp_path / "flip.csv"), "--results", str(tmp_path)])
     (tmp_path / "junk.csv").write_bytes(b"garbage\x00\xff\xfe")
-    with pytest.raises(SystemExit, match="cannot read as CSV"):
+    with pytest.raises(UsageError, match="cannot read as CSV"):
         proto.main(["--seed-table", str(tmp_path / "junk.csv"), "--results", str(tmp_path)])
 
 

@@ -155,3 +155,10 @@ def test_scale_benchmark_measures_graft_pgraft_and_nft_rows_on_one_cell(tmp_path
     pd.testing.assert_frame_equal(bench.main(args).reset_index(drop=True), pd.read_csv(tmp_path / "scale.csv"),
                                   check_dtype=False)
     assert len(pd.read_csv(tmp_path / "scale.csv")) == 3
+    # a table cut inside its last row is refused in one line (and kept), not measured over
+    whole = (tmp_path / "scale.csv").read_bytes()
+    cut = whole[: whole.rindex(b"\n", 0, len(whole) - 1) + 12]
+    (tmp_path / "scale.csv").write_bytes(cut)
+    with pytest.raises(UsageError, match=r"^--out .*scale.csv: row 4 has a missing or non-numeric value in column"):
+        bench.main(args)
+    assert (tmp_path / "scale.csv").read_bytes() == cut
