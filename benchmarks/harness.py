@@ -43,7 +43,7 @@ import torch
 
 from pgraft.core.errors import RunDirLocked, RunError
 from pgraft.core.integrity import exclusive
-from pgraft.core.state import atomic_write, read_json, read_table
+from pgraft.core.state import atomic_write, read_json, read_table, write_sealed_json
 from pgraft.core.stats import family_line, format_verdict, mean_ci, paired_difference
 
 EVAL_SEED_OFFSET = 1000
@@ -322,7 +322,7 @@ def run_cells(bench: Benchmark, args, methods: list[str], seeds: list[int], out:
                               "train_seconds": round(cell.compute.compute.seconds, 1),
                               "complete": cell.compute.complete},
                           "extra": cell.extra, "commit": git_commit()}
-                atomic_write(d / "cell.json", lambda p: Path(p).write_text(json.dumps(record, indent=2, default=float)))
+                write_sealed_json(d / "cell.json", record)   # a digit changed later is refused, not reported
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in cell.metrics.items() if isinstance(v, (int, float)))
                 print(f"   {shown}", flush=True)
         except RunDirLocked:

@@ -53,7 +53,6 @@ trained on the log-density of those steps (:func:`pgraft.apps.t2i.train.log_prob
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -84,7 +83,7 @@ from pgraft.apps.t2i.world import CATEGORIES  # noqa: E402
 from pgraft.core.grs import GRSConfig  # noqa: E402
 from pgraft.core.integrity import sha256_file  # noqa: E402
 from pgraft.core.policy_gradient import PGConfig, run_policy_gradient  # noqa: E402
-from pgraft.core.state import default_device, load_state, save_state  # noqa: E402
+from pgraft.core.state import default_device, load_state, read_json, save_state  # noqa: E402
 from pgraft.core.trainer import GraftConfig  # noqa: E402
 
 REWARD = "vqa"  # the learned reward every method is evaluated with (and trained with, by default)
@@ -300,7 +299,8 @@ def plot_grid(out: Path, methods: list[str], path: Path) -> bool:
         return False
     seed = {p.parent.name for p in cells.values()}
     grids = {k: load_state(p) for k, p in cells.items()}
-    prompts = json.loads((next(iter(cells.values())).parent / "cell.json").read_text())["extra"]["grid_prompts"]
+    prompts = read_json(next(iter(cells.values())).parent / "cell.json", keys=("extra",),
+                        fix="delete it and rerun the same command to recompute the cell")["extra"]["grid_prompts"]
     fig, axes = plt.subplots(len(prompts), len(grids), figsize=(1.6 * len(grids) + 1.6, 1.6 * len(prompts)),
                              squeeze=False)
     for j, (key, grid) in enumerate(grids.items()):

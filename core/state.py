@@ -136,9 +136,10 @@ RESTORE_DIR = "restore it, or point at another directory"
 
 def read_json(path: str | Path, keys: Sequence[str] = (), fix: str = RECOMPUTE) -> Any:
     """The JSON in ``path``, written by :func:`atomic_write` (so whole, unless something else damaged
-    it): a file that cannot be read, is not UTF-8 JSON, or (``keys``) is not an object holding each key
-    is refused with one :class:`~pgraft.core.errors.UsageError` line that names the file, where it
-    breaks and ``fix``."""
+    it): a file that cannot be read, is not UTF-8 JSON, (``keys``) is not an object holding each key,
+    or was sealed by :func:`write_sealed_json` and no longer matches its digest, is refused with one
+    :class:`~pgraft.core.errors.UsageError` line that names the file, where it breaks and ``fix``.
+    A sealed object is returned without its digest; an unsealed one (older files) is not checked."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -152,10 +153,37 @@ def read_json(path: str | Path, keys: Sequence[str] = (), fix: str = RECOMPUTE) 
         raise UsageError(f"{path}: damaged JSON ({err.msg}: line {err.lineno}, column {err.colno}); {fix}") from None
     except RecursionError:
         raise UsageError(f"{path}: JSON nested too deeply to read; {fix}") from None
+    if isinstance(value, dict) and DIGEST_KEY in value:   # sealed by write_sealed_json: check, then drop
+        if _digest({k: v for k, v in value.items() if k != DIGEST_KEY}) != value[DIGEST_KEY]:
+            raise UsageError(f"{path}: its content does not match its digest (changed after it was written: a "
+                             f"flipped byte or a hand edit?); {fix}")
+        value = {k: v for k, v in value.items() if k != DIGEST_KEY}
     missing = [k for k in keys if not isinstance(value, dict) or k not in value]
     if missing:
         raise UsageError(f"{path}: no {', '.join(repr(k) for k in missing)} in its JSON; {fix}")
     return value
+
+
+# the key of a sealed JSON object's digest (write_sealed_json); read_json checks and removes it
+DIGEST_KEY = "_digest"
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_sealed_json(path: str | Path, value: dict[str, Any], default: Any = float) -> None:
+    """Write ``value`` (a JSON object) atomically with a SHA-256 digest of its content under
+    :data:`DIGEST_KEY`, so that :func:`read_json` also refuses a change that leaves valid JSON (a
+    flipped digit in a result). ``default`` converts what JSON cannot hold (e.g. numpy floats)."""
+    plain = json.loads(json.dumps(value, default=default))   # as it will read back
+    if not isinstance(plain, dict) or DIGEST_KEY in plain:
+        raise ValueError(f"write_sealed_json takes an object without a {DIGEST_KEY!r} key")
+    text = json.dumps({**plain, DIGEST_KEY: _digest(plain)}, indent=2, sort_keys=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_table(path: str | Path, columns: Sequence[str] = (), numeric: Sequence[str] = (),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pgraft.core.integrity import exclusive
-from pgraft.core.state import atomic_write, read_json
+from pgraft.core.state import read_json, write_sealed_json
 
 
 class Budget:
@@ -91,8 +91,9 @@ class Rows:
         return saved["row"] if saved["fingerprint"] == json.loads(json.dumps(fingerprint)) else None
 
     def put(self, key: str, fingerprint: dict[str, Any], row: dict[str, Any]) -> None:
-        text = json.dumps({"fingerprint": fingerprint, "row": row}, indent=2, sort_keys=True, default=float)
-        atomic_write(self.path(key), lambda tmp: Path(tmp).write_text(text))
+        """Save ``key``'s row, sealed (:func:`~pgraft.core.state.write_sealed_json`): a digit changed
+        later is refused when the row is read, not reported."""
+        write_sealed_json(self.path(key), {"fingerprint": fingerprint, "row": row})
 
     def all(self) -> list[dict[str, Any]]:
         return [read_json(p, keys=("row",))["row"] for p in sorted(self.dir.glob("*.json"))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -109,6 +110,8 @@ def test_other_settings_are_refused(tmp_path):
     ("cells/a/seed_1/cell.json", lambda t: t[: len(t) // 2], "damaged JSON"),
     ("cells/a/seed_1/cell.json", lambda t: json.dumps({"method": "a"}), "no 'label', 'seed', 'eval_seed'"),
     ("settings.json", lambda t: t[:-3], "damaged JSON"),
+    # valid JSON, a result changed: cell.json is sealed with a digest
+    ("cells/a/seed_1/cell.json", lambda t: re.sub(r'"score": -?[0-9.]+', '"score": 7.0', t), "does not match its digest"),
 ])
 def test_a_damaged_cell_or_settings_file_is_refused_naming_it(tmp_path, name, damage, says):
     """A cell.json or settings.json cut short or missing fields (disk damage: both are written

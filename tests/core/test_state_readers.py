@@ -3,12 +3,16 @@ names the file, where it breaks and the mend, and return exactly what was writte
 
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
 
 from pgraft.core.errors import UsageError
 from pgraft.core.rundir import RunDir
-from pgraft.core.state import RECOMPUTE, atomic_write, read_json, read_table
+from pgraft.core.state import DIGEST_KEY, RECOMPUTE, atomic_write, read_json, read_table, write_sealed_json
 
 
 def _table(path):
@@ -73,3 +77,26 @@ def test_a_damaged_metrics_csv_is_refused_on_resume_not_truncated(tmp_path):
     with pytest.raises(UsageError, match=r"metrics.csv: row 3 has a missing or non-numeric value in column round"):
         run.truncate_after(1)
     assert (run.path / "metrics.csv").read_bytes() == damaged
+
+
+def test_a_sealed_json_round_trips_and_refuses_a_changed_value(tmp_path):
+    """write_sealed_json + read_json: what was written comes back (numpy floats as floats, NaN kept,
+    the digest removed); any change of content that is still valid JSON is refused; key order and
+    whitespace are not content; an unsealed file is read unchecked."""
+    path = tmp_path / "row.json"
+    value = {"row": {"fid": np.float64(25.588), "nan": float("nan"), "n": 5000}, "fingerprint": {"seed": 1}}
+    write_sealed_json(path, value)
+    back = read_json(path, keys=("row",))
+    assert DIGEST_KEY not in back and back["row"]["fid"] == 25.588 and back["row"]["n"] == 5000
+    assert math.isnan(back["row"]["nan"]) and back["fingerprint"] == {"seed": 1}
+    sealed = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(reversed(list(sealed.items())))))    # same content, other layout
+    assert read_json(path)["row"]["fid"] == 25.588
+    for changed in (path.read_text().replace("25.588", "25.589"), path.read_text().replace('"seed": 1', '"seed": 2')):
+        path.write_text(changed)
+        with pytest.raises(UsageError, match=r"row.json: its content does not match its digest .*; delete it"):
+            read_json(path)
+    path.write_text(json.dumps({"row": {"fid": 1.0}}))
+    assert read_json(path, keys=("row",)) == {"row": {"fid": 1.0}}
+    with pytest.raises(ValueError, match="without a '_digest' key"):
+        write_sealed_json(path, {DIGEST_KEY: 1})

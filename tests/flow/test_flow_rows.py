@@ -38,6 +38,8 @@ def test_a_row_round_trips_and_is_reused_only_under_its_fingerprint(tmp_path):
     (lambda text: b"\xff\xfe" + text.encode(), "not JSON text (byte 0xff at offset 0)", None),
     (lambda text: json.dumps({"fingerprint": {"n": 12, "seed": 1}}).encode(), "no 'row' in its JSON", None),
     (lambda text: b"[1, 2]", "no 'fingerprint', 'row' in its JSON", "no 'row' in its JSON"),  # all() needs the row only
+    # still valid JSON, one digit of the result flipped: the row's digest no longer matches
+    (lambda text: text.replace("37.317", "37.417").encode(), "does not match its digest", None),
 ])
 def test_a_damaged_row_is_refused_naming_the_file(tmp_path, damage, says, says_all):
     rows, path = _row(tmp_path)
