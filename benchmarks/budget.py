@@ -412,8 +412,7 @@ def validate_main(argv: list[str] | None = None) -> None:
     print(text + f"wrote {args.results / (args.app + '_budget_validation.txt')}")
 
 
-if __name__ == "__main__":
-    try:
-        validate_main()
-    except harness.RunError as err:   # a refusal (a damaged table): one line
-        raise SystemExit(f"error: {err}") from None
+if __name__ == "__main__":   # a refusal (a damaged table): one line
+    from pgraft.core.cli import script_boundary
+
+    sys.exit(script_boundary(validate_main))

@@ -30,6 +30,7 @@ import sys
 os.environ["OMP_NUM_THREADS"] = "1"
 
 from pgraft.apps.flow import benchmark as bench  # noqa: E402
+from pgraft.core.cli import script_boundary  # noqa: E402
 
 STAGES: list[bench.Stage] = [
     ("base", bench.stage_base),            # pretrain (resumed) or reuse --base
@@ -42,5 +43,5 @@ STAGES: list[bench.Stage] = [
     ("print", bench.stage_print),          # the table and the verdicts
 ]
 
-if __name__ == "__main__":
-    sys.exit(bench.main(STAGES, prog="benchmarks/flow.py", description=__doc__))
+if __name__ == "__main__":   # a refusal (a damaged CSV or base) or a stop: one line
+    sys.exit(script_boundary(lambda: bench.main(STAGES, prog="benchmarks/flow.py", description=__doc__)))

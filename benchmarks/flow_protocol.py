@@ -19,11 +19,7 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pgraft.apps.flow.protocol import main  # noqa: E402
-from pgraft.core.cli import fail  # noqa: E402
-from pgraft.core.errors import RunError  # noqa: E402
+from pgraft.core.cli import script_boundary  # noqa: E402
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main(prog="benchmarks/flow_protocol.py"))
-    except RunError as err:  # a refusal (a damaged row or settings file, a locked run): one line
-        sys.exit(fail(str(err), err.exit_code).exit_code)
+if __name__ == "__main__":   # a refusal (a damaged row or settings file, a locked run) or a stop: one line
+    sys.exit(script_boundary(lambda: main(prog="benchmarks/flow_protocol.py")))

@@ -55,8 +55,7 @@ from pgraft.apps.t2i.flow_pipeline import PRECISIONS, FlowDenoiser
 from pgraft.apps.t2i.model import PromptBatch
 from pgraft.apps.t2i.pipelines import FAMILIES
 from pgraft.core.bridges import LinearFlowPath
-from pgraft.core.cli import fail
-from pgraft.core.errors import RunError
+from pgraft.core.cli import script_boundary
 from pgraft.core.heads import apply_lora
 from pgraft.core.losses import flow_matching_loss
 from pgraft.core.nft import minibatch_draw, nft_minibatch_loss
@@ -338,8 +337,5 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     return table
 
 
-if __name__ == "__main__":
-    try:
-        main()
-    except RunError as err:   # a refusal (a damaged --out table): one line
-        sys.exit(fail(str(err), err.exit_code).exit_code)
+if __name__ == "__main__":   # a refusal (a damaged --out table) or a stop: one line
+    sys.exit(script_boundary(main))

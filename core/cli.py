@@ -151,6 +151,23 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
+def script_boundary(main: Callable[[], Any]) -> int:
+    """The error boundary of a script outside the ``pgraft`` command (``benchmarks/*.py``): returns
+    ``main()``'s exit status (0 when it returns something other than an int), or, for a refusal
+    (:class:`~pgraft.core.errors.RunError`), its one ``error:`` line and code; for a stop by SIGTERM
+    / Ctrl-C, one ``stopped:`` line and 128 + the signal number, as a shell reports a killed
+    process. Use as ``sys.exit(script_boundary(main))``."""
+    try:
+        status = main()
+    except RunError as err:
+        return fail(str(err), err.exit_code).exit_code
+    except KeyboardInterrupt as err:   # TrainingInterrupted carries its signal; a bare Ctrl-C is SIGINT
+        make_console(stderr=True).print("stopped: what was finished is kept; rerun the same command to go on",
+                                        highlight=False, soft_wrap=True, markup=False)
+        return 128 + (getattr(err, "signum", None) or 2)
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
 def unexpected(err: BaseException) -> typer.Exit:
     """An exception no refusal anticipated: one line ``error: <message> (<type>; rerun with
     PGRAFT_DEBUG=1 for the traceback)`` and exit code 1; with ``PGRAFT_DEBUG`` set in the

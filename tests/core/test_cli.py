@@ -5,6 +5,8 @@ import typer
 from typer.testing import CliRunner
 
 from pgraft.core import cli as opts
+from pgraft.core.errors import RunError, UsageError
+from pgraft.core.pretrain import TrainingInterrupted
 from pgraft.core.trainer import GraftConfig
 
 
@@ -51,3 +53,30 @@ def test_graft_options_reject_unknown_or_redeclared_flags():
         @opts.graft_options()
         def train(graft: GraftConfig, rounds: int = 3) -> None:
             pass
+
+
+def _raise(err: BaseException):
+    def main():
+        raise err
+    return main
+
+
+@pytest.mark.parametrize("main, code, line", [
+    (lambda: 3, 3, ""),
+    (lambda: object(), 0, ""),                 # a benchmark's main returns its table
+    (lambda: True, 0, ""),
+    (_raise(UsageError("--out x.csv: row 4 is damaged; restore it")), 2, "error: --out x.csv: row 4 is damaged; restore it"),
+    (_raise(RunError("run locked")), 1, "error: run locked"),
+    (_raise(TrainingInterrupted(3, Path("r"), signum=15)), 143, "stopped: what was finished is kept; rerun the same "
+                                                                "command to go on"),
+    (_raise(KeyboardInterrupt()), 130, "stopped: what was finished is kept; rerun the same command to go on"),
+])
+def test_script_boundary_turns_refusals_and_stops_into_one_line_and_the_shell_code(capsys, main, code, line):
+    assert opts.script_boundary(main) == code
+    captured = capsys.readouterr()
+    assert captured.err.strip() == line and captured.out == ""
+
+
+def test_script_boundary_lets_an_unexpected_error_through():
+    with pytest.raises(ZeroDivisionError):
+        opts.script_boundary(lambda: 1 / 0)

@@ -123,3 +123,20 @@ def test_refusals_are_one_line_naming_the_input(argv, word, capsys):
         bench_app.main([], argv=argv, prog="flow.py")
     message = str(err.value.code) if err.value.code != 2 else capsys.readouterr().err
     assert word in message and len(message.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_script_refuses_a_damaged_csv_in_one_line(tmp_path):
+    """``python benchmarks/flow.py --report CSV``: a damaged evaluate CSV is one ``error:`` line naming
+    it and exit code 2, no traceback."""
+    import subprocess
+
+    bad = tmp_path / "cut.csv"
+    _table([(10, 0, 20.0), (10, 5, 14.0)]).assign(n_samples=1000).to_csv(bad, index=False)
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[: whole.index(b"corrected 10/5,10,5,") + 20])   # cut before the FLOPs
+    done = subprocess.run([sys.executable, "benchmarks/flow.py", "--report", str(bad), "--out", str(tmp_path / "o")],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: {bad}: row 3 has a missing or non-numeric value in column flops_per_image")
