@@ -59,6 +59,22 @@ def unet_config(p: ModelPreset) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- tokenizer / text encoder
+def _fix_token_ids(vocab_json: Path, merges_txt: Path) -> None:
+    """Renumber a trained BPE vocabulary so the same texts always give the same ids: the BPE trainer
+    numbers its initial symbols (letters, ``x</w>`` word ends) in hash-set order, which differs from
+    run to run (the merges do not). Special tokens keep their ids, the other initial symbols follow
+    in sorted order, then each merge's product in merge order."""
+    vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
+    pairs = [line.split() for line in merges_txt.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.startswith("#version")]
+    products = list(dict.fromkeys("".join(pair) for pair in pairs))
+    specials = [t for t in ("<|startoftext|>", "<|endoftext|>") if t in vocab]
+    initial = sorted(set(vocab) - set(products) - set(specials))
+    order = specials + initial + [t for t in products if t in vocab]
+    assert len(order) == len(vocab), "every token is a special, an initial symbol or a merge product"
+    vocab_json.write_text(json.dumps({t: i for i, t in enumerate(order)}, ensure_ascii=False), encoding="utf-8")
+
+
 def train_tokenizer(texts: Sequence[str], directory: str | Path, vocab_size: int = 256):
     """Train a CLIP-format BPE tokenizer (``</w>`` word ends, lower-case) on ``texts`` offline with
     the ``tokenizers`` library, write ``vocab.json`` + ``merges.txt`` and load it as a
@@ -77,6 +93,7 @@ def train_tokenizer(texts: Sequence[str], directory: str | Path, vocab_size: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok.model.save(str(directory))
+    _fix_token_ids(directory / "vocab.json", directory / "merges.txt")
     # transformers 5 ignores CLIPTokenizer(vocab_file=..., merges_file=...): load from the directory
     return CLIPTokenizer.from_pretrained(str(directory))
 

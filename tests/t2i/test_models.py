@@ -21,6 +21,15 @@ def test_tokenizer_round_trip(tmp_path):
     assert tokenize(tok, ["a photo of a dog"], 16).shape == (1, 16)  # unknown words fall back to characters
 
 
+def test_the_same_texts_give_the_same_token_ids(tmp_path):
+    """The BPE trainer numbers its initial symbols in hash-set order; train_tokenizer renumbers them, so
+    a pipeline built twice from one seed has one set of weights and one tokenizer (the same token ids)."""
+    vocabs = [train_tokenizer(PROMPTS, tmp_path / f"tok{i}").get_vocab() for i in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    ids = sorted(vocabs[0].values())
+    assert ids == list(range(len(ids))) and vocabs[0]["<|startoftext|>"] == 0 and vocabs[0]["<|endoftext|>"] == 1
+
+
 def test_world_pipeline_save_load_sample(tmp_path):
     pipe = build_world_pipeline("tiny", PROMPTS, tmp_path / "tok", seed=0)
     pipe.save(tmp_path / "p")

@@ -23,6 +23,7 @@ from pgraft.apps.t2i.flow_pipeline import (
     FlowT2IPipeline,
     pipeline_kind,
 )
+from pgraft.apps.t2i.tiny import build_tiny_sd3  # noqa: F401 (the other test modules import it from here)
 from pgraft.apps.t2i.train import (
     APP,
     T2IConfig,
@@ -41,49 +42,6 @@ from pgraft.core.schedules import split_times
 from pgraft.core.trainer import GraftConfig
 
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green triangle"]
-
-
-def build_tiny_sd3(directory: Path, texts: list[str], seed: int = 0, t5: bool = True) -> Path:
-    """A StableDiffusion3Pipeline directory as ``save_pretrained`` writes it: a 2-block SD3 transformer on
-    4x8x8 latents, two CLIP-with-projection encoders (pooled 16 + 16 = 32), optionally a 1-layer T5
-    (``t5=False``: text_encoder_3 / tokenizer_3 absent), a VAE to 16x16 images with SD3's
-    scaling/shift factors and the shift-3 flow-matching Euler scheduler."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
-
-    from pgraft.apps.t2i.model import train_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizers, encoders = [], []
-    for i in (1, 2):
-        tok = train_tokenizer(texts, directory.parent / f"{directory.name}_tokenizer_{i}")
-        tok.model_max_length = 16
-        tokenizers.append(tok)
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)))
-    tok3 = enc3 = None
-    if t5:
-        words = sorted({w for s in texts for w in s.lower().split()})
-        tok3 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words],
-                           extra_ids=0)
-        enc3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609)
-    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-                             text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
-                             tokenizer_2=tokenizers[1], text_encoder_3=enc3,
-                             tokenizer_3=tok3).save_pretrained(str(directory))
-    return directory
 
 
 @pytest.fixture(scope="module")
