@@ -82,7 +82,7 @@ COMPARISONS = [Comparison(a, b, metric) for metric in ("reward", "drift") for a,
 
 
 FINETUNED = [k for k, m in METHODS.items() if m.kind != "base"]
-SELECT_LRS = "3e-4,1e-3,3e-3,1e-2"
+SELECT_LRS = "3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1"
 SELECTION = Path("runs/bench/t2i_sd3_select/selection.json")
 SELECTION_RULE = "the rate with the highest mean held-out reward over the selection's training seeds (ties: the smaller)"
 
