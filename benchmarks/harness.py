@@ -161,14 +161,16 @@ class count_compute:
         return dataclasses.replace(problem, on_round=on_round)
 
     def __enter__(self) -> "count_compute":
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if isinstance(module, self.classes):
+                # diffusers' transformers are called with keywords only (hidden_states=...)
+                rows = _rows(args) or _rows([v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim()])
                 if torch.is_grad_enabled():
-                    self.live.train_rows += _rows(args)
+                    self.live.train_rows += rows
                 else:
-                    self.live.sample_rows += _rows(args)
+                    self.live.sample_rows += rows
 
-        self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        self._handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
         self._t0 = time.perf_counter()
         return self
 

@@ -171,6 +171,18 @@ def test_compute_ledger_counts_committed_rounds_once_across_a_kill(tmp_path):
     assert not lost.complete   # a resumed cell without a ledger says its count is partial
 
 
+def test_compute_counts_a_network_called_with_keywords_only():
+    """diffusers' transformers are called as transformer(hidden_states=x, timestep=t, ...): their
+    rows are counted from the keyword tensors (the positional arguments are empty)."""
+    net = _Net()
+    with harness.count_compute(_Net) as counter:
+        with torch.no_grad():
+            net(x=torch.zeros(6, 2))
+        net(x=torch.zeros(4, 2)).sum().backward()
+        net(torch.zeros(2, 2))
+    assert (counter.compute.sample_rows, counter.compute.train_rows) == (6, 6)
+
+
 @pytest.mark.parametrize("stop, code", [(TrainingInterrupted(None, Path("run"), "stopped", signum=15), 143),
                                         (KeyboardInterrupt(), 130)])
 def test_a_stopped_benchmark_says_how_to_go_on_in_one_line(tmp_path, capsys, stop, code):
