@@ -283,6 +283,14 @@ def t2i_seeds() -> str:
     ]) + "\n\n" + compute_table("t2i_seeds_summary.csv")
 
 
+def t2i_sd3() -> str:
+    return seeds_table("t2i_sd3_seeds_summary.csv", [
+        ("held-out reward (redness)", "reward", 4),
+        ("RMS pixel drift from the base", "drift", 4),
+        ("seeds", "n_seeds", 0),
+    ]) + "\n\n" + compute_table("t2i_sd3_seeds_summary.csv")
+
+
 def t2i_diagnose() -> str:
     return diagnose_table("t2i_diagnose.csv")
 
@@ -507,6 +515,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "layout-diagnose": layout_diagnose,
     "t2i-seeds": t2i_seeds,
     "t2i-diagnose": t2i_diagnose,
+    "t2i-sd3": t2i_sd3,
     "t2i-single": t2i_single,
     "t2i-gpu": t2i_gpu,
     "t2i-anchor": t2i_anchor,
