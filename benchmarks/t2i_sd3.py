@@ -7,13 +7,13 @@ with the reward ``redness`` (red channel mean minus the mean of green and blue,
 :func:`pgraft.apps.t2i.tiny.redness`): what it measures is how far each update rule moves a flow model
 towards a reward per sampled image and optimizer step, not image quality.
 
-    python benchmarks/t2i_sd3.py --select               # each method's learning rate, on another pipeline (~10 min on 2 cores)
-    python benchmarks/t2i_sd3.py --seeds 0,1,2,3,4      # every method at its rate, 5 training seeds (~15 min on 2 cores)
+    python benchmarks/t2i_sd3.py --select               # each method's learning rate, on another pipeline (~10 min, 1 core)
+    python benchmarks/t2i_sd3.py --seeds 0,1,2,3,4      # every method at its rate, 5 training seeds (~8 min, 1 core)
     python benchmarks/t2i_sd3.py --report               # aggregate the finished cells
     python benchmarks/t2i_sd3.py --quick --lr 1e-3 --seeds 0,1 --out /tmp/sd3_quick   # smoke (~1 min)
 
 Budget, equal for every fine-tuning method: ``--rounds`` x ``--groups`` prompts x ``--m`` images sampled
-(the *train* prompt split), ``--steps-per-round`` AdamW steps of ``--batch-size`` per round at ``--lr``,
+(the *train* prompt split), ``--steps-per-round`` AdamW steps of ``--batch-size`` per round at the method's rate,
 LoRA rank ``--lora`` on the family's attention targets, CFG-free sampling (guidance 1, DiffusionNFT's
 setting) with ``--n-steps`` Euler steps. GRAFT and P-GRAFT train on the Top-2 of each prompt's M images
 (no trust-region anchor: the paper's GRAFT); DiffusionNFT on every image, its advantages standardised
@@ -35,6 +35,7 @@ drawn from the same noise (what the move cost: the tiny pipeline has no image qu
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import shutil
@@ -103,6 +104,10 @@ def add_args(ap) -> None:
     ap.add_argument("--lr", type=float, default=None,
                     help="one learning rate for every method (default: each method's from --selection)")
     ap.add_argument("--selection", type=Path, default=SELECTION, help="the choice --select wrote")
+    ap.add_argument("--select", action="store_true",
+                    help="instead of the table: choose each method's learning rate on --pipeline-seed 1 (default "
+                         f"--out {SELECTION.parent}, --seeds 0) and write selection.json there")
+    ap.add_argument("--select-lrs", default=None, help=f"with --select: the rates tried (default {SELECT_LRS})")
 
 
 def common_args(ap) -> None:
@@ -281,13 +286,20 @@ def select_lines(long, lrs: list[float], args) -> tuple[dict[str, float], list[s
     return chosen, lines
 
 
+def split_select(argv: list[str]) -> tuple[bool, str, list[str]]:
+    """``--select`` and ``--select-lrs`` (any spelling argparse takes) out of ``argv``: (whether to
+    select, the rates' text, the rest for the harness); ``--select-lrs`` without ``--select`` is refused."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--select", action="store_true")
+    pre.add_argument("--select-lrs", default=None)
+    known, rest = pre.parse_known_args(argv)
+    if known.select_lrs is not None and not known.select:
+        raise SystemExit("error: --select-lrs is an option of --select (the learning-rate choice)")
+    return known.select, known.select_lrs or SELECT_LRS, rest
+
+
 def select_main(argv: list[str]) -> None:
-    ap_seen = [a for a in argv if a != "--select"]
-    lrs_text = SELECT_LRS
-    if "--select-lrs" in ap_seen:
-        i = ap_seen.index("--select-lrs")
-        lrs_text = ap_seen[i + 1] if i + 1 < len(ap_seen) else ""
-        del ap_seen[i:i + 2]
+    _, lrs_text, ap_seen = split_select(argv)
     try:
         lrs = sorted({float(x) for x in lrs_text.split(",") if x})
     except ValueError:
@@ -314,7 +326,7 @@ def select_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if "--select" in sys.argv[1:]:
+    if split_select(sys.argv[1:])[0]:
         select_main(sys.argv[1:])
     else:
         harness.main(BENCH, __doc__)

@@ -97,3 +97,10 @@ def test_select_then_run_end_to_end(tmp_path, capsys):
     assert settings["lr"] == choice["lr"] and len(settings["pipeline_sha256"]) == 64
     cell = json.loads((run / "cells" / "nft" / "seed_0" / "cell.json").read_text())
     assert cell["extra"]["lr"] == choice["lr"]["nft"] and cell["metrics"]["drift"] > 0
+
+
+def test_select_options_are_split_off_and_need_each_other():
+    assert t2i_sd3.split_select(["--select", "--select-lrs=1e-3,1e-2", "--seeds", "0"]) == (True, "1e-3,1e-2", ["--seeds", "0"])
+    assert t2i_sd3.split_select(["--seeds", "0,1"]) == (False, t2i_sd3.SELECT_LRS, ["--seeds", "0,1"])
+    with pytest.raises(SystemExit, match="--select-lrs is an option of --select"):
+        t2i_sd3.split_select(["--select-lrs", "1e-3"])
