@@ -185,6 +185,9 @@ def ensure_pipeline(directory: Path, seed: int) -> None:
     place, so two processes starting together never write one folder (the builds are identical)."""
     if (directory / WEIGHTS).is_file():
         return
+    if directory.exists():
+        raise SystemExit(f"error: {directory} holds no complete pipeline (no {WEIGHTS}); delete it and rerun to "
+                         "build it again")
     scratch = directory.with_name(f".{directory.name}.{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     build_tiny_sd3(scratch, [s.text() for s in all_prompts()], seed=seed)

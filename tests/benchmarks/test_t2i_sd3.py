@@ -104,3 +104,9 @@ def test_select_options_are_split_off_and_need_each_other():
     assert t2i_sd3.split_select(["--seeds", "0,1"]) == (False, t2i_sd3.SELECT_LRS, ["--seeds", "0,1"])
     with pytest.raises(SystemExit, match="--select-lrs is an option of --select"):
         t2i_sd3.split_select(["--select-lrs", "1e-3"])
+
+
+def test_an_incomplete_pipeline_folder_is_refused_not_loaded(tmp_path):
+    (tmp_path / "pipeline_seed0" / "vae").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"pipeline_seed0 holds no complete pipeline \(no transformer/"):
+        t2i_sd3.ensure_pipeline(tmp_path / "pipeline_seed0", 0)
