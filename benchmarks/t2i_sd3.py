@@ -36,7 +36,6 @@ drawn from the same noise (what the move cost: the tiny pipeline has no image qu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -53,7 +52,7 @@ from pgraft.apps.t2i.tiny import build_tiny_sd3, redness  # noqa: E402
 from pgraft.apps.t2i.train import T2IConfig, load_pipeline, sample_images, train_t2i, train_t2i_nft  # noqa: E402
 from pgraft.apps.t2i.world import all_prompts  # noqa: E402
 from pgraft.core.grs import GRSConfig  # noqa: E402
-from pgraft.core.integrity import sha256_file  # noqa: E402
+from pgraft.core.integrity import files_digest  # noqa: E402
 from pgraft.core.nft import NFTConfig  # noqa: E402
 from pgraft.core.state import read_json, write_sealed_json  # noqa: E402
 from pgraft.core.trainer import GraftConfig  # noqa: E402
@@ -174,10 +173,7 @@ def describe(args) -> dict:
 
 def pipeline_digest(directory: Path) -> str:
     """SHA-256 over every file of a pipeline directory (names and contents): its identity."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        h.update(f"{path.relative_to(directory).as_posix()}\0{sha256_file(path)}\n".encode())
-    return h.hexdigest()
+    return files_digest(directory, [p for p in directory.rglob("*") if p.is_file()])
 
 
 def ensure_pipeline(directory: Path, seed: int) -> None:

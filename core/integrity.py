@@ -41,6 +41,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def files_digest(root: str | Path, paths: Iterable[str | Path]) -> str:
+    """One SHA-256 over several files under ``root``: for each file in sorted order, its path
+    relative to ``root`` (posix) followed by its own SHA-256 (the identity of a model folder, or of
+    the weight files in it)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        h.update(path.relative_to(root).as_posix().encode() + sha256_file(path).encode())
+    return h.hexdigest()
+
+
 def _read_manifest(directory: Path) -> dict[str, list[str]]:
     """name -> accepted SHA-256 digests ({} when there is no readable manifest)."""
     try:

@@ -52,7 +52,6 @@ corrected noise is a transfer that nothing here measures.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -65,7 +64,7 @@ from torch import nn
 
 from pgraft.core.checkpoint import save_json
 from pgraft.core.errors import UsageError
-from pgraft.core.integrity import sha256_file
+from pgraft.core.integrity import files_digest
 from pgraft.core.inversion import SHARD_DIR, InversionResult, count_flops, full_fp32, read_shards
 from pgraft.core.noise_correction import (
     CORRECT_META,
@@ -159,11 +158,8 @@ def transformer_parameters(model_dir: str | Path) -> int:
 def transformer_digest(model_dir: str | Path) -> str:
     """SHA-256 over the transformer's weight files (a rerun of ``invert`` after the weights changed must
     not mix stale shards with new ones)."""
-    h = hashlib.sha256()
-    for path in sorted((Path(model_dir) / "transformer").glob("*")):
-        if path.is_file() and path.suffix in (".safetensors", ".bin"):
-            h.update(path.name.encode() + sha256_file(path).encode())
-    return h.hexdigest()
+    folder = Path(model_dir) / "transformer"
+    return files_digest(folder, [p for p in folder.glob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")])
 
 
 # ----------------------------------------------------------------------------- images and captions
