@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from pgraft.core.cli import stop_status
 from pgraft.core.errors import RunDirLocked, RunError
 from pgraft.core.integrity import exclusive
 from pgraft.core.state import atomic_write, read_json, read_table, write_sealed_json
@@ -255,7 +255,7 @@ def main(bench: Benchmark, doc: str, argv: list[str] | None = None) -> pd.DataFr
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt as err:   # SIGTERM/SIGINT in training (TrainingInterrupted), or Ctrl-C elsewhere
         print(f"stopped: {INTERRUPTED}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + (getattr(err, "signum", None) or signal.SIGINT)) from None
+        raise SystemExit(stop_status(err)) from None
 
 
 # what a stopped benchmark keeps, said once (training's own message, printed before it, speaks of

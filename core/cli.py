@@ -99,7 +99,7 @@ def run_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except RunError as err:
             raise fail(str(err), err.exit_code) from None
         except TrainingInterrupted as err:
-            raise typer.Exit(128 + (err.signum or 2)) from None  # the message is already printed
+            raise typer.Exit(stop_status(err)) from None  # the message is already printed
         except typer.BadParameter as err:  # raised in the body: name the --config key if the value came from it
             err.param_hint = file_hint(err.param_hint)
             raise
@@ -151,6 +151,13 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
+def stop_status(err: KeyboardInterrupt) -> int:
+    """The exit status of a command stopped by a signal, as a shell reports a killed process: 128 +
+    the signal number (:class:`~pgraft.core.pretrain.TrainingInterrupted` carries it; a bare Ctrl-C
+    is SIGINT, 2)."""
+    return 128 + (getattr(err, "signum", None) or 2)
+
+
 def script_boundary(main: Callable[[], Any]) -> int:
     """The error boundary of a script outside the ``pgraft`` command (``benchmarks/*.py``): returns
     ``main()``'s exit status (0 when it returns something other than an int), or, for a refusal
@@ -161,10 +168,10 @@ def script_boundary(main: Callable[[], Any]) -> int:
         status = main()
     except RunError as err:
         return fail(str(err), err.exit_code).exit_code
-    except KeyboardInterrupt as err:   # TrainingInterrupted carries its signal; a bare Ctrl-C is SIGINT
+    except KeyboardInterrupt as err:
         make_console(stderr=True).print("stopped: what was finished is kept; rerun the same command to go on",
                                         highlight=False, soft_wrap=True, markup=False)
-        return 128 + (getattr(err, "signum", None) or 2)
+        return stop_status(err)
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
