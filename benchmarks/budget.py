@@ -102,7 +102,7 @@ def accepted_gap(metrics_csv: Path, model_reward: float) -> float | None:
     (selection also picked the base tails t -> 0: the target's is E[h | A], the kept share's part)."""
     if not metrics_csv.is_file():
         return None
-    rows = read_table(metrics_csv, what="run's metrics.csv", fix="delete the cell's folder and rerun the same command")
+    rows = harness.read_cell_metrics(metrics_csv)
     rows = rows[rows.get("phase", "train") == "train"] if "phase" in rows else rows
     if rows.empty or "accepted_reward_mean" not in rows:
         return None

@@ -340,6 +340,12 @@ def load_cells(out: Path, methods: list[str] | None = None) -> list[dict]:
     return [c for c in cells if methods is None or c["method"] in methods]
 
 
+def read_cell_metrics(path: Path) -> pd.DataFrame:
+    """A cell's training metrics (``cells/<method>/seed_<s>/run/metrics.csv``); a damaged one is
+    refused in one line (the cell is recomputed once its folder is deleted)."""
+    return read_table(path, what="run's metrics.csv", fix="delete the cell's folder and rerun the same command")
+
+
 def long_table(cells: list[dict]) -> pd.DataFrame:
     rows = []
     for c in cells:
@@ -563,8 +569,7 @@ def plot_rounds(out: Path, long: pd.DataFrame, path: Path, columns: dict[str, st
     present = [k for k in methods if k in set(long["method"])]
     frames = {}
     for key in present:
-        parts = [read_table(p, what="run's metrics.csv", fix="delete the cell's folder and rerun the same command")
-                 for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
+        parts = [read_cell_metrics(p) for p in sorted((out / "cells" / key).glob("seed_*/run/metrics.csv"))]
         parts = [m[m["phase"] == "train"] for m in parts if "phase" in m and "round" in m]
         if parts:
             frames[key] = pd.concat(parts).groupby("round").mean(numeric_only=True)
